@@ -1,0 +1,200 @@
+// Per-token L2R routing math (SPEC "Forward, per token") and its derivatives, shared verbatim by
+// the CPU and CUDA route kernels. acc_t is float (double only for float64 inputs).
+#pragma once
+
+#include "../common/hd.h"
+
+namespace l2r {
+namespace route {
+
+// ---------------------------------------------------------------------------------------------
+// Saturated magnitude terms of SIPS.
+// phi(n) = (1 - beta) + beta * tanh(n); a vector v enters the score as coef(|v|) * v with
+// coef(n) = phi(n) / max(n, eps), so score = scale * <coef_q q, coef_a a>.
+// ---------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct NormCoef {
+  acc_t coef;    // phi(n) / max(n, eps)
+  acc_t radial;  // (d coef / d n) / n, so that d(coef(|v|)) / dv = radial * v; 0 at n = 0
+};
+
+template <typename acc_t>
+L2R_HD NormCoef<acc_t> sips_norm_coef(acc_t n, acc_t beta, acc_t eps) {
+  const acc_t t = math_tanh(n);
+  const acc_t phi = (acc_t(1) - beta) + beta * t;
+  const acc_t dphi = beta * (acc_t(1) - t * t);
+  // max(n, eps) passes the gradient where n >= eps (as torch's clamp_min does).
+  const bool clamped = n < eps;
+  const acc_t denom = clamped ? eps : n;
+  NormCoef<acc_t> c;
+  c.coef = phi / denom;
+  const acc_t dcoef = dphi / denom - (clamped ? acc_t(0) : phi / (denom * denom));
+  c.radial = n > acc_t(0) ? dcoef / n : acc_t(0);
+  return c;
+}
+
+// RMSNorm: 1 / sqrt(mean(x^2) + eps_norm).
+template <typename acc_t>
+L2R_HD acc_t rms_inv_scale(acc_t sum_squares, int64_t d, acc_t eps_norm) {
+  return acc_t(1) / math_sqrt(sum_squares / static_cast<acc_t>(d) + eps_norm);
+}
+
+// RMSNorm backward for one element: x_hat = x * rstd, gx_hat = dL/dx_hat (after the affine weight),
+// mean_dot = mean_i(gx_hat_i * x_hat_i).
+template <typename acc_t>
+L2R_HD acc_t rms_norm_input_grad(acc_t gx_hat, acc_t x_hat, acc_t rstd, acc_t mean_dot) {
+  return rstd * (gx_hat - x_hat * mean_dot);
+}
+
+template <typename acc_t>
+L2R_HD acc_t dot(const acc_t* a, const acc_t* b, int n) {
+  acc_t s = 0;
+  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Multi-anchor aggregation: l = tau * logsumexp_h(s_h / tau), s_h = q_scale * <q, anchor_hat_h>
+// with q_scale = scale * coef(|q|) and anchor_hat = coef(|a|) * a. H = 1: l = s exactly.
+// ---------------------------------------------------------------------------------------------
+
+// Running (max, sum of exp(v - max)): softmax statistics that merge in any grouping, for serial
+// loops and warp reductions alike.
+template <typename acc_t>
+struct SoftmaxStats {
+  acc_t max;
+  acc_t sum;
+};
+
+template <typename acc_t>
+L2R_HD SoftmaxStats<acc_t> softmax_stats_empty() {
+  return SoftmaxStats<acc_t>{math_neg_inf<acc_t>(), acc_t(0)};
+}
+
+template <typename acc_t>
+L2R_HD SoftmaxStats<acc_t> softmax_stats_merge(SoftmaxStats<acc_t> a, SoftmaxStats<acc_t> b) {
+  if (a.sum == acc_t(0)) return b;
+  if (b.sum == acc_t(0)) return a;
+  const acc_t m = math_max(a.max, b.max);  // a NaN max poisons the sum below, as it should
+  SoftmaxStats<acc_t> r;
+  r.max = math_isnan(a.max) ? a.max : (math_isnan(b.max) ? b.max : m);
+  if (r.max == math_neg_inf<acc_t>()) {  // every value -inf: keep the count, avoid -inf - -inf
+    r.sum = a.sum + b.sum;
+    return r;
+  }
+  r.sum = a.sum * math_exp(a.max - r.max) + b.sum * math_exp(b.max - r.max);
+  return r;
+}
+
+template <typename acc_t>
+L2R_HD SoftmaxStats<acc_t> softmax_stats_add(SoftmaxStats<acc_t> a, acc_t v) {
+  return softmax_stats_merge(a, SoftmaxStats<acc_t>{v, acc_t(1)});
+}
+
+template <typename acc_t>
+L2R_HD acc_t softmax_stats_lse(SoftmaxStats<acc_t> st) {
+  return st.max + math_log(st.sum);
+}
+
+// Logit of one expert from its H pre-scaled anchors (row-major [H, r]).
+template <typename acc_t>
+L2R_HD acc_t expert_logit(const acc_t* q, const acc_t* anchor_hat, int num_anchors, int rank,
+                          acc_t q_scale, acc_t tau) {
+  if (num_anchors == 1) return q_scale * dot(q, anchor_hat, rank);
+  const acc_t inv_tau = acc_t(1) / tau;
+  SoftmaxStats<acc_t> st = softmax_stats_empty<acc_t>();
+  for (int h = 0; h < num_anchors; ++h) {
+    st = softmax_stats_add(st, q_scale * dot(q, anchor_hat + h * rank, rank) * inv_tau);
+  }
+  return tau * softmax_stats_lse(st);
+}
+
+// d l / d s_h: the anchor's share of the expert's log-sum-exp.
+template <typename acc_t>
+L2R_HD acc_t anchor_share(acc_t s, acc_t logit, acc_t tau, int num_anchors) {
+  return num_anchors == 1 ? acc_t(1) : math_exp((s - logit) / tau);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scores over experts.
+// ---------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+L2R_HD acc_t routing_prob(acc_t logit, SoftmaxStats<acc_t> st, bool sigmoid) {
+  return sigmoid ? acc_t(1) / (acc_t(1) + math_exp(-logit)) : math_exp(logit - st.max) / st.sum;
+}
+
+// dL/dl for one expert. p: its probability, dp: dL/dp, p_dot_dp: sum_e p_e dL/dp_e (softmax only),
+// softmax_p: exp(l - lse) (the z-loss path), grad_lse: dL/d lse.
+template <typename acc_t>
+L2R_HD acc_t logit_grad(acc_t p, acc_t dp, acc_t p_dot_dp, acc_t softmax_p, acc_t grad_lse,
+                        bool sigmoid) {
+  const acc_t through_prob = sigmoid ? dp * p * (acc_t(1) - p) : p * (dp - p_dot_dp);
+  return through_prob + grad_lse * softmax_p;
+}
+
+// dL/dp of a selected expert from dL/dw. normalize: w_j = p_j / S with S = sum of the selected p,
+// so dL/dp_j = (g_j - <g, w>) / S.
+template <typename acc_t>
+L2R_HD acc_t selected_prob_grad(acc_t grad_weight, acc_t grad_dot_weights, acc_t selected_sum,
+                                bool normalize) {
+  return normalize ? (grad_weight - grad_dot_weights) / selected_sum : grad_weight;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Top-k selection: descending key, ties to the lower expert index, NaN below every number
+// (NaNs among themselves by index). A strict total order, so every k-subset is well defined and
+// the k indices are always distinct and in range.
+// ---------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+L2R_HD bool ranks_before(acc_t key_a, int index_a, acc_t key_b, int index_b) {
+  const bool nan_a = math_isnan(key_a), nan_b = math_isnan(key_b);
+  if (nan_a != nan_b) return nan_b;
+  if (!nan_a && key_a != key_b) return key_a > key_b;
+  return index_a < index_b;
+}
+
+// Offers (key, index) to a descending list of `count` entries with room for `k`; returns the new
+// count. O(k) per offer: k is small (<= 32 in every model we know).
+template <typename acc_t>
+L2R_HD int top_k_insert(acc_t* keys, int* indices, int count, int k, acc_t key, int index) {
+  int pos = count < k ? count : k;
+  if (pos == k && !ranks_before(key, index, keys[k - 1], indices[k - 1])) return count;
+  if (pos == k) --pos;  // the last entry falls off
+  while (pos > 0 && ranks_before(key, index, keys[pos - 1], indices[pos - 1])) {
+    keys[pos] = keys[pos - 1];
+    indices[pos] = indices[pos - 1];
+    --pos;
+  }
+  keys[pos] = key;
+  indices[pos] = index;
+  return count < k ? count + 1 : k;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Back through SIPS. For one token, with ds = dL/ds per anchor and u = <q, anchor_hat>:
+//   grad_q  = scale * (coef_q * sum ds * anchor_hat + radial_q * (sum ds * u) * q)
+//   grad_scale += coef_q * sum ds * u
+//   acc[e,h] += ds * scale * coef_q * q                  (summed over tokens)
+// and once all tokens are in: grad_a = coef_a * acc + radial_a * <acc, a> * a.
+// ---------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+L2R_HD void query_grad(const acc_t* q, const acc_t* ds_anchor_hat_sum, acc_t ds_u_sum, acc_t scale,
+                       NormCoef<acc_t> qc, int rank, acc_t* grad_q) {
+  for (int i = 0; i < rank; ++i) {
+    grad_q[i] = scale * (qc.coef * ds_anchor_hat_sum[i] + qc.radial * ds_u_sum * q[i]);
+  }
+}
+
+template <typename acc_t>
+L2R_HD void anchor_grad(const acc_t* acc, const acc_t* anchor, NormCoef<acc_t> ac, int rank,
+                        acc_t* grad_anchor) {
+  const acc_t along = ac.radial * dot(acc, anchor, rank);
+  for (int i = 0; i < rank; ++i) grad_anchor[i] = ac.coef * acc[i] + along * anchor[i];
+}
+
+}  // namespace route
+}  // namespace l2r

@@ -1,0 +1,34 @@
+"""l2r_cuda: L2R routing (low-rank routing space, saturated inner-product scoring, multi-anchor
+experts) for Mixture-of-Experts layers, with native CPU and CUDA kernels for PyTorch.
+
+    out = l2r_cuda.route(x, proj, anchors, scale, top_k=8)
+    permuted, expert_offsets, row_map = l2r_cuda.permute(x, out.indices, num_experts)
+    y = l2r_cuda.unpermute(expert_out, row_map, out.weights)
+
+``l2r_cuda.reference`` holds the same functions in plain PyTorch (the tests' oracle).
+"""
+
+import logging as _logging
+import warnings as _warnings
+
+import torch as _torch
+
+from . import _library  # noqa: F401  (loads the native ops first)
+from . import _autograd, _meta  # noqa: F401  (register autograd and fake kernels)
+from . import reference
+from ._library import cuda_built
+from .ops import route
+from .nn import L2RRouter
+from .reference import RouteOutput
+
+__version__ = "0.1.0"
+
+__all__ = ["RouteOutput", "route", "L2RRouter", "reference", "cuda_built", "__version__"]
+
+if not cuda_built():
+    _msg = ("l2r_cuda: CPU-only build (no CUDA kernels compiled); every op runs on CPU, CUDA tensors "
+            "raise. Rebuild with torch+CUDA and a CUDA toolkit for GPU kernels.")
+    if _torch.version.cuda is not None:
+        _warnings.warn(_msg, stacklevel=2)
+    else:
+        _logging.getLogger(__name__).info(_msg)

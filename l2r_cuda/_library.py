@@ -1,0 +1,21 @@
+"""Loads the native extension and answers what it was built with."""
+
+import torch
+
+from . import _C  # noqa: F401  (registers the l2r_cuda ops with the dispatcher)
+
+
+def library_op(name: str):
+    """The OpOverloadPacket ``torch.ops.l2r_cuda.<name>``."""
+    return getattr(torch.ops.l2r_cuda, name)
+
+
+def cuda_built() -> bool:
+    """True when this build compiled the CUDA kernels (decided when it was built, not by a GPU probe)."""
+    return bool(torch.ops.l2r_cuda.cuda_built())
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether ``l2r_cuda::<op>`` has a kernel for tensors of ``device_type`` ('cpu', 'cuda')."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"l2r_cuda::{op}", key)

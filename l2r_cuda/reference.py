@@ -1,0 +1,248 @@
+"""Pure-PyTorch L2R routing: the oracle of every test and the baseline of every benchmark.
+
+Everything here follows ``SPEC.md`` line by line, runs on any device, is differentiable through
+plain autograd and does its math in float32 whatever the input dtype. It is public API: when the
+native op and this module disagree, this module states what the answer should be.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["RouteOutput", "route", "route_logits", "select_top_k", "permute", "unpermute"]
+
+SCORES = ("softmax", "sigmoid")
+NORMS = ("rms", None)
+
+
+class RouteOutput(NamedTuple):
+    """What ``route()`` returns (native op and reference alike).
+
+    weights           [T, k] float32, differentiable
+    indices           [T, k] int64, experts in descending order of selection score
+    tokens_per_expert [E]    int64, how many tokens picked each expert
+    mean_probs        [E]    float32, mean over tokens of the routing probability (Switch loss)
+    lse               [T]    float32, logsumexp over experts of the logits (router z-loss)
+    """
+
+    weights: Tensor
+    indices: Tensor
+    tokens_per_expert: Tensor
+    mean_probs: Tensor
+    lse: Tensor
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """Math dtype: float32 for every input dtype, float64 kept for float64 (gradcheck)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _saturation(n: Tensor, beta: float) -> Tensor:
+    # phi(n) = (1 - beta) + beta * tanh(n): a bounded confidence from a vector's norm.
+    return (1.0 - beta) + beta * torch.tanh(n)
+
+
+def route_logits(
+    x: Tensor,
+    proj: Tensor,
+    anchors: Tensor,
+    scale: Tensor,
+    *,
+    beta: float = 1.0,
+    norm: Optional[str] = "rms",
+    norm_weight: Optional[Tensor] = None,
+    eps_norm: float = 1e-6,
+    eps: float = 1e-6,
+    tau: float = 1.0,
+) -> Tensor:
+    """Per-expert logits ``l [T, E]`` (float32) of SPEC's forward, before softmax/sigmoid."""
+    d = x.shape[-1]
+    acc = acc_dtype(x)
+    xf = x.reshape(-1, d).to(acc)
+    if norm == "rms":
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps_norm)
+        if norm_weight is not None:
+            xf = xf * norm_weight.to(acc)
+    q = xf @ proj.to(acc).t()  # [T, r]
+    a = anchors.to(acc)  # [E, H, r]
+    q_norm = torch.linalg.vector_norm(q, dim=-1)  # [T]
+    a_norm = torch.linalg.vector_norm(a, dim=-1)  # [E, H]
+    q_coef = _saturation(q_norm, beta) / q_norm.clamp_min(eps)
+    a_coef = _saturation(a_norm, beta) / a_norm.clamp_min(eps)
+    s = torch.einsum("tr,ehr->teh", q, a)
+    s = scale.to(acc) * q_coef[:, None, None] * a_coef[None] * s  # [T, E, H]
+    if anchors.shape[1] == 1:
+        return s[..., 0]
+    return tau * torch.logsumexp(s / tau, dim=-1)
+
+
+def select_top_k(keys: Tensor, top_k: int) -> Tensor:
+    """Indices of the ``top_k`` largest ``keys`` per row, descending.
+
+    Ties go to the lower expert index; NaN ranks below every number (also below -inf), NaNs among
+    themselves by index. Always ``top_k`` distinct indices in ``[0, E)``.
+    """
+    nan = torch.isnan(keys)
+    order = torch.sort(keys.masked_fill(nan, -math.inf), dim=-1, descending=True, stable=True).indices
+    # A second stable sort moves NaNs behind every number and keeps everything else in place.
+    order = order.gather(-1, torch.sort(nan.gather(-1, order).to(torch.uint8), dim=-1, stable=True).indices)
+    return order[:, :top_k]
+
+
+def route(
+    x: Tensor,
+    proj: Tensor,
+    anchors: Tensor,
+    scale: Tensor,
+    top_k: int = 8,
+    beta: float = 1.0,
+    norm: Optional[str] = "rms",
+    norm_weight: Optional[Tensor] = None,
+    eps_norm: float = 1e-6,
+    tau: float = 1.0,
+    score: str = "softmax",
+    normalize: bool = False,
+    expert_bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+) -> RouteOutput:
+    """SPEC's L2R router, unfused. Same signature and outputs as ``l2r_cuda.route``."""
+    if score not in SCORES:
+        raise ValueError(f"route(): score must be 'softmax' or 'sigmoid', got {score!r}")
+    if norm not in NORMS:
+        raise ValueError(f"route(): norm must be 'rms' or None, got {norm!r}")
+    logits = route_logits(
+        x, proj, anchors, scale, beta=beta, norm=norm, norm_weight=norm_weight,
+        eps_norm=eps_norm, eps=eps, tau=tau,
+    )
+    num_experts = anchors.shape[0]
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1) if score == "softmax" else torch.sigmoid(logits)
+    keys = probs.detach()
+    if expert_bias is not None:
+        keys = keys + expert_bias.detach().to(keys.dtype)
+    indices = select_top_k(keys, top_k)
+    weights = probs.gather(-1, indices)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    tokens_per_expert = torch.bincount(indices.reshape(-1), minlength=num_experts)[:num_experts]
+    if probs.shape[0] > 0:
+        mean_probs = probs.mean(0)
+    else:
+        mean_probs = probs.sum(0)  # zeros, still attached to the graph
+    return RouteOutput(weights, indices, tokens_per_expert.to(torch.int64), mean_probs, lse)
+
+
+def _check_permute_args(x: Tensor, indices: Tensor, num_experts: int) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"permute(): x must be [T, d], got shape {tuple(x.shape)}")
+    if indices.dim() != 2 or indices.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"permute(): indices must be [T, k] with T = {x.shape[0]}, got shape {tuple(indices.shape)}"
+        )
+    if num_experts < 1:
+        raise ValueError(f"permute(): num_experts must be >= 1, got {num_experts}")
+
+
+def permute_plan(
+    indices: Tensor,
+    num_experts: int,
+    *,
+    align: int = 1,
+    capacity: Optional[int] = None,
+    weights: Optional[Tensor] = None,
+    fixed_size: bool = False,
+):
+    """Where each (token, slot) goes: ``(row_map [T, k] int64, expert_offsets [E+1] int64, num_rows,
+    dropped [E] int64)``.
+
+    Rows are grouped by expert, stable by token index inside an expert (then by slot). ``capacity``
+    keeps at most that many rows per expert: the lowest router ``weights`` are dropped first when
+    given (ties: higher token index first), otherwise the highest token indices. Each expert's group
+    is padded with zero rows to a multiple of ``align``. Dropped slots get ``row_map = -1``.
+    ``fixed_size`` sizes the output for the worst case (``T*k`` rows plus alignment padding for every
+    expert) so that its shape is known without looking at the routing.
+    """
+    T, k = indices.shape
+    dev = indices.device
+    flat = indices.reshape(-1).long()
+    token = torch.arange(T, device=dev).repeat_interleave(k)
+    # Stable by (expert, token, slot): the flat order already is (token, slot).
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_experts)
+    keep = torch.ones(T * k, dtype=torch.bool, device=dev)
+    if capacity is not None:
+        expert_start = torch.cumsum(counts, 0) - counts
+        if weights is not None:
+            # Rank rows inside an expert by weight descending, then token index ascending.
+            w = weights.detach().reshape(-1).float()
+            by_token = torch.sort(flat, stable=True).indices
+            w_sorted = w[by_token]
+            # sort by weight desc inside each expert group, stable (lower token first on ties)
+            rank_order = torch.sort(-w_sorted, stable=True).indices
+            rank_order = rank_order[torch.sort(flat[by_token][rank_order], stable=True).indices]
+            rank = torch.empty_like(flat)
+            rank[by_token[rank_order]] = torch.arange(T * k, device=dev) - expert_start[flat[by_token[rank_order]]]
+        else:
+            rank = torch.empty_like(flat)
+            rank[order] = torch.arange(T * k, device=dev) - expert_start[flat[order]]
+        keep = rank < capacity
+    kept_counts = torch.bincount(flat[keep], minlength=num_experts)
+    dropped = counts - kept_counts
+    padded = (kept_counts + align - 1) // align * align
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = torch.cumsum(padded, 0)
+    row_map = torch.full((T * k,), -1, dtype=torch.int64, device=dev)
+    kept_order = order[keep[order]]
+    kept_expert = flat[kept_order]
+    kept_start = torch.cumsum(kept_counts, 0) - kept_counts
+    pos_in_expert = torch.arange(kept_order.numel(), device=dev) - kept_start[kept_expert]
+    row_map[kept_order] = offsets[kept_expert] + pos_in_expert
+    if fixed_size:
+        num_rows = T * k + num_experts * (align - 1)
+    else:
+        num_rows = int(offsets[-1])
+    return row_map.view(T, k), offsets, num_rows, dropped
+
+
+def permute(
+    x: Tensor,
+    indices: Tensor,
+    num_experts: int,
+    *,
+    align: int = 1,
+    capacity: Optional[int] = None,
+    weights: Optional[Tensor] = None,
+    fixed_size: bool = False,
+):
+    """``(permuted [N, d], expert_offsets [E+1] int64, row_map [T, k] int64, dropped [E] int64)``.
+
+    Row ``row_map[t, j]`` of ``permuted`` is ``x[t]``; padding rows and rows past
+    ``expert_offsets[-1]`` are zero; dropped slots have ``row_map = -1``.
+    """
+    _check_permute_args(x, indices, num_experts)
+    row_map, offsets, num_rows, dropped = permute_plan(
+        indices, num_experts, align=align, capacity=capacity, weights=weights, fixed_size=fixed_size
+    )
+    T, k = indices.shape
+    src = torch.arange(T, device=x.device).repeat_interleave(k)
+    flat_rows = row_map.reshape(-1)
+    kept = flat_rows >= 0
+    out = x.new_zeros(num_rows, x.shape[1])
+    out = out.index_put((flat_rows[kept],), x[src[kept]])
+    return out, offsets, row_map, dropped
+
+
+def unpermute(y: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
+    """``out[t] = sum_j weights[t, j] * y[row_map[t, j]]`` (dropped slots, ``row_map < 0``, add 0).
+
+    Accumulates in float32, returns ``y``'s dtype.
+    """
+    T, k = row_map.shape
+    kept = row_map >= 0
+    rows = y.float()[row_map.clamp_min(0)]  # [T, k, d]
+    w = (weights.float() * kept).unsqueeze(-1)
+    return (w * rows).sum(1).to(y.dtype)

@@ -1,0 +1,129 @@
+"""Build of l2r_cuda's native extension ``l2r_cuda._C`` (the source of truth; CMakeLists.txt mirrors it).
+
+CUDA kernels are compiled when torch was built with CUDA and a CUDA toolkit is found; otherwise the
+build is CPU-only (every op still works on CPU) and says so. Nothing here asks whether a GPU is
+present: a machine without one builds the CUDA kernels just the same.
+
+Environment:
+  L2R_CUDA=0|1            force the CPU-only build / require the CUDA build
+  CUDA_HOME               the toolkit to use (else /usr/local/cuda, else the one behind `nvcc`)
+  TORCH_CUDA_ARCH_LIST    default "8.0;9.0+PTX"
+  MAX_JOBS                parallel compile jobs (ninja)
+  L2R_DEBUG=1             -O0 -g builds
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _log(msg: str) -> None:
+    print(f"[l2r_cuda build] {msg}", file=sys.stderr, flush=True)
+
+
+def _is_toolkit(path: str | None) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h")
+    )
+
+
+def _toolkit_behind_nvcc() -> str | None:
+    """The toolkit the `nvcc` on PATH really runs: it may be a wrapper script outside the toolkit,
+    so ask nvcc itself (its dry run prints TOP=<toolkit>/bin/..)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    candidate = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if _is_toolkit(candidate):
+        return candidate
+    try:
+        dry = subprocess.run(
+            [nvcc, "-dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"TOP=(\S+)", dry.stdout + dry.stderr)
+    if m:
+        top = os.path.normpath(m.group(1).strip('"'))
+        if _is_toolkit(top):
+            return top
+    return None
+
+
+def find_cuda_home() -> str | None:
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if _is_toolkit(candidate):
+            return os.path.normpath(candidate)
+    return _toolkit_behind_nvcc()
+
+
+def decide_cuda() -> tuple[bool, str | None, str]:
+    forced = os.environ.get("L2R_CUDA")
+    if forced == "0":
+        return False, None, "L2R_CUDA=0"
+    import torch
+
+    cuda_home = find_cuda_home()
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append(f"torch {torch.__version__} was built without CUDA")
+    if cuda_home is None:
+        reasons.append("no CUDA toolkit found (CUDA_HOME, /usr/local/cuda, nvcc on PATH)")
+    if reasons:
+        if forced == "1":
+            raise RuntimeError("L2R_CUDA=1 but the CUDA build is impossible: " + "; ".join(reasons))
+        return False, None, "; ".join(reasons)
+    return True, cuda_home, f"CUDA toolkit {cuda_home}, torch CUDA {torch.version.cuda}"
+
+
+def sources(with_cuda: bool) -> list[str]:
+    found = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cpp = [s for s in found if with_cuda or not s.endswith("_cuda.cpp")]
+    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)) if with_cuda else []
+    return cpp + cu
+
+
+def extensions():
+    with_cuda, cuda_home, why = decide_cuda()
+    if with_cuda:
+        # torch guesses CUDA_HOME from `nvcc` on PATH when it is imported; point it at the real
+        # toolkit before (environment) and after (module attribute) that import.
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    from torch.utils import cpp_extension
+
+    debug = os.environ.get("L2R_DEBUG") == "1"
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+    srcs = sources(with_cuda)
+    if with_cuda:
+        cpp_extension.CUDA_HOME = cuda_home
+        _log(f"building with CUDA ({why}); archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
+        nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
+        nvcc += ["--expt-relaxed-constexpr", "-DL2R_WITH_CUDA"]
+        ext = cpp_extension.CUDAExtension(
+            "l2r_cuda._C", srcs,
+            extra_compile_args={"cxx": cxx + ["-DL2R_WITH_CUDA"], "nvcc": nvcc},
+            include_dirs=[os.path.join(ROOT, "csrc")],
+        )
+    else:
+        _log(f"CPU-only build ({why}): every op runs on CPU; CUDA tensors are not supported")
+        ext = cpp_extension.CppExtension(
+            "l2r_cuda._C", srcs, extra_compile_args={"cxx": cxx},
+            include_dirs=[os.path.join(ROOT, "csrc")],
+        )
+    return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+ext_modules, build_ext = extensions()
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
