@@ -4,16 +4,14 @@ Every function takes plain tensors, so they work with the L2R router, the linear
 any router that fills a :class:`l2r_cuda.reference.RouteOutput`. With several MoE layers, compute the
 loss per layer and sum (or average) over layers.
 
-=====================================  ==========================================================
-``load_balancing_loss``                Switch Transformer load-balancing loss
-``router_z_loss``                      ST-MoE router z-loss
-``update_expert_bias_``                DeepSeek-V3 auxiliary-loss-free balancing (in-place update)
-``spectral_norm_penalty``              SR-MoE: penalty on the router weight's largest singular value
-``stable_rank``/``stable_rank_penalty`` SR-MoE: keep the router weight's stable rank high
-``apply_spectral_norm_constraint_``    SR-MoE: rescale a weight in place so that sigma_max <= c
-``dense_routing_weights``              ``[T, k]`` top-k weights scattered to ``[T, E]`` (RoMA input)
-``roma_loss``                          RoMA routing-manifold alignment
-=====================================  ==========================================================
+- ``load_balancing_loss``: Switch Transformer load-balancing loss
+- ``router_z_loss``: ST-MoE router z-loss
+- ``update_expert_bias_``: DeepSeek-V3 auxiliary-loss-free balancing (in-place bias update)
+- ``spectral_norm``, ``spectral_norm_penalty``: SR-MoE, the router weight's largest singular value
+- ``stable_rank``, ``stable_rank_penalty``: SR-MoE, keep the router weight's stable rank high
+- ``apply_spectral_norm_constraint_``: SR-MoE, rescale a weight in place so that sigma_max <= c
+- ``dense_routing_weights``: ``[T, k]`` top-k weights scattered to ``[T, E]`` (RoMA input)
+- ``roma_loss``: RoMA routing-manifold alignment
 """
 
 from __future__ import annotations
@@ -37,6 +35,11 @@ __all__ = [
 ]
 
 
+def _as_float(t: Tensor) -> Tensor:
+    # float32 math for every input dtype, except float64 stays float64 (gradcheck, analysis).
+    return t if t.dtype == torch.float64 else t.float()
+
+
 # --------------------------------------------------------------------------------------------------
 # Load balancing
 # --------------------------------------------------------------------------------------------------
@@ -51,7 +54,7 @@ def load_balancing_loss(tokens_per_expert: Tensor, mean_probs: Tensor) -> Tensor
     ``e`` among their top-k; ``T k = sum_e n_e``, so ``f_e`` sums to 1. ``mean_probs`` ``[E]`` holds
     ``P_e`` (differentiable; the gradient flows only through it, ``f_e`` is a count). The loss is 1
     for perfectly uniform routing (``f_e = P_e = 1/E``) and grows toward ``E`` as routing collapses.
-    With no tokens (``sum n_e = 0``) it is 0. Returns a float32 scalar.
+    With no tokens (``sum n_e = 0``) it is 0. Returns a float32 scalar (float64 for float64 input).
     """
     if tokens_per_expert.shape != mean_probs.shape or tokens_per_expert.dim() != 1:
         raise ValueError(
@@ -59,10 +62,11 @@ def load_balancing_loss(tokens_per_expert: Tensor, mean_probs: Tensor) -> Tensor
             f"{tuple(tokens_per_expert.shape)} and {tuple(mean_probs.shape)}"
         )
     num_experts = mean_probs.shape[0]
-    counts = tokens_per_expert.detach().to(torch.float32)
+    mean_probs = _as_float(mean_probs)
+    counts = tokens_per_expert.detach().to(mean_probs.dtype)
     # fp32 counts are exact up to 2^24 per expert; beyond that f_e only loses ~1e-7 relative.
     fraction = counts / counts.sum().clamp_min(1.0)
-    return num_experts * torch.sum(fraction * mean_probs.float())
+    return num_experts * torch.sum(fraction * mean_probs)
 
 
 def router_z_loss(lse: Tensor) -> Tensor:
@@ -72,9 +76,9 @@ def router_z_loss(lse: Tensor) -> Tensor:
 
     ``lse`` ``[T]`` is ``RouteOutput.lse``, the per-token log-sum-exp of the router logits.
     Penalises large logits, which keeps the softmax out of its saturated, round-off-prone regime.
-    Returns a float32 scalar (0 for ``T = 0``).
+    Returns a float32 scalar (float64 for float64 input; 0 for ``T = 0``).
     """
-    lse = lse.float()
+    lse = _as_float(lse)
     if lse.numel() == 0:
         return lse.sum()  # zero, still attached to the graph
     return lse.pow(2).mean()
@@ -120,14 +124,14 @@ def update_expert_bias_(expert_bias: Tensor, tokens_per_expert: Tensor, rate: fl
 
 
 def spectral_norm(weight: Tensor) -> Tensor:
-    r"""Exact largest singular value :math:`\sigma_{\max}(W)` of ``weight`` (``[..., m, n]``), float32.
+    r"""Exact largest singular value :math:`\sigma_{\max}(W)` of ``weight`` (``[..., m, n]``), float32
+    (float64 for float64 input).
 
     Computed with ``torch.linalg.matrix_norm(ord=2)`` (an SVD): the router projection is only
     ``r x d`` (or ``E x d`` for a linear router), so no power-iteration estimate is needed.
     Differentiable (gradient ``u_1 v_1^T``, well defined when the top singular value is simple).
     """
-    w = weight if weight.dtype == torch.float64 else weight.float()
-    return torch.linalg.matrix_norm(w, ord=2)
+    return torch.linalg.matrix_norm(_as_float(weight), ord=2)
 
 
 def spectral_norm_penalty(weight: Tensor, max_norm: float = 0.0) -> Tensor:
@@ -151,7 +155,7 @@ def stable_rank(weight: Tensor) -> Tensor:
     A smooth lower bound of the rank: 1 when ``W`` is rank one, ``min(m, n)`` when all singular
     values are equal. (SR-MoE, arXiv 2601.03889.)
     """
-    w = weight if weight.dtype == torch.float64 else weight.float()
+    w = _as_float(weight)
     frobenius_sq = w.pow(2).sum(dim=(-2, -1))
     return frobenius_sq / spectral_norm(w).pow(2)
 
@@ -242,7 +246,8 @@ def roma_loss(
 
     RoMA trains only router parameters with this loss: give the optimizer step that uses it only
     the routers' parameters (see :func:`l2r_cuda.moe.router_parameters`).
-    ``success`` ``[N]`` bool (None: all samples are eligible). Returns a float32 scalar.
+    ``success`` ``[N]`` bool (None: all samples are eligible). Returns a float32 scalar (float64
+    for float64 ``routing``).
     """
     if routing.dim() != 2 or embeddings.dim() != 2 or routing.shape[0] != embeddings.shape[0]:
         raise ValueError(
@@ -253,7 +258,7 @@ def roma_loss(
         raise ValueError(f"roma_loss(): k must be >= 1, got {k}")
     n = routing.shape[0]
     device = routing.device
-    routing_f = routing if routing.dtype == torch.float64 else routing.float()
+    routing_f = _as_float(routing)
     if n == 0:
         return routing_f.sum() * 0.0
     emb = embeddings.detach().to(device=device, dtype=routing_f.dtype)

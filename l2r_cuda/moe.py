@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .reference import RouteOutput, select_top_k
 
-__all__ = ["LinearRouter", "SwiGLUExperts", "MoE", "router_parameters"]
+__all__ = ["LinearRouter", "SwiGLUExperts", "MoE", "route_from_logits", "router_parameters"]
 
 _SCORES = ("softmax", "sigmoid")
 
@@ -115,11 +115,14 @@ class LinearRouter(nn.Module):
 
 
 def _grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
-    # torch._grouped_mm's fast kernels: CUDA, bf16, Hopper (sm90) or newer. Anything else takes the
-    # per-expert loop (the CPU kernel exists in recent torch but its backward is not reliable).
+    # torch._grouped_mm's fast kernels: CUDA, bf16, Hopper (sm90) or newer, 16-byte aligned rows
+    # (feature sizes multiple of 8 in bf16). Anything else takes the per-expert loop (the CPU
+    # kernel exists in recent torch but its backward is not reliable).
     return (
         hasattr(torch, "_grouped_mm")
         and x.is_cuda
+        and weight.shape[-1] % 8 == 0
+        and weight.shape[-2] % 8 == 0
         and x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
         and torch.cuda.get_device_capability(x.device)[0] >= 9
@@ -225,7 +228,10 @@ class MoE(nn.Module):
     each call, so read it before the next forward.)
 
     Works on CPU and CUDA, under autograd, and under ``torch.compile`` (the per-expert loop reads the
-    offsets on the host, which is a graph break: compile without ``fullgraph=True`` on that path).
+    offsets on the host, which is a graph break: compile without ``fullgraph=True`` on that path;
+    the tests compile with ``backend="aot_eager"`` to keep CPU test time low).
+
+    Expert parallelism is not implemented: there is no ``process_group`` argument.
     """
 
     def __init__(

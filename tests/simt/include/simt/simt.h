@@ -219,7 +219,7 @@ struct cudaFuncAttributes {
 namespace simt {
 enum WarpKind : int {
   kSync = 0, kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kMatchAny,
-  kRedAddU, kRedMinU, kRedMaxU, kRedMinI, kRedMaxI, kRedAnd, kRedOr, kRedXor,
+  kRedAddU, kRedMinU, kRedMaxU, kRedMinI, kRedMaxI, kRedAnd, kRedOr, kRedXor, kActive,
 };
 struct LaunchDesc {
   const char* name;
@@ -234,10 +234,11 @@ cudaError_t launch(const LaunchDesc& d);
 int syncthreads(int mode, int pred, const char* file, unsigned line);  // mode 0 plain,1 count,2 and,3 or
 unsigned long long warp_op(int kind, unsigned mask, unsigned long long val, int param, int width,
                            const char* file, unsigned line);
-unsigned activemask();
+unsigned activemask(const char* file, unsigned line);
 void yield_now();
 [[noreturn]] void trap(const char* what, const char* file, unsigned line);
 unsigned char* dyn_smem_base();
+void shared_poison(void* p, size_t n, unsigned long long* gen);  // inserted by rewrite.py
 long long clock_tick();
 void record_error(cudaError_t e, const char* msg);
 cudaError_t sticky_error();
@@ -341,6 +342,8 @@ struct __nv_bfloat16_raw { unsigned short x; };
     NAME(unsigned int v) : __x(::simt::FROMF(::simt::f64_to_f32_odd((double)v))) {}           \
     NAME(long long v) : __x(::simt::FROMF(::simt::f64_to_f32_odd((double)v))) {}              \
     NAME(unsigned long long v) : __x(::simt::FROMF(::simt::f64_to_f32_odd((double)v))) {}     \
+    NAME(long v) : __x(::simt::FROMF(::simt::f64_to_f32_odd((double)v))) {}                   \
+    NAME(unsigned long v) : __x(::simt::FROMF(::simt::f64_to_f32_odd((double)v))) {}          \
     NAME(short v) : __x(::simt::FROMF((float)v)) {}                                           \
     NAME(unsigned short v) : __x(::simt::FROMF((float)v)) {}                                  \
     operator float() const { return ::simt::TOF(__x); }                                       \
@@ -612,7 +615,6 @@ inline void __threadfence_block() {}
 inline void __threadfence_system() {}
 template <class T> inline void __prefetch_global_l2(const T*) {}
 inline long long clock64() { return ::simt::clock_tick(); }
-inline long long clock() { return ::simt::clock_tick(); }
 inline unsigned long long __globaltimer() { return (unsigned long long)::simt::clock_tick(); }
 inline void __nanosleep(unsigned) { ::simt::yield_now(); }
 [[noreturn]] inline void __trap(::simt::SL loc = ::simt::SL::current()) { ::simt::trap("__trap()", loc.file_name(), loc.line()); }
@@ -694,9 +696,10 @@ inline unsigned __reduce_or_sync(unsigned mask, unsigned v, ::simt::SL loc = ::s
   return (unsigned)::simt::warp_op(::simt::kRedOr, mask, v, 0, 32, loc.file_name(), loc.line()); }
 inline unsigned __reduce_xor_sync(unsigned mask, unsigned v, ::simt::SL loc = ::simt::SL::current()) {
   return (unsigned)::simt::warp_op(::simt::kRedXor, mask, v, 0, 32, loc.file_name(), loc.line()); }
-// Lanes of the current warp that exist and have not exited (the emulator cannot
-// know about divergence; see README).
-inline unsigned __activemask() { return ::simt::activemask(); }
+// Lanes of the current warp that reach this __activemask() together: the call
+// waits until every other live lane of the block is blocked or exited, then
+// returns the lanes of this warp waiting at the same call site.
+inline unsigned __activemask(::simt::SL loc = ::simt::SL::current()) { return ::simt::activemask(loc.file_name(), loc.line()); }
 inline unsigned __lanemask_lt() { unsigned l = ((blockDim.x * (blockDim.y * threadIdx.z + threadIdx.y)) + threadIdx.x) & 31u; return (1u << l) - 1u; }
 
 // ---------------------------------------------------------------- atomics

@@ -1,0 +1,7 @@
+"""Adapters that put the L2R router into third-party MoE models.
+
+``l2r_cuda.integrations.hf``: Hugging Face ``transformers`` OLMoE, Qwen3-MoE and Mixtral (optional
+dependency: imported only when that submodule is).
+"""
+
+__all__ = ["hf"]

@@ -1,0 +1,1 @@
+"""SIMT CPU emulation harness for CUDA kernels (see README.md)."""
