@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .ops import route
 from .reference import NORMS, SCORES, RouteOutput
 
-__all__ = ["L2RRouter"]
+__all__ = ["L2RRouter", "MoE", "LinearRouter", "SwiGLUExperts"]
 
 
 class L2RRouter(nn.Module):
@@ -100,3 +100,8 @@ class L2RRouter(nn.Module):
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"rank={self.rank}, num_anchors={self.num_anchors}, beta={self.beta}, "
                 f"score={self.score!r}, normalize={self.normalize}, norm={self.norm!r}")
+
+
+# The MoE layer lives in moe.py (it needs the router above); re-exported so l2r_cuda.nn is the one
+# place for modules.
+from .moe import LinearRouter, MoE, SwiGLUExperts  # noqa: E402
