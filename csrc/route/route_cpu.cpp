@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "../common/cpu_project.h"
 #include "../common/cpu_vec.h"
 #include "route_checks.h"
 #include "route_math.cuh"
@@ -96,25 +97,31 @@ const acc_t* load_row(const scalar_t* x_row, int64_t d, acc_t* buffer) {
 template <typename acc_t>
 acc_t project_token(const acc_t* x, const acc_t* proj_weighted, int64_t d, int rank, bool use_norm,
                     acc_t eps_norm, acc_t* q) {
-  for (int i = 0; i < rank; ++i) q[i] = cpu::dot(proj_weighted + i * d, x, d);
+  acc_t sum_squares = 0;
+  cpu::project(x, proj_weighted, d, rank, q, use_norm ? &sum_squares : nullptr);
   if (!use_norm) return acc_t(1);
-  const acc_t rstd = rms_inv_scale(cpu::dot(x, x, d), d, eps_norm);
+  const acc_t rstd = rms_inv_scale(sum_squares, d, eps_norm);
   for (int i = 0; i < rank; ++i) q[i] *= rstd;
   return rstd;
 }
 
-// Logits of every expert for one token; returns their softmax statistics.
+// Logits of every expert for one token, and exp(logit - max) of each; returns the softmax
+// statistics over experts.
 template <typename acc_t>
 SoftmaxStats<acc_t> token_logits(const acc_t* q, const RouterParams<acc_t>& p, int64_t experts,
                                  int num_anchors, int rank, acc_t q_scale, acc_t tau,
-                                 acc_t* logits) {
+                                 acc_t* logits, acc_t* exps) {
   const acc_t* a_hat = p.anchor_hat.template data_ptr<acc_t>();
-  SoftmaxStats<acc_t> st = softmax_stats_empty<acc_t>();
   for (int64_t e = 0; e < experts; ++e) {
     logits[e] = expert_logit(q, a_hat + e * num_anchors * rank, num_anchors, rank, q_scale, tau);
-    st = softmax_stats_add(st, logits[e]);
   }
-  return st;
+  return softmax_stats_of(logits, experts, exps);
+}
+
+// Routing probability from a logit and its exp(logit - max): softmax reuses the exp.
+template <typename acc_t>
+acc_t token_prob(acc_t logit, acc_t exp_shifted, SoftmaxStats<acc_t> st, bool sigmoid) {
+  return sigmoid ? routing_prob(logit, st, true) : exp_shifted / st.sum;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -132,7 +139,7 @@ void route_forward_kernel(const at::Tensor& x, const RouterParams<acc_t>& p, con
   std::vector<int64_t> count_partials(chunks.count * E, 0);
 
   at::parallel_for(0, chunks.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc_t> row(d), logits(E), top_keys(top_k);
+    std::vector<acc_t> row(d), logits(E), exps(E), top_keys(top_k);
     std::vector<int> top_idx(top_k);
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
       acc_t* prob_sum = prob_partials.data() + c * E;
@@ -144,11 +151,11 @@ void route_forward_kernel(const at::Tensor& x, const RouterParams<acc_t>& p, con
         rstd_out[t] = project_token(xt, proj_weighted, d, rank, use_norm, eps_norm, q);
         const NormCoef<acc_t> qc = sips_norm_coef(math_sqrt(dot(q, q, rank)), beta, eps);
         const SoftmaxStats<acc_t> st =
-            token_logits(q, p, E, H, rank, p.scale * qc.coef, tau, logits.data());
+            token_logits(q, p, E, H, rank, p.scale * qc.coef, tau, logits.data(), exps.data());
         lse[t] = softmax_stats_lse(st);
         int count = 0;
         for (int64_t e = 0; e < E; ++e) {
-          const acc_t prob = routing_prob(logits[e], st, sigmoid);
+          const acc_t prob = token_prob(logits[e], exps[e], st, sigmoid);
           logits[e] = prob;  // logits are no longer needed: keep the probabilities in place
           prob_sum[e] += prob;
           count = top_k_insert(top_keys.data(), top_idx.data(), count, top_k,
@@ -249,7 +256,7 @@ void route_backward_kernel(const acc_t* grad_weights, const acc_t* grad_mean_pro
   const acc_t inv_tokens = acc_t(1) / static_cast<acc_t>(T);
 
   at::parallel_for(0, chunks.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc_t> row(d), x_norm(d), grad_x_norm(d), logits(E), probs(E), grad_probs(E);
+    std::vector<acc_t> row(d), x_norm(d), grad_x_norm(d), logits(E), exps(E), probs(E), grad_probs(E);
     std::vector<acc_t> ds_anchor_hat(rank), grad_q(rank);
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
       acc_t* part = partials.data() + c * layout.size();
@@ -262,9 +269,10 @@ void route_backward_kernel(const acc_t* grad_weights, const acc_t* grad_mean_pro
         const acc_t* q = q_saved + t * rank;
         const NormCoef<acc_t> qc = sips_norm_coef(math_sqrt(dot(q, q, rank)), beta, eps);
         const acc_t q_scale = p.scale * qc.coef;
-        const SoftmaxStats<acc_t> st = token_logits(q, p, E, H, rank, q_scale, tau, logits.data());
+        const SoftmaxStats<acc_t> st =
+            token_logits(q, p, E, H, rank, q_scale, tau, logits.data(), exps.data());
         for (int64_t e = 0; e < E; ++e) {
-          probs[e] = routing_prob(logits[e], st, sigmoid);
+          probs[e] = token_prob(logits[e], exps[e], st, sigmoid);
           grad_probs[e] = grad_mean_probs ? grad_mean_probs[e] * inv_tokens : acc_t(0);
         }
         if (grad_weights) {
@@ -289,7 +297,7 @@ void route_backward_kernel(const acc_t* grad_weights, const acc_t* grad_mean_pro
         acc_t ds_u_sum = 0;
         for (int i = 0; i < rank; ++i) ds_anchor_hat[i] = 0;
         for (int64_t e = 0; e < E; ++e) {
-          const acc_t softmax_p = sigmoid ? math_exp(logits[e] - st.max) / st.sum : probs[e];
+          const acc_t softmax_p = sigmoid ? exps[e] / st.sum : probs[e];
           const acc_t dl = logit_grad(probs[e], grad_probs[e], p_dot_dp, softmax_p, g_lse, sigmoid);
           if (dl == acc_t(0)) continue;  // saves the E*H*r work of experts with no gradient
           for (int h = 0; h < H; ++h) {

@@ -97,17 +97,45 @@ L2R_HD acc_t softmax_stats_lse(SoftmaxStats<acc_t> st) {
   return st.max + math_log(st.sum);
 }
 
-// Logit of one expert from its H pre-scaled anchors (row-major [H, r]).
+// Softmax statistics of n values in two passes (one exp each), writing exp(v - max) to exps.
+template <typename acc_t>
+L2R_HD SoftmaxStats<acc_t> softmax_stats_of(const acc_t* v, int64_t n, acc_t* exps) {
+  SoftmaxStats<acc_t> st{math_neg_inf<acc_t>(), acc_t(0)};
+  bool has_nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    has_nan |= math_isnan(v[i]);
+    st.max = math_max(st.max, v[i]);
+  }
+  if (has_nan) st.max = static_cast<acc_t>(NAN);
+  const acc_t shift = st.max == math_neg_inf<acc_t>() ? acc_t(0) : st.max;  // all -inf: no NaN
+  for (int64_t i = 0; i < n; ++i) {
+    exps[i] = math_exp(v[i] - shift);
+    st.sum += exps[i];
+  }
+  return st;
+}
+
+// Logit of one expert from its H pre-scaled anchors (row-major [H, r]). Two passes (max, then sum
+// of exp) cost one exp per anchor; the dots are recomputed because r is small.
 template <typename acc_t>
 L2R_HD acc_t expert_logit(const acc_t* q, const acc_t* anchor_hat, int num_anchors, int rank,
                           acc_t q_scale, acc_t tau) {
   if (num_anchors == 1) return q_scale * dot(q, anchor_hat, rank);
-  const acc_t inv_tau = acc_t(1) / tau;
-  SoftmaxStats<acc_t> st = softmax_stats_empty<acc_t>();
+  const acc_t scale_over_tau = q_scale / tau;
+  acc_t m = math_neg_inf<acc_t>();
+  bool has_nan = false;
   for (int h = 0; h < num_anchors; ++h) {
-    st = softmax_stats_add(st, q_scale * dot(q, anchor_hat + h * rank, rank) * inv_tau);
+    const acc_t v = scale_over_tau * dot(q, anchor_hat + h * rank, rank);
+    has_nan |= math_isnan(v);
+    m = math_max(m, v);
   }
-  return tau * softmax_stats_lse(st);
+  if (has_nan) return static_cast<acc_t>(NAN);
+  if (m == math_neg_inf<acc_t>() || m == -math_neg_inf<acc_t>()) return tau * m;
+  acc_t sum = 0;
+  for (int h = 0; h < num_anchors; ++h) {
+    sum += math_exp(scale_over_tau * dot(q, anchor_hat + h * rank, rank) - m);
+  }
+  return tau * (m + math_log(sum));
 }
 
 // d l / d s_h: the anchor's share of the expert's log-sum-exp.
