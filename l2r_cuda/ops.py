@@ -59,6 +59,11 @@ def route(
         raise TypeError(f"l2r_cuda.route: top_k must be an int, got {top_k!r}")
     if not isinstance(scale, Tensor):
         scale = torch.tensor(float(scale), device=x.device)
+    for name, t in (("proj", proj), ("anchors", anchors), ("scale", scale),
+                    ("norm_weight", norm_weight), ("expert_bias", expert_bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"l2r_cuda.route: {name} is on {t.device} but x is on {x.device}; "
+                             "all inputs must be on one device")
     _check_device(x, "route_forward")
     weights, indices, tokens_per_expert, mean_probs, lse, _, _ = torch.ops.l2r_cuda.route_forward(
         x.reshape(-1, x.shape[-1]), proj, anchors, scale, norm_weight, expert_bias, top_k,
