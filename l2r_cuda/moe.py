@@ -6,7 +6,8 @@ of each token's k expert outputs). The router is either :class:`l2r_cuda.L2RRout
 :class:`l2r_cuda.reference.RouteOutput`, so everything downstream (the layer, the auxiliary losses
 of :mod:`l2r_cuda.losses`, the metrics of :mod:`l2r_cuda.metrics`) is router-agnostic.
 
-Expert parallelism is out of scope here: all experts live on the local device.
+Expert parallelism: ``MoE(..., process_group=group)`` (or ``MoE.shard_(group)`` on a full layer)
+keeps only this rank's experts and exchanges tokens with :mod:`l2r_cuda.distributed`.
 """
 
 from __future__ import annotations
@@ -231,7 +232,17 @@ class MoE(nn.Module):
     offsets on the host, which is a graph break: compile without ``fullgraph=True`` on that path;
     the tests compile with ``backend="aot_eager"`` to keep CPU test time low).
 
-    Expert parallelism is not implemented: there is no ``process_group`` argument.
+    Expert parallelism: ``process_group`` (a ``torch.distributed`` group of ``W`` ranks, ``E`` a
+    multiple of ``W``) makes this rank hold only experts ``[r*E/W, (r+1)*E/W)`` (``self.experts`` has
+    ``E/W`` experts; the router is replicated, over all ``E``). ``forward`` then sends each token
+    slot to the rank owning its expert and back (:func:`l2r_cuda.distributed.dispatch` /
+    :func:`~l2r_cuda.distributed.combine`); every rank of the group must call ``forward`` (and
+    ``backward``) together, even with no tokens. Built this way the router must be made identical
+    across ranks by the caller (same seed or a loaded state) and the local experts are drawn from
+    the local RNG (with one seed everywhere they start equal on all ranks: re-seed per rank and call
+    ``moe.experts.reset_parameters()`` if that matters); ``MoE(...).shard_(group)`` instead slices a
+    full layer, which gives exactly the single-process layer's function. Router gradients are per rank (sum/average them across
+    data-parallel ranks as usual); ``last_route`` covers this rank's tokens only.
     """
 
     def __init__(
@@ -243,6 +254,7 @@ class MoE(nn.Module):
         router: Union[str, nn.Module] = "l2r",
         *,
         use_grouped_mm: Optional[bool] = None,
+        process_group=None,
         device=None,
         dtype=None,
         **router_kwargs,
@@ -264,15 +276,48 @@ class MoE(nn.Module):
             self.router = LinearRouter(d_model, num_experts, top_k, device=device, **router_kwargs)
         else:
             raise ValueError(f"MoE: router must be 'l2r', 'linear' or an nn.Module, got {router!r}")
-        self.experts = SwiGLUExperts(num_experts, d_model, d_ff, use_grouped_mm=use_grouped_mm,
+        self.process_group = process_group
+        local_experts, self.expert_start = num_experts, 0
+        if process_group is not None:
+            from .distributed import expert_range
+
+            self.expert_start, end = expert_range(num_experts, process_group)
+            local_experts = end - self.expert_start
+        self.experts = SwiGLUExperts(local_experts, d_model, d_ff, use_grouped_mm=use_grouped_mm,
                                      device=device, dtype=dtype)
         self.last_route: Optional[RouteOutput] = None
+
+    @property
+    def num_local_experts(self) -> int:
+        """Experts held by this module (``num_experts``, or ``num_experts / W`` when sharded)."""
+        return self.experts.num_experts
+
+    @torch.no_grad()
+    def shard_(self, process_group) -> "MoE":
+        """Turn this full layer into its expert-parallel part for this rank of ``process_group``, in
+        place: keep experts ``[r*E/W, (r+1)*E/W)`` (slices of the stacked weights, copied, with the
+        same ``requires_grad``), keep the router as is, and set ``process_group``. Returns ``self``.
+        Build the same full layer on every rank (same seed or state dict) and call this on each."""
+        from .distributed import expert_range
+
+        if self.process_group is not None:
+            raise RuntimeError("MoE.shard_: the layer is already sharded")
+        start, end = expert_range(self.num_experts, process_group)
+        experts = self.experts
+        for name in ("w_gate", "w_up", "w_down"):
+            full = getattr(experts, name)
+            setattr(experts, name, nn.Parameter(full.detach()[start:end].clone(), requires_grad=full.requires_grad))
+        experts.num_experts = end - start
+        self.process_group, self.expert_start = process_group, start
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.d_model:
             raise ValueError(f"MoE: expected x [..., {self.d_model}], got shape {tuple(x.shape)}")
-        permute, unpermute = _dispatch_ops()
         tokens = x.reshape(-1, self.d_model)
+        if self.process_group is not None:
+            return self._forward_expert_parallel(x, tokens)
+        permute, unpermute = _dispatch_ops()
         route = self.router(tokens)
         # fixed_size with align=1 and no capacity is exactly T*k rows: a shape known without looking
         # at the routing, which keeps the permutation free of data-dependent shapes.
@@ -283,8 +328,20 @@ class MoE(nn.Module):
         self.last_route = route
         return out.to(x.dtype).reshape(x.shape)
 
+    def _forward_expert_parallel(self, x: Tensor, tokens: Tensor) -> Tensor:
+        from .distributed import combine, dispatch
+
+        route = self.router(tokens)
+        rows, offsets, handle = dispatch(tokens, route, self.process_group, num_experts=self.num_experts)
+        out = combine(self.experts(rows, offsets), handle)
+        self.last_route = route
+        return out.to(x.dtype).reshape(x.shape)
+
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, top_k={self.top_k}"
+        text = f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, top_k={self.top_k}"
+        if self.process_group is not None:
+            text += f", local_experts=[{self.expert_start}, {self.expert_start + self.num_local_experts})"
+        return text
 
 
 def router_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
