@@ -1,0 +1,1 @@
+"""Microbenchmarks of l2r_cuda (run ``python -m benchmarks.route --help``)."""
