@@ -19,11 +19,13 @@ from . import reference
 from ._library import cuda_built
 from .ops import route
 from .nn import L2RRouter
+from .permutation import Permutation, dropped_counts, permute, unpermute
 from .reference import RouteOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["RouteOutput", "route", "L2RRouter", "reference", "cuda_built", "__version__"]
+__all__ = ["RouteOutput", "route", "L2RRouter", "reference", "cuda_built", "__version__",
+           "Permutation", "permute", "unpermute", "dropped_counts"]
 
 if not cuda_built():
     _msg = ("l2r_cuda: CPU-only build (no CUDA kernels compiled); every op runs on CPU, CUDA tensors "
