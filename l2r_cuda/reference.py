@@ -184,6 +184,9 @@ def permute_plan(
     # Keep-priority order inside each expert: stable sort by expert of a token-major order (which is
     # the flat order itself, or the flat order re-sorted by weight descending).
     prio = torch.arange(T * k, device=dev)
+    if weights is not None and weights.shape != indices.shape:
+        raise ValueError(f"permute(): weights must be [T, k] = {tuple(indices.shape)}, got "
+                         f"{tuple(weights.shape)}")
     if capacity is not None and weights is not None:
         w = weights.detach().reshape(-1).float()
         w = torch.where(w == 0, torch.zeros_like(w), w)  # -0 == +0

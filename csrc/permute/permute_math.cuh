@@ -1,5 +1,5 @@
 // Index math of token permutation (SPEC "Dispatch"), shared verbatim by the CPU kernels
-// (permute_cpu.cpp) and the CUDA kernels (permute_cuda.cu). Every row/offset is int64.
+// (permute_cpu.cpp) and the CUDA kernels (permute_kernels.cu). Every row/offset is int64.
 #pragma once
 
 #include <cstdint>
