@@ -163,13 +163,23 @@ at::Tensor permute_rows_cpu(const at::Tensor& x_in, const at::Tensor& row_map, i
   const char* xp = static_cast<const char*>(x.data_ptr());
   char* op = static_cast<char*>(out.data_ptr());
   if (row_bytes == 0) return out;
+  // Token-major: each x row is read once (and stays in L1) for its k copies, so x is streamed
+  // once instead of k times; every output row has exactly one writer. Padding rows are zeroed first.
+  const int64_t T = row_map.size(0);
+  const auto row_map_c = row_map.contiguous();
+  const int64_t* rm = row_map_c.data_ptr<int64_t>();
   at::parallel_for(0, num_rows, std::max<int64_t>(1, 65536 / row_bytes), [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
-      char* dst = op + row * row_bytes;
-      if (src[row] >= 0) {
-        std::memcpy(dst, xp + (src[row] / k) * xs, row_bytes);
-      } else {
-        std::memset(dst, 0, row_bytes);
+      if (src[row] < 0) std::memset(op + row * row_bytes, 0, row_bytes);
+    }
+  });
+  at::parallel_for(0, T, std::max<int64_t>(1, 65536 / (row_bytes * std::max<int64_t>(1, k))),
+                   [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const char* xr = xp + t * xs;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t row = rm[t * k + j];
+        if (row >= 0) std::memcpy(op + row * row_bytes, xr, row_bytes);
       }
     }
   });
