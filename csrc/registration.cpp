@@ -44,4 +44,29 @@ TORCH_LIBRARY(l2r_cuda, m) {
       "Tensor rstd, float beta, str? norm, float eps, float tau, str score, bool normalize) -> "
       "(Tensor grad_x, Tensor grad_proj, Tensor grad_anchors, Tensor grad_scale, "
       "Tensor grad_norm_weight)");
+
+  // Dispatch plan (SPEC "Dispatch") of indices [T, k] (int32/int64) over num_experts experts: rows
+  // grouped by expert, stable by token, each expert's group padded to a multiple of align;
+  // capacity keeps at most that many rows per expert (dropping the lowest weights first when
+  // weights are given, else the highest token indices). Returns row_map [T, k] int64 (-1 =
+  // dropped), expert_offsets [E+1] int64 and dropped [E] int64 (dropped slots per expert).
+  m.def(
+      "permute_plan(Tensor indices, int num_experts, int align, int? capacity, Tensor? weights) "
+      "-> (Tensor row_map, Tensor expert_offsets, Tensor dropped)");
+
+  // permuted [num_rows, d]: row row_map[t, j] is x[t], every other row is zero.
+  m.def("permute_rows(Tensor x, Tensor row_map, SymInt num_rows) -> Tensor");
+
+  // Backward of permute_rows: grad_x [T, d], grad_x[t] = sum_j grad_permuted[row_map[t, j]].
+  m.def("permute_rows_backward(Tensor grad_permuted, Tensor row_map) -> Tensor");
+
+  // out [T, d], out[t] = sum_j weights[t, j] * y[row_map[t, j]] (fp32 accumulation, y's dtype);
+  // slots with row_map < 0 add exactly zero.
+  m.def("unpermute(Tensor y, Tensor row_map, Tensor weights) -> Tensor");
+
+  // Backward of unpermute: grad_y [N, d] (w[t, j] * grad_out[t] at row row_map[t, j], zero
+  // elsewhere) and grad_weights [T, k] (<y[row_map[t, j]], grad_out[t]>, zero where dropped).
+  m.def(
+      "unpermute_backward(Tensor grad_out, Tensor y, Tensor row_map, Tensor weights) -> "
+      "(Tensor grad_y, Tensor grad_weights)");
 }

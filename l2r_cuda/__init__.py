@@ -19,15 +19,16 @@ from . import reference
 from ._library import cuda_built
 from .ops import route
 from .nn import L2RRouter
+from .permutation import Permutation, dropped_counts, permute, unpermute
 from .reference import RouteOutput
-from .reference import permute, unpermute  # replaced by the native ops when they land
 from .moe import LinearRouter, MoE, SwiGLUExperts
 from . import losses, metrics
 
 __version__ = "0.1.0"
 
-__all__ = ["RouteOutput", "route", "permute", "unpermute", "L2RRouter", "MoE", "LinearRouter",
-           "SwiGLUExperts", "losses", "metrics", "reference", "cuda_built", "__version__"]
+__all__ = ["RouteOutput", "route", "Permutation", "permute", "unpermute", "dropped_counts",
+           "L2RRouter", "MoE", "LinearRouter", "SwiGLUExperts", "losses", "metrics", "reference",
+           "cuda_built", "__version__"]
 
 if not cuda_built():
     _msg = ("l2r_cuda: CPU-only build (no CUDA kernels compiled); every op runs on CPU, CUDA tensors "

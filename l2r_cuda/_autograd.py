@@ -32,3 +32,37 @@ def _route_backward(ctx, grad_weights, _gi, _gt, grad_mean_probs, grad_lse, _gq,
 torch.library.register_autograd(
     "l2r_cuda::route_forward", _route_backward, setup_context=_route_setup_context
 )
+
+
+# ---- permute (csrc/permute) ----------------------------------------------------------------------
+
+def _permute_rows_setup_context(ctx, inputs, output):
+    _, row_map, _ = inputs
+    ctx.save_for_backward(row_map)
+
+
+def _permute_rows_backward(ctx, grad_permuted):
+    (row_map,) = ctx.saved_tensors
+    return torch.ops.l2r_cuda.permute_rows_backward(grad_permuted, row_map), None, None
+
+
+torch.library.register_autograd(
+    "l2r_cuda::permute_rows", _permute_rows_backward, setup_context=_permute_rows_setup_context
+)
+
+
+def _unpermute_setup_context(ctx, inputs, output):
+    y, row_map, weights = inputs
+    ctx.save_for_backward(y, row_map, weights)
+
+
+def _unpermute_backward(ctx, grad_out):
+    y, row_map, weights = ctx.saved_tensors
+    grad_y, grad_weights = torch.ops.l2r_cuda.unpermute_backward(grad_out, y, row_map, weights)
+    return (grad_y if ctx.needs_input_grad[0] else None, None,
+            grad_weights if ctx.needs_input_grad[2] else None)
+
+
+torch.library.register_autograd(
+    "l2r_cuda::unpermute", _unpermute_backward, setup_context=_unpermute_setup_context
+)

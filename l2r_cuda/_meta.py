@@ -38,3 +38,34 @@ def _route_backward_fake(grad_weights, grad_mean_probs, grad_lse, x, proj, ancho
     )
 
 
+
+
+# ---- permute (csrc/permute) ----------------------------------------------------------------------
+
+@torch.library.register_fake("l2r_cuda::permute_plan")
+def _permute_plan_fake(indices, num_experts, align, capacity, weights):
+    return (
+        indices.new_empty(indices.shape, dtype=torch.int64),
+        indices.new_empty((num_experts + 1,), dtype=torch.int64),
+        indices.new_empty((num_experts,), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("l2r_cuda::permute_rows")
+def _permute_rows_fake(x, row_map, num_rows):
+    return x.new_empty((num_rows, x.shape[1]))
+
+
+@torch.library.register_fake("l2r_cuda::permute_rows_backward")
+def _permute_rows_backward_fake(grad_permuted, row_map):
+    return grad_permuted.new_empty((row_map.shape[0], grad_permuted.shape[1]))
+
+
+@torch.library.register_fake("l2r_cuda::unpermute")
+def _unpermute_fake(y, row_map, weights):
+    return y.new_empty((row_map.shape[0], y.shape[1]))
+
+
+@torch.library.register_fake("l2r_cuda::unpermute_backward")
+def _unpermute_backward_fake(grad_out, y, row_map, weights):
+    return y.new_empty(y.shape), weights.new_empty(weights.shape)

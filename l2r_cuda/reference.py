@@ -136,15 +136,24 @@ def route(
     return RouteOutput(weights, indices, tokens_per_expert.to(torch.int64), mean_probs, lse)
 
 
-def _check_permute_args(x: Tensor, indices: Tensor, num_experts: int) -> None:
-    if x.dim() != 2:
+def _check_permute_args(x: Optional[Tensor], indices: Tensor, num_experts: int, align: int = 1,
+                        capacity: Optional[int] = None) -> None:
+    if x is not None and x.dim() != 2:
         raise ValueError(f"permute(): x must be [T, d], got shape {tuple(x.shape)}")
-    if indices.dim() != 2 or indices.shape[0] != x.shape[0]:
+    if indices.dim() != 2 or (x is not None and indices.shape[0] != x.shape[0]):
         raise ValueError(
-            f"permute(): indices must be [T, k] with T = {x.shape[0]}, got shape {tuple(indices.shape)}"
+            f"permute(): indices must be [T, k] with T = {x.shape[0] if x is not None else 'T'}, "
+            f"got shape {tuple(indices.shape)}"
         )
     if num_experts < 1:
         raise ValueError(f"permute(): num_experts must be >= 1, got {num_experts}")
+    if align < 1:
+        raise ValueError(f"permute(): align must be >= 1, got {align}")
+    if capacity is not None and capacity < 0:
+        raise ValueError(f"permute(): capacity must be >= 0 or None, got {capacity}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_experts):
+        raise ValueError(f"permute(): indices must be in [0, {num_experts}), got values in "
+                         f"[{int(indices.min())}, {int(indices.max())}]")
 
 
 def permute_plan(
@@ -159,53 +168,46 @@ def permute_plan(
     """Where each (token, slot) goes: ``(row_map [T, k] int64, expert_offsets [E+1] int64, num_rows,
     dropped [E] int64)``.
 
-    Rows are grouped by expert, stable by token index inside an expert (then by slot). ``capacity``
-    keeps at most that many rows per expert: the lowest router ``weights`` are dropped first when
-    given (ties: higher token index first), otherwise the highest token indices. Each expert's group
-    is padded with zero rows to a multiple of ``align``. Dropped slots get ``row_map = -1``.
-    ``fixed_size`` sizes the output for the worst case (``T*k`` rows plus alignment padding for every
-    expert) so that its shape is known without looking at the routing.
+    Rows are grouped by expert, stable by token index inside an expert. ``capacity`` keeps at most
+    that many rows per expert: with ``weights``, the largest weights are kept (ties: lower token
+    first; -0 == +0; a NaN weight ranks below every number), otherwise the lowest token indices.
+    Kept rows stay in token order. Each expert's group is padded with zero rows to a multiple of
+    ``align``; dropped slots get ``row_map = -1``. ``fixed_size`` sizes the output for the worst case
+    (``T*k + E*(align-1)`` rows) so that its shape is known without looking at the routing.
     """
+    _check_permute_args(None, indices, num_experts, align, capacity)
     T, k = indices.shape
     dev = indices.device
+    E = num_experts
     flat = indices.reshape(-1).long()
-    token = torch.arange(T, device=dev).repeat_interleave(k)
-    # Stable by (expert, token, slot): the flat order already is (token, slot).
+    counts = torch.bincount(flat, minlength=E)
+    # Keep-priority order inside each expert: stable sort by expert of a token-major order (which is
+    # the flat order itself, or the flat order re-sorted by weight descending).
+    prio = torch.arange(T * k, device=dev)
+    if weights is not None and weights.shape != indices.shape:
+        raise ValueError(f"permute(): weights must be [T, k] = {tuple(indices.shape)}, got "
+                         f"{tuple(weights.shape)}")
+    if capacity is not None and weights is not None:
+        w = weights.detach().reshape(-1).float()
+        w = torch.where(w == 0, torch.zeros_like(w), w)  # -0 == +0
+        prio = torch.sort(-w, stable=True).indices  # descending weight, NaN last, ties by flat row
+    prio = prio[torch.sort(flat[prio], stable=True).indices]
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(flat)
+    rank[prio] = torch.arange(T * k, device=dev) - starts[flat[prio]]
+    keep = rank < capacity if capacity is not None else torch.ones_like(flat, dtype=torch.bool)
+    kept_counts = torch.bincount(flat[keep], minlength=E)
+    offsets = torch.zeros(E + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = torch.cumsum((kept_counts + align - 1) // align * align, 0)
+    # Kept rows in (expert, token) order; position inside the expert's group.
     order = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=num_experts)
-    keep = torch.ones(T * k, dtype=torch.bool, device=dev)
-    if capacity is not None:
-        expert_start = torch.cumsum(counts, 0) - counts
-        if weights is not None:
-            # Rank rows inside an expert by weight descending, then token index ascending.
-            w = weights.detach().reshape(-1).float()
-            by_token = torch.sort(flat, stable=True).indices
-            w_sorted = w[by_token]
-            # sort by weight desc inside each expert group, stable (lower token first on ties)
-            rank_order = torch.sort(-w_sorted, stable=True).indices
-            rank_order = rank_order[torch.sort(flat[by_token][rank_order], stable=True).indices]
-            rank = torch.empty_like(flat)
-            rank[by_token[rank_order]] = torch.arange(T * k, device=dev) - expert_start[flat[by_token[rank_order]]]
-        else:
-            rank = torch.empty_like(flat)
-            rank[order] = torch.arange(T * k, device=dev) - expert_start[flat[order]]
-        keep = rank < capacity
-    kept_counts = torch.bincount(flat[keep], minlength=num_experts)
-    dropped = counts - kept_counts
-    padded = (kept_counts + align - 1) // align * align
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
-    offsets[1:] = torch.cumsum(padded, 0)
+    order = order[keep[order]]
+    expert = flat[order]
+    pos = torch.arange(order.numel(), device=dev) - (torch.cumsum(kept_counts, 0) - kept_counts)[expert]
     row_map = torch.full((T * k,), -1, dtype=torch.int64, device=dev)
-    kept_order = order[keep[order]]
-    kept_expert = flat[kept_order]
-    kept_start = torch.cumsum(kept_counts, 0) - kept_counts
-    pos_in_expert = torch.arange(kept_order.numel(), device=dev) - kept_start[kept_expert]
-    row_map[kept_order] = offsets[kept_expert] + pos_in_expert
-    if fixed_size:
-        num_rows = T * k + num_experts * (align - 1)
-    else:
-        num_rows = int(offsets[-1])
-    return row_map.view(T, k), offsets, num_rows, dropped
+    row_map[order] = offsets[expert] + pos
+    num_rows = T * k + E * (align - 1) if fixed_size else int(offsets[-1])
+    return row_map.view(T, k), offsets, num_rows, counts - kept_counts
 
 
 def permute(
@@ -218,31 +220,33 @@ def permute(
     weights: Optional[Tensor] = None,
     fixed_size: bool = False,
 ):
-    """``(permuted [N, d], expert_offsets [E+1] int64, row_map [T, k] int64, dropped [E] int64)``.
-
-    Row ``row_map[t, j]`` of ``permuted`` is ``x[t]``; padding rows and rows past
-    ``expert_offsets[-1]`` are zero; dropped slots have ``row_map = -1``.
+    """``(permuted [N, d], expert_offsets [E+1] int64, row_map [T, k] int64)`` (see
+    :func:`permute_plan`): row ``row_map[t, j]`` of ``permuted`` is ``x[t]``; padding rows and rows
+    past ``expert_offsets[-1]`` are zero; dropped slots have ``row_map = -1``. Differentiable in x.
     """
-    _check_permute_args(x, indices, num_experts)
-    row_map, offsets, num_rows, dropped = permute_plan(
+    _check_permute_args(x, indices, num_experts, align, capacity)
+    row_map, offsets, num_rows, _ = permute_plan(
         indices, num_experts, align=align, capacity=capacity, weights=weights, fixed_size=fixed_size
     )
-    T, k = indices.shape
-    src = torch.arange(T, device=x.device).repeat_interleave(k)
     flat_rows = row_map.reshape(-1)
     kept = flat_rows >= 0
+    token = torch.arange(x.shape[0], device=x.device).repeat_interleave(indices.shape[1])
     out = x.new_zeros(num_rows, x.shape[1])
-    out = out.index_put((flat_rows[kept],), x[src[kept]])
-    return out, offsets, row_map, dropped
+    out = out.index_put((flat_rows[kept],), x[token[kept]])
+    return out, offsets, row_map
 
 
 def unpermute(y: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
-    """``out[t] = sum_j weights[t, j] * y[row_map[t, j]]`` (dropped slots, ``row_map < 0``, add 0).
+    """``out[t] = sum_j weights[t, j] * y[row_map[t, j]]``; dropped slots (``row_map < 0``) add
+    exactly zero (also when the row they would read, or their weight, is NaN).
 
-    Accumulates in float32, returns ``y``'s dtype.
+    Accumulates in float32 (float64 for float64 ``y``), returns ``y``'s dtype. Differentiable in
+    ``y`` and ``weights``.
     """
-    T, k = row_map.shape
-    kept = row_map >= 0
-    rows = y.float()[row_map.clamp_min(0)]  # [T, k, d]
-    w = (weights.float() * kept).unsqueeze(-1)
-    return (w * rows).sum(1).to(y.dtype)
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    kept = (row_map >= 0).unsqueeze(-1)
+    if y.shape[0] == 0:  # every slot dropped
+        y = y.new_zeros(1, y.shape[1])
+    rows = y[row_map.clamp_min(0)].to(acc)  # [T, k, d]
+    terms = torch.where(kept, weights.to(acc).unsqueeze(-1) * rows, torch.zeros((), dtype=acc, device=y.device))
+    return terms.sum(1).to(y.dtype)
