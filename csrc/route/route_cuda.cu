@@ -46,7 +46,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // registers with two.
 template <int R>
 struct ForwardMinBlocks {
-  static constexpr int value = (R == 0 || R >= 32) ? 2 : 4;
+  static constexpr int value = (R == 0 || R >= 16) ? 2 : 4;
 };
 template <int R>
 struct BackwardMinBlocks {
@@ -71,13 +71,28 @@ struct VecWidth {
   static constexpr int value = static_cast<int>(16 / sizeof(T));
 };
 
-// out[j] = float(p[j]) for one 16-byte aligned vector.
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* p, float (&out)[VecWidth<T>::value]) {
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-  const T* e = reinterpret_cast<const T*>(&raw);
+// Elements per x load in the projection: 16 bytes, except 8 bytes (4 elements) for 16-bit x with
+// 8+ ranks, where 8 elements times R rows of FMAs per step would exceed the register budget.
+template <int RC, typename T>
+struct ProjectWidth {
+  static constexpr int value = (sizeof(T) == 2 && RC >= 8) ? 4 : VecWidth<T>::value;
+};
+
+// out[j] = float(p[j]) for one aligned vector of N elements (16 or 8 bytes).
+template <int N, typename T>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[N]) {
+  static_assert(N * sizeof(T) == 16 || N * sizeof(T) == 8, "16- or 8-byte vectors");
+  if constexpr (N * sizeof(T) == 16) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-  for (int j = 0; j < VecWidth<T>::value; ++j) out[j] = to_float(e[j]);
+    for (int j = 0; j < N; ++j) out[j] = to_float(e[j]);
+  } else {
+    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = to_float(e[j]);
+  }
 }
 
 // p[j] = T(v[j]) for one 16-byte aligned vector.
@@ -121,21 +136,24 @@ __device__ __forceinline__ void warp_best(float& key, int& index) {
   }
 }
 
+// An index read from memory, kept inside [0, n) so that a corrupt value cannot address outside.
+__device__ __forceinline__ int64_t clamp_index(int64_t i, int n) { return i < 0 ? 0 : (i >= n ? n - 1 : i); }
+
 // Copies n floats to shared memory with the whole block (the caller synchronizes).
 __device__ __forceinline__ void stage_to_smem(const float* src, float* dst, int64_t n) {
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = __ldg(src + i);
 }
 
 // This lane's share of one x row: acc[j] += <rows[j], x>, sumsq += <x, x>. rows is [RC, d] with
-// row stride d; vec: x row and rows are 16-byte aligned and d is a multiple of the vector width.
+// row stride d; vec: x row and rows are 16-byte aligned and d * sizeof(T) is a multiple of 16.
 template <int RC, typename T>
 __device__ __forceinline__ void project_lane(const T* xrow, const float* rows, int64_t d, bool vec,
                                              int lane, float (&acc)[RC], float& sumsq) {
   if (vec) {
-    constexpr int V = VecWidth<T>::value;
+    constexpr int V = ProjectWidth<RC, T>::value;
     for (int64_t v = lane; v < d / V; v += kWarp) {
       float xv[V];
-      load_vec(xrow + v * V, xv);
+      load_vec<V>(xrow + v * V, xv);
 #pragma unroll
       for (int j = 0; j < V; ++j) sumsq += xv[j] * xv[j];
 #pragma unroll
@@ -484,10 +502,11 @@ __global__ void __launch_bounds__(kThreads, BackwardMinBlocks<R>::value)
       const int64_t* idx = p.indices + t * K;
       float selected_sum = 0.f, grad_dot_weights = 0.f;
       if (p.normalize) {
-        for (int j = 0; j < K; ++j) selected_sum += probs[idx[j]];
-        for (int j = 0; j < K; ++j) grad_dot_weights += gw[j] * probs[idx[j]] / selected_sum;
+        for (int j = 0; j < K; ++j) selected_sum += probs[clamp_index(idx[j], E)];
+        for (int j = 0; j < K; ++j) grad_dot_weights += gw[j] * probs[clamp_index(idx[j], E)] / selected_sum;
       }
       for (int j = 0; j < K; ++j) {
+        if (idx[j] < 0 || idx[j] >= E) continue;  // not from route_forward: never write outside
         grad_probs[idx[j]] += selected_prob_grad(gw[j], grad_dot_weights, selected_sum, p.normalize);
       }
     }
@@ -562,7 +581,7 @@ __global__ void __launch_bounds__(kThreads, BackwardMinBlocks<R>::value)
       constexpr int V = VecWidth<T>::value;
       for (int64_t v = lane; v < d / V; v += kWarp) {
         float xv[V], out[V];
-        load_vec(xrow + v * V, xv);
+        load_vec<V>(xrow + v * V, xv);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           out[j] = hat_grad<R>(proj_w, d, v * V + j, gq, rp);
@@ -583,7 +602,7 @@ __global__ void __launch_bounds__(kThreads, BackwardMinBlocks<R>::value)
         constexpr int V = VecWidth<T>::value;
         for (int64_t v = lane; v < d / V; v += kWarp) {
           float xv[V], out[V];
-          load_vec(xrow + v * V, xv);
+          load_vec<V>(xrow + v * V, xv);
 #pragma unroll
           for (int j = 0; j < V; ++j) {
             const float gh = hat_grad<R>(proj_w, d, v * V + j, gq, rp);
