@@ -153,6 +153,11 @@ CONFIGS = {
                                       normalize=True, dtype=torch.float16),
     "r2_H4_E64_bf16": dict(T=33, d=128, r=2, H=4, E=64, k=8, bias=True, g=True, dtype=torch.bfloat16),
     "r16_E40_nonorm_g_unused": dict(T=5, d=64, r=16, H=1, E=40, k=4, norm=None, g=True),
+    # proj (512 KiB), anchors (256 KiB) and the backward's anchor accumulators exceed shared
+    # memory: every one is read from / accumulated in global memory instead.
+    "global_fallback_r32_H32": dict(T=5, d=4096, r=32, H=32, E=64, k=4, beta=0.5, g=True),
+    # proj (64 KiB) staged in more than the default 48 KiB of shared memory (opt-in attribute).
+    "smem_over_48k_r16_d1024": dict(T=5, d=1024, r=16, H=2, E=8, k=2, g=True, score="sigmoid"),
     "scalar_d30_f32": dict(T=33, d=30, r=2, H=4, E=40, k=40, beta=1.0, g=True, score="sigmoid"),
     "scalar_d36_bf16": dict(T=5, d=36, r=8, H=1, E=8, k=2, beta=0.5, normalize=True,
                             dtype=torch.bfloat16, tau=2.0),
@@ -250,3 +255,12 @@ def test_bitwise_deterministic_across_orders(lib):
     for a, b in zip(*runs):
         assert torch.equal(a.reshape(-1).view(torch.uint8) if a.is_floating_point() else a,
                            b.reshape(-1).view(torch.uint8) if b.is_floating_point() else b)
+
+
+def test_too_many_experts_for_shared_memory_is_an_error(lib):
+    # 3 E floats of per-warp scratch times 4 warps cannot fit 227 KiB: the launcher refuses
+    # (cudaErrorInvalidValue = 1) before launching anything.
+    cfg = dict(T=2, d=64, r=2, H=1, E=20000, k=1)
+    x, proj, anchors, scale, _, _ = make_inputs(cfg, 0)
+    with pytest.raises(AssertionError, match="cudaError 1"):
+        run_forward(lib, cfg, x, proj, anchors, scale, None, None, seed=0)

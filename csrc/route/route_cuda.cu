@@ -40,18 +40,15 @@ constexpr int kMinColumnChunk = 64;
 constexpr int kGenericChunk = 8;  // rank chunk of the generic (r > 32) kernels
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Minimum resident blocks per SM for __launch_bounds__. Stating it matters: with a thread bound
-// alone ptxas picks a register budget by its own occupancy heuristic and spills to reach it. Four
-// blocks (a 128-register budget) fit the small ranks; large ranks keep all their accumulators in
-// registers with two.
-template <int R>
-struct ForwardMinBlocks {
-  static constexpr int value = (R == 0 || R >= 16) ? 2 : 4;
-};
-template <int R>
-struct BackwardMinBlocks {
-  static constexpr int value = (R == 0 || R >= 16) ? 2 : 4;
-};
+// Minimum resident blocks per SM for __launch_bounds__ (R: the template rank, 0 = generic).
+// Stating it matters: with a thread bound alone ptxas picks a register budget by its own occupancy
+// heuristic and spills to reach it. Four blocks (a 128-register budget) fit the small ranks; large
+// ranks keep all their accumulators in registers with two. The launchers also keep the optional
+// shared-memory arrays within 1 / min-blocks of the SM's shared memory, so that shared memory
+// does not cut occupancy below what the registers allow.
+constexpr int forward_min_blocks(int R) { return (R == 0 || R >= 16) ? 2 : 4; }
+constexpr int backward_min_blocks(int R) { return (R == 0 || R >= 16) ? 2 : 4; }
+constexpr int template_rank(int rp) { return rp > 32 ? 0 : rp; }
 
 // =============================================================================================
 // Device helpers
@@ -255,7 +252,7 @@ struct ForwardParams {
 };
 
 template <int R, typename T>
-__global__ void __launch_bounds__(kThreads, ForwardMinBlocks<R>::value)
+__global__ void __launch_bounds__(kThreads, forward_min_blocks(R))
     route_forward_kernel(const ForwardParams p) {
   extern __shared__ float4 smem_vec[];
   float* smem = reinterpret_cast<float*>(smem_vec);
@@ -437,7 +434,7 @@ struct BackwardParams {
 // Per token: dL/dq (saved for the column kernel), dL/dx, and this warp's shares of the anchor
 // accumulators and of dL/dscale.
 template <int R, typename T>
-__global__ void __launch_bounds__(kThreads, BackwardMinBlocks<R>::value)
+__global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
     route_backward_token_kernel(const BackwardParams p) {
   extern __shared__ float4 smem_vec[];
   float* smem = reinterpret_cast<float*>(smem_vec);
@@ -757,27 +754,39 @@ BackwardWorkspace backward_workspace(const RouteCudaShape& s) {
   return w;
 }
 
-cudaError_t max_dynamic_smem(int64_t* bytes) {
-  int device = 0, value = 0;
+// The most dynamic shared memory one block may use, and the SM's total.
+cudaError_t smem_limits(int64_t* per_block, int64_t* per_sm) {
+  int device = 0, block = 0, sm = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  err = cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return err;
-  *bytes = value;
+  err = cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  if (err != cudaSuccess) return err;
+  *per_block = block;
+  *per_sm = sm;
   return cudaSuccess;
 }
 
+// Optional shared memory per block: what leaves room for min_blocks blocks per SM (1 KiB of each
+// block's share is reserved by the hardware).
+int64_t smem_budget(int64_t per_block, int64_t per_sm, int min_blocks) {
+  const int64_t share = per_sm / min_blocks - 1024;
+  return share < per_block ? share : per_block;
+}
+
 // Places the optional shared-memory arrays after the mandatory per-warp scratch, in priority
-// order, while they fit. Returns the total bytes, or -1 when the scratch alone does not fit.
-int64_t place_smem(int64_t limit_bytes, int64_t warp_floats, int64_t* warp_off,
-                   std::initializer_list<std::pair<int64_t, int64_t*>> optional) {
+// order, while the total stays within budget_bytes. Returns the total bytes, or -1 when the
+// scratch alone exceeds limit_bytes.
+int64_t place_smem(int64_t limit_bytes, int64_t budget_bytes, int64_t warp_floats,
+                   int64_t* warp_off, std::initializer_list<std::pair<int64_t, int64_t*>> optional) {
   int64_t used = 0;
   *warp_off = 0;
   used = align4(warp_floats) * kWarpsPerBlock;
   if (used * 4 > limit_bytes) return -1;
   for (const auto& item : optional) {
     const int64_t n = align4(item.first);
-    if ((used + n) * 4 <= limit_bytes) {
+    if ((used + n) * 4 <= budget_bytes) {
       *item.second = used;
       used += n;
     } else {
@@ -928,10 +937,11 @@ cudaError_t launch_route_forward(const void* x, XType x_type, const float* proj,
   p.vec = rows_aligned(x, shape.d, x_type);
   p.warp_stride = align4(3LL * shape.experts + shape.top_k + rp);
 
-  int64_t limit = 0;
-  cudaError_t err = max_dynamic_smem(&limit);
+  int64_t limit = 0, per_sm = 0;
+  cudaError_t err = smem_limits(&limit, &per_sm);
   if (err != cudaSuccess) return err;
-  const int64_t smem = place_smem(limit, p.warp_stride, &p.warp_smem,
+  const int64_t budget = smem_budget(limit, per_sm, forward_min_blocks(template_rank(rp)));
+  const int64_t smem = place_smem(limit, budget, p.warp_stride, &p.warp_smem,
                                   {{num_anchor_rows * rp, &p.anchor_smem}, {rp * shape.d, &p.proj_smem}});
   if (smem < 0) return cudaErrorInvalidValue;
 
@@ -1002,11 +1012,12 @@ cudaError_t launch_route_backward(const float* grad_weights, const float* grad_m
   const bool generic = rp > 32;
   p.warp_stride = align4(3LL * shape.experts + 3LL * rp + (generic ? kWarp * rp : 0));
 
-  int64_t limit = 0;
-  cudaError_t err = max_dynamic_smem(&limit);
+  int64_t limit = 0, per_sm = 0;
+  cudaError_t err = smem_limits(&limit, &per_sm);
   if (err != cudaSuccess) return err;
+  const int64_t budget = smem_budget(limit, per_sm, backward_min_blocks(template_rank(rp)));
   const int64_t acc_size = num_anchor_rows * rp;
-  const int64_t smem = place_smem(limit, p.warp_stride, &p.warp_smem,
+  const int64_t smem = place_smem(limit, budget, p.warp_stride, &p.warp_smem,
                                   {{acc_size * kWarpsPerBlock, &p.acc_smem},
                                    {acc_size, &p.anchor_smem},
                                    {rp * shape.d, &p.proj_smem}});
