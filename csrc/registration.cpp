@@ -1,5 +1,5 @@
 // Every op of the l2r_cuda library, declared once. Kernels register per backend in their own
-// files (route_cpu.cpp, route_cuda.cpp, ...); fake (meta) kernels and autograd live in Python.
+// files (route_cpu.cpp, route_ops_cuda.cpp, ...); fake (meta) kernels and autograd live in Python.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -184,6 +184,15 @@ L2R_HD bool ranks_before(acc_t key_a, int index_a, acc_t key_b, int index_b) {
   return index_a < index_b;
 }
 
+// ranks_before for arg-max reductions with empty slots (index < 0: no candidate), e.g. a GPU lane
+// that owns no remaining expert. An empty slot ranks after every candidate.
+template <typename acc_t>
+L2R_HD bool candidate_before(acc_t key_a, int index_a, acc_t key_b, int index_b) {
+  if (index_a < 0) return false;
+  if (index_b < 0) return true;
+  return ranks_before(key_a, index_a, key_b, index_b);
+}
+
 // Offers (key, index) to a descending list of `count` entries with room for `k`; returns the new
 // count. O(k) per offer: k is small (<= 32 in every model we know).
 template <typename acc_t>
