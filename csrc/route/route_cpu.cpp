@@ -7,6 +7,10 @@
 
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "../common/cpu_project.h"
 #include "../common/cpu_vec.h"
 #include "route_checks.h"
@@ -39,6 +43,22 @@ void reduce_partials(const acc_t* partials, int64_t count, int64_t n, acc_t* out
       out[i] = s;
     }
   });
+}
+
+// grad_x is as large as x and written once: asks for transparent huge pages before the first touch
+// (the kernel otherwise faults it in 4 KiB at a time, a sizable share of the backward). Only the
+// 2 MiB-aligned interior; a hint, so failures are ignored.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
 }
 
 // Router parameters in the accumulation type, prepared once per call.
@@ -143,12 +163,6 @@ std::vector<float> transposed_anchors(const RouterParams<float>& p, int64_t E, i
   return at;
 }
 
-std::vector<float> padded8(const float* v, int64_t n) {
-  std::vector<float> out(round_up8(n), 0.0f);
-  if (v) std::copy(v, v + n, out.begin());
-  return out;
-}
-
 int64_t padded_stride(int64_t d) {
   const int64_t s = round_up8(d);
   return s % 1024 == 0 ? s + 16 : s;
@@ -160,15 +174,26 @@ std::vector<float> padded_rows(const float* src, int64_t rows, int64_t d, int64_
   return out;
 }
 
+std::vector<float> padded8(const float* v, int64_t n) {
+  std::vector<float> out(round_up8(n), 0.0f);
+  if (v) std::copy(v, v + n, out.begin());
+  return out;
+}
+
 // Carves the per-thread scratch of one token loop out of one allocation.
 struct ScratchArena {
   std::vector<float> storage;
+  float* base;
   size_t used = 0;
-  explicit ScratchArena(size_t n) : storage(n + 64, 0.0f) {}
+  explicit ScratchArena(size_t n) : storage(n + 64 + 8, 0.0f) {
+    // 32-byte aligned: parts of the scratch hold __m256
+    const uintptr_t p = reinterpret_cast<uintptr_t>(storage.data());
+    base = reinterpret_cast<float*>((p + 31) & ~uintptr_t(31));
+  }
   float* take(size_t n) {
-    float* p = storage.data() + used;
+    float* p = base + used;
     used += (n + 7) & ~size_t(7);
-    TORCH_INTERNAL_ASSERT(used <= storage.size());
+    TORCH_INTERNAL_ASSERT(used + 8 <= storage.size());
     return p;
   }
 };
@@ -206,7 +231,11 @@ void route_forward_avx2(const at::Tensor& x, const RouterParams<float>& p, const
   A.beta = beta;
   A.tau = tau;
   A.scale = p.scale;
-  A.proj_weighted = p.proj_weighted.data_ptr<float>();
+  const int64_t stride = padded_stride(d);
+  const std::vector<float> pw_padded = padded_rows(p.proj_weighted.data_ptr<float>(), R, d, stride);
+  A.proj_weighted = pw_padded.data();
+  A.proj_stride = stride;
+  A.proj_weighted_dense = p.proj_weighted.data_ptr<float>();
   A.bias = bias ? bias8.data() : nullptr;
   A.anchors = avx2::AnchorLayout{static_cast<int>(E), static_cast<int>(E8), static_cast<int>(H),
                                  static_cast<int>(R), at.data()};
@@ -216,9 +245,11 @@ void route_forward_avx2(const at::Tensor& x, const RouterParams<float>& p, const
   const scalar_t* xp = x.data_ptr<scalar_t>();
 
   at::parallel_for(0, chunks.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    ScratchArena arena(d + E8 + 2 * top_k + 6 * E8 + 2 * H * E8 + 64);
+    ScratchArena arena(8 * stride + 8 * 9 * 8 + E8 + 2 * top_k + 6 * E8 + 2 * H * E8 + 128);
     avx2::ForwardScratch W;
-    W.row = arena.take(d);
+    W.rows = std::is_same_v<scalar_t, float> ? nullptr : arena.take(8 * stride);
+    W.row_stride = stride;
+    W.acc = reinterpret_cast<__m256*>(arena.take(8 * 9 * 8));
     W.keys = arena.take(E8);
     W.top_keys = arena.take(top_k);
     W.top_idx = reinterpret_cast<int*>(arena.take(top_k));
@@ -410,16 +441,17 @@ void route_backward_avx2(const float* grad_weights, const float* grad_mean_probs
   const scalar_t* xp = x.data_ptr<scalar_t>();
 
   at::parallel_for(0, chunks.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    ScratchArena arena(2 * d + 8 * stride + 2 * E8 + 18 * R + 6 * E8 + 2 * H * E8 + 128);
+    ScratchArena arena(16 * stride + 8 * avx2::kProjBlock + 2 * E8 + 18 * R + 6 * E8 +
+                       2 * H * E8 + 128);
     avx2::BackwardScratch W;
-    W.row = arena.take(d);
-    W.buffer = arena.take(d);
+    W.rows = std::is_same_v<scalar_t, float> ? nullptr : arena.take(8 * stride);
+    W.buffer = arena.take(8 * stride);
     W.grad_probs = arena.take(E8);
     W.dl = arena.take(E8);
     W.lanes = arena.take(R * 8);
     W.ds_anchor_hat = arena.take(R);
     W.grad_q = arena.take(8 * R);
-    W.x_norm = arena.take(8 * stride);
+    W.x_norm = arena.take(8 * avx2::kProjBlock);
     W.xn_stride = stride;
     W.scores = take_token_scores(arena, H, E8);
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
@@ -585,6 +617,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_bac
               "] and rstd [T], got ", q_in.sizes(), " and ", rstd_in.sizes());
 
   at::Tensor grad_x = at::empty_like(x_in, at::MemoryFormat::Contiguous);
+  advise_huge_pages(grad_x.data_ptr(), grad_x.nbytes());
   at::Tensor grad_proj, grad_anchors, grad_scale, grad_norm_weight;
   const bool has_norm_weight = use_norm && norm_weight.has_value();
 

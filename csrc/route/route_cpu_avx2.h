@@ -278,29 +278,34 @@ L2R_AVX2_FN float scores_backward(const float* q, const AnchorLayout& L, float q
   return hsum(dsu);
 }
 
-// ------------------------------------------------------------------------------------------------
-// Backward of one token through q = W x~ and RMSNorm:
-//   grad_x_norm = W^T grad_q, grad_norm_weight += grad_x_norm * x_hat, grad_x = rms_norm_input_grad
-// and x~ itself (x_norm_out) for the blocked grad_proj update below. W rows are w_stride apart.
-// buffer: [d] scratch.
-// ------------------------------------------------------------------------------------------------
+// Hints the lines of n floats from p into the cache (x rows stream from memory in short runs,
+// which the hardware prefetcher alone follows late).
+L2R_AVX2_FN void prefetch_floats(const float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+}
 
-template <typename scalar_t>
-L2R_AVX2_FN void projection_backward(const float* xt, const float* W, int64_t w_stride,
-                                     const float* g, int64_t d, int rank, bool use_norm, float rstd,
-                                     const float* grad_q, float* x_norm_out,
-                                     float* grad_norm_weight, float* buffer, scalar_t* gx) {
-  const int64_t dv = d & ~int64_t(7);
-  const __m256 vr = _mm256_set1_ps(rstd);
-  __m256 md = _mm256_setzero_ps();
-  for (int64_t i = 0; i < dv; i += 8) {
+// One token, one block [b0, b1) of d: x~ out, grad_x_norm (W^T grad_q), grad_norm_weight, and the
+// running mean_dot lanes. ROWS = rank when known at compile time (0: any rank).
+template <int ROWS, typename scalar_t>
+L2R_AVX2_FN __m256 backward_block(const float* xt, const float* W, int64_t w_stride, const float* g,
+                                  bool use_norm, __m256 vr, const float* gq, int rank, int64_t b0,
+                                  int64_t b1, float* xnj, float* buf, float* grad_norm_weight,
+                                  scalar_t* gx, __m256 mdj) {
+  constexpr int kMax = ROWS > 0 ? ROWS : 1;
+  __m256 c[kMax];
+  for (int k = 0; k < kMax; ++k) c[k] = _mm256_set1_ps(gq[k]);
+  for (int64_t i = b0; i < b1; i += 8) {
     const __m256 xv = _mm256_loadu_ps(xt + i);
     const __m256 xhat = use_norm ? _mm256_mul_ps(xv, vr) : xv;
     const __m256 gv = g ? _mm256_loadu_ps(g + i) : _mm256_set1_ps(1.0f);
-    _mm256_storeu_ps(x_norm_out + i, g ? _mm256_mul_ps(xhat, gv) : xhat);
-    __m256 gxn = _mm256_mul_ps(_mm256_set1_ps(grad_q[0]), _mm256_loadu_ps(W + i));
-    for (int k = 1; k < rank; ++k) {
-      gxn = _mm256_fmadd_ps(_mm256_set1_ps(grad_q[k]), _mm256_loadu_ps(W + k * w_stride + i), gxn);
+    _mm256_storeu_ps(xnj + i, g ? _mm256_mul_ps(xhat, gv) : xhat);
+    __m256 gxn = _mm256_mul_ps(c[0], _mm256_loadu_ps(W + i));
+    if constexpr (ROWS > 0) {
+      for (int k = 1; k < ROWS; ++k) gxn = _mm256_fmadd_ps(c[k], _mm256_loadu_ps(W + k * w_stride + i), gxn);
+    } else {
+      for (int k = 1; k < rank; ++k) {
+        gxn = _mm256_fmadd_ps(_mm256_set1_ps(gq[k]), _mm256_loadu_ps(W + k * w_stride + i), gxn);
+      }
     }
     if (!use_norm) {
       store8(gx + i, gxn);
@@ -311,67 +316,165 @@ L2R_AVX2_FN void projection_backward(const float* xt, const float* W, int64_t w_
                        _mm256_fmadd_ps(gxn, xhat, _mm256_loadu_ps(grad_norm_weight + i)));
       gxn = _mm256_mul_ps(gxn, gv);  // now dL/dx_hat
     }
-    md = _mm256_fmadd_ps(gxn, xhat, md);
-    _mm256_storeu_ps(buffer + i, gxn);
+    mdj = _mm256_fmadd_ps(gxn, xhat, mdj);
+    _mm256_storeu_ps(buf + i, gxn);
   }
-  float mean_dot = use_norm ? hsum(md) : 0.0f;
-  for (int64_t i = dv; i < d; ++i) {  // tail, same formulas
-    const float xhat = use_norm ? xt[i] * rstd : xt[i];
-    x_norm_out[i] = g ? xhat * g[i] : xhat;
-    float gxn = grad_q[0] * W[i];
-    for (int k = 1; k < rank; ++k) gxn = poly_fma(grad_q[k], W[k * w_stride + i], gxn);
-    if (!use_norm) {
-      gx[i] = static_cast<scalar_t>(gxn);
-      continue;
+  return mdj;
+}
+
+// Backward through q = W x~ and RMSNorm for a group of `count` <= 8 tokens, d in blocks so that the
+// block of W (and of x~) stays in L1 while every token of the group uses it:
+//   grad_x_norm = W^T grad_q, grad_norm_weight += grad_x_norm * x_hat (token order),
+//   grad_proj += grad_q x~^T (token order), grad_x = rms_norm_input_grad(...).
+// xs[j]: float rows; grad_q: [count][rank]; buffer: [count][stride]; xn: [count][kProjBlock].
+constexpr int64_t kProjBlock = 256;
+
+template <typename scalar_t>
+L2R_AVX2_FN void projection_backward_group(const float* const* xs, const float* W, int64_t w_stride,
+                                           const float* g, int64_t d, int rank, bool use_norm,
+                                           const float* rstd, const float* grad_q, int count,
+                                           float* grad_proj, float* grad_norm_weight,
+                                           float* buffer, int64_t stride, float* xn,
+                                           scalar_t* const* gx) {
+  const int64_t dv = d & ~int64_t(7);
+  __m256 md[8];
+  for (int j = 0; j < 8; ++j) md[j] = _mm256_setzero_ps();
+  for (int64_t b0 = 0; b0 < dv; b0 += kProjBlock) {
+    const int64_t b1 = b0 + kProjBlock < dv ? b0 + kProjBlock : dv;
+    for (int j = 0; j < count; ++j) {
+      const float* xt = xs[j];
+      const float* gq = grad_q + j * rank;
+      const __m256 vr = _mm256_set1_ps(rstd[j]);
+      float* xnj = xn + j * kProjBlock - b0;
+      float* buf = buffer + j * stride;
+      prefetch_floats(xt + b1, b1 + kProjBlock < d ? kProjBlock : d - b1);
+      __m256 mdj = md[j];
+      switch (rank) {
+#define L2R_BWD_BLOCK(R_) \
+  mdj = backward_block<R_, scalar_t>(xt, W, w_stride, g, use_norm, vr, gq, rank, b0, b1, xnj, buf, \
+                                     grad_norm_weight, gx[j], mdj)
+        case 1: L2R_BWD_BLOCK(1); break;
+        case 2: L2R_BWD_BLOCK(2); break;
+        case 3: L2R_BWD_BLOCK(3); break;
+        case 4: L2R_BWD_BLOCK(4); break;
+        case 8: L2R_BWD_BLOCK(8); break;
+        default: L2R_BWD_BLOCK(0); break;
+#undef L2R_BWD_BLOCK
+      }
+      md[j] = mdj;
     }
-    if (g) {
-      grad_norm_weight[i] = poly_fma(gxn, xhat, grad_norm_weight[i]);
-      gxn *= g[i];
+    for (int k = 0; k < rank; ++k) {
+      float* gp = grad_proj + k * d;
+      __m256 c[8];
+      for (int j = 0; j < 8; ++j) c[j] = _mm256_set1_ps(j < count ? grad_q[j * rank + k] : 0.0f);
+      for (int64_t i = b0; i < b1; i += 8) {
+        __m256 acc = _mm256_loadu_ps(gp + i);
+        for (int j = 0; j < count; ++j) {
+          acc = _mm256_fmadd_ps(c[j], _mm256_loadu_ps(xn + j * kProjBlock + (i - b0)), acc);
+        }
+        _mm256_storeu_ps(gp + i, acc);
+      }
     }
-    mean_dot = poly_fma(gxn, xhat, mean_dot);
-    buffer[i] = gxn;
   }
-  if (!use_norm) return;
-  mean_dot /= static_cast<float>(d);
-  const __m256 vmd = _mm256_set1_ps(mean_dot);
-  for (int64_t i = 0; i < dv; i += 8) {
-    const __m256 xhat = _mm256_mul_ps(_mm256_loadu_ps(xt + i), vr);
-    // rms_norm_input_grad: rstd * (gx_hat - x_hat * mean_dot)
-    const __m256 v = _mm256_mul_ps(vr, _mm256_sub_ps(_mm256_loadu_ps(buffer + i), _mm256_mul_ps(xhat, vmd)));
-    store8(gx + i, v);
-  }
-  for (int64_t i = dv; i < d; ++i) {
-    gx[i] = static_cast<scalar_t>(rms_norm_input_grad(buffer[i], xt[i] * rstd, rstd, mean_dot));
+  for (int j = 0; j < count; ++j) {
+    const float* xt = xs[j];
+    const float* gq = grad_q + j * rank;
+    const float r = rstd[j];
+    float* buf = buffer + j * stride;
+    float mean_dot = use_norm ? hsum(md[j]) : 0.0f;
+    for (int64_t i = dv; i < d; ++i) {  // tail, same formulas
+      const float xhat = use_norm ? xt[i] * r : xt[i];
+      const float xn_i = g ? xhat * g[i] : xhat;
+      for (int k = 0; k < rank; ++k) grad_proj[k * d + i] = poly_fma(gq[k], xn_i, grad_proj[k * d + i]);
+      float gxn = gq[0] * W[i];
+      for (int k = 1; k < rank; ++k) gxn = poly_fma(gq[k], W[k * w_stride + i], gxn);
+      if (!use_norm) {
+        gx[j][i] = static_cast<scalar_t>(gxn);
+        continue;
+      }
+      if (g) {
+        grad_norm_weight[i] = poly_fma(gxn, xhat, grad_norm_weight[i]);
+        gxn *= g[i];
+      }
+      mean_dot = poly_fma(gxn, xhat, mean_dot);
+      buf[i] = gxn;
+    }
+    if (!use_norm) continue;
+    mean_dot /= static_cast<float>(d);
+    const __m256 vr = _mm256_set1_ps(r), vmd = _mm256_set1_ps(mean_dot);
+    for (int64_t i = 0; i < dv; i += 8) {
+      const __m256 xhat = _mm256_mul_ps(_mm256_loadu_ps(xt + i), vr);
+      // rms_norm_input_grad: rstd * (gx_hat - x_hat * mean_dot)
+      const __m256 v = _mm256_mul_ps(vr, _mm256_sub_ps(_mm256_loadu_ps(buf + i), _mm256_mul_ps(xhat, vmd)));
+      store8(gx[j] + i, v);
+    }
+    for (int64_t i = dv; i < d; ++i) {
+      gx[j][i] = static_cast<scalar_t>(rms_norm_input_grad(buf[i], xt[i] * r, r, mean_dot));
+    }
   }
 }
 
-// grad_proj[k] += sum_j grad_q[j][k] * x_norm[j] over a group of `count` <= 8 tokens, in token
-// order: one pass over grad_proj per group instead of one per token.
-L2R_AVX2_FN void grad_proj_update(float* grad_proj, const float* x_norm, int64_t xn_stride,
-                                  const float* grad_q, int count, int rank, int64_t d) {
+// ------------------------------------------------------------------------------------------------
+// Forward projection of a group of tokens, d in blocks so that the block of W stays in L1 while
+// every token of the group uses it. Each lane still sums its positions in increasing order, so
+// the result is bitwise that of cpu::project_avx2 token by token.
+// ------------------------------------------------------------------------------------------------
+
+template <int ROWS>
+L2R_AVX2_FN void project_block(const float* x, const float* W, int64_t w_stride, int64_t b0,
+                               int64_t b1, __m256* acc, bool with_squares) {
+  __m256 a[ROWS];
+  for (int j = 0; j < ROWS; ++j) a[j] = acc[j];
+  __m256 sq = acc[ROWS];
+  for (int64_t i = b0; i < b1; i += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + i);
+    if (with_squares) sq = _mm256_fmadd_ps(xv, xv, sq);
+    for (int j = 0; j < ROWS; ++j) a[j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(W + j * w_stride + i), a[j]);
+  }
+  for (int j = 0; j < ROWS; ++j) acc[j] = a[j];
+  acc[ROWS] = sq;
+}
+
+template <int ROWS>
+L2R_AVX2_FN void project_group_rows(const float* const* xs, int count, const float* W,
+                                    int64_t w_stride, int64_t d, float* q, float* squares,
+                                    __m256* acc /* [8][ROWS + 1] */) {
   const int64_t dv = d & ~int64_t(7);
-  for (int k = 0; k < rank; ++k) {
-    float* gp = grad_proj + k * d;
-    __m256 c[8];
-    for (int j = 0; j < 8; ++j) c[j] = _mm256_set1_ps(j < count ? grad_q[j * rank + k] : 0.0f);
-    if (count == 8) {
-      for (int64_t i = 0; i < dv; i += 8) {
-        __m256 acc = _mm256_loadu_ps(gp + i);
-        for (int j = 0; j < 8; ++j) acc = _mm256_fmadd_ps(c[j], _mm256_loadu_ps(x_norm + j * xn_stride + i), acc);
-        _mm256_storeu_ps(gp + i, acc);
-      }
-    } else {
-      for (int64_t i = 0; i < dv; i += 8) {
-        __m256 acc = _mm256_loadu_ps(gp + i);
-        for (int j = 0; j < count; ++j) acc = _mm256_fmadd_ps(c[j], _mm256_loadu_ps(x_norm + j * xn_stride + i), acc);
-        _mm256_storeu_ps(gp + i, acc);
-      }
+  for (int j = 0; j < count * (ROWS + 1); ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t b0 = 0; b0 < dv; b0 += 512) {
+    const int64_t b1 = b0 + 512 < dv ? b0 + 512 : dv;
+    for (int j = 0; j < count; ++j) {
+      prefetch_floats(xs[j] + b1, b1 + 512 < d ? 512 : d - b1);
+      project_block<ROWS>(xs[j], W, w_stride, b0, b1, acc + j * (ROWS + 1), squares != nullptr);
     }
-    for (int64_t i = dv; i < d; ++i) {
-      float acc = gp[i];
-      for (int j = 0; j < count; ++j) acc = poly_fma(grad_q[j * rank + k], x_norm[j * xn_stride + i], acc);
-      gp[i] = acc;
+  }
+  for (int j = 0; j < count; ++j) {
+    const float* x = xs[j];
+    for (int r = 0; r < ROWS; ++r) {
+      float s = hsum(acc[j * (ROWS + 1) + r]);
+      for (int64_t i = dv; i < d; ++i) s += W[r * w_stride + i] * x[i];
+      q[j * ROWS + r] = s;
     }
+    if (squares) {
+      float s = hsum(acc[j * (ROWS + 1) + ROWS]);
+      for (int64_t i = dv; i < d; ++i) s += x[i] * x[i];
+      squares[j] = s;
+    }
+  }
+}
+
+// q[j] = W x_j (rank <= 8; W rows w_stride apart), squares[j] = <x_j, x_j> when squares != null.
+L2R_AVX2_FN void project_group(const float* const* xs, int count, const float* W, int64_t w_stride,
+                               int64_t d, int rank, float* q, float* squares, __m256* acc) {
+  switch (rank) {
+    case 1: return project_group_rows<1>(xs, count, W, w_stride, d, q, squares, acc);
+    case 2: return project_group_rows<2>(xs, count, W, w_stride, d, q, squares, acc);
+    case 3: return project_group_rows<3>(xs, count, W, w_stride, d, q, squares, acc);
+    case 4: return project_group_rows<4>(xs, count, W, w_stride, d, q, squares, acc);
+    case 5: return project_group_rows<5>(xs, count, W, w_stride, d, q, squares, acc);
+    case 6: return project_group_rows<6>(xs, count, W, w_stride, d, q, squares, acc);
+    case 7: return project_group_rows<7>(xs, count, W, w_stride, d, q, squares, acc);
+    default: return project_group_rows<8>(xs, count, W, w_stride, d, q, squares, acc);
   }
 }
 
@@ -384,13 +487,17 @@ struct ForwardArgs {
   int rank, top_k;
   bool use_norm, sigmoid, normalize;
   float eps_norm, eps, beta, tau, scale;
-  const float* proj_weighted;  // [r, d]
+  const float* proj_weighted;  // [r, proj_stride]
+  int64_t proj_stride;
+  const float* proj_weighted_dense;  // [r, d]
   const float* bias;           // [E8] zero padded, or null
   AnchorLayout anchors;
 };
 
 struct ForwardScratch {
-  float* row;  // [d]
+  float* rows;  // [8][row_stride]: a group of x rows as float (bf16 / fp16 x)
+  int64_t row_stride;
+  __m256* acc;  // [8][9]
   float* keys;  // [E8]
   float* top_keys;  // [k]
   int* top_idx;  // [k]
@@ -425,33 +532,48 @@ L2R_AVX2_FN void forward_tokens(const scalar_t* x, int64_t t_begin, int64_t t_en
                                 float* q_out, float* rstd_out) {
   const int R = A.rank, k = A.top_k, E = A.anchors.experts, E8 = A.anchors.experts8;
   const TokenScores& S = W.scores;
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const float* xt = load_row(x + t * A.d, A.d, W.row);
-    float* q = q_out + t * R;
-    float sum_squares = 0.0f;
-    cpu::project_avx2(xt, A.proj_weighted, A.d, R, q, A.use_norm ? &sum_squares : nullptr);
-    float rstd = 1.0f;
-    if (A.use_norm) {
-      rstd = rms_inv_scale(sum_squares, A.d, A.eps_norm);
-      for (int i = 0; i < R; ++i) q[i] *= rstd;
+  for (int64_t g0 = t_begin; g0 < t_end; g0 += 8) {
+    const int count = static_cast<int>(t_end - g0 < 8 ? t_end - g0 : 8);
+    const float* xs[8];
+    for (int j = 0; j < count; ++j) {
+      xs[j] = load_row(x + (g0 + j) * A.d, A.d, W.rows ? W.rows + j * W.row_stride : nullptr);
     }
-    rstd_out[t] = rstd;
-    const NormCoef<float> qc = sips_norm_coef(math_sqrt(dot(q, q, R)), A.beta, A.eps);
-    const SoftmaxStats<float> st = score_token(q, A.anchors, A.scale * qc.coef, A.tau, A.sigmoid, S);
-    lse[t] = softmax_stats_lse(st);
-    for (int b = 0; b < E8; b += 8) {
-      const __m256 p = _mm256_loadu_ps(S.probs + b);
-      _mm256_storeu_ps(prob_sum + b, _mm256_add_ps(_mm256_loadu_ps(prob_sum + b), p));
-      _mm256_storeu_ps(W.keys + b, A.bias ? _mm256_add_ps(p, _mm256_loadu_ps(A.bias + b)) : p);
+    float squares[8];
+    if (R <= 8) {
+      project_group(xs, count, A.proj_weighted, A.proj_stride, A.d, R, q_out + g0 * R,
+                    A.use_norm ? squares : nullptr, W.acc);
+    } else {
+      for (int j = 0; j < count; ++j) {
+        cpu::project_avx2(xs[j], A.proj_weighted_dense, A.d, R, q_out + (g0 + j) * R,
+                          A.use_norm ? squares + j : nullptr);
+      }
     }
-    select_top_k(W.keys, E, k, W.top_keys, W.top_idx);
-    float selected_sum = 0.0f;
-    for (int j = 0; j < k; ++j) selected_sum += S.probs[W.top_idx[j]];
-    const float norm = A.normalize ? selected_sum : 1.0f;
-    for (int j = 0; j < k; ++j) {
-      weights[t * k + j] = S.probs[W.top_idx[j]] / norm;
-      indices[t * k + j] = W.top_idx[j];
-      counts[W.top_idx[j]] += 1;
+    for (int j = 0; j < count; ++j) {
+      const int64_t t = g0 + j;
+      float* q = q_out + t * R;
+      float rstd = 1.0f;
+      if (A.use_norm) {
+        rstd = rms_inv_scale(squares[j], A.d, A.eps_norm);
+        for (int i = 0; i < R; ++i) q[i] *= rstd;
+      }
+      rstd_out[t] = rstd;
+      const NormCoef<float> qc = sips_norm_coef(math_sqrt(dot(q, q, R)), A.beta, A.eps);
+      const SoftmaxStats<float> st = score_token(q, A.anchors, A.scale * qc.coef, A.tau, A.sigmoid, S);
+      lse[t] = softmax_stats_lse(st);
+      for (int b = 0; b < E8; b += 8) {
+        const __m256 p = _mm256_loadu_ps(S.probs + b);
+        _mm256_storeu_ps(prob_sum + b, _mm256_add_ps(_mm256_loadu_ps(prob_sum + b), p));
+        _mm256_storeu_ps(W.keys + b, A.bias ? _mm256_add_ps(p, _mm256_loadu_ps(A.bias + b)) : p);
+      }
+      select_top_k(W.keys, E, k, W.top_keys, W.top_idx);
+      float selected_sum = 0.0f;
+      for (int jj = 0; jj < k; ++jj) selected_sum += S.probs[W.top_idx[jj]];
+      const float norm = A.normalize ? selected_sum : 1.0f;
+      for (int jj = 0; jj < k; ++jj) {
+        weights[t * k + jj] = S.probs[W.top_idx[jj]] / norm;
+        indices[t * k + jj] = W.top_idx[jj];
+        counts[W.top_idx[jj]] += 1;
+      }
     }
   }
 }
@@ -474,14 +596,14 @@ struct BackwardArgs {
 };
 
 struct BackwardScratch {
-  float* row;          // [d]
-  float* buffer;       // [d]
+  float* rows;         // [8][xn_stride]: x of a group of tokens as float (bf16 / fp16 x)
+  float* buffer;       // [8][xn_stride]
   float* grad_probs;   // [E8]
   float* dl;           // [E8]
   float* lanes;        // [r * 8]
   float* ds_anchor_hat;  // [r]
   float* grad_q;       // [8][r]: a group of tokens
-  float* x_norm;       // [8][xn_stride]: their x~
+  float* x_norm;       // [8][kProjBlock]: a block of their x~
   int64_t xn_stride;
   TokenScores scores;
 };
@@ -495,6 +617,8 @@ L2R_AVX2_FN void backward_tokens(const scalar_t* x, int64_t t_begin, int64_t t_e
                                  scalar_t* grad_x) {
   const int R = A.rank, k = A.top_k, E8 = A.anchors.experts8;
   const TokenScores& S = W.scores;
+  const float* xs[8];
+  scalar_t* gxs[8];
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int j_group = static_cast<int>((t - t_begin) % 8);
     float* grad_q = W.grad_q + j_group * R;
@@ -548,12 +672,13 @@ L2R_AVX2_FN void backward_tokens(const scalar_t* x, int64_t t_begin, int64_t t_e
         scores_backward(q, A.anchors, q_scale, S, W.dl, anchor_acc, W.ds_anchor_hat, W.lanes);
     *grad_scale += qc.coef * ds_u_sum;
     query_grad(q, W.ds_anchor_hat, ds_u_sum, A.scale, qc, R, grad_q);
-    const float* xt = load_row(x + t * A.d, A.d, W.row);
-    projection_backward(xt, A.proj, A.proj_stride, A.norm_weight, A.d, R, A.use_norm, A.rstd[t],
-                        grad_q, W.x_norm + j_group * W.xn_stride, grad_norm_weight, W.buffer,
-                        grad_x + t * A.d);
+    xs[j_group] = load_row(x + t * A.d, A.d, W.rows ? W.rows + j_group * W.xn_stride : nullptr);
+    gxs[j_group] = grad_x + t * A.d;
     if (j_group == 7 || t + 1 == t_end) {
-      grad_proj_update(grad_proj, W.x_norm, W.xn_stride, W.grad_q, j_group + 1, R, A.d);
+      const int64_t t0 = t - j_group;
+      projection_backward_group(xs, A.proj, A.proj_stride, A.norm_weight, A.d, R, A.use_norm,
+                                A.rstd + t0, W.grad_q, j_group + 1, grad_proj, grad_norm_weight,
+                                W.buffer, W.xn_stride, W.x_norm, gxs);
     }
   }
 }
