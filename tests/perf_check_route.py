@@ -105,12 +105,17 @@ def check_special():
         x[5, 0] = -float("inf")
         anchors = anchors.clone()
         anchors[2, 0] = 0
+        anchors[7] = anchors[4]  # exact ties: the lower index first
+        anchors[9] = anchors[4]
         kw = dict(top_k=4, norm=norm, score=score)
         out = l2r_cuda.route(x, proj, anchors, scale, **kw)
         ref = reference.route(x, proj, anchors, scale, **kw)
         idx = out.indices
         if not ((idx >= 0) & (idx < 10)).all() or any(len(set(row.tolist())) != 4 for row in idx):
             problems.append(f"{dtype} H={H} {score} {norm}: invalid indices {idx.tolist()}")
+        fin_rows = ref.weights.isfinite().all(1) & out.weights.isfinite().all(1)
+        if not torch.equal(out.indices[fin_rows], ref.indices[fin_rows]):
+            problems.append(f"{dtype} H={H} {score} {norm}: indices differ (ties)")
         if not torch.equal(out.weights.isnan(), ref.weights.isnan()):
             problems.append(f"{dtype} H={H} {score} {norm}: NaN weights differ from the reference")
         fin = ref.weights.isfinite().all(1) & out.weights.isfinite().all(1)

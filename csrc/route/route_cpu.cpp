@@ -245,13 +245,13 @@ void route_forward_avx2(const at::Tensor& x, const RouterParams<float>& p, const
   const scalar_t* xp = x.data_ptr<scalar_t>();
 
   at::parallel_for(0, chunks.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    ScratchArena arena(8 * stride + 8 * 9 * 8 + E8 + 2 * top_k + 6 * E8 + 2 * H * E8 + 128);
+    ScratchArena arena(8 * stride + 8 * 9 * 8 + E8 + 3 * top_k + 6 * E8 + 2 * H * E8 + 128);
     avx2::ForwardScratch W;
     W.rows = std::is_same_v<scalar_t, float> ? nullptr : arena.take(8 * stride);
     W.row_stride = stride;
     W.acc = reinterpret_cast<__m256*>(arena.take(8 * 9 * 8));
     W.keys = arena.take(E8);
-    W.top_keys = arena.take(top_k);
+    W.top_keys = reinterpret_cast<uint64_t*>(arena.take(2 * top_k));
     W.top_idx = reinterpret_cast<int*>(arena.take(top_k));
     W.scores = take_token_scores(arena, H, E8);
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {

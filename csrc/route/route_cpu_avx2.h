@@ -335,7 +335,8 @@ L2R_AVX2_FN void projection_backward_group(const float* const* xs, const float* 
                                            const float* rstd, const float* grad_q, int count,
                                            float* grad_proj, float* grad_norm_weight,
                                            float* buffer, int64_t stride, float* xn,
-                                           scalar_t* const* gx) {
+                                           scalar_t* const* gx, const float* next_rows,
+                                           int next_count) {
   const int64_t dv = d & ~int64_t(7);
   __m256 md[8];
   for (int j = 0; j < 8; ++j) md[j] = _mm256_setzero_ps();
@@ -347,7 +348,11 @@ L2R_AVX2_FN void projection_backward_group(const float* const* xs, const float* 
       const __m256 vr = _mm256_set1_ps(rstd[j]);
       float* xnj = xn + j * kProjBlock - b0;
       float* buf = buffer + j * stride;
-      prefetch_floats(xt + b1, b1 + kProjBlock < d ? kProjBlock : d - b1);
+      if (b1 < dv) {
+        prefetch_floats(xt + b1, b1 + kProjBlock < dv ? kProjBlock : dv - b1);
+      } else if (j < next_count) {  // the next group's first block
+        prefetch_floats(next_rows + j * d, kProjBlock < dv ? kProjBlock : dv);
+      }
       __m256 mdj = md[j];
       switch (rank) {
 #define L2R_BWD_BLOCK(R_) \
@@ -438,13 +443,18 @@ L2R_AVX2_FN void project_block(const float* x, const float* W, int64_t w_stride,
 template <int ROWS>
 L2R_AVX2_FN void project_group_rows(const float* const* xs, int count, const float* W,
                                     int64_t w_stride, int64_t d, float* q, float* squares,
-                                    __m256* acc /* [8][ROWS + 1] */) {
+                                    __m256* acc /* [8][ROWS + 1] */, const float* next_rows,
+                                    int next_count) {
   const int64_t dv = d & ~int64_t(7);
   for (int j = 0; j < count * (ROWS + 1); ++j) acc[j] = _mm256_setzero_ps();
   for (int64_t b0 = 0; b0 < dv; b0 += 512) {
     const int64_t b1 = b0 + 512 < dv ? b0 + 512 : dv;
     for (int j = 0; j < count; ++j) {
-      prefetch_floats(xs[j] + b1, b1 + 512 < d ? 512 : d - b1);
+      if (b1 < dv) {
+        prefetch_floats(xs[j] + b1, b1 + 512 < dv ? 512 : dv - b1);
+      } else if (j < next_count) {  // the next group's first block
+        prefetch_floats(next_rows + j * d, 512 < dv ? 512 : dv);
+      }
       project_block<ROWS>(xs[j], W, w_stride, b0, b1, acc + j * (ROWS + 1), squares != nullptr);
     }
   }
@@ -464,17 +474,19 @@ L2R_AVX2_FN void project_group_rows(const float* const* xs, int count, const flo
 }
 
 // q[j] = W x_j (rank <= 8; W rows w_stride apart), squares[j] = <x_j, x_j> when squares != null.
+// next_rows: the next group's rows (contiguous, d apart; null if unknown), prefetched at the end.
 L2R_AVX2_FN void project_group(const float* const* xs, int count, const float* W, int64_t w_stride,
-                               int64_t d, int rank, float* q, float* squares, __m256* acc) {
+                               int64_t d, int rank, float* q, float* squares, __m256* acc,
+                               const float* next_rows, int next_count) {
   switch (rank) {
-    case 1: return project_group_rows<1>(xs, count, W, w_stride, d, q, squares, acc);
-    case 2: return project_group_rows<2>(xs, count, W, w_stride, d, q, squares, acc);
-    case 3: return project_group_rows<3>(xs, count, W, w_stride, d, q, squares, acc);
-    case 4: return project_group_rows<4>(xs, count, W, w_stride, d, q, squares, acc);
-    case 5: return project_group_rows<5>(xs, count, W, w_stride, d, q, squares, acc);
-    case 6: return project_group_rows<6>(xs, count, W, w_stride, d, q, squares, acc);
-    case 7: return project_group_rows<7>(xs, count, W, w_stride, d, q, squares, acc);
-    default: return project_group_rows<8>(xs, count, W, w_stride, d, q, squares, acc);
+    case 1: return project_group_rows<1>(xs, count, W, w_stride, d, q, squares, acc, next_rows, next_count);
+    case 2: return project_group_rows<2>(xs, count, W, w_stride, d, q, squares, acc, next_rows, next_count);
+    case 3: return project_group_rows<3>(xs, count, W, w_stride, d, q, squares, acc, next_rows, next_count);
+    case 4: return project_group_rows<4>(xs, count, W, w_stride, d, q, squares, acc, next_rows, next_count);
+    case 5: return project_group_rows<5>(xs, count, W, w_stride, d, q, squares, acc, next_rows, next_count);
+    case 6: return project_group_rows<6>(xs, count, W, w_stride, d, q, squares, acc, next_rows, next_count);
+    case 7: return project_group_rows<7>(xs, count, W, w_stride, d, q, squares, acc, next_rows, next_count);
+    default: return project_group_rows<8>(xs, count, W, w_stride, d, q, squares, acc, next_rows, next_count);
   }
 }
 
@@ -499,19 +511,31 @@ struct ForwardScratch {
   int64_t row_stride;
   __m256* acc;  // [8][9]
   float* keys;  // [E8]
-  float* top_keys;  // [k]
+  uint64_t* top_keys;  // [k] rank_key
   int* top_idx;  // [k]
   TokenScores scores;
 };
 
-// Top-k of keys[0, E) (top_k_insert's order). Experts come in index order, so once the list is
-// full a key can only enter by being greater than the last entry (or a number where the last is
-// NaN); blocks of 8 where none is are skipped, the others go through top_k_insert itself.
-L2R_AVX2_FN void select_top_k(const float* keys, int experts, int k, float* top_keys, int* top_idx) {
+// Top-k of keys[0, E) in top_k_insert's order, through rank_key (one integer compare per step).
+// Experts come in index order, so once the list is full a key can only enter by being greater
+// than the last entry (or a number where the last is NaN): blocks of 8 where none is are skipped.
+L2R_AVX2_FN void select_top_k(const float* keys, int experts, int k, uint64_t* top, int* top_idx) {
   int count = 0, e = 0;
-  for (; e < experts && e < k; ++e) count = top_k_insert(top_keys, top_idx, count, k, keys[e], e);
+  auto offer = [&](int i) __attribute__((always_inline)) {
+    const uint64_t rk = rank_key(keys[i], i);
+    int pos = count < k ? count : k;
+    if (pos == k && rk <= top[k - 1]) return;
+    if (pos == k) --pos;
+    while (pos > 0 && rk > top[pos - 1]) {
+      top[pos] = top[pos - 1];
+      --pos;
+    }
+    top[pos] = rk;
+    if (count < k) ++count;
+  };
+  for (; e < experts && e < k; ++e) offer(e);
   for (; e + 8 <= experts; e += 8) {
-    const float thr = top_keys[k - 1];
+    const float thr = keys[rank_key_index(top[k - 1])];
     const __m256 kv = _mm256_loadu_ps(keys + e);
     const __m256 enter = thr != thr ? _mm256_cmp_ps(kv, kv, _CMP_ORD_Q)
                                     : _mm256_cmp_ps(kv, _mm256_set1_ps(thr), _CMP_GT_OQ);
@@ -519,10 +543,11 @@ L2R_AVX2_FN void select_top_k(const float* keys, int experts, int k, float* top_
     while (mask) {
       const int lane = __builtin_ctz(mask);
       mask &= mask - 1;
-      count = top_k_insert(top_keys, top_idx, count, k, keys[e + lane], e + lane);
+      offer(e + lane);
     }
   }
-  for (; e < experts; ++e) count = top_k_insert(top_keys, top_idx, count, k, keys[e], e);
+  for (; e < experts; ++e) offer(e);
+  for (int j = 0; j < k; ++j) top_idx[j] = rank_key_index(top[j]);
 }
 
 template <typename scalar_t>
@@ -540,8 +565,13 @@ L2R_AVX2_FN void forward_tokens(const scalar_t* x, int64_t t_begin, int64_t t_en
     }
     float squares[8];
     if (R <= 8) {
+      const int64_t next_count = t_end - (g0 + 8) < 8 ? t_end - (g0 + 8) : 8;
+      const float* next_rows = nullptr;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (next_count > 0) next_rows = x + (g0 + 8) * A.d;
+      }
       project_group(xs, count, A.proj_weighted, A.proj_stride, A.d, R, q_out + g0 * R,
-                    A.use_norm ? squares : nullptr, W.acc);
+                    A.use_norm ? squares : nullptr, W.acc, next_rows, static_cast<int>(next_count));
     } else {
       for (int j = 0; j < count; ++j) {
         cpu::project_avx2(xs[j], A.proj_weighted_dense, A.d, R, q_out + (g0 + j) * R,
@@ -676,9 +706,15 @@ L2R_AVX2_FN void backward_tokens(const scalar_t* x, int64_t t_begin, int64_t t_e
     gxs[j_group] = grad_x + t * A.d;
     if (j_group == 7 || t + 1 == t_end) {
       const int64_t t0 = t - j_group;
+      const int64_t next_count = t_end - (t0 + 8) < 8 ? t_end - (t0 + 8) : 8;
+      const float* next_rows = nullptr;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (next_count > 0) next_rows = x + (t0 + 8) * A.d;
+      }
       projection_backward_group(xs, A.proj, A.proj_stride, A.norm_weight, A.d, R, A.use_norm,
                                 A.rstd + t0, W.grad_q, j_group + 1, grad_proj, grad_norm_weight,
-                                W.buffer, W.xn_stride, W.x_norm, gxs);
+                                W.buffer, W.xn_stride, W.x_norm, gxs, next_rows,
+                                static_cast<int>(next_count));
     }
   }
 }

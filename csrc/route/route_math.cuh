@@ -320,6 +320,22 @@ L2R_HD float log_poly(float x) {
   return poly_fma(fe, kLn2Hi, y + z);
 }
 
+// top_k_insert's order as one unsigned 64-bit number: (a, i) ranks before (b, j) exactly when
+// rank_key(a, i) > rank_key(b, j). NaN below every number (NaNs among themselves by index), -0 and
+// +0 equal, ties to the lower index; so selecting the k largest keys is the same selection.
+L2R_HD uint64_t rank_key(float key, int index) {
+  uint32_t ordered = 0;  // NaN
+  if (!math_isnan(key)) {
+    const uint32_t u = static_cast<uint32_t>(float_to_bits(key + 0.0f));  // -0 -> +0
+    ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // monotone: -inf -> 0x007fffff
+  }
+  return (static_cast<uint64_t>(ordered) << 32) | (0xffffffffu - static_cast<uint32_t>(index));
+}
+
+L2R_HD int rank_key_index(uint64_t rk) {
+  return static_cast<int>(0xffffffffu - static_cast<uint32_t>(rk));
+}
+
 // Finish of one expert's anchor log-sum-exp (expert_logit for H > 1) from the running max m of
 // s_h / tau, the sum of exp(s_h / tau - m) and whether any score was NaN; log_sum is log(sum).
 template <typename acc_t>
