@@ -372,6 +372,16 @@ L2R_AVX2_FN void projection_backward_group(const float* const* xs, const float* 
       float* gp = grad_proj + k * d;
       __m256 c[8];
       for (int j = 0; j < 8; ++j) c[j] = _mm256_set1_ps(j < count ? grad_q[j * rank + k] : 0.0f);
+      if (count == 8) {  // the common case, unrolled so that c[] stays in registers
+        for (int64_t i = b0; i < b1; i += 8) {
+          __m256 acc = _mm256_loadu_ps(gp + i);
+          for (int j = 0; j < 8; ++j) {
+            acc = _mm256_fmadd_ps(c[j], _mm256_loadu_ps(xn + j * kProjBlock + (i - b0)), acc);
+          }
+          _mm256_storeu_ps(gp + i, acc);
+        }
+        continue;
+      }
       for (int64_t i = b0; i < b1; i += 8) {
         __m256 acc = _mm256_loadu_ps(gp + i);
         for (int j = 0; j < count; ++j) {
