@@ -105,6 +105,12 @@ def extensions():
     debug = os.environ.get("L2R_DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+    # at::parallel_for is a header template: without OpenMP in this extension it runs serially.
+    # torch's own libgomp (same soname) is the one loaded at run time.
+    link = []
+    if sys.platform != "win32":
+        cxx += ["-fopenmp"]
+        link += ["-fopenmp"]
     srcs = sources(with_cuda)
     if with_cuda:
         cpp_extension.CUDA_HOME = cuda_home
@@ -114,13 +120,13 @@ def extensions():
         ext = cpp_extension.CUDAExtension(
             "l2r_cuda._C", srcs,
             extra_compile_args={"cxx": cxx + ["-DL2R_WITH_CUDA"], "nvcc": nvcc},
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=link,
         )
     else:
         _log(f"CPU-only build ({why}): every op runs on CPU; CUDA tensors are not supported")
         ext = cpp_extension.CppExtension(
             "l2r_cuda._C", srcs, extra_compile_args={"cxx": cxx},
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=link,
         )
     return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
 

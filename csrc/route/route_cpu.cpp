@@ -7,9 +7,14 @@
 
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "../common/cpu_project.h"
 #include "../common/cpu_vec.h"
 #include "route_checks.h"
+#include "route_cpu_avx2.h"
 #include "route_math.cuh"
 
 namespace l2r {
@@ -38,6 +43,22 @@ void reduce_partials(const acc_t* partials, int64_t count, int64_t n, acc_t* out
       out[i] = s;
     }
   });
+}
+
+// grad_x is as large as x and written once: asks for transparent huge pages before the first touch
+// (the kernel otherwise faults it in 4 KiB at a time, a sizable share of the backward). Only the
+// 2 MiB-aligned interior; a hint, so failures are ignored.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
 }
 
 // Router parameters in the accumulation type, prepared once per call.
@@ -124,12 +145,150 @@ acc_t token_prob(acc_t logit, acc_t exp_shifted, SoftmaxStats<acc_t> st, bool si
   return sigmoid ? routing_prob(logit, st, true) : exp_shifted / st.sum;
 }
 
+#if defined(L2R_HAVE_ROUTE_AVX2)
+// ---------------------------------------------------------------------------------------------
+// AVX2 fast path (float math): see route_cpu_avx2.h.
+// ---------------------------------------------------------------------------------------------
+
+int64_t round_up8(int64_t n) { return (n + 7) & ~int64_t(7); }
+
+// anchor_hat transposed to [r][H][E8], zero padded.
+std::vector<float> transposed_anchors(const RouterParams<float>& p, int64_t E, int64_t H, int64_t R) {
+  const int64_t E8 = round_up8(E);
+  std::vector<float> at(R * H * E8, 0.0f);
+  const float* a_hat = p.anchor_hat.data_ptr<float>();
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < R; ++i) at[(i * H + h) * E8 + e] = a_hat[(e * H + h) * R + i];
+  return at;
+}
+
+int64_t padded_stride(int64_t d) {
+  const int64_t s = round_up8(d);
+  return s % 1024 == 0 ? s + 16 : s;
+}
+
+std::vector<float> padded_rows(const float* src, int64_t rows, int64_t d, int64_t stride) {
+  std::vector<float> out(rows * stride, 0.0f);
+  for (int64_t k = 0; k < rows; ++k) std::copy(src + k * d, src + k * d + d, out.begin() + k * stride);
+  return out;
+}
+
+std::vector<float> padded8(const float* v, int64_t n) {
+  std::vector<float> out(round_up8(n), 0.0f);
+  if (v) std::copy(v, v + n, out.begin());
+  return out;
+}
+
+// Carves the per-thread scratch of one token loop out of one allocation.
+struct ScratchArena {
+  std::vector<float> storage;
+  float* base;
+  size_t used = 0;
+  explicit ScratchArena(size_t n) : storage(n + 64 + 8, 0.0f) {
+    // 32-byte aligned: parts of the scratch hold __m256
+    const uintptr_t p = reinterpret_cast<uintptr_t>(storage.data());
+    base = reinterpret_cast<float*>((p + 31) & ~uintptr_t(31));
+  }
+  float* take(size_t n) {
+    float* p = base + used;
+    used += (n + 7) & ~size_t(7);
+    TORCH_INTERNAL_ASSERT(used + 8 <= storage.size());
+    return p;
+  }
+};
+
+avx2::TokenScores take_token_scores(ScratchArena& arena, int64_t H, int64_t E8) {
+  avx2::TokenScores S;
+  S.u = arena.take(H * E8);
+  S.ex = arena.take(H * E8);
+  S.lsum = arena.take(E8);
+  S.logits = arena.take(E8);
+  S.exps = arena.take(E8);
+  S.probs = arena.take(E8);
+  return S;
+}
+
+template <typename scalar_t>
+void route_forward_avx2(const at::Tensor& x, const RouterParams<float>& p, const float* bias,
+                        const RouteDims& dims, int top_k, bool use_norm, bool sigmoid,
+                        bool normalize, float eps_norm, float eps, float beta, float tau,
+                        float* weights, int64_t* indices, int64_t* tokens_per_expert,
+                        float* mean_probs, float* lse, float* q_out, float* rstd_out) {
+  const int64_t T = dims.tokens, d = dims.d, E = dims.experts, H = dims.anchors, R = dims.rank;
+  const int64_t E8 = round_up8(E);
+  const std::vector<float> at = transposed_anchors(p, E, H, R);
+  const std::vector<float> bias8 = padded8(bias, E);
+  avx2::ForwardArgs A;
+  A.d = d;
+  A.rank = static_cast<int>(R);
+  A.top_k = top_k;
+  A.use_norm = use_norm;
+  A.sigmoid = sigmoid;
+  A.normalize = normalize;
+  A.eps_norm = eps_norm;
+  A.eps = eps;
+  A.beta = beta;
+  A.tau = tau;
+  A.scale = p.scale;
+  const int64_t stride = padded_stride(d);
+  const std::vector<float> pw_padded = padded_rows(p.proj_weighted.data_ptr<float>(), R, d, stride);
+  A.proj_weighted = pw_padded.data();
+  A.proj_stride = stride;
+  A.proj_weighted_dense = p.proj_weighted.data_ptr<float>();
+  A.bias = bias ? bias8.data() : nullptr;
+  A.anchors = avx2::AnchorLayout{static_cast<int>(E), static_cast<int>(E8), static_cast<int>(H),
+                                 static_cast<int>(R), at.data()};
+  const TokenChunks chunks = token_chunks(T);
+  std::vector<float> prob_partials(chunks.count * E8, 0.0f);
+  std::vector<int64_t> count_partials(chunks.count * E8, 0);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+
+  at::parallel_for(0, chunks.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    ScratchArena arena(8 * stride + 8 * 9 * 8 + E8 + 3 * top_k + 6 * E8 + 2 * H * E8 + 128);
+    avx2::ForwardScratch W;
+    W.rows = std::is_same_v<scalar_t, float> ? nullptr : arena.take(8 * stride);
+    W.row_stride = stride;
+    W.acc = reinterpret_cast<__m256*>(arena.take(8 * 9 * 8));
+    W.keys = arena.take(E8);
+    W.top_keys = reinterpret_cast<uint64_t*>(arena.take(2 * top_k));
+    W.top_idx = reinterpret_cast<int*>(arena.take(top_k));
+    W.scores = take_token_scores(arena, H, E8);
+    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+      avx2::forward_tokens(xp, c * chunks.size, std::min(T, (c + 1) * chunks.size), A, W,
+                           prob_partials.data() + c * E8, count_partials.data() + c * E8,
+                           weights, indices, lse, q_out, rstd_out);
+    }
+  });
+
+  for (int64_t e = 0; e < E; ++e) {
+    float s = 0;
+    int64_t n = 0;
+    for (int64_t c = 0; c < chunks.count; ++c) {
+      s += prob_partials[c * E8 + e];
+      n += count_partials[c * E8 + e];
+    }
+    mean_probs[e] = T > 0 ? s / static_cast<float>(T) : 0.0f;
+    tokens_per_expert[e] = n;
+  }
+}
+#endif
+
 template <typename scalar_t, typename acc_t>
 void route_forward_kernel(const at::Tensor& x, const RouterParams<acc_t>& p, const acc_t* bias,
                           const RouteDims& dims, int top_k, bool use_norm, bool sigmoid,
                           bool normalize, acc_t eps_norm, acc_t eps, acc_t beta, acc_t tau,
                           acc_t* weights, int64_t* indices, int64_t* tokens_per_expert,
                           acc_t* mean_probs, acc_t* lse, acc_t* q_out, acc_t* rstd_out) {
+#if defined(L2R_HAVE_ROUTE_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu::cpu_has_avx2()) {
+      return route_forward_avx2<scalar_t>(x, p, bias, dims, top_k, use_norm, sigmoid, normalize,
+                                          eps_norm, eps, beta, tau, weights, indices,
+                                          tokens_per_expert, mean_probs, lse, q_out, rstd_out);
+    }
+  }
+#endif
   const int64_t T = dims.tokens, d = dims.d, E = dims.experts;
   const int rank = static_cast<int>(dims.rank), H = static_cast<int>(dims.anchors);
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -239,6 +398,82 @@ struct BackwardPartials {
   int64_t size() const { return proj_size + anchor_size + norm_size + 1; }
 };
 
+#if defined(L2R_HAVE_ROUTE_AVX2)
+template <typename scalar_t>
+void route_backward_avx2(const float* grad_weights, const float* grad_mean_probs,
+                         const float* grad_lse, const at::Tensor& x, const RouterParams<float>& p,
+                         const int64_t* indices, const float* q_saved, const float* rstd_saved,
+                         const RouteDims& dims, int top_k, bool use_norm, bool sigmoid,
+                         bool normalize, float eps, float beta, float tau, scalar_t* grad_x,
+                         std::vector<float>& partials, const BackwardPartials<float>& layout,
+                         const TokenChunks& chunks) {
+  const int64_t T = dims.tokens, d = dims.d, E = dims.experts, H = dims.anchors, R = dims.rank;
+  const int64_t E8 = round_up8(E);
+  const std::vector<float> at = transposed_anchors(p, E, H, R);
+  const std::vector<float> gm8 = padded8(grad_mean_probs, E);
+  avx2::BackwardArgs A;
+  A.d = d;
+  A.rank = static_cast<int>(R);
+  A.top_k = top_k;
+  A.use_norm = use_norm;
+  A.sigmoid = sigmoid;
+  A.normalize = normalize;
+  A.eps = eps;
+  A.beta = beta;
+  A.tau = tau;
+  A.scale = p.scale;
+  A.inv_tokens = 1.0f / static_cast<float>(T);
+  // rows padded to a stride that is not a multiple of 4 KiB: r rows read side by side would
+  // otherwise share L1 sets
+  const int64_t stride = padded_stride(d);
+  const std::vector<float> proj_padded = padded_rows(p.proj.data_ptr<float>(), R, d, stride);
+  A.proj = proj_padded.data();
+  A.proj_stride = stride;
+  A.norm_weight = p.norm_weight.defined() ? p.norm_weight.data_ptr<float>() : nullptr;
+  A.grad_weights = grad_weights;
+  A.grad_mean_probs = grad_mean_probs ? gm8.data() : nullptr;
+  A.grad_lse = grad_lse;
+  A.indices = indices;
+  A.q = q_saved;
+  A.rstd = rstd_saved;
+  A.anchors = avx2::AnchorLayout{static_cast<int>(E), static_cast<int>(E8), static_cast<int>(H),
+                                 static_cast<int>(R), at.data()};
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+
+  at::parallel_for(0, chunks.count, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    ScratchArena arena(16 * stride + 8 * avx2::kProjBlock + 2 * E8 + 18 * R + 6 * E8 +
+                       2 * H * E8 + 128);
+    avx2::BackwardScratch W;
+    W.rows = std::is_same_v<scalar_t, float> ? nullptr : arena.take(8 * stride);
+    W.buffer = arena.take(8 * stride);
+    W.grad_probs = arena.take(E8);
+    W.dl = arena.take(E8);
+    W.lanes = arena.take(R * 8);
+    W.ds_anchor_hat = arena.take(R);
+    W.grad_q = arena.take(8 * R);
+    W.x_norm = arena.take(8 * avx2::kProjBlock);
+    W.xn_stride = stride;
+    W.scores = take_token_scores(arena, H, E8);
+    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+      float* part = partials.data() + c * layout.size();
+      float* grad_proj = part;
+      float* anchor_acc = part + layout.proj_size;
+      float* grad_norm_weight = anchor_acc + layout.anchor_size;
+      float* grad_scale = grad_norm_weight + layout.norm_size;
+      avx2::backward_tokens(xp, c * chunks.size, std::min(T, (c + 1) * chunks.size), A, W,
+                            grad_proj, anchor_acc, layout.norm_size ? grad_norm_weight : nullptr,
+                            grad_scale, grad_x);
+    }
+  });
+}
+
+bool backward_uses_avx2(at::ScalarType acc) {
+  return acc == at::kFloat && cpu::cpu_has_avx2();
+}
+#else
+bool backward_uses_avx2(at::ScalarType) { return false; }
+#endif
+
 template <typename scalar_t, typename acc_t>
 void route_backward_kernel(const acc_t* grad_weights, const acc_t* grad_mean_probs,
                            const acc_t* grad_lse, const at::Tensor& x, const RouterParams<acc_t>& p,
@@ -247,6 +482,16 @@ void route_backward_kernel(const acc_t* grad_weights, const acc_t* grad_mean_pro
                            bool normalize, acc_t eps, acc_t beta, acc_t tau, scalar_t* grad_x,
                            std::vector<acc_t>& partials, const BackwardPartials<acc_t>& layout,
                            const TokenChunks& chunks) {
+#if defined(L2R_HAVE_ROUTE_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (backward_uses_avx2(at::kFloat)) {
+      return route_backward_avx2<scalar_t>(grad_weights, grad_mean_probs, grad_lse, x, p, indices,
+                                           q_saved, rstd_saved, dims, top_k, use_norm, sigmoid,
+                                           normalize, eps, beta, tau, grad_x, partials, layout,
+                                           chunks);
+    }
+  }
+#endif
   const int64_t T = dims.tokens, d = dims.d, E = dims.experts;
   const int rank = static_cast<int>(dims.rank), H = static_cast<int>(dims.anchors);
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -372,6 +617,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_bac
               "] and rstd [T], got ", q_in.sizes(), " and ", rstd_in.sizes());
 
   at::Tensor grad_x = at::empty_like(x_in, at::MemoryFormat::Contiguous);
+  advise_huge_pages(grad_x.data_ptr(), grad_x.nbytes());
   at::Tensor grad_proj, grad_anchors, grad_scale, grad_norm_weight;
   const bool has_norm_weight = use_norm && norm_weight.has_value();
 
@@ -379,7 +625,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_bac
     using acc_t = scalar_t;
     const auto params = prepare_params<acc_t>(proj, anchors, scale, norm_weight, use_norm,
                                               static_cast<acc_t>(beta), static_cast<acc_t>(eps));
-    BackwardPartials<acc_t> layout{rank * d, E * dims.anchors * rank, has_norm_weight ? d : 0};
+    // The AVX2 path keeps the anchor accumulators transposed and padded: [r][H][E8].
+    const bool transposed = backward_uses_avx2(acc);
+    const int64_t E8 = (E + 7) & ~int64_t(7);
+    BackwardPartials<acc_t> layout{rank * d, (transposed ? E8 : E) * dims.anchors * rank,
+                                   has_norm_weight ? d : 0};
     const TokenChunks chunks = token_chunks(T);
     std::vector<acc_t> partials(T > 0 ? chunks.count * layout.size() : 0, acc_t(0));
     std::vector<acc_t> totals(layout.size(), acc_t(0));
@@ -407,6 +657,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_bac
     // anchors: grad_a = coef_a * acc + radial_a * <acc, a> * a, from the summed accumulators.
     grad_anchors = at::empty({E, dims.anchors, rank}, f);
     const acc_t* acc_sum = totals.data() + layout.proj_size;
+    std::vector<acc_t> acc_untransposed;
+    if (transposed) {
+      const int64_t H = dims.anchors;
+      acc_untransposed.resize(E * H * rank);
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t h = 0; h < H; ++h)
+          for (int64_t i = 0; i < rank; ++i)
+            acc_untransposed[(e * H + h) * rank + i] = acc_sum[(i * H + h) * E8 + e];
+      acc_sum = acc_untransposed.data();
+    }
     const acc_t* a = params.anchors.template data_ptr<acc_t>();
     acc_t* ga = grad_anchors.data_ptr<acc_t>();
     for (int64_t i = 0; i < E * dims.anchors; ++i) {

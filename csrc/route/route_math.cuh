@@ -233,5 +233,133 @@ L2R_HD void anchor_grad(const acc_t* acc, const acc_t* anchor, NormCoef<acc_t> a
   for (int i = 0; i < rank; ++i) grad_anchor[i] = ac.coef * acc[i] + along * anchor[i];
 }
 
+// ---------------------------------------------------------------------------------------------
+// Polynomial exp / log in float, for vectorized loops (the CPU's AVX2 path mirrors these two
+// functions operation for operation, so both give the same bits) and usable on the device.
+// Both are within 2 ulp of the correctly rounded result over their range (our own minimax-style
+// fits). exp_poly: x > 88.7228 -> +inf, x < -86 -> 0 (no denormal results), NaN -> NaN.
+// log_poly: x = 0 -> -inf, x < 0 or NaN -> NaN, +inf -> +inf, denormals handled.
+// ---------------------------------------------------------------------------------------------
+
+namespace poly {
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693145751953125f;       // 16 significant bits: n * kLn2Hi is exact
+constexpr float kLn2Lo = 1.42860676533018690e-06f;  // ln 2 - kLn2Hi
+constexpr float kExpMax = 88.7228317260742188f;     // above: +inf
+constexpr float kExpMin = -86.0f;                   // below: 0
+// exp(f) = 1 + f + f^2 * (e0 + e1 f + e2 f^2 + e3 f^3 + e4 f^4), |f| <= ln2 / 2
+constexpr float kE0 = 0.4999999403953552f, kE1 = 0.1666652113199234f, kE2 = 0.04166838899254799f,
+                kE3 = 0.008368710987269878f, kE4 = 0.0013814604608342052f;
+// log(1 + z) = z - z^2 / 2 + z^3 * (l0 + l1 z + ... + l7 z^7), sqrt(1/2) - 1 <= z <= sqrt(2) - 1
+constexpr float kL0 = 0.3333333134651184f, kL1 = -0.2500081956386566f, kL2 = 0.20001220703125f,
+                kL3 = -0.1662338525056839f, kL4 = 0.14201900362968445f, kL5 = -0.13160040974617004f,
+                kL6 = 0.12760508060455322f, kL7 = -0.07633548229932785f;
+constexpr float kSqrt2 = 1.41421353816986084f;
+constexpr float kMinNormal = 1.17549435e-38f;
+}  // namespace poly
+
+L2R_HD float poly_fma(float a, float b, float c) { return fmaf(a, b, c); }
+
+L2R_HD int32_t float_to_bits(float v) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(v);
+#else
+  int32_t i;
+  __builtin_memcpy(&i, &v, sizeof(i));
+  return i;
+#endif
+}
+
+L2R_HD float bits_to_float(int32_t i) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(i);
+#else
+  float v;
+  __builtin_memcpy(&v, &i, sizeof(v));
+  return v;
+#endif
+}
+
+L2R_HD float exp_poly(float x) {
+  using namespace poly;
+  if (math_isnan(x)) return x;
+  if (x > kExpMax) return static_cast<float>(INFINITY);
+  if (x < kExpMin) return 0.0f;
+  const float n = rintf(x * kLog2e);  // |n| <= 128
+  float f = poly_fma(-n, kLn2Hi, x);
+  f = poly_fma(-n, kLn2Lo, f);
+  float q = poly_fma(kE4, f, kE3);
+  q = poly_fma(q, f, kE2);
+  q = poly_fma(q, f, kE1);
+  q = poly_fma(q, f, kE0);
+  const float p = 1.0f + poly_fma(f * f, q, f);
+  // 2^n as 2^(n-1) * 2 so that n = 128 needs no exponent field of 255
+  const float half_scale = bits_to_float((static_cast<int32_t>(n) + 126) << 23);
+  return (p * half_scale) * 2.0f;
+}
+
+L2R_HD float log_poly(float x) {
+  using namespace poly;
+  if (!(x > 0.0f)) return x == 0.0f ? -static_cast<float>(INFINITY) : static_cast<float>(NAN);
+  if (x == static_cast<float>(INFINITY)) return x;
+  int32_t e_bias = 127;
+  if (x < kMinNormal) {
+    x *= 8388608.0f;  // 2^23
+    e_bias += 23;
+  }
+  const int32_t bits = float_to_bits(x);
+  int32_t e = (bits >> 23) - e_bias;
+  float m = bits_to_float((bits & 0x007fffff) | 0x3f800000);  // [1, 2)
+  if (m > kSqrt2) {
+    m *= 0.5f;
+    e += 1;
+  }
+  const float z = m - 1.0f;
+  float p = poly_fma(kL7, z, kL6);
+  p = poly_fma(p, z, kL5);
+  p = poly_fma(p, z, kL4);
+  p = poly_fma(p, z, kL3);
+  p = poly_fma(p, z, kL2);
+  p = poly_fma(p, z, kL1);
+  p = poly_fma(p, z, kL0);
+  const float z2 = z * z;
+  const float fe = static_cast<float>(e);
+  float y = poly_fma(z2 * z, p, -0.5f * z2);  // log(1 + z) - z
+  y = poly_fma(fe, kLn2Lo, y);
+  return poly_fma(fe, kLn2Hi, y + z);
+}
+
+// top_k_insert's order as one unsigned 64-bit number: (a, i) ranks before (b, j) exactly when
+// rank_key(a, i) > rank_key(b, j). NaN below every number (NaNs among themselves by index), -0 and
+// +0 equal, ties to the lower index; so selecting the k largest keys is the same selection.
+L2R_HD uint64_t rank_key(float key, int index) {
+  uint32_t ordered = 0;  // NaN
+  if (!math_isnan(key)) {
+    const uint32_t u = static_cast<uint32_t>(float_to_bits(key + 0.0f));  // -0 -> +0
+    ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // monotone: -inf -> 0x007fffff
+  }
+  return (static_cast<uint64_t>(ordered) << 32) | (0xffffffffu - static_cast<uint32_t>(index));
+}
+
+L2R_HD int rank_key_index(uint64_t rk) {
+  return static_cast<int>(0xffffffffu - static_cast<uint32_t>(rk));
+}
+
+// Finish of one expert's anchor log-sum-exp (expert_logit for H > 1) from the running max m of
+// s_h / tau, the sum of exp(s_h / tau - m) and whether any score was NaN; log_sum is log(sum).
+template <typename acc_t>
+L2R_HD acc_t expert_logit_finish(acc_t m, acc_t log_sum, bool has_nan, acc_t tau) {
+  if (has_nan) return static_cast<acc_t>(NAN);
+  if (m == math_neg_inf<acc_t>() || m == -math_neg_inf<acc_t>()) return tau * m;
+  return tau * (m + log_sum);
+}
+
+// d l / d s_h from the anchor's exp(s_h / tau - m) and the expert's sum of them: the same share as
+// anchor_share without another exp.
+template <typename acc_t>
+L2R_HD acc_t anchor_share_from_exp(acc_t exp_shifted, acc_t sum, int num_anchors) {
+  return num_anchors == 1 ? acc_t(1) : exp_shifted / sum;
+}
+
 }  // namespace route
 }  // namespace l2r
