@@ -364,3 +364,16 @@ def test_expert_bias_steers_selection_only():
     plain = l2r_cuda.route(*s.args(), top_k=2)
     assert (out.indices[:, 0] == 6).all()
     torch.testing.assert_close(out.mean_probs, plain.mean_probs)  # probabilities unchanged
+
+
+def test_backward_op_checks_gradient_shapes():
+    s = make_sample(5, 8, 2, 4, 2, 2)
+    w, idx, _, _, _, q, rstd = torch.ops.l2r_cuda.route_forward(
+        s.x, s.proj, s.anchors, s.scale, None, None, 2, 1.0, "rms", 1e-6, 1e-6, 1.0, "softmax", False)
+    args = (s.x, s.proj, s.anchors, s.scale, None, idx, q, rstd, 1.0, "rms", 1e-6, 1.0, "softmax", False)
+    with pytest.raises(RuntimeError, match=r"grad_weights must be \[T, k\] = \[5, 2\], got \[5, 3\]"):
+        torch.ops.l2r_cuda.route_backward(torch.ones(5, 3), None, None, *args)
+    with pytest.raises(RuntimeError, match=r"grad_mean_probs must be \[E\] = \[4\], got \[3\]"):
+        torch.ops.l2r_cuda.route_backward(None, torch.ones(3), None, *args)
+    with pytest.raises(RuntimeError, match=r"grad_lse must be \[T\] = \[5\], got \[6\]"):
+        torch.ops.l2r_cuda.route_backward(None, None, torch.ones(6), *args)

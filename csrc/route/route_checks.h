@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <string>
 
 namespace l2r {
@@ -97,6 +98,53 @@ inline void check_route_options(const RouteDims& dims, int64_t top_k, double bet
   TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "l2r_cuda.route: beta must be in [0, 1], got ", beta);
   TORCH_CHECK(eps > 0.0, "l2r_cuda.route: eps must be > 0, got ", eps);
   TORCH_CHECK(tau > 0.0, "l2r_cuda.route: tau must be > 0, got ", tau);
+}
+
+// What both backends need from route_backward's arguments, after checking them: the forward's
+// dims, k, and the parsed options. Grad shapes are checked here so no kernel reads out of bounds.
+struct RouteBackwardSetup {
+  RouteDims dims;
+  int64_t top_k;
+  bool sigmoid;
+  bool use_norm;
+};
+
+inline RouteBackwardSetup check_route_backward_inputs(
+    const c10::optional<at::Tensor>& grad_weights, const c10::optional<at::Tensor>& grad_mean_probs,
+    const c10::optional<at::Tensor>& grad_lse, const at::Tensor& x, const at::Tensor& proj,
+    const at::Tensor& anchors, const at::Tensor& scale,
+    const c10::optional<at::Tensor>& norm_weight, const at::Tensor& indices, const at::Tensor& q,
+    const at::Tensor& rstd, double beta, const c10::optional<c10::string_view>& norm, double eps,
+    double tau, c10::string_view score) {
+  const RouteDims dims = check_route_inputs(x, proj, anchors, scale, norm_weight, c10::nullopt);
+  const int64_t T = dims.tokens, E = dims.experts;
+  TORCH_CHECK(indices.dim() == 2 && indices.size(0) == T,
+              "l2r_cuda.route_backward: indices must be [T, k] with T = ", T, ", got shape ",
+              indices.sizes());
+  const int64_t top_k = indices.size(1);
+  check_route_options(dims, std::max<int64_t>(top_k, 1), beta, eps, tau);
+  TORCH_CHECK(q.sizes() == at::IntArrayRef({T, dims.rank}) && rstd.numel() == T,
+              "l2r_cuda.route_backward: saved q must be [T, r] = [", T, ", ", dims.rank,
+              "] and rstd [T], got ", q.sizes(), " and ", rstd.sizes());
+  for (const at::Tensor* t : {&indices, &q, &rstd}) check_same_device(*t, x, "a saved tensor");
+  if (grad_weights.has_value()) {
+    check_same_device(*grad_weights, x, "grad_weights");
+    TORCH_CHECK(grad_weights->numel() == T * top_k,
+                "l2r_cuda.route_backward: grad_weights must be [T, k] = [", T, ", ", top_k,
+                "], got ", grad_weights->sizes());
+  }
+  if (grad_mean_probs.has_value()) {
+    check_same_device(*grad_mean_probs, x, "grad_mean_probs");
+    TORCH_CHECK(grad_mean_probs->numel() == E,
+                "l2r_cuda.route_backward: grad_mean_probs must be [E] = [", E, "], got ",
+                grad_mean_probs->sizes());
+  }
+  if (grad_lse.has_value()) {
+    check_same_device(*grad_lse, x, "grad_lse");
+    TORCH_CHECK(grad_lse->numel() == T, "l2r_cuda.route_backward: grad_lse must be [T] = [", T,
+                "], got ", grad_lse->sizes());
+  }
+  return {dims, top_k, parse_score(std::string(score)), parse_norm(norm)};
 }
 
 // Accumulation dtype: float64 inputs keep float64 (for gradcheck); everything else computes in fp32.

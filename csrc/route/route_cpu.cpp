@@ -602,19 +602,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_bac
     const at::Tensor& q_in, const at::Tensor& rstd_in, double beta,
     c10::optional<c10::string_view> norm, double eps, double tau, c10::string_view score,
     bool normalize) {
-  const RouteDims dims = check_route_inputs(x_in, proj, anchors, scale, norm_weight, c10::nullopt);
+  const RouteBackwardSetup setup = check_route_backward_inputs(
+      grad_weights, grad_mean_probs, grad_lse, x_in, proj, anchors, scale, norm_weight, indices_in,
+      q_in, rstd_in, beta, norm, eps, tau, score);
+  const RouteDims& dims = setup.dims;
   const int64_t T = dims.tokens, E = dims.experts, d = dims.d, rank = dims.rank;
-  TORCH_CHECK(indices_in.dim() == 2 && indices_in.size(0) == T,
-              "l2r_cuda.route_backward: indices must be [T, k] with T = ", T, ", got shape ",
-              indices_in.sizes());
-  const int64_t top_k = indices_in.size(1);
-  check_route_options(dims, std::max<int64_t>(top_k, 1), beta, eps, tau);
-  const bool sigmoid = parse_score(std::string(score));
-  const bool use_norm = parse_norm(norm);
+  const int64_t top_k = setup.top_k;
+  const bool sigmoid = setup.sigmoid, use_norm = setup.use_norm;
   const auto acc = route_acc_type(x_in);
-  TORCH_CHECK(q_in.sizes() == at::IntArrayRef({T, rank}) && rstd_in.numel() == T,
-              "l2r_cuda.route_backward: saved q must be [T, r] = [", T, ", ", rank,
-              "] and rstd [T], got ", q_in.sizes(), " and ", rstd_in.sizes());
 
   at::Tensor grad_x = at::empty_like(x_in, at::MemoryFormat::Contiguous);
   advise_huge_pages(grad_x.data_ptr(), grad_x.nbytes());

@@ -111,35 +111,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_bac
     const at::Tensor& q_in, const at::Tensor& rstd_in, double beta,
     c10::optional<c10::string_view> norm, double eps, double tau, c10::string_view score,
     bool normalize) {
-  const RouteDims dims = check_route_inputs(x_in, proj, anchors, scale, norm_weight, c10::nullopt);
+  const RouteBackwardSetup setup = check_route_backward_inputs(
+      grad_weights, grad_mean_probs, grad_lse, x_in, proj, anchors, scale, norm_weight, indices_in,
+      q_in, rstd_in, beta, norm, eps, tau, score);
+  const RouteDims& dims = setup.dims;
   const int64_t T = dims.tokens, E = dims.experts, d = dims.d, rank = dims.rank;
-  TORCH_CHECK(indices_in.dim() == 2 && indices_in.size(0) == T,
-              "l2r_cuda.route_backward: indices must be [T, k] with T = ", T, ", got shape ",
-              indices_in.sizes());
-  const int64_t top_k = indices_in.size(1);
-  check_route_options(dims, std::max<int64_t>(top_k, 1), beta, eps, tau);
+  const int64_t top_k = setup.top_k;
+  const bool sigmoid = setup.sigmoid, use_norm = setup.use_norm;
   check_cuda_x(x_in, "route_backward");
-  const bool sigmoid = parse_score(std::string(score));
-  const bool use_norm = parse_norm(norm);
-  TORCH_CHECK(q_in.sizes() == at::IntArrayRef({T, rank}) && rstd_in.numel() == T,
-              "l2r_cuda.route_backward: saved q must be [T, r] = [", T, ", ", rank,
-              "] and rstd [T], got ", q_in.sizes(), " and ", rstd_in.sizes());
-  for (const at::Tensor* t : {&indices_in, &q_in, &rstd_in}) check_same_device(*t, x_in, "a saved tensor");
-  if (grad_weights.has_value()) {
-    check_same_device(*grad_weights, x_in, "grad_weights");
-    TORCH_CHECK(grad_weights->numel() == T * top_k, "l2r_cuda.route_backward: grad_weights must be [T, k] = [",
-                T, ", ", top_k, "], got ", grad_weights->sizes());
-  }
-  if (grad_mean_probs.has_value()) {
-    check_same_device(*grad_mean_probs, x_in, "grad_mean_probs");
-    TORCH_CHECK(grad_mean_probs->numel() == E, "l2r_cuda.route_backward: grad_mean_probs must be [E] = [",
-                E, "], got ", grad_mean_probs->sizes());
-  }
-  if (grad_lse.has_value()) {
-    check_same_device(*grad_lse, x_in, "grad_lse");
-    TORCH_CHECK(grad_lse->numel() == T, "l2r_cuda.route_backward: grad_lse must be [T] = [", T,
-                "], got ", grad_lse->sizes());
-  }
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto f = x_in.options().dtype(at::kFloat);
   const bool has_norm_weight = use_norm && norm_weight.has_value();
