@@ -19,50 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .reference import RouteOutput, select_top_k
+from .reference import SCORES, RouteOutput, route_from_logits
 
 __all__ = ["LinearRouter", "SwiGLUExperts", "MoE", "route_from_logits", "router_parameters"]
 
-_SCORES = ("softmax", "sigmoid")
-
 
 def _dispatch_ops():
-    """``(permute, unpermute)`` of the package (native when registered), looked up at call time."""
+    """``(permute, unpermute)`` of the package, looked up at call time (moe.py is imported by the
+    package's __init__, before those names exist)."""
     import l2r_cuda
 
-    reference = l2r_cuda.reference
-    return getattr(l2r_cuda, "permute", reference.permute), getattr(l2r_cuda, "unpermute", reference.unpermute)
-
-
-def route_from_logits(
-    logits: Tensor,
-    top_k: int,
-    *,
-    score: str = "softmax",
-    normalize: bool = False,
-    expert_bias: Optional[Tensor] = None,
-) -> RouteOutput:
-    """SPEC.md's routing steps after the logits ``l [T, E]``: probabilities, biased top-k, weights.
-
-    ``p = softmax(l)`` or ``sigmoid(l)``; ``indices`` = top-k of ``p + expert_bias`` (bias for
-    selection only, ties to the lower expert index); ``weights = p[indices]`` (renormalised to sum 1
-    if ``normalize``); ``mean_probs = mean_t p``; ``lse = logsumexp_e l``. All float32.
-    """
-    if score not in _SCORES:
-        raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
-    logits = logits.float()
-    num_experts = logits.shape[-1]
-    probs = torch.softmax(logits, dim=-1) if score == "softmax" else torch.sigmoid(logits)
-    keys = probs.detach()
-    if expert_bias is not None:
-        keys = keys + expert_bias.detach().float()
-    indices = select_top_k(keys, top_k)
-    weights = probs.gather(-1, indices)
-    if normalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    tokens_per_expert = torch.bincount(indices.reshape(-1), minlength=num_experts)[:num_experts].to(torch.int64)
-    mean_probs = probs.mean(0) if probs.shape[0] > 0 else probs.sum(0)
-    return RouteOutput(weights, indices, tokens_per_expert, mean_probs, torch.logsumexp(logits, dim=-1))
+    return l2r_cuda.permute, l2r_cuda.unpermute
 
 
 class LinearRouter(nn.Module):
@@ -88,7 +55,7 @@ class LinearRouter(nn.Module):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"LinearRouter: top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        if score not in _SCORES:
+        if score not in SCORES:
             raise ValueError(f"LinearRouter: score must be 'softmax' or 'sigmoid', got {score!r}")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.score, self.normalize = score, normalize

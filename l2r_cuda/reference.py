@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["RouteOutput", "route", "route_logits", "select_top_k", "permute", "unpermute"]
+__all__ = ["RouteOutput", "route", "route_logits", "route_from_logits", "select_top_k", "permute", "unpermute"]
 
 SCORES = ("softmax", "sigmoid")
 NORMS = ("rms", None)
@@ -118,7 +118,28 @@ def route(
         x, proj, anchors, scale, beta=beta, norm=norm, norm_weight=norm_weight,
         eps_norm=eps_norm, eps=eps, tau=tau,
     )
-    num_experts = anchors.shape[0]
+    return route_from_logits(logits, top_k, score=score, normalize=normalize, expert_bias=expert_bias)
+
+
+def route_from_logits(
+    logits: Tensor,
+    top_k: int,
+    *,
+    score: str = "softmax",
+    normalize: bool = False,
+    expert_bias: Optional[Tensor] = None,
+) -> RouteOutput:
+    """SPEC's routing steps after the logits ``l [T, E]``, for any router (L2R or linear).
+
+    ``p = softmax(l)`` or ``sigmoid(l)``; ``indices`` = top-k of ``p + expert_bias`` (bias for
+    selection only; ties to the lower expert index, NaN last); ``weights = p[indices]`` (renormalised
+    to sum 1 if ``normalize``); ``mean_probs = mean_t p`` (zeros for T = 0); ``lse = logsumexp_e l``.
+    Math in float32 (float64 logits stay float64).
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
+    logits = logits.to(acc_dtype(logits))
+    num_experts = logits.shape[-1]
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.softmax(logits, dim=-1) if score == "softmax" else torch.sigmoid(logits)
     keys = probs.detach()
