@@ -377,3 +377,21 @@ def test_backward_op_checks_gradient_shapes():
         torch.ops.l2r_cuda.route_backward(None, torch.ones(3), None, *args)
     with pytest.raises(RuntimeError, match=r"grad_lse must be \[T\] = \[5\], got \[6\]"):
         torch.ops.l2r_cuda.route_backward(None, None, torch.ones(6), *args)
+
+
+def test_portable_cpu_path_matches_reference():
+    """The portable CPU kernel (what non-AVX2 CPUs run) is built on the route_math.cuh helpers the
+    CUDA kernels share: run the forward and gradient comparisons again on it."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, L2R_CPU_PORTABLE="1")
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(here, "test_route.py"),
+         "-k", "forward_matches_reference or gradients_match_reference or non_finite or ties or deterministic"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout

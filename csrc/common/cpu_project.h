@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -65,8 +66,11 @@ __attribute__((target("avx2,fma"))) static inline void project_avx2(const float*
   }
 }
 
+// L2R_CPU_PORTABLE=1 forces the portable path, which calls route_math.cuh's helpers directly: the
+// tests run it to check the per-token math the CUDA kernels share, on AVX2 machines too.
 static inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("L2R_CPU_PORTABLE") == nullptr;
   return has;
 }
 #endif
