@@ -61,6 +61,25 @@ void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
+// mean_probs and tokens_per_expert from per-chunk partials laid out [chunk][stride], summed in
+// chunk order (deterministic whatever the thread count).
+template <typename acc_t>
+void finish_expert_sums(const std::vector<acc_t>& prob_partials,
+                        const std::vector<int64_t>& count_partials, int64_t chunk_count,
+                        int64_t stride, int64_t experts, int64_t tokens, acc_t* mean_probs,
+                        int64_t* tokens_per_expert) {
+  for (int64_t e = 0; e < experts; ++e) {
+    acc_t s = 0;
+    int64_t n = 0;
+    for (int64_t c = 0; c < chunk_count; ++c) {
+      s += prob_partials[c * stride + e];
+      n += count_partials[c * stride + e];
+    }
+    mean_probs[e] = tokens > 0 ? s / static_cast<acc_t>(tokens) : acc_t(0);
+    tokens_per_expert[e] = n;
+  }
+}
+
 // Router parameters in the accumulation type, prepared once per call.
 template <typename acc_t>
 struct RouterParams {
@@ -261,16 +280,8 @@ void route_forward_avx2(const at::Tensor& x, const RouterParams<float>& p, const
     }
   });
 
-  for (int64_t e = 0; e < E; ++e) {
-    float s = 0;
-    int64_t n = 0;
-    for (int64_t c = 0; c < chunks.count; ++c) {
-      s += prob_partials[c * E8 + e];
-      n += count_partials[c * E8 + e];
-    }
-    mean_probs[e] = T > 0 ? s / static_cast<float>(T) : 0.0f;
-    tokens_per_expert[e] = n;
-  }
+  finish_expert_sums(prob_partials, count_partials, chunks.count, E8, E, T, mean_probs,
+                     tokens_per_expert);
 }
 #endif
 
@@ -332,16 +343,8 @@ void route_forward_kernel(const at::Tensor& x, const RouterParams<acc_t>& p, con
     }
   });
 
-  for (int64_t e = 0; e < E; ++e) {
-    acc_t s = 0;
-    int64_t n = 0;
-    for (int64_t c = 0; c < chunks.count; ++c) {
-      s += prob_partials[c * E + e];
-      n += count_partials[c * E + e];
-    }
-    mean_probs[e] = T > 0 ? s / static_cast<acc_t>(T) : acc_t(0);
-    tokens_per_expert[e] = n;
-  }
+  finish_expert_sums(prob_partials, count_partials, chunks.count, E, E, T, mean_probs,
+                     tokens_per_expert);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
