@@ -5,7 +5,9 @@ experts) for Mixture-of-Experts layers, with native CPU and CUDA kernels for PyT
     permuted, expert_offsets, row_map = l2r_cuda.permute(x, out.indices, num_experts)
     y = l2r_cuda.unpermute(expert_out, row_map, out.weights)
 
-``l2r_cuda.reference`` holds the same functions in plain PyTorch (the tests' oracle).
+Layers: ``types`` (data types, option defaults) < ``ops`` (native functional API) < ``routers``,
+``experts`` < ``moe``. ``l2r_cuda.reference`` holds the same functions in plain PyTorch: it is the
+tests' oracle, and no production module imports it.
 """
 
 import logging as _logging
@@ -15,20 +17,19 @@ import torch as _torch
 
 from . import _library  # noqa: F401  (loads the native ops first)
 from . import _autograd, _meta  # noqa: F401  (register autograd and fake kernels)
-from . import reference
+from . import losses, metrics, reference
 from ._library import cuda_built
-from .ops import route
-from .nn import L2RRouter
-from .permutation import Permutation, dropped_counts, permute, unpermute
-from .reference import RouteOutput
-from .moe import LinearRouter, MoE, SwiGLUExperts
-from . import losses, metrics
+from .experts import SwiGLUExperts
+from .moe import MoE
+from .ops import dropped_counts, permute, route, unpermute
+from .routers import L2RRouter, LinearRouter
+from .types import DEFAULTS, Permutation, RouteConfig, RouteOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["RouteOutput", "route", "Permutation", "permute", "unpermute", "dropped_counts",
-           "L2RRouter", "MoE", "LinearRouter", "SwiGLUExperts", "losses", "metrics", "reference",
-           "cuda_built", "__version__"]
+__all__ = ["RouteOutput", "RouteConfig", "DEFAULTS", "route", "Permutation", "permute", "unpermute",
+           "dropped_counts", "L2RRouter", "MoE", "LinearRouter", "SwiGLUExperts", "losses",
+           "metrics", "reference", "cuda_built", "__version__"]
 
 if not cuda_built():
     _msg = ("l2r_cuda: CPU-only build (no CUDA kernels compiled); every op runs on CPU, CUDA tensors "

@@ -1,4 +1,10 @@
-"""Autograd of the native ops: each backward is an op of its own (see csrc/registration.cpp)."""
+"""Autograd of the native ops: each backward is an op of its own (see csrc/registration.cpp).
+
+Second order: permutation is linear, so the backward ops of ``permute_rows`` and ``unpermute`` have
+autograd formulas of their own (made of the same ops) and any order of differentiation works. The
+route backward has none: differentiating through it (``create_graph=True``, e.g. a gradient
+penalty) raises a clear error instead of returning a silently wrong answer.
+"""
 
 import torch
 
@@ -25,12 +31,30 @@ def _route_backward(ctx, grad_weights, _gi, _gt, grad_mean_probs, grad_lse, _gq,
         grad_norm_weight = None
     elif grad_norm_weight.numel() == 0 and norm_weight.numel() != 0:
         grad_norm_weight = torch.zeros_like(norm_weight)  # norm=None: the weight is unused
-    return (grad_x, grad_proj, grad_anchors, grad_scale, grad_norm_weight,
-            None, None, None, None, None, None, None, None, None)
+    needs = ctx.needs_input_grad
+    grads = (grad_x, grad_proj, grad_anchors, grad_scale, grad_norm_weight)
+    return tuple(g if needs[i] else None for i, g in enumerate(grads)) + (None,) * 9
 
 
 torch.library.register_autograd(
     "l2r_cuda::route_forward", _route_backward, setup_context=_route_setup_context
+)
+
+
+def _no_double_backward_setup_context(ctx, inputs, output):
+    pass
+
+
+def _route_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "l2r_cuda.route: double backward (differentiating a gradient of route(), e.g. a gradient "
+        "penalty with create_graph=True) is not supported; compute such terms with "
+        "l2r_cuda.reference.route, which is plain PyTorch")
+
+
+torch.library.register_autograd(
+    "l2r_cuda::route_backward", _route_double_backward,
+    setup_context=_no_double_backward_setup_context,
 )
 
 
@@ -51,6 +75,24 @@ torch.library.register_autograd(
 )
 
 
+def _permute_rows_backward_setup_context(ctx, inputs, output):
+    grad_permuted, row_map = inputs
+    ctx.num_rows = grad_permuted.shape[0]
+    ctx.save_for_backward(row_map)
+
+
+def _permute_rows_backward_backward(ctx, grad_grad_x):
+    # permute_rows_backward is the (linear) gather-sum; its adjoint is the scatter permute_rows.
+    (row_map,) = ctx.saved_tensors
+    return torch.ops.l2r_cuda.permute_rows(grad_grad_x, row_map, ctx.num_rows), None
+
+
+torch.library.register_autograd(
+    "l2r_cuda::permute_rows_backward", _permute_rows_backward_backward,
+    setup_context=_permute_rows_backward_setup_context,
+)
+
+
 def _unpermute_setup_context(ctx, inputs, output):
     y, row_map, weights = inputs
     ctx.save_for_backward(y, row_map, weights)
@@ -65,4 +107,37 @@ def _unpermute_backward(ctx, grad_out):
 
 torch.library.register_autograd(
     "l2r_cuda::unpermute", _unpermute_backward, setup_context=_unpermute_setup_context
+)
+
+
+def _unpermute_backward_setup_context(ctx, inputs, output):
+    grad_out, y, row_map, weights = inputs
+    ctx.save_for_backward(grad_out, y, row_map, weights)
+
+
+def _unpermute_backward_backward(ctx, gg_y, gg_w):
+    # grad_y[row_map[t, j]] = w[t, j] * grad_out[t] and grad_w[t, j] = <y[row_map[t, j]], grad_out[t]>
+    # are bilinear; each adjoint is again an unpermute or an unpermute backward.
+    grad_out, y, row_map, weights = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    unpermute, unpermute_backward = torch.ops.l2r_cuda.unpermute, torch.ops.l2r_cuda.unpermute_backward
+    d_grad_out = d_y = d_weights = None
+    if needs[0]:
+        d_grad_out = torch.zeros_like(grad_out)
+        if gg_y is not None:
+            d_grad_out = d_grad_out + unpermute(gg_y, row_map, weights)
+        if gg_w is not None:
+            d_grad_out = d_grad_out + unpermute(y, row_map, gg_w)
+    if needs[1]:
+        d_y = (unpermute_backward(grad_out, y, row_map, gg_w)[0] if gg_w is not None
+               else torch.zeros_like(y))
+    if needs[3]:
+        d_weights = (unpermute_backward(grad_out, gg_y, row_map, weights)[1] if gg_y is not None
+                     else torch.zeros_like(weights))
+    return d_grad_out, d_y, None, d_weights
+
+
+torch.library.register_autograd(
+    "l2r_cuda::unpermute_backward", _unpermute_backward_backward,
+    setup_context=_unpermute_backward_setup_context,
 )

@@ -55,6 +55,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .ops import permute, unpermute
+
 __all__ = ["dispatch", "combine", "DispatchHandle", "Dispatched", "expert_range"]
 
 
@@ -201,8 +203,6 @@ def dispatch(
     sent to this one, grouped by local expert ``0..E/W-1``, stable by (source rank, token order on
     the source), ready for a grouped GEMM; pass the expert outputs and ``handle`` to :func:`combine`.
     """
-    import l2r_cuda  # looked up at call time: the native permute replaces the reference one
-
     weights, indices = routing.weights, routing.indices
     if num_experts is None:
         tokens_per_expert = getattr(routing, "tokens_per_expert", None)
@@ -216,7 +216,7 @@ def dispatch(
     start, end = expert_range(num_experts, group)
     n_local = end - start
 
-    permuted = l2r_cuda.permute(x, indices, num_experts)
+    permuted = permute(x, indices, num_experts)
     rows, offsets, row_map = permuted[0], permuted[1], permuted[2]
     send_counts = (offsets[1:] - offsets[:-1]).to(torch.int64).view(world, n_local).contiguous()
     recv_counts = torch.empty_like(send_counts)
@@ -242,8 +242,6 @@ def combine(y: Tensor, handle: DispatchHandle) -> Tensor:
     ``y [N, d]``: the expert outputs in :func:`dispatch`'s ``rows`` order (rows past ``N`` are
     ignored). Output dtype is ``y``'s (``unpermute`` accumulates in float32).
     """
-    import l2r_cuda
-
     num_recv = sum(handle.recv_splits)
     if y.shape[0] < num_recv:
         raise ValueError(f"combine: expected at least {num_recv} rows from dispatch, got {y.shape[0]}")
@@ -253,4 +251,4 @@ def combine(y: Tensor, handle: DispatchHandle) -> Tensor:
         y = _Tie.apply(y, handle.rows)
     received_order = _Reorder.apply(y, handle.position, handle.order)
     back = _AllToAll.apply(received_order, handle.send_splits, handle.recv_splits, handle.group, _anchor(y))
-    return l2r_cuda.unpermute(back, handle.row_map, handle.weights)
+    return unpermute(back, handle.row_map, handle.weights)

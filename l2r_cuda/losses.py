@@ -1,7 +1,7 @@
 """Auxiliary losses and regularizers for MoE routers (pure PyTorch, any device).
 
 Every function takes plain tensors, so they work with the L2R router, the linear baseline router and
-any router that fills a :class:`l2r_cuda.reference.RouteOutput`. With several MoE layers, compute the
+any router that fills a :class:`l2r_cuda.RouteOutput`. With several MoE layers, compute the
 loss per layer and sum (or average) over layers.
 
 - ``load_balancing_loss``: Switch Transformer load-balancing loss
@@ -245,7 +245,7 @@ def roma_loss(
       selected neighbour pairs (detached).
 
     RoMA trains only router parameters with this loss: give the optimizer step that uses it only
-    the routers' parameters (see :func:`l2r_cuda.moe.router_parameters`).
+    the routers' parameters (see :func:`l2r_cuda.routers.router_parameters`).
     ``success`` ``[N]`` bool (None: all samples are eligible). Returns a float32 scalar (float64
     for float64 ``routing``).
     """

@@ -2,7 +2,7 @@
 
 All functions are side-effect free, run without autograd, accept tensors on any device and return
 Python floats (plus the count tensor of :func:`expert_load`), so they can go straight to a logger.
-They take the fields of a :class:`l2r_cuda.reference.RouteOutput`, so they apply to any router.
+They take the fields of a :class:`l2r_cuda.RouteOutput`, so they apply to any router.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from .reference import RouteOutput
+from .types import RouteOutput
 
 __all__ = [
     "ExpertLoad",

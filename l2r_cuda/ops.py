@@ -1,4 +1,27 @@
-"""Typed entry points of the native ops (``torch.ops.l2r_cuda.*``)."""
+"""The native functional API: ``route``, ``permute``, ``unpermute``, ``dropped_counts``.
+
+Thin typed entry points over ``torch.ops.l2r_cuda.*`` (schemas in csrc/registration.cpp, autograd
+in _autograd.py, fake kernels in _meta.py). The native ops check every argument (the messages name
+it and the value); what is checked here is only what the dispatcher would report less clearly.
+
+Permutation design:
+
+* ``permute`` is two ops: ``permute_plan`` (integer bookkeeping, no gradient: ``row_map``,
+  ``expert_offsets``, dropped counts) and ``permute_rows`` (the row copy, differentiable in ``x``).
+  The output row count is an argument of ``permute_rows``: with ``fixed_size=True`` it is
+  ``T*k + E*(align-1)``, known from shapes alone (no host sync: CUDA graphs and
+  ``torch.compile(fullgraph=True)`` work); otherwise it is the exact padded total
+  ``expert_offsets[-1]``, read back to the host (one sync on CUDA, a graph break under compile).
+* ``permute`` returns a :class:`Permutation` NamedTuple of exactly three fields, so 3-way unpacking
+  keeps working and torch.compile sees a plain tuple of tensors. Dropped slots under ``capacity``
+  are marked ``row_map < 0``; :func:`dropped_counts` turns that into per-expert counts (pure tensor
+  ops, no sync, traceable).
+* Gradients: permute's backward is the unweighted gather-sum ``grad_x[t] = sum_j
+  grad_permuted[row_map[t, j]]``; unpermute's backward gives ``grad_y`` (one writer per row) and
+  ``grad_weights``. All are token-major gather-reduces without floating-point atomics, so results
+  are bitwise deterministic. ``row_map``/``expert_offsets`` are not differentiable; ``capacity``
+  selection with ``weights`` uses the weights' values only.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +31,25 @@ import torch
 from torch import Tensor
 
 from ._library import cuda_built, has_kernel
-from .reference import NORMS, SCORES, RouteOutput
+from .types import DEFAULTS, NORMS, SCORES, Permutation, RouteOutput
 
-__all__ = ["route"]
+__all__ = ["route", "permute", "unpermute", "dropped_counts"]
 
 
-def _check_device(x: Tensor, op: str) -> None:
+def _check_device(t: Tensor, op: str, name: str) -> None:
     # Only for a clearer message than the dispatcher's: a CUDA tensor in a CPU-only build.
-    if x.device.type == "cuda" and not has_kernel(op, "cuda"):
+    if t.device.type == "cuda" and not has_kernel(op, "cuda"):
         raise RuntimeError(
-            f"l2r_cuda.{op}: x is on {x.device} but this build of l2r_cuda has no CUDA kernel for it "
-            f"(cuda_built() = {cuda_built()}); rebuild with a CUDA toolkit (see README) or use "
-            "l2r_cuda.reference"
+            f"l2r_cuda.{op}: {name} is on {t.device} but this build of l2r_cuda has no CUDA kernel "
+            f"for it (cuda_built() = {cuda_built()}); rebuild with a CUDA toolkit (see README) or "
+            "use l2r_cuda.reference"
         )
+
+
+def _int_arg(v, name: str, fn: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"l2r_cuda.{fn}: {name} must be an int, got {v!r}")
+    return v
 
 
 def route(
@@ -28,19 +57,19 @@ def route(
     proj: Tensor,
     anchors: Tensor,
     scale: Union[Tensor, float],
-    top_k: int = 8,
-    beta: float = 1.0,
-    norm: Optional[str] = "rms",
+    top_k: int = DEFAULTS.top_k,
+    beta: float = DEFAULTS.beta,
+    norm: Optional[str] = DEFAULTS.norm,
     norm_weight: Optional[Tensor] = None,
-    eps_norm: float = 1e-6,
-    tau: float = 1.0,
-    score: str = "softmax",
-    normalize: bool = False,
+    eps_norm: float = DEFAULTS.eps_norm,
+    tau: float = DEFAULTS.tau,
+    score: str = DEFAULTS.score,
+    normalize: bool = DEFAULTS.normalize,
     expert_bias: Optional[Tensor] = None,
-    eps: float = 1e-6,
+    eps: float = DEFAULTS.eps,
 ) -> RouteOutput:
-    """Fused L2R router (SPEC.md): RMSNorm -> low-rank projection -> SIPS against every anchor ->
-    log-sum-exp over each expert's anchors -> softmax/sigmoid -> top-k (selection on
+    """Fused L2R router (docs/SPEC.md): RMSNorm -> low-rank projection -> SIPS against every
+    anchor -> log-sum-exp over each expert's anchors -> softmax/sigmoid -> top-k (selection on
     ``probs + expert_bias``) -> weights.
 
     ``x`` is ``[..., d]`` (leading dims flattened to T) in float32/bfloat16/float16 (float64 for
@@ -51,12 +80,11 @@ def route(
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError(f"l2r_cuda.route: x must be a tensor [..., d], got {type(x).__name__} "
                          f"with shape {tuple(getattr(x, 'shape', ()))}")
+    top_k = _int_arg(top_k, "top_k", "route")
     if score not in SCORES:
         raise ValueError(f"l2r_cuda.route: score must be 'softmax' or 'sigmoid', got {score!r}")
     if norm not in NORMS:
         raise ValueError(f"l2r_cuda.route: norm must be 'rms' or None, got {norm!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise TypeError(f"l2r_cuda.route: top_k must be an int, got {top_k!r}")
     if not isinstance(scale, Tensor):
         scale = torch.tensor(float(scale), device=x.device)
     for name, t in (("proj", proj), ("anchors", anchors), ("scale", scale),
@@ -64,9 +92,67 @@ def route(
         if t is not None and t.device != x.device:
             raise ValueError(f"l2r_cuda.route: {name} is on {t.device} but x is on {x.device}; "
                              "all inputs must be on one device")
-    _check_device(x, "route_forward")
+    _check_device(x, "route_forward", "x")
     weights, indices, tokens_per_expert, mean_probs, lse, _, _ = torch.ops.l2r_cuda.route_forward(
         x.reshape(-1, x.shape[-1]), proj, anchors, scale, norm_weight, expert_bias, top_k,
         float(beta), norm, float(eps_norm), float(eps), float(tau), score, bool(normalize),
     )
     return RouteOutput(weights, indices, tokens_per_expert, mean_probs, lse)
+
+
+def permute(
+    x: Tensor,
+    indices: Tensor,
+    num_experts: int,
+    *,
+    align: int = 1,
+    capacity: Optional[int] = None,
+    weights: Optional[Tensor] = None,
+    fixed_size: bool = False,
+) -> Permutation:
+    """Group the ``T*k`` (token, slot) rows of ``x`` by expert, stable by token index.
+
+    ``x`` ``[T, d]`` (any floating dtype, any row stride); ``indices`` ``[T, k]`` int32/int64 in
+    ``[0, num_experts)``. ``align`` pads every expert's group with zero rows to a multiple of
+    ``align`` (grouped-GEMM tiles); ``expert_offsets`` include the padding. ``capacity`` keeps at
+    most that many rows per expert: the largest ``weights`` when given (ties: lower token first;
+    NaN ranks last), else the lowest token indices; dropped slots get ``row_map = -1`` (see
+    :func:`dropped_counts`). ``fixed_size=True`` returns ``N = T*k + E*(align-1)`` rows (an upper
+    bound; rows past ``expert_offsets[-1]`` are zero) without a host sync; otherwise ``N =
+    expert_offsets[-1]``. Differentiable in ``x``.
+    """
+    num_experts = _int_arg(num_experts, "num_experts", "permute")
+    align = _int_arg(align, "align", "permute")
+    if capacity is not None:
+        capacity = _int_arg(capacity, "capacity", "permute")
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"l2r_cuda.permute: x must be a [T, d] tensor, got shape "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+    _check_device(x, "permute_plan", "x")
+    if weights is not None:
+        weights = weights.detach()
+    if capacity is None:
+        weights = None  # only capacity selection reads them
+    row_map, offsets, _ = torch.ops.l2r_cuda.permute_plan(indices, num_experts, align, capacity,
+                                                          weights)
+    if fixed_size:
+        num_rows = indices.shape[0] * indices.shape[1] + num_experts * (align - 1)
+    else:
+        num_rows = int(offsets[-1])
+    permuted = torch.ops.l2r_cuda.permute_rows(x, row_map, num_rows)
+    return Permutation(permuted, offsets, row_map)
+
+
+def unpermute(y: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
+    """``out[t] = sum_j weights[t, j] * y[row_map[t, j]]`` ``[T, d]`` in ``y``'s dtype (accumulated
+    in float32, float64 for float64 ``y``). Slots with ``row_map < 0`` add exactly zero.
+    Differentiable in ``y`` and ``weights``."""
+    _check_device(y, "unpermute", "y")
+    return torch.ops.l2r_cuda.unpermute(y, row_map, weights)
+
+
+def dropped_counts(row_map: Tensor, indices: Tensor, num_experts: int) -> Tensor:
+    """Slots dropped by ``capacity`` per expert, ``[E]`` int64 (no host sync, traceable)."""
+    dropped = (row_map.reshape(-1) < 0).long()
+    return torch.zeros(num_experts, dtype=torch.int64, device=row_map.device).scatter_add_(
+        0, indices.reshape(-1).long(), dropped)

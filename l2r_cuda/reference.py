@@ -8,33 +8,14 @@ native op and this module disagree, this module states what the answer should be
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .types import DEFAULTS, NORMS, SCORES, RouteOutput
+
 __all__ = ["RouteOutput", "route", "route_logits", "route_from_logits", "select_top_k", "permute", "unpermute"]
-
-SCORES = ("softmax", "sigmoid")
-NORMS = ("rms", None)
-
-
-class RouteOutput(NamedTuple):
-    """What ``route()`` returns (native op and reference alike).
-
-    weights           [T, k] float32, differentiable
-    indices           [T, k] int64, experts in descending order of selection score
-    tokens_per_expert [E]    int64, how many tokens picked each expert
-    mean_probs        [E]    float32, mean over tokens of the routing probability (Switch loss)
-    lse               [T]    float32, logsumexp over experts of the logits (router z-loss)
-    """
-
-    weights: Tensor
-    indices: Tensor
-    tokens_per_expert: Tensor
-    mean_probs: Tensor
-    lse: Tensor
-
 
 def acc_dtype(x: Tensor) -> torch.dtype:
     """Math dtype: float32 for every input dtype, float64 kept for float64 (gradcheck)."""
@@ -52,12 +33,12 @@ def route_logits(
     anchors: Tensor,
     scale: Tensor,
     *,
-    beta: float = 1.0,
-    norm: Optional[str] = "rms",
+    beta: float = DEFAULTS.beta,
+    norm: Optional[str] = DEFAULTS.norm,
     norm_weight: Optional[Tensor] = None,
-    eps_norm: float = 1e-6,
-    eps: float = 1e-6,
-    tau: float = 1.0,
+    eps_norm: float = DEFAULTS.eps_norm,
+    eps: float = DEFAULTS.eps,
+    tau: float = DEFAULTS.tau,
 ) -> Tensor:
     """Per-expert logits ``l [T, E]`` (float32) of SPEC's forward, before softmax/sigmoid."""
     d = x.shape[-1]
@@ -98,16 +79,16 @@ def route(
     proj: Tensor,
     anchors: Tensor,
     scale: Tensor,
-    top_k: int = 8,
-    beta: float = 1.0,
-    norm: Optional[str] = "rms",
+    top_k: int = DEFAULTS.top_k,
+    beta: float = DEFAULTS.beta,
+    norm: Optional[str] = DEFAULTS.norm,
     norm_weight: Optional[Tensor] = None,
-    eps_norm: float = 1e-6,
-    tau: float = 1.0,
-    score: str = "softmax",
-    normalize: bool = False,
+    eps_norm: float = DEFAULTS.eps_norm,
+    tau: float = DEFAULTS.tau,
+    score: str = DEFAULTS.score,
+    normalize: bool = DEFAULTS.normalize,
     expert_bias: Optional[Tensor] = None,
-    eps: float = 1e-6,
+    eps: float = DEFAULTS.eps,
 ) -> RouteOutput:
     """SPEC's L2R router, unfused. Same signature and outputs as ``l2r_cuda.route``."""
     if score not in SCORES:

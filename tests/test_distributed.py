@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from l2r_cuda.distributed import combine, dispatch, expert_range
-from l2r_cuda.moe import MoE
+from l2r_cuda import MoE
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 from l2r_cuda import losses  # noqa: E402
 from l2r_cuda.integrations import hf  # noqa: E402
-from l2r_cuda.moe import router_parameters  # noqa: E402
+from l2r_cuda.routers import router_parameters  # noqa: E402
 
 VOCAB = 64
 COMMON = dict(

@@ -73,7 +73,7 @@ def test_angular_diversity_subsample_is_seeded():
 
 
 def test_routing_space_matches_spec_q():
-    from l2r_cuda.nn import L2RRouter
+    from l2r_cuda import L2RRouter
 
     router = L2RRouter(8, 4, 2, rank=3)
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_routing_space_matches_spec_q():
     x = torch.randn(5, 8)
     xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * router.norm_weight
     torch.testing.assert_close(metrics.routing_space(router, x), (xn @ router.proj.t()).detach())
-    from l2r_cuda.moe import LinearRouter
+    from l2r_cuda import LinearRouter
 
     linear = LinearRouter(8, 4, 2)
     torch.testing.assert_close(metrics.routing_space(linear, x), linear.logits(x).detach())

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from l2r_cuda.moe import LinearRouter, MoE, SwiGLUExperts, route_from_logits, router_parameters
-from l2r_cuda.reference import RouteOutput
+from l2r_cuda import LinearRouter, MoE, RouteOutput, SwiGLUExperts
+from l2r_cuda.reference import route_from_logits
+from l2r_cuda.routers import router_parameters
 
 ROUTERS = ["l2r", "linear"]
 
@@ -223,3 +224,23 @@ def test_moe_cuda_matches_cpu():
     moe_cuda = moe.to("cuda")
     y_cuda = moe_cuda(x.cuda())
     torch.testing.assert_close(y_cuda.cpu(), y_cpu, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_deepcopy_and_pickle_after_training_forward(router):
+    import copy
+    import io
+
+    moe = _moe(router)
+    y = moe(torch.randn(7, moe.d_model))
+    y.pow(2).mean().backward()
+    assert moe.last_route is not None and moe.last_route.weights.grad_fn is not None
+    clone = copy.deepcopy(moe)
+    assert clone.last_route is None and moe.last_route is not None
+    x = torch.randn(3, moe.d_model)
+    torch.testing.assert_close(clone(x), moe(x))
+    buffer = io.BytesIO()
+    torch.save(moe, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(x), moe(x))

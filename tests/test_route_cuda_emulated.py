@@ -5,7 +5,6 @@ several thread/block orders. Needs g++ only: no GPU, no CUDA toolkit, no built e
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import math
 import pathlib
 import sys
@@ -17,10 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "simt"))
 import harness as simt  # noqa: E402
 
-# The reference is plain PyTorch: load it by path so that these tests need no built extension.
-_spec = importlib.util.spec_from_file_location("l2r_reference_emulated", ROOT / "l2r_cuda" / "reference.py")
-reference = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(reference)
+from oracle import reference  # noqa: E402  (plain PyTorch: these tests need no built extension)
 
 XTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SEEDS = (0, 1, 2, 3)

@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import losses, metrics
-from ..moe import LinearRouter, MoE
-from ..nn import L2RRouter
+from ..moe import MoE
+from ..routers import L2RRouter, LinearRouter
 
 ROUTER_SEED_OFFSET = 1000
 STABILITY_NOISE = 0.1

@@ -48,7 +48,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
-from ..reference import RouteOutput
+from ..routers import L2RRouter, RouteRecorder
+from ..types import RouteOutput
 
 __all__ = ["SUPPORTED_BLOCKS", "L2RGate", "replace_routers", "l2r_gates", "last_routes"]
 
@@ -60,7 +61,7 @@ SUPPORTED_BLOCKS: Dict[str, str] = {
 }
 
 
-class L2RGate(nn.Module):
+class L2RGate(RouteRecorder):
     """A transformers MoE ``gate`` backed by :class:`l2r_cuda.L2RRouter`.
 
     ``mode="top_k"`` (transformers >= 5): ``forward(h [..., d]) -> (router_logits [T, E] | None,
@@ -90,13 +91,10 @@ class L2RGate(nn.Module):
             raise ValueError(f"L2RGate: mode must be 'top_k' or 'logits', got {mode!r}")
         if weights_dtype not in ("hidden", "float32"):
             raise ValueError(f"L2RGate: weights_dtype must be 'hidden' or 'float32', got {weights_dtype!r}")
-        from ..nn import L2RRouter
-
         self.hidden_dim, self.num_experts, self.top_k = hidden_dim, num_experts, top_k
         self.norm_topk_prob = normalize
         self.mode, self.weights_dtype, self.return_logits = mode, weights_dtype, return_logits
         self.router = L2RRouter(hidden_dim, num_experts, top_k, normalize=normalize, device=device, **router_kwargs)
-        self.last_route: Optional[RouteOutput] = None
 
     def router_logits(self, hidden_states: Tensor) -> Tensor:
         """L2R logits ``l [T, E]`` float32 (SPEC.md, before softmax), differentiable."""
