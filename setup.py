@@ -86,9 +86,14 @@ def decide_cuda() -> tuple[bool, str | None, str]:
     return True, cuda_home, f"CUDA toolkit {cuda_home}, torch CUDA {torch.version.cuda}"
 
 
+def is_cuda_source(path: str) -> bool:
+    """CUDA kernels and their ATen glue live in csrc/<op>/cuda/ (torchvision's layout)."""
+    return "cuda" in os.path.normpath(path).split(os.sep)[:-1]
+
+
 def sources(with_cuda: bool) -> list[str]:
     found = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    cpp = [s for s in found if with_cuda or not s.endswith("_cuda.cpp")]
+    cpp = [s for s in found if with_cuda or not is_cuda_source(s)]
     cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)) if with_cuda else []
     return cpp + cu
 
@@ -104,7 +109,9 @@ def extensions():
 
     debug = os.environ.get("L2R_DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
+    # -ffp-contract=off / --fmad=false: no a*b+c is fused behind our back, so the route math rounds
+    # the same operations the same way on every backend (csrc/common/hd.h).
+    cxx += ["-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas", "-ffp-contract=off"]
     # at::parallel_for is a header template: without OpenMP in this extension it runs serially.
     # torch's own libgomp (same soname) is the one loaded at run time.
     link = []
@@ -116,7 +123,7 @@ def extensions():
         cpp_extension.CUDA_HOME = cuda_home
         _log(f"building with CUDA ({why}); archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
-        nvcc += ["--expt-relaxed-constexpr", "-DL2R_WITH_CUDA"]
+        nvcc += ["--expt-relaxed-constexpr", "-DL2R_WITH_CUDA", "--fmad=false"]
         ext = cpp_extension.CUDAExtension(
             "l2r_cuda._C", srcs,
             extra_compile_args={"cxx": cxx + ["-DL2R_WITH_CUDA"], "nvcc": nvcc},

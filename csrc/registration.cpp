@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 // The extension is loaded by `import l2r_cuda._C` only so that the static initializers below run;
 // it exposes no Python functions (this also keeps it free of pybind11).
 PyMODINIT_FUNC PyInit__C(void) {
@@ -21,29 +23,71 @@ bool cuda_built() {
 #endif
 }
 
+namespace route {
+namespace cpu {
+std::string cpu_isa_op(c10::optional<c10::string_view> isa);  // route/cpu/route_cpu.cpp
+}  // namespace cpu
+}  // namespace route
+
 }  // namespace l2r
 
 TORCH_LIBRARY(l2r_cuda, m) {
   // True when the CUDA kernels were compiled into this build.
   m.def("cuda_built() -> bool", &l2r::cuda_built);
 
-  // Fused L2R router forward (SPEC "Forward, per token") over x [T, d]. Returns weights [T, k],
-  // indices [T, k] int64, tokens_per_expert [E] int64, mean_probs [E], lse [T], and what backward
-  // recomputes from: q [T, r] (the token in the routing space) and rstd [T] (RMSNorm's 1/rms).
+  // Fused L2R router forward (docs/SPEC.md "Forward, per token") over x [T, d]. Returns weights
+  // [T, k], indices [T, k] int64, tokens_per_expert and mean_probs ([E], or [T / seq_len, E] with
+  // seq_len > 0; padding tokens excluded), lse [T], and what backward recomputes from: q [T, r] (the
+  // token in the routing space) and rstd [T] (RMSNorm's 1/rms). num_groups/topk_groups/group_score:
+  // group-limited top-k (1/1: none); routed_scaling_factor multiplies the weights.
   m.def(
       "route_forward(Tensor x, Tensor proj, Tensor anchors, Tensor scale, Tensor? norm_weight, "
-      "Tensor? expert_bias, int top_k, float beta, str? norm, float eps_norm, float eps, float tau, "
-      "str score, bool normalize) -> (Tensor weights, Tensor indices, Tensor tokens_per_expert, "
-      "Tensor mean_probs, Tensor lse, Tensor q, Tensor rstd)");
+      "Tensor? expert_bias, Tensor? padding_mask, int top_k, float beta, str? norm, float eps_norm, "
+      "float eps, float tau, str score, bool normalize, int num_groups, int topk_groups, "
+      "str group_score, float routed_scaling_factor, int seq_len) -> (Tensor weights, "
+      "Tensor indices, Tensor tokens_per_expert, Tensor mean_probs, Tensor lse, Tensor q, "
+      "Tensor rstd)");
 
   // Backward of route_forward, recomputing scores from q and rstd. Missing output grads are zero.
-  // grad_norm_weight is an empty tensor when norm_weight is None.
+  // output_mask = [grad_x wanted, parameter grads wanted]: what is not wanted is not computed (zeros
+  // are returned). grad_norm_weight is an empty tensor when norm_weight is None.
   m.def(
       "route_backward(Tensor? grad_weights, Tensor? grad_mean_probs, Tensor? grad_lse, Tensor x, "
-      "Tensor proj, Tensor anchors, Tensor scale, Tensor? norm_weight, Tensor indices, Tensor q, "
-      "Tensor rstd, float beta, str? norm, float eps, float tau, str score, bool normalize) -> "
-      "(Tensor grad_x, Tensor grad_proj, Tensor grad_anchors, Tensor grad_scale, "
+      "Tensor proj, Tensor anchors, Tensor scale, Tensor? norm_weight, Tensor? padding_mask, "
+      "Tensor indices, Tensor q, Tensor rstd, float beta, str? norm, float eps, float tau, "
+      "str score, bool normalize, float routed_scaling_factor, int seq_len, bool[2] output_mask) "
+      "-> (Tensor grad_x, Tensor grad_proj, Tensor grad_anchors, Tensor grad_scale, "
       "Tensor grad_norm_weight)");
+
+  // The L2R logits l [T, E] alone (route_forward's scores before softmax), with q and rstd for
+  // the backward.
+  m.def(
+      "route_logits(Tensor x, Tensor proj, Tensor anchors, Tensor scale, Tensor? norm_weight, "
+      "float beta, str? norm, float eps_norm, float eps, float tau) -> (Tensor logits, Tensor q, "
+      "Tensor rstd)");
+
+  m.def(
+      "route_logits_backward(Tensor grad_logits, Tensor x, Tensor proj, Tensor anchors, "
+      "Tensor scale, Tensor? norm_weight, Tensor q, Tensor rstd, float beta, str? norm, float eps, "
+      "float tau, bool[2] output_mask) -> (Tensor grad_x, Tensor grad_proj, Tensor grad_anchors, "
+      "Tensor grad_scale, Tensor grad_norm_weight)");
+
+  // route_forward's steps after the logits, for any router (the linear router's routing):
+  // probabilities, statistics, selection and weights from given logits [T, E].
+  m.def(
+      "route_select(Tensor logits, Tensor? expert_bias, Tensor? padding_mask, int top_k, "
+      "str score, bool normalize, int num_groups, int topk_groups, str group_score, "
+      "float routed_scaling_factor, int seq_len) -> (Tensor weights, Tensor indices, "
+      "Tensor tokens_per_expert, Tensor mean_probs, Tensor lse)");
+
+  m.def(
+      "route_select_backward(Tensor? grad_weights, Tensor? grad_mean_probs, Tensor? grad_lse, "
+      "Tensor logits, Tensor? padding_mask, Tensor indices, str score, bool normalize, "
+      "float routed_scaling_factor, int seq_len) -> Tensor grad_logits");
+
+  // The instruction set of the CPU float route kernels ("portable", "avx2", "avx512"); with an
+  // argument, choose it first ("auto": the best this CPU has).
+  m.def("cpu_isa(str? isa=None) -> str", &l2r::route::cpu::cpu_isa_op);
 
   // Dispatch plan (SPEC "Dispatch") of indices [T, k] (int32/int64) over num_experts experts: rows
   // grouped by expert, stable by token, each expert's group padded to a multiple of align;

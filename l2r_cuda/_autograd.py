@@ -8,36 +8,93 @@ penalty) raises a clear error instead of returning a silently wrong answer.
 
 import torch
 
+from ._library import OpArgs
+
 
 def _route_setup_context(ctx, inputs, output):
-    (x, proj, anchors, scale, norm_weight, expert_bias, top_k, beta, norm, eps_norm, eps, tau,
-     score, normalize) = inputs
+    a = OpArgs("route_forward", inputs)
     _, indices, _, _, _, q, rstd = output
-    ctx.save_for_backward(x, proj, anchors, scale, norm_weight, indices, q, rstd)
-    ctx.options = (beta, norm, eps, tau, score, normalize)
+    ctx.save_for_backward(a.x, a.proj, a.anchors, a.scale, a.norm_weight, a.padding_mask, indices, q, rstd)
+    ctx.options = (a.beta, a.norm, a.eps, a.tau, a.score, a.normalize, a.routed_scaling_factor, a.seq_len)
     ctx.mark_non_differentiable(output[1], output[2], output[5], output[6])
 
 
-def _route_backward(ctx, grad_weights, _gi, _gt, grad_mean_probs, grad_lse, _gq, _gr):
-    x, proj, anchors, scale, norm_weight, indices, q, rstd = ctx.saved_tensors
-    beta, norm, eps, tau, score, normalize = ctx.options
-    grad_x, grad_proj, grad_anchors, grad_scale, grad_norm_weight = (
-        torch.ops.l2r_cuda.route_backward(
-            grad_weights, grad_mean_probs, grad_lse, x, proj, anchors, scale, norm_weight,
-            indices, q, rstd, beta, norm, eps, tau, score, normalize,
-        )
-    )
+def _scoring_grads(ctx, grads, norm_weight):
+    """The differentiable inputs' gradients (x, proj, anchors, scale, norm_weight) as autograd wants
+    them: None where not needed or where norm_weight is None."""
+    grad_x, grad_proj, grad_anchors, grad_scale, grad_norm_weight = grads
     if norm_weight is None:
         grad_norm_weight = None
     elif grad_norm_weight.numel() == 0 and norm_weight.numel() != 0:
         grad_norm_weight = torch.zeros_like(norm_weight)  # norm=None: the weight is unused
     needs = ctx.needs_input_grad
-    grads = (grad_x, grad_proj, grad_anchors, grad_scale, grad_norm_weight)
-    return tuple(g if needs[i] else None for i, g in enumerate(grads)) + (None,) * 9
+    return tuple(g if needs[i] else None
+                 for i, g in enumerate((grad_x, grad_proj, grad_anchors, grad_scale, grad_norm_weight)))
+
+
+def _output_mask(ctx):
+    """[grad_x, parameter grads] wanted: the kernels skip what is not (inputs 0 and 1-4)."""
+    needs = ctx.needs_input_grad
+    return [bool(needs[0]), bool(any(needs[1:5]))]
+
+
+def _route_backward(ctx, grad_weights, _gi, _gt, grad_mean_probs, grad_lse, _gq, _gr):
+    x, proj, anchors, scale, norm_weight, padding_mask, indices, q, rstd = ctx.saved_tensors
+    beta, norm, eps, tau, score, normalize, scaling, seq_len = ctx.options
+    grads = torch.ops.l2r_cuda.route_backward(
+        grad_weights, grad_mean_probs, grad_lse, x, proj, anchors, scale, norm_weight, padding_mask,
+        indices, q, rstd, beta, norm, eps, tau, score, normalize, scaling, seq_len, _output_mask(ctx),
+    )
+    return _scoring_grads(ctx, grads, norm_weight) + (None,) * 15
 
 
 torch.library.register_autograd(
     "l2r_cuda::route_forward", _route_backward, setup_context=_route_setup_context
+)
+
+
+def _route_logits_setup_context(ctx, inputs, output):
+    a = OpArgs("route_logits", inputs)
+    _, q, rstd = output
+    ctx.save_for_backward(a.x, a.proj, a.anchors, a.scale, a.norm_weight, q, rstd)
+    ctx.options = (a.beta, a.norm, a.eps, a.tau)
+    ctx.mark_non_differentiable(q, rstd)
+
+
+def _route_logits_backward(ctx, grad_logits, _gq, _gr):
+    x, proj, anchors, scale, norm_weight, q, rstd = ctx.saved_tensors
+    beta, norm, eps, tau = ctx.options
+    if grad_logits is None:
+        grad_logits = torch.zeros(q.shape[0], anchors.shape[0], dtype=q.dtype, device=q.device)
+    grads = torch.ops.l2r_cuda.route_logits_backward(
+        grad_logits, x, proj, anchors, scale, norm_weight, q, rstd, beta, norm, eps, tau, _output_mask(ctx))
+    return _scoring_grads(ctx, grads, norm_weight) + (None,) * 5
+
+
+torch.library.register_autograd(
+    "l2r_cuda::route_logits", _route_logits_backward, setup_context=_route_logits_setup_context
+)
+
+
+def _route_select_setup_context(ctx, inputs, output):
+    a = OpArgs("route_select", inputs)
+    _, indices, _, _, _ = output
+    ctx.save_for_backward(a.logits, a.padding_mask, indices)
+    ctx.options = (a.score, a.normalize, a.routed_scaling_factor, a.seq_len)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _route_select_backward(ctx, grad_weights, _gi, _gt, grad_mean_probs, grad_lse):
+    logits, padding_mask, indices = ctx.saved_tensors
+    score, normalize, scaling, seq_len = ctx.options
+    grad_logits = torch.ops.l2r_cuda.route_select_backward(
+        grad_weights, grad_mean_probs, grad_lse, logits, padding_mask, indices, score, normalize,
+        scaling, seq_len)
+    return (grad_logits.to(logits.dtype),) + (None,) * 10
+
+
+torch.library.register_autograd(
+    "l2r_cuda::route_select", _route_select_backward, setup_context=_route_select_setup_context
 )
 
 
@@ -52,10 +109,9 @@ def _route_double_backward(ctx, *grads):
         "l2r_cuda.reference.route, which is plain PyTorch")
 
 
-torch.library.register_autograd(
-    "l2r_cuda::route_backward", _route_double_backward,
-    setup_context=_no_double_backward_setup_context,
-)
+for _op in ("route_backward", "route_logits_backward", "route_select_backward"):
+    torch.library.register_autograd(
+        f"l2r_cuda::{_op}", _route_double_backward, setup_context=_no_double_backward_setup_context)
 
 
 # ---- permute (csrc/permute) ----------------------------------------------------------------------

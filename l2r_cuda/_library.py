@@ -19,3 +19,24 @@ def has_kernel(op: str, device_type: str) -> bool:
     """Whether ``l2r_cuda::<op>`` has a kernel for tensors of ``device_type`` ('cpu', 'cuda')."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"l2r_cuda::{op}", key)
+
+
+class OpArgs:
+    """The arguments of a call of ``l2r_cuda::<op>`` by their schema names (the schema in
+    csrc/registration.cpp is the one list of them: fake kernels and autograd read names, never
+    positions)."""
+
+    __slots__ = ("_values",)
+    _names_cache: dict = {}
+
+    def __init__(self, op: str, args):
+        names = OpArgs._names_cache.get(op)
+        if names is None:
+            schema = getattr(torch.ops.l2r_cuda, op).default._schema
+            names = {a.name: i for i, a in enumerate(schema.arguments)}
+            OpArgs._names_cache[op] = names
+        object.__setattr__(self, "_values", (names, tuple(args)))
+
+    def __getattr__(self, name):
+        names, values = object.__getattribute__(self, "_values")
+        return values[names[name]]

@@ -2,42 +2,84 @@
 
 import torch
 
+from ._library import OpArgs
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _statistics_shape(tokens, experts, seq_len):
+    return (tokens // seq_len, experts) if seq_len > 0 else (experts,)
+
+
 @torch.library.register_fake("l2r_cuda::route_forward")
-def _route_forward_fake(x, proj, anchors, scale, norm_weight, expert_bias, top_k, beta, norm,
-                        eps_norm, eps, tau, score, normalize):
-    T, E, r = x.shape[0], anchors.shape[0], proj.shape[0]
-    acc = _acc_dtype(x)
+def _route_forward_fake(*args):
+    a = OpArgs("route_forward", args)
+    T, E, r = a.x.shape[0], a.anchors.shape[0], a.proj.shape[0]
+    acc = _acc_dtype(a.x)
+    stats = _statistics_shape(T, E, a.seq_len)
     return (
-        x.new_empty((T, top_k), dtype=acc),
-        x.new_empty((T, top_k), dtype=torch.int64),
-        x.new_empty((E,), dtype=torch.int64),
-        x.new_empty((E,), dtype=acc),
-        x.new_empty((T,), dtype=acc),
-        x.new_empty((T, r), dtype=acc),
-        x.new_empty((T,), dtype=acc),
+        a.x.new_empty((T, a.top_k), dtype=acc),
+        a.x.new_empty((T, a.top_k), dtype=torch.int64),
+        a.x.new_empty(stats, dtype=torch.int64),
+        a.x.new_empty(stats, dtype=acc),
+        a.x.new_empty((T,), dtype=acc),
+        a.x.new_empty((T, r), dtype=acc),
+        a.x.new_empty((T,), dtype=acc),
+    )
+
+
+def _scoring_grads_fake(a):
+    has_norm_weight = a.norm == "rms" and a.norm_weight is not None
+    return (
+        torch.empty_like(a.x, memory_format=torch.contiguous_format),
+        torch.empty_like(a.proj, memory_format=torch.contiguous_format),
+        torch.empty_like(a.anchors, memory_format=torch.contiguous_format),
+        torch.empty_like(a.scale, memory_format=torch.contiguous_format),
+        torch.empty_like(a.norm_weight, memory_format=torch.contiguous_format)
+        if has_norm_weight else a.x.new_empty((0,), dtype=_acc_dtype(a.x)),
     )
 
 
 @torch.library.register_fake("l2r_cuda::route_backward")
-def _route_backward_fake(grad_weights, grad_mean_probs, grad_lse, x, proj, anchors, scale,
-                         norm_weight, indices, q, rstd, beta, norm, eps, tau, score, normalize):
-    has_norm_weight = norm == "rms" and norm_weight is not None
+def _route_backward_fake(*args):
+    return _scoring_grads_fake(OpArgs("route_backward", args))
+
+
+@torch.library.register_fake("l2r_cuda::route_logits")
+def _route_logits_fake(*args):
+    a = OpArgs("route_logits", args)
+    T, E, r = a.x.shape[0], a.anchors.shape[0], a.proj.shape[0]
+    acc = _acc_dtype(a.x)
+    return (a.x.new_empty((T, E), dtype=acc), a.x.new_empty((T, r), dtype=acc),
+            a.x.new_empty((T,), dtype=acc))
+
+
+@torch.library.register_fake("l2r_cuda::route_logits_backward")
+def _route_logits_backward_fake(*args):
+    return _scoring_grads_fake(OpArgs("route_logits_backward", args))
+
+
+@torch.library.register_fake("l2r_cuda::route_select")
+def _route_select_fake(*args):
+    a = OpArgs("route_select", args)
+    T, E = a.logits.shape
+    acc = _acc_dtype(a.logits)
+    stats = _statistics_shape(T, E, a.seq_len)
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        torch.empty_like(proj, memory_format=torch.contiguous_format),
-        torch.empty_like(anchors, memory_format=torch.contiguous_format),
-        torch.empty_like(scale, memory_format=torch.contiguous_format),
-        torch.empty_like(norm_weight, memory_format=torch.contiguous_format)
-        if has_norm_weight else x.new_empty((0,), dtype=_acc_dtype(x)),
+        a.logits.new_empty((T, a.top_k), dtype=acc),
+        a.logits.new_empty((T, a.top_k), dtype=torch.int64),
+        a.logits.new_empty(stats, dtype=torch.int64),
+        a.logits.new_empty(stats, dtype=acc),
+        a.logits.new_empty((T,), dtype=acc),
     )
 
 
+@torch.library.register_fake("l2r_cuda::route_select_backward")
+def _route_select_backward_fake(*args):
+    a = OpArgs("route_select_backward", args)
+    return a.logits.new_empty(a.logits.shape, dtype=_acc_dtype(a.logits))
 
 
 # ---- permute (csrc/permute) ----------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+from . import _library  # noqa: F401  (the native route_logits op gives routing_space its q)
 from .types import RouteOutput
 
 __all__ = [
@@ -113,12 +114,14 @@ def routing_space(router: torch.nn.Module, x: Tensor) -> Tensor:
     ``proj``); for a linear router (a ``weight [E, d]`` attribute) it is its logit vector ``[T, E]``.
     """
     if hasattr(router, "proj"):
-        xf = x.detach().reshape(-1, router.proj.shape[-1]).float()
-        if getattr(router, "norm", "rms") == "rms":
-            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + getattr(router, "eps_norm", 1e-6))
-            if getattr(router, "norm_weight", None) is not None:
-                xf = xf * router.norm_weight.detach().float()
-        return xf @ router.proj.detach().float().t()
+        # The native op's own q (RMSNorm with norm_weight, then proj): no second copy of the formula.
+        xs = x.detach().reshape(-1, router.proj.shape[-1])
+        norm = getattr(router, "norm", "rms")
+        _, q, _ = torch.ops.l2r_cuda.route_logits(
+            xs, router.proj.detach(), router.anchors.detach(), router.scale.detach(),
+            None if router.norm_weight is None else router.norm_weight.detach(), float(router.beta), norm,
+            float(getattr(router, "eps_norm", 1e-6)), float(getattr(router, "eps", 1e-6)), float(router.tau))
+        return q.float()
     if hasattr(router, "weight"):
         weight = router.weight.detach().float()
         return x.detach().reshape(-1, weight.shape[-1]).float() @ weight.t()

@@ -31,9 +31,9 @@ import torch
 from torch import Tensor
 
 from ._library import cuda_built, has_kernel
-from .types import DEFAULTS, NORMS, SCORES, Permutation, RouteOutput
+from .types import DEFAULTS, NORMS, SCORES, Permutation, RouteOutput, group_args
 
-__all__ = ["route", "permute", "unpermute", "dropped_counts"]
+__all__ = ["route", "route_logits", "route_from_logits", "permute", "unpermute", "dropped_counts"]
 
 
 def _check_device(t: Tensor, op: str, name: str) -> None:
@@ -52,6 +52,27 @@ def _int_arg(v, name: str, fn: str) -> int:
     return v
 
 
+def _padding_arg(padding_mask: Optional[Tensor], tokens: int, op: str) -> Optional[Tensor]:
+    if padding_mask is None:
+        return None
+    if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
+        raise TypeError(f"l2r_cuda.{op}: padding_mask must be a bool tensor (True: padding), got "
+                        f"{getattr(padding_mask, 'dtype', type(padding_mask).__name__)}")
+    if padding_mask.numel() != tokens:
+        raise ValueError(f"l2r_cuda.{op}: padding_mask must have one entry per token ({tokens}), got "
+                         f"shape {tuple(padding_mask.shape)}")
+    return padding_mask.reshape(-1)
+
+
+def _seq_len_arg(seq_len: Optional[int], op: str) -> int:
+    if seq_len is None:
+        return 0
+    seq_len = _int_arg(seq_len, "seq_len", op)
+    if seq_len < 1:
+        raise ValueError(f"l2r_cuda.{op}: seq_len must be >= 1 or None, got {seq_len}")
+    return seq_len
+
+
 def route(
     x: Tensor,
     proj: Tensor,
@@ -67,15 +88,29 @@ def route(
     normalize: bool = DEFAULTS.normalize,
     expert_bias: Optional[Tensor] = None,
     eps: float = DEFAULTS.eps,
+    *,
+    num_groups: Optional[int] = DEFAULTS.num_groups,
+    topk_groups: Optional[int] = DEFAULTS.topk_groups,
+    group_score: str = DEFAULTS.group_score,
+    routed_scaling_factor: float = DEFAULTS.routed_scaling_factor,
+    seq_len: Optional[int] = None,
+    padding_mask: Optional[Tensor] = None,
 ) -> RouteOutput:
     """Fused L2R router (docs/SPEC.md): RMSNorm -> low-rank projection -> SIPS against every
     anchor -> log-sum-exp over each expert's anchors -> softmax/sigmoid -> top-k (selection on
-    ``probs + expert_bias``) -> weights.
+    ``probs + expert_bias``, optionally group-limited) -> weights.
 
     ``x`` is ``[..., d]`` (leading dims flattened to T) in float32/bfloat16/float16 (float64 for
     gradcheck); math is float32 whatever the input dtype. Returns a :class:`RouteOutput` whose
-    ``weights`` ``[T, k]`` (float32), ``mean_probs`` ``[E]`` and ``lse`` ``[T]`` are differentiable
-    with respect to ``x, proj, anchors, scale, norm_weight``. ``expert_bias`` only steers selection.
+    ``weights`` ``[T, k]`` (float32), ``mean_probs`` and ``lse`` ``[T]`` are differentiable with
+    respect to ``x, proj, anchors, scale, norm_weight``. ``expert_bias`` only steers selection.
+
+    Policies: ``num_groups``/``topk_groups``/``group_score`` limit top-k to the best groups of
+    experts (DeepSeek-V3: ``"top2_sum"``, V2: ``"max"``); ``routed_scaling_factor`` multiplies the
+    weights (after ``normalize``). Statistics: ``tokens_per_expert`` and ``mean_probs`` are ``[E]``,
+    or ``[T / seq_len, E]`` per sequence with ``seq_len``; tokens where ``padding_mask`` (bool, like
+    x's leading dims) is True are left out of them. ``mean_probs`` averages p for softmax and
+    p / sum(p) for sigmoid scores (what the load-balancing losses need).
     """
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError(f"l2r_cuda.route: x must be a tensor [..., d], got {type(x).__name__} "
@@ -85,19 +120,86 @@ def route(
         raise ValueError(f"l2r_cuda.route: score must be 'softmax' or 'sigmoid', got {score!r}")
     if norm not in NORMS:
         raise ValueError(f"l2r_cuda.route: norm must be 'rms' or None, got {norm!r}")
+    groups, kept_groups, group_score = group_args(num_groups, topk_groups, group_score)
     if not isinstance(scale, Tensor):
         scale = torch.tensor(float(scale), device=x.device)
     for name, t in (("proj", proj), ("anchors", anchors), ("scale", scale),
-                    ("norm_weight", norm_weight), ("expert_bias", expert_bias)):
+                    ("norm_weight", norm_weight), ("expert_bias", expert_bias),
+                    ("padding_mask", padding_mask)):
         if t is not None and t.device != x.device:
             raise ValueError(f"l2r_cuda.route: {name} is on {t.device} but x is on {x.device}; "
                              "all inputs must be on one device")
     _check_device(x, "route_forward", "x")
+    tokens = x.reshape(-1, x.shape[-1])
     weights, indices, tokens_per_expert, mean_probs, lse, _, _ = torch.ops.l2r_cuda.route_forward(
-        x.reshape(-1, x.shape[-1]), proj, anchors, scale, norm_weight, expert_bias, top_k,
-        float(beta), norm, float(eps_norm), float(eps), float(tau), score, bool(normalize),
+        tokens, proj, anchors, scale, norm_weight, expert_bias,
+        _padding_arg(padding_mask, tokens.shape[0], "route"), top_k, float(beta), norm, float(eps_norm),
+        float(eps), float(tau), score, bool(normalize), groups, kept_groups, group_score,
+        float(routed_scaling_factor), _seq_len_arg(seq_len, "route"),
     )
     return RouteOutput(weights, indices, tokens_per_expert, mean_probs, lse)
+
+
+def route_logits(
+    x: Tensor,
+    proj: Tensor,
+    anchors: Tensor,
+    scale: Union[Tensor, float],
+    *,
+    beta: float = DEFAULTS.beta,
+    norm: Optional[str] = DEFAULTS.norm,
+    norm_weight: Optional[Tensor] = None,
+    eps_norm: float = DEFAULTS.eps_norm,
+    eps: float = DEFAULTS.eps,
+    tau: float = DEFAULTS.tau,
+) -> Tensor:
+    """The L2R logits ``l [T, E]`` (float32; float64 for float64 x) of :func:`route`, before
+    softmax/sigmoid: what a model's own aux loss over ``router_logits`` needs. Differentiable with
+    respect to ``x, proj, anchors, scale, norm_weight``."""
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise ValueError(f"l2r_cuda.route_logits: x must be a tensor [..., d], got {type(x).__name__}")
+    if norm not in NORMS:
+        raise ValueError(f"l2r_cuda.route_logits: norm must be 'rms' or None, got {norm!r}")
+    if not isinstance(scale, Tensor):
+        scale = torch.tensor(float(scale), device=x.device)
+    _check_device(x, "route_logits", "x")
+    logits, _, _ = torch.ops.l2r_cuda.route_logits(
+        x.reshape(-1, x.shape[-1]), proj, anchors, scale, norm_weight, float(beta), norm,
+        float(eps_norm), float(eps), float(tau))
+    return logits
+
+
+def route_from_logits(
+    logits: Tensor,
+    top_k: int,
+    *,
+    score: str = DEFAULTS.score,
+    normalize: bool = DEFAULTS.normalize,
+    expert_bias: Optional[Tensor] = None,
+    num_groups: Optional[int] = DEFAULTS.num_groups,
+    topk_groups: Optional[int] = DEFAULTS.topk_groups,
+    group_score: str = DEFAULTS.group_score,
+    routed_scaling_factor: float = DEFAULTS.routed_scaling_factor,
+    seq_len: Optional[int] = None,
+    padding_mask: Optional[Tensor] = None,
+) -> RouteOutput:
+    """The routing steps of :func:`route` after the logits, for any router (the linear router's
+    ``x W^T``): probabilities, statistics, (group-limited) top-k and weights from ``logits [T, E]``,
+    natively and with the same selection order and options as :func:`route`. Differentiable with
+    respect to ``logits``."""
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError(f"l2r_cuda.route_from_logits: logits must be [T, E], got shape "
+                         f"{tuple(getattr(logits, 'shape', ()))}")
+    top_k = _int_arg(top_k, "top_k", "route_from_logits")
+    if score not in SCORES:
+        raise ValueError(f"l2r_cuda.route_from_logits: score must be 'softmax' or 'sigmoid', got {score!r}")
+    groups, kept_groups, group_score = group_args(num_groups, topk_groups, group_score)
+    _check_device(logits, "route_select", "logits")
+    out = torch.ops.l2r_cuda.route_select(
+        logits, expert_bias, _padding_arg(padding_mask, logits.shape[0], "route_from_logits"), top_k,
+        score, bool(normalize), groups, kept_groups, group_score, float(routed_scaling_factor),
+        _seq_len_arg(seq_len, "route_from_logits"))
+    return RouteOutput(*out)
 
 
 def permute(

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from .types import DEFAULTS, NORMS, SCORES, RouteOutput
 
-__all__ = ["RouteOutput", "route", "route_logits", "route_from_logits", "select_top_k", "permute", "unpermute"]
+__all__ = ["RouteOutput", "route", "route_logits", "route_from_logits", "select_top_k", "group_limited_keys",
+           "permute", "unpermute"]
 
 def acc_dtype(x: Tensor) -> torch.dtype:
     """Math dtype: float32 for every input dtype, float64 kept for float64 (gradcheck)."""
@@ -74,6 +75,23 @@ def select_top_k(keys: Tensor, top_k: int) -> Tensor:
     return order[:, :top_k]
 
 
+def group_limited_keys(keys: Tensor, num_groups: int, topk_groups: int, group_score: str) -> Tensor:
+    """Group-limited top-k (DeepSeek-V2/V3): ``keys [T, E]`` with every expert outside the
+    ``topk_groups`` best of ``num_groups`` equal contiguous groups set to ``-inf`` and marked
+    excluded. A group's score is the sum of its two best keys (``"top2_sum"``) or its best
+    (``"max"``), "best" in :func:`select_top_k`'s order; groups rank the same way (ties to the lower
+    group). Returns ``(keys, excluded [T, E] bool)``."""
+    T, E = keys.shape
+    per = E // num_groups
+    grouped = keys.reshape(T, num_groups, per)
+    best = grouped.gather(-1, select_top_k(grouped.reshape(T * num_groups, per), min(2, per)).reshape(T, num_groups, -1))
+    scores = best[..., 0] if group_score == "max" else best[..., 0] + best[..., 1]
+    kept = select_top_k(scores, topk_groups)
+    group_kept = torch.zeros(T, num_groups, dtype=torch.bool, device=keys.device).scatter_(1, kept, True)
+    excluded = ~group_kept.repeat_interleave(per, dim=1)
+    return keys.masked_fill(excluded, -math.inf), excluded
+
+
 def route(
     x: Tensor,
     proj: Tensor,
@@ -89,6 +107,13 @@ def route(
     normalize: bool = DEFAULTS.normalize,
     expert_bias: Optional[Tensor] = None,
     eps: float = DEFAULTS.eps,
+    *,
+    num_groups: Optional[int] = DEFAULTS.num_groups,
+    topk_groups: Optional[int] = DEFAULTS.topk_groups,
+    group_score: str = DEFAULTS.group_score,
+    routed_scaling_factor: float = DEFAULTS.routed_scaling_factor,
+    seq_len: Optional[int] = None,
+    padding_mask: Optional[Tensor] = None,
 ) -> RouteOutput:
     """SPEC's L2R router, unfused. Same signature and outputs as ``l2r_cuda.route``."""
     if score not in SCORES:
@@ -99,42 +124,71 @@ def route(
         x, proj, anchors, scale, beta=beta, norm=norm, norm_weight=norm_weight,
         eps_norm=eps_norm, eps=eps, tau=tau,
     )
-    return route_from_logits(logits, top_k, score=score, normalize=normalize, expert_bias=expert_bias)
+    return route_from_logits(
+        logits, top_k, score=score, normalize=normalize, expert_bias=expert_bias,
+        num_groups=num_groups, topk_groups=topk_groups, group_score=group_score,
+        routed_scaling_factor=routed_scaling_factor, seq_len=seq_len, padding_mask=padding_mask,
+    )
 
 
 def route_from_logits(
     logits: Tensor,
     top_k: int,
     *,
-    score: str = "softmax",
-    normalize: bool = False,
+    score: str = DEFAULTS.score,
+    normalize: bool = DEFAULTS.normalize,
     expert_bias: Optional[Tensor] = None,
+    num_groups: Optional[int] = DEFAULTS.num_groups,
+    topk_groups: Optional[int] = DEFAULTS.topk_groups,
+    group_score: str = DEFAULTS.group_score,
+    routed_scaling_factor: float = DEFAULTS.routed_scaling_factor,
+    seq_len: Optional[int] = None,
+    padding_mask: Optional[Tensor] = None,
 ) -> RouteOutput:
     """SPEC's routing steps after the logits ``l [T, E]``, for any router (L2R or linear).
 
     ``p = softmax(l)`` or ``sigmoid(l)``; ``indices`` = top-k of ``p + expert_bias`` (bias for
-    selection only; ties to the lower expert index, NaN last); ``weights = p[indices]`` (renormalised
-    to sum 1 if ``normalize``); ``mean_probs = mean_t p`` (zeros for T = 0); ``lse = logsumexp_e l``.
+    selection only; ties to the lower expert index, NaN last), over the kept groups only with
+    ``num_groups`` (:func:`group_limited_keys`); ``weights = p[indices]`` (renormalised to sum 1 if
+    ``normalize``) times ``routed_scaling_factor``; ``lse = logsumexp_e l``. Statistics over the
+    tokens that are not padding (``padding_mask`` True), per sequence of ``seq_len`` tokens when
+    given (``[T / seq_len, E]``): ``tokens_per_expert`` counts selections, ``mean_probs`` averages
+    the balancing probability ``p`` (softmax) or ``p / sum_e p`` (sigmoid); 0 without tokens.
     Math in float32 (float64 logits stay float64).
     """
     if score not in SCORES:
         raise ValueError(f"score must be 'softmax' or 'sigmoid', got {score!r}")
     logits = logits.to(acc_dtype(logits))
-    num_experts = logits.shape[-1]
+    T, num_experts = logits.shape
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.softmax(logits, dim=-1) if score == "softmax" else torch.sigmoid(logits)
     keys = probs.detach()
     if expert_bias is not None:
         keys = keys + expert_bias.detach().to(keys.dtype)
-    indices = select_top_k(keys, top_k)
+    if num_groups is not None and topk_groups is not None and num_groups > 1:
+        masked, excluded = group_limited_keys(keys, num_groups, topk_groups, group_score)
+        # Excluded experts rank below everything (also NaN keys of kept experts).
+        order = select_top_k(masked, num_experts)
+        order = order.gather(-1, torch.sort(excluded.gather(-1, order).to(torch.uint8), dim=-1, stable=True).indices)
+        indices = order[:, :top_k]
+    else:
+        indices = select_top_k(keys, top_k)
     weights = probs.gather(-1, indices)
     if normalize:
         weights = weights / weights.sum(-1, keepdim=True)
-    tokens_per_expert = torch.bincount(indices.reshape(-1), minlength=num_experts)[:num_experts]
-    if probs.shape[0] > 0:
-        mean_probs = probs.mean(0)
-    else:
-        mean_probs = probs.sum(0)  # zeros, still attached to the graph
+    weights = weights * routed_scaling_factor
+    balance = probs if score == "softmax" else probs / probs.sum(-1, keepdim=True)
+    groups = 1 if not seq_len else T // seq_len
+    counted = torch.ones(T, dtype=torch.bool, device=logits.device) if padding_mask is None \
+        else ~padding_mask.reshape(-1).to(torch.bool)
+    selected = torch.zeros(T, num_experts, dtype=torch.int64, device=logits.device).scatter_(1, indices, 1)
+    selected = selected * counted[:, None]
+    tokens_per_expert = selected.reshape(groups, -1, num_experts).sum(1)
+    count = counted.reshape(groups, -1).sum(1).to(balance.dtype)
+    sums = (balance * counted[:, None].to(balance.dtype)).reshape(groups, -1, num_experts).sum(1)
+    mean_probs = torch.where(count[:, None] > 0, sums / count.clamp_min(1)[:, None], sums * 0)
+    if not seq_len:
+        tokens_per_expert, mean_probs = tokens_per_expert[0], mean_probs[0]
     return RouteOutput(weights, indices, tokens_per_expert.to(torch.int64), mean_probs, lse)
 
 

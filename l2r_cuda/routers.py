@@ -12,8 +12,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from .ops import route
-from .reference import route_from_logits
+from .ops import route, route_from_logits, route_logits
 from .types import DEFAULTS, SCORES, RouteConfig, RouteOutput
 
 __all__ = ["L2RRouter", "LinearRouter", "RouteRecorder", "router_parameters"]
@@ -38,6 +37,15 @@ class RouteRecorder(nn.Module):
         state = dict(super().__getstate__())
         state["last_route"] = None
         return state
+
+
+def _policy_repr(config: RouteConfig) -> str:
+    text = ""
+    if config.num_groups is not None:
+        text += f", num_groups={config.num_groups}, topk_groups={config.topk_groups}, group_score={config.group_score!r}"
+    if config.routed_scaling_factor != 1.0:
+        text += f", routed_scaling_factor={config.routed_scaling_factor}"
+    return text
 
 
 class L2RRouter(nn.Module):
@@ -72,6 +80,10 @@ class L2RRouter(nn.Module):
         init_scale: float = 5.0,
         eps_norm: float = DEFAULTS.eps_norm,
         eps: float = DEFAULTS.eps,
+        num_groups: Optional[int] = DEFAULTS.num_groups,
+        topk_groups: Optional[int] = DEFAULTS.topk_groups,
+        group_score: str = DEFAULTS.group_score,
+        routed_scaling_factor: float = DEFAULTS.routed_scaling_factor,
         device=None,
         dtype=None,
     ):
@@ -81,9 +93,10 @@ class L2RRouter(nn.Module):
         if rank < 1 or num_anchors < 1 or d_model < 1:
             raise ValueError(f"L2RRouter: d_model, rank and num_anchors must be >= 1, got "
                              f"{d_model}, {rank}, {num_anchors}")
-        # Checks every routing option once, with the messages route() would give.
-        RouteConfig(top_k=top_k, beta=beta, norm=norm, eps_norm=eps_norm, tau=tau, score=score,
-                    normalize=normalize, eps=eps)
+        # Every routing option, checked once with the messages route() would give.
+        self.config = RouteConfig(top_k=top_k, beta=beta, norm=norm, eps_norm=eps_norm, tau=tau, score=score,
+                                  normalize=normalize, eps=eps, num_groups=num_groups, topk_groups=topk_groups,
+                                  group_score=group_score, routed_scaling_factor=routed_scaling_factor)
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.rank, self.num_anchors = rank, num_anchors
@@ -112,17 +125,30 @@ class L2RRouter(nn.Module):
             self.norm_weight.fill_(1.0)
         self.expert_bias.zero_()
 
-    def forward(self, x: Tensor) -> RouteOutput:
+    def forward(self, x: Tensor, *, seq_len: Optional[int] = None,
+                padding_mask: Optional[Tensor] = None) -> RouteOutput:
+        """Routes ``x [..., d]``; ``seq_len``/``padding_mask`` shape the statistics (see
+        :func:`l2r_cuda.route`)."""
+        c = self.config
         return route(
-            x, self.proj, self.anchors, self.scale, top_k=self.top_k, beta=self.beta,
-            norm=self.norm, norm_weight=self.norm_weight, eps_norm=self.eps_norm, tau=self.tau,
-            score=self.score, normalize=self.normalize, expert_bias=self.expert_bias, eps=self.eps,
+            x, self.proj, self.anchors, self.scale, top_k=c.top_k, beta=c.beta, norm=c.norm,
+            norm_weight=self.norm_weight, eps_norm=c.eps_norm, tau=c.tau, score=c.score, normalize=c.normalize,
+            expert_bias=self.expert_bias, eps=c.eps, num_groups=c.num_groups, topk_groups=c.topk_groups,
+            group_score=c.group_score, routed_scaling_factor=c.routed_scaling_factor, seq_len=seq_len,
+            padding_mask=padding_mask,
         )
 
+    def logits(self, x: Tensor) -> Tensor:
+        """The L2R logits ``[T, E]`` (float32) of ``x`` before softmax/sigmoid, differentiable."""
+        c = self.config
+        return route_logits(x, self.proj, self.anchors, self.scale, beta=c.beta, norm=c.norm,
+                            norm_weight=self.norm_weight, eps_norm=c.eps_norm, eps=c.eps, tau=c.tau)
+
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
+        text = (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"rank={self.rank}, num_anchors={self.num_anchors}, beta={self.beta}, "
                 f"score={self.score!r}, normalize={self.normalize}, norm={self.norm!r}")
+        return text + _policy_repr(self.config)
 
 
 class LinearRouter(nn.Module):
@@ -140,8 +166,12 @@ class LinearRouter(nn.Module):
         d_model: int,
         num_experts: int,
         top_k: int,
-        score: str = "softmax",
-        normalize: bool = False,
+        score: str = DEFAULTS.score,
+        normalize: bool = DEFAULTS.normalize,
+        num_groups: Optional[int] = DEFAULTS.num_groups,
+        topk_groups: Optional[int] = DEFAULTS.topk_groups,
+        group_score: str = DEFAULTS.group_score,
+        routed_scaling_factor: float = DEFAULTS.routed_scaling_factor,
         device=None,
         dtype=None,
     ):
@@ -150,6 +180,9 @@ class LinearRouter(nn.Module):
             raise ValueError(f"LinearRouter: top_k must be in [1, num_experts={num_experts}], got {top_k}")
         if score not in SCORES:
             raise ValueError(f"LinearRouter: score must be 'softmax' or 'sigmoid', got {score!r}")
+        self.config = RouteConfig(top_k=top_k, score=score, normalize=normalize, num_groups=num_groups,
+                                  topk_groups=topk_groups, group_score=group_score,
+                                  routed_scaling_factor=routed_scaling_factor)
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.score, self.normalize = score, normalize
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, device=device, dtype=dtype))
@@ -165,14 +198,18 @@ class LinearRouter(nn.Module):
         """Router logits ``[T, E]`` float32 (leading dims of ``x`` flattened)."""
         return x.reshape(-1, self.d_model).float() @ self.weight.float().t()
 
-    def forward(self, x: Tensor) -> RouteOutput:
+    def forward(self, x: Tensor, *, seq_len: Optional[int] = None,
+                padding_mask: Optional[Tensor] = None) -> RouteOutput:
+        c = self.config
         return route_from_logits(
-            self.logits(x), self.top_k, score=self.score, normalize=self.normalize, expert_bias=self.expert_bias
+            self.logits(x), c.top_k, score=c.score, normalize=c.normalize, expert_bias=self.expert_bias,
+            num_groups=c.num_groups, topk_groups=c.topk_groups, group_score=c.group_score,
+            routed_scaling_factor=c.routed_scaling_factor, seq_len=seq_len, padding_mask=padding_mask,
         )
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
-                f"score={self.score!r}, normalize={self.normalize}")
+                f"score={self.score!r}, normalize={self.normalize}") + _policy_repr(self.config)
 
 
 def router_parameters(module: nn.Module) -> Iterator[nn.Parameter]:

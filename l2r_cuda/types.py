@@ -7,15 +7,17 @@ Nothing here computes: :mod:`l2r_cuda.ops` (native ops), :mod:`l2r_cuda.routers`
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 from torch import Tensor
 
-__all__ = ["SCORES", "NORMS", "RouteOutput", "Permutation", "RouteConfig", "DEFAULTS"]
+__all__ = ["SCORES", "NORMS", "GROUP_SCORES", "RouteOutput", "Permutation", "RouteConfig", "DEFAULTS"]
 
 SCORES = ("softmax", "sigmoid")
 NORMS = ("rms", None)
+GROUP_SCORES = ("top2_sum", "max")
 
 
 class RouteOutput(NamedTuple):
@@ -60,6 +62,12 @@ class RouteConfig:
     score: str = "softmax"
     normalize: bool = False
     eps: float = 1e-6
+    # Group-limited top-k (DeepSeek-V2/V3): experts in num_groups equal contiguous groups, top-k
+    # over the topk_groups best groups only. None: no group limit.
+    num_groups: Optional[int] = None
+    topk_groups: Optional[int] = None
+    group_score: str = "top2_sum"
+    routed_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
@@ -77,9 +85,31 @@ class RouteConfig:
         for name in ("tau", "eps"):
             if not getattr(self, name) > 0.0:
                 raise ValueError(f"l2r_cuda.route: {name} must be > 0, got {getattr(self, name)}")
+        group_args(self.num_groups, self.topk_groups, self.group_score)
+        if not math.isfinite(self.routed_scaling_factor):
+            raise ValueError(f"l2r_cuda.route: routed_scaling_factor must be finite, got "
+                             f"{self.routed_scaling_factor}")
 
     def replace(self, **changes) -> "RouteConfig":
         return dataclasses.replace(self, **changes)
+
+
+def group_args(num_groups: Optional[int], topk_groups: Optional[int], group_score: str):
+    """``(num_groups, topk_groups, group_score)`` as the native ops take them (``(1, 1, ...)``: no
+    group limit), after the checks that need no tensor."""
+    if group_score not in GROUP_SCORES:
+        raise ValueError(f"l2r_cuda.route: group_score must be 'top2_sum' or 'max', got {group_score!r}")
+    if num_groups is None:
+        if topk_groups is not None:
+            raise ValueError(f"l2r_cuda.route: topk_groups={topk_groups} needs num_groups")
+        return 1, 1, group_score
+    if topk_groups is None:
+        raise ValueError(f"l2r_cuda.route: num_groups={num_groups} needs topk_groups (how many groups "
+                         "to keep)")
+    for name, v in (("num_groups", num_groups), ("topk_groups", topk_groups)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"l2r_cuda.route: {name} must be an int >= 1, got {v!r}")
+    return num_groups, topk_groups, group_score
 
 
 DEFAULTS = RouteConfig()

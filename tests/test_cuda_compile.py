@@ -21,7 +21,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "build" / "ptxas_cache"
 ARCHS = ("80", "90")
 # The device flags of setup.py's release build.
-FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-DL2R_WITH_CUDA", "-Xptxas", "-v"]
+FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-DL2R_WITH_CUDA", "--fmad=false", "-Xptxas", "-v"]
 
 
 def find_nvcc() -> str | None:
@@ -133,7 +133,7 @@ def write_table(arch: str, recs: list[dict]) -> pathlib.Path:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(recs, key=lambda r: r["kernel"]):
-        short = re.sub(r"^void ", "", re.sub(r"\(.*\)$", "", r["kernel"]))  # no parameter list
+        short = re.sub(r"^void ", "", re.sub(r"\([^()]*\)$", "", r["kernel"]))  # no parameter list
         lines.append(f"| `{short}` | {r['registers']} | {r.get('smem', 0)} | {r.get('stack', 0)} | "
                      f"{r.get('spill_stores', 0)} | {r.get('spill_loads', 0)} |")
     path.write_text("\n".join(lines) + "\n")

@@ -326,6 +326,16 @@ def test_clear_errors():
         l2r_cuda.unpermute(p, rm.int(), torch.ones(4, 2))
 
 
+@pytest.mark.parametrize("align, experts", [(2 ** 63 - 1, 3), (2 ** 62, 2), (2 ** 61 + 1, 4)])
+def test_offset_overflow_raises_instead_of_wrapping(align, experts):
+    x = torch.randn(4, 8)
+    idx = torch.tensor([[0, 1]] * 4)
+    with pytest.raises(RuntimeError, match=rf"align = {align} with num_experts = {experts} and T \* k = 8 overflows"):
+        l2r_cuda.permute(x, idx, experts, align=align)
+    with pytest.raises(RuntimeError, match="overflows int64 row offsets"):
+        torch.ops.l2r_cuda.permute_plan(idx, experts, align, None, None)
+
+
 # ---- large (64-bit offsets) ----------------------------------------------------------------------
 
 @pytest.mark.slow

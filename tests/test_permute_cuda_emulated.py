@@ -1,4 +1,4 @@
-"""The unchanged CUDA permute kernels (csrc/permute/permute_kernels.cu) on the SIMT CPU emulator
+"""The unchanged CUDA permute kernels (csrc/permute/cuda/permute_kernels.cu) on the SIMT CPU emulator
 (tests/simt), against l2r_cuda.reference: offsets and rows exact, reductions within tolerance, every
 result the same under several thread/block schedules. Small T only (the emulator is slow)."""
 
@@ -23,7 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 DRIVER = r'''
-#include "permute/permute_launch.h"
+#include "permute/cuda/permute_launch.h"
 using namespace l2r::permute;
 extern "C" long drv_plan_ws(long n, long experts, int weighted) {
   return (long)plan_workspace_bytes(n, experts, weighted != 0);
@@ -59,7 +59,7 @@ L = ctypes.c_long
 def lib():
     if not simt.have_compiler():
         pytest.skip("g++ missing")
-    return simt.build(sources=[ROOT / "csrc/permute/permute_kernels.cu"], include_dirs=[ROOT / "csrc"],
+    return simt.build(sources=[ROOT / "csrc/permute/cuda/permute_kernels.cu"], include_dirs=[ROOT / "csrc"],
                       driver_source=DRIVER, name="permute")
 
 

@@ -32,12 +32,24 @@ def make(T=257, d=256, r=2, E=64, H=4, dtype=torch.float32, g=True, bias=True, s
 
 
 def forward_args(x, proj, anchors, scale, norm_weight, expert_bias, k, **kw):
-    return (x, proj, anchors, scale, norm_weight, expert_bias, k, kw.get("beta", 1.0),
+    return (x, proj, anchors, scale, norm_weight, expert_bias, kw.get("padding_mask"), k, kw.get("beta", 1.0),
             kw.get("norm", "rms"), 1e-6, 1e-6, kw.get("tau", 1.0), kw.get("score", "softmax"),
-            kw.get("normalize", False))
+            kw.get("normalize", False), kw.get("num_groups", 1), kw.get("topk_groups", 1),
+            kw.get("group_score", "top2_sum"), kw.get("routed_scaling_factor", 1.0), kw.get("seq_len", 0))
+
+
+def backward_args(grads, inputs, out, **kw):
+    """route_backward's arguments from the output grads, the forward's inputs (x, proj, anchors,
+    scale, norm_weight) and outputs."""
+    return (*grads, *inputs[:5], kw.get("padding_mask"), out[1], out[5], out[6], kw.get("beta", 1.0),
+            kw.get("norm", "rms"), 1e-6, kw.get("tau", 1.0), kw.get("score", "softmax"), kw.get("normalize", False),
+            kw.get("routed_scaling_factor", 1.0), kw.get("seq_len", 0), [True, True])
 
 
 CASES = [
+    dict(r=2, H=1, E=64, k=8, num_groups=8, topk_groups=4, routed_scaling_factor=2.5, score="sigmoid",
+         normalize=True),
+    dict(r=8, H=4, E=64, k=6, seq_len=257, group_score="max", num_groups=4, topk_groups=2),
     dict(r=1, H=1, E=8, k=1),
     dict(r=2, H=4, E=64, k=8, normalize=True),
     dict(r=3, H=1, E=40, k=2, score="sigmoid", beta=0.5),
@@ -55,7 +67,8 @@ def test_forward_backward_matches_cpu_op(case):
     k = case.pop("k")
     dtype = case.pop("dtype", torch.float32)
     d = case.pop("d", 256)
-    opts = {n: case.pop(n) for n in ("beta", "norm", "tau", "score", "normalize") if n in case}
+    opts = {n: case.pop(n) for n in ("beta", "norm", "tau", "score", "normalize", "num_groups", "topk_groups",
+                                     "group_score", "routed_scaling_factor", "seq_len") if n in case}
     cpu_in = make(d=d, dtype=dtype, device="cpu", **case)
     gpu_in = [None if t is None else t.to(DEV) for t in cpu_in]
     out_cpu = torch.ops.l2r_cuda.route_forward(*forward_args(*cpu_in, k, **opts))
@@ -68,14 +81,9 @@ def test_forward_backward_matches_cpu_op(case):
             torch.testing.assert_close(a.cpu(), b, atol=2e-5, rtol=1e-5, msg=name)
 
     grads = (torch.randn_like(out_cpu[0]), torch.randn_like(out_cpu[3]), torch.randn_like(out_cpu[4]))
-    x, proj, anchors, scale, norm_weight, _ = cpu_in
-    bw_args = lambda inp, out, gr: (*gr, *inp[:5], out[1], out[5], out[6],  # noqa: E731
-                                    opts.get("beta", 1.0), opts.get("norm", "rms"), 1e-6,
-                                    opts.get("tau", 1.0), opts.get("score", "softmax"),
-                                    opts.get("normalize", False))
-    g_cpu = torch.ops.l2r_cuda.route_backward(*bw_args(cpu_in, out_cpu, grads))
+    g_cpu = torch.ops.l2r_cuda.route_backward(*backward_args(grads, cpu_in, out_cpu, **opts))
     g_gpu = torch.ops.l2r_cuda.route_backward(
-        *bw_args(gpu_in, out_gpu, tuple(t.to(DEV) for t in grads)))
+        *backward_args(tuple(t.to(DEV) for t in grads), gpu_in, out_gpu, **opts))
     for name, a, b in zip(["x", "proj", "anchors", "scale", "norm_weight"], g_gpu, g_cpu):
         tol = 1e-4 * max(1.0, float(b.abs().max())) if b.numel() else 1e-4
         if name == "x" and dtype != torch.float32:
@@ -103,8 +111,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.l2r_cuda.route_forward.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     out = torch.ops.l2r_cuda.route_forward(*args)
-    bw = (torch.randn_like(out[0]), None, torch.randn_like(out[4]), x, proj, anchors, scale, g,
-          out[1], out[5], out[6], 1.0, "rms", 1e-6, 1.0, "softmax", False)
+    bw = backward_args((torch.randn_like(out[0]), None, torch.randn_like(out[4])), (x, proj, anchors, scale, g), out)
     torch.library.opcheck(torch.ops.l2r_cuda.route_backward.default, bw,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -114,10 +121,8 @@ def test_bitwise_deterministic():
     runs = []
     for _ in range(2):
         out = torch.ops.l2r_cuda.route_forward(*forward_args(*inp, 8))
-        gw = torch.ones_like(out[0])
-        grads = torch.ops.l2r_cuda.route_backward(gw, torch.ones_like(out[3]), torch.ones_like(out[4]),
-                                                  *inp[:5], out[1], out[5], out[6], 1.0, "rms", 1e-6,
-                                                  1.0, "softmax", False)
+        grads = torch.ops.l2r_cuda.route_backward(*backward_args(
+            (torch.ones_like(out[0]), torch.ones_like(out[3]), torch.ones_like(out[4])), inp, out))
         runs.append(list(out) + list(grads))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -135,9 +140,8 @@ def test_cuda_graph_capture():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = torch.ops.l2r_cuda.route_forward(*args)
-        bw = torch.ops.l2r_cuda.route_backward(torch.ones_like(captured[0]), None, None, x, proj,
-                                               anchors, scale, g, captured[1], captured[5],
-                                               captured[6], 1.0, "rms", 1e-6, 1.0, "softmax", False)
+        bw = torch.ops.l2r_cuda.route_backward(*backward_args(
+            (torch.ones_like(captured[0]), None, None), (x, proj, anchors, scale, g), captured))
     x.mul_(0.5)  # new data in the same buffers, then replay
     scale.fill_(2.0)
     graph.replay()
@@ -146,11 +150,35 @@ def test_cuda_graph_capture():
     for a, b in zip(captured, fresh):
         assert torch.equal(a, b)
     assert not torch.equal(captured[0], eager[0])
-    fresh_bw = torch.ops.l2r_cuda.route_backward(torch.ones_like(fresh[0]), None, None, x, proj,
-                                                 anchors, scale, g, fresh[1], fresh[5], fresh[6],
-                                                 1.0, "rms", 1e-6, 1.0, "softmax", False)
+    fresh_bw = torch.ops.l2r_cuda.route_backward(*backward_args(
+        (torch.ones_like(fresh[0]), None, None), (x, proj, anchors, scale, g), fresh))
     for a, b in zip(bw, fresh_bw):
         assert torch.equal(a, b)
+
+
+def test_route_logits_and_select_match_cpu():
+    x, proj, anchors, scale, g, bias = make(T=130, r=4, E=32, H=2, dtype=torch.bfloat16)
+    cpu = [None if t is None else t.cpu() for t in (x, proj, anchors, scale, g, bias)]
+    lg = l2r_cuda.ops.route_logits(x, proj, anchors, scale, norm_weight=g)
+    lc = l2r_cuda.ops.route_logits(*cpu[:4], norm_weight=cpu[4])
+    torch.testing.assert_close(lg.cpu(), lc, atol=2e-5, rtol=1e-5)
+    sg = l2r_cuda.ops.route_from_logits(lg, 4, expert_bias=bias, num_groups=8, topk_groups=3)
+    sc = l2r_cuda.ops.route_from_logits(lc, 4, expert_bias=cpu[5], num_groups=8, topk_groups=3)
+    assert torch.equal(sg.indices.cpu(), sc.indices)
+    torch.testing.assert_close(sg.weights.cpu(), sc.weights, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_backward_index_raises_asynchronously():
+    x, proj, anchors, scale, g, bias = make(T=16, E=8)
+    out = torch.ops.l2r_cuda.route_forward(*forward_args(x, proj, anchors, scale, g, bias, 2))
+    idx = out[1].clone()
+    idx[3, 1] = 8
+    bad = list(out)
+    bad[1] = idx
+    with pytest.raises(RuntimeError):
+        torch.ops.l2r_cuda.route_backward(*backward_args((torch.ones_like(out[0]), None, None),
+                                                         (x, proj, anchors, scale, g), bad))
+        torch.cuda.synchronize()
 
 
 def test_float64_raises_clearly():

@@ -1,33 +1,42 @@
-// Portability layer: the same inline function compiles for the host (g++) and the device (nvcc).
+// Portability layer: the same inline function compiles for the host (g++), the device (nvcc) and
+// NVRTC (which has no host standard library: nothing here may include one under __CUDACC_RTC__).
+//
+// Floating-point contract of every backend: no contraction of a*b+c into an FMA behind our back
+// (host: -ffp-contract=off; nvcc and NVRTC: --fmad=false, see setup.py and l2r_cuda/jit). Where the
+// math wants an FMA it says so (fmadd), so every backend rounds the same operations the same way.
 #pragma once
 
-#include <cmath>
-#include <cstdint>
-
-#if defined(__CUDACC__)
-#define L2R_HD __host__ __device__ __forceinline__
+#if defined(__CUDACC_RTC__)
+typedef signed char int8_t;
+typedef short int16_t;
+typedef int int32_t;
+typedef long long int64_t;
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
+typedef unsigned long long uintptr_t;
 #else
-#define L2R_HD inline
+#include <cstdint>
 #endif
 
-namespace l2r {
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define L2R_HD __host__ __device__ __forceinline__
+#define L2R_DEVICE_COMPILE 1
+#else
+#define L2R_HD inline __attribute__((always_inline))
+#endif
 
-// Overloads instead of std:: so that device code never depends on the host standard library, and
-// float math stays in float (expf, not exp promoted to double).
-L2R_HD float math_exp(float v) { return expf(v); }
-L2R_HD double math_exp(double v) { return exp(v); }
-L2R_HD float math_log(float v) { return logf(v); }
-L2R_HD double math_log(double v) { return log(v); }
-L2R_HD float math_tanh(float v) { return tanhf(v); }
-L2R_HD double math_tanh(double v) { return tanh(v); }
-L2R_HD float math_sqrt(float v) { return sqrtf(v); }
-L2R_HD double math_sqrt(double v) { return sqrt(v); }
-L2R_HD bool math_isnan(float v) { return v != v; }
-L2R_HD bool math_isnan(double v) { return v != v; }
-L2R_HD float math_max(float a, float b) { return a > b ? a : b; }
-L2R_HD double math_max(double a, double b) { return a > b ? a : b; }
+#if defined(__CUDA_ARCH__)
+#define L2R_ON_DEVICE 1
+#endif
 
-template <typename acc_t>
-L2R_HD acc_t math_neg_inf() { return -static_cast<acc_t>(INFINITY); }
-
-}  // namespace l2r
+// The per-ISA namespace of everything inline that a translation unit compiled for one instruction
+// set (route/cpu/route_cpu_avx2.cpp, ..._avx512.cpp define L2R_ISA before any include) shares with
+// the others: lanes, fast math, the route math. Distinct mangled names per ISA, so the linker can
+// never fold an AVX-512 copy of an inline function into code that runs on a CPU without it.
+#ifndef L2R_ISA
+#define L2R_ISA portable
+#endif
+#define L2R_ISA_BEGIN inline namespace L2R_ISA {
+#define L2R_ISA_END }

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <limits>
+
 namespace l2r {
 namespace permute {
 
@@ -45,6 +47,12 @@ inline void check_plan_inputs(const at::Tensor& indices, int64_t num_experts, in
               "l2r_cuda.permute: capacity must be >= 0 or None, got ", capacity.value_or(0));
   TORCH_CHECK(indices.numel() < (int64_t{1} << 32),
               "l2r_cuda.permute: T * k must be < 2^32, got ", indices.numel());
+  // Every offset is at most T*k + E*(align-1) (fixed_num_rows): it must fit int64, or offsets and
+  // row indices would wrap.
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+  TORCH_CHECK(align - 1 <= (kMax - indices.numel()) / num_experts, "l2r_cuda.permute: align = ", align,
+              " with num_experts = ", num_experts, " and T * k = ", indices.numel(),
+              " overflows int64 row offsets (T*k + E*(align-1) must fit)");
   if (weights.has_value()) {
     check_floating(*weights, "permute", "weights");
     check_same_device(*weights, indices, "permute", "weights", "indices");

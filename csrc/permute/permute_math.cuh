@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "../common/hd.h"
+#include "../common/order.h"
 
 namespace l2r {
 namespace permute {
@@ -29,25 +30,13 @@ L2R_HD int64_t checked_expert(index_t v, int64_t experts) {
   return (e >= 0 && e < experts) ? e : -1;
 }
 
-// Keep-priority of a row under `capacity` with router weights: larger key = kept first. The high
-// 32 bits order the weight (descending; -0 == +0; NaN ranks below every number), the low 32 bits
-// break ties by lower flat row index (= lower token, since a token has at most one row per expert).
-// Keys are unique inside an expert, so "the capacity largest keys" is a well-defined set.
+// Keep-priority of a row under `capacity` with router weights: larger key = kept first, in the one
+// selection order of common/order.h (weight descending, -0 == +0, NaN below every number, ties to
+// the lower flat row = lower token, since a token has at most one row per expert). Keys are unique
+// inside an expert, so "the capacity largest keys" is a well-defined set. flat_row < 2^32
+// (check_plan_inputs).
 L2R_HD uint64_t capacity_key(float w, int64_t flat_row) {
-  uint32_t bits;
-  if (w != w) {
-    bits = 0u;
-  } else {
-    if (w == 0.0f) w = 0.0f;  // -0 -> +0
-    union {
-      float f;
-      uint32_t u;
-    } pun;
-    pun.f = w;
-    bits = (pun.u & 0x80000000u) ? ~pun.u : (pun.u | 0x80000000u);
-  }
-  return (static_cast<uint64_t>(bits) << 32) |
-         static_cast<uint64_t>(0xFFFFFFFFu - static_cast<uint32_t>(flat_row));
+  return order_key(w, static_cast<uint32_t>(flat_row));
 }
 
 }  // namespace permute

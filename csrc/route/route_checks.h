@@ -1,155 +1,368 @@
-// Argument checks of the route ops, shared by the CPU and CUDA registrations: every message names
-// the argument and the value received.
+// Argument checks of the route ops, shared by the CPU and CUDA adapters, and the one place where the
+// op arguments become a RouteShape and RouteOptions (route_options.h). Every message names the
+// argument and the value received.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
+
+#include "math/selection.h"
+#include "route_options.h"
 
 namespace l2r {
 namespace route {
 
-struct RouteDims {
-  int64_t tokens;
-  int64_t d;
-  int64_t rank;
-  int64_t experts;
-  int64_t anchors;
-};
-
-inline void check_floating(const at::Tensor& t, const char* name) {
+inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
   const auto st = t.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              "l2r_cuda.route: ", name, " must be float32, float64, bfloat16 or float16, got ", st);
+              "l2r_cuda.", op, ": ", name, " must be float32, float64, bfloat16 or float16, got ", st);
 }
 
-inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), "l2r_cuda.route: ", name, " is on ", t.device(),
+inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "l2r_cuda.", op, ": ", name, " is on ", t.device(),
               " but x is on ", x.device(), "; all inputs must be on one device");
 }
 
-inline bool parse_score(const std::string& score) {
-  TORCH_CHECK(score == "softmax" || score == "sigmoid",
-              "l2r_cuda.route: score must be 'softmax' or 'sigmoid', got '", score, "'");
-  return score == "sigmoid";
+inline Score parse_score(c10::string_view score, const char* op) {
+  TORCH_CHECK(score == "softmax" || score == "sigmoid", "l2r_cuda.", op,
+              ": score must be 'softmax' or 'sigmoid', got '", std::string(score), "'");
+  return score == "sigmoid" ? Score::kSigmoid : Score::kSoftmax;
 }
 
-inline bool parse_norm(const c10::optional<c10::string_view>& norm) {
-  if (!norm.has_value()) return false;
-  TORCH_CHECK(*norm == "rms", "l2r_cuda.route: norm must be 'rms' or None, got '",
+inline Norm parse_norm(const c10::optional<c10::string_view>& norm, const char* op) {
+  if (!norm.has_value()) return Norm::kNone;
+  TORCH_CHECK(*norm == "rms", "l2r_cuda.", op, ": norm must be 'rms' or None, got '",
               std::string(norm->data(), norm->size()), "'");
-  return true;
+  return Norm::kRms;
 }
 
-inline RouteDims check_route_inputs(const at::Tensor& x, const at::Tensor& proj,
-                                    const at::Tensor& anchors, const at::Tensor& scale,
-                                    const c10::optional<at::Tensor>& norm_weight,
-                                    const c10::optional<at::Tensor>& expert_bias) {
-  TORCH_CHECK(x.dim() == 2, "l2r_cuda.route: x must be [T, d] (leading dims flattened), got ",
+inline GroupScore parse_group_score(c10::string_view group_score, const char* op) {
+  TORCH_CHECK(group_score == "top2_sum" || group_score == "max", "l2r_cuda.", op,
+              ": group_score must be 'top2_sum' or 'max', got '", std::string(group_score), "'");
+  return group_score == "max" ? GroupScore::kMax : GroupScore::kTop2Sum;
+}
+
+// x [T, d], proj [r, d], anchors [E, H, r], scale (one value), norm_weight [d], expert_bias [E].
+inline RouteShape check_scoring_inputs(const at::Tensor& x, const at::Tensor& proj,
+                                       const at::Tensor& anchors, const at::Tensor& scale,
+                                       const c10::optional<at::Tensor>& norm_weight, const char* op) {
+  TORCH_CHECK(x.dim() == 2, "l2r_cuda.", op, ": x must be [T, d] (leading dims flattened), got ",
               x.dim(), "-D shape ", x.sizes());
-  TORCH_CHECK(proj.dim() == 2, "l2r_cuda.route: proj must be [r, d], got shape ", proj.sizes());
-  TORCH_CHECK(anchors.dim() == 3, "l2r_cuda.route: anchors must be [E, H, r], got shape ",
+  TORCH_CHECK(proj.dim() == 2, "l2r_cuda.", op, ": proj must be [r, d], got shape ", proj.sizes());
+  TORCH_CHECK(anchors.dim() == 3, "l2r_cuda.", op, ": anchors must be [E, H, r], got shape ",
               anchors.sizes());
-  TORCH_CHECK(scale.numel() == 1, "l2r_cuda.route: scale must hold one value, got shape ",
+  TORCH_CHECK(scale.numel() == 1, "l2r_cuda.", op, ": scale must hold one value, got shape ",
               scale.sizes());
-  check_floating(x, "x");
-  check_floating(proj, "proj");
-  check_floating(anchors, "anchors");
-  check_floating(scale, "scale");
-  check_same_device(proj, x, "proj");
-  check_same_device(anchors, x, "anchors");
-  check_same_device(scale, x, "scale");
-  RouteDims dims{x.size(0), x.size(1), proj.size(0), anchors.size(0), anchors.size(1)};
-  TORCH_CHECK(proj.size(1) == dims.d, "l2r_cuda.route: proj is [r, d] = ", proj.sizes(),
-              " but x has d = ", dims.d);
-  TORCH_CHECK(dims.d >= 1, "l2r_cuda.route: x must have d >= 1, got d = ", dims.d);
-  TORCH_CHECK(dims.rank >= 1, "l2r_cuda.route: proj must have rank r >= 1, got shape ",
+  check_floating(x, op, "x");
+  check_floating(proj, op, "proj");
+  check_floating(anchors, op, "anchors");
+  check_floating(scale, op, "scale");
+  check_same_device(proj, x, op, "proj");
+  check_same_device(anchors, x, op, "anchors");
+  check_same_device(scale, x, op, "scale");
+  TORCH_CHECK(proj.size(1) == x.size(1), "l2r_cuda.", op, ": proj is [r, d] = ", proj.sizes(),
+              " but x has d = ", x.size(1));
+  TORCH_CHECK(x.size(1) >= 1, "l2r_cuda.", op, ": x must have d >= 1, got d = ", x.size(1));
+  TORCH_CHECK(proj.size(0) >= 1, "l2r_cuda.", op, ": proj must have rank r >= 1, got shape ",
               proj.sizes());
-  TORCH_CHECK(anchors.size(2) == dims.rank, "l2r_cuda.route: anchors is [E, H, r] = ",
-              anchors.sizes(), " but proj has rank r = ", dims.rank);
-  TORCH_CHECK(dims.experts >= 1 && dims.anchors >= 1,
-              "l2r_cuda.route: anchors needs E >= 1 experts and H >= 1 anchors, got shape ",
-              anchors.sizes());
-  TORCH_CHECK(dims.experts <= (int64_t{1} << 30) && dims.rank <= (int64_t{1} << 20),
-              "l2r_cuda.route: anchors shape ", anchors.sizes(), " is too large");
+  TORCH_CHECK(anchors.size(2) == proj.size(0), "l2r_cuda.", op, ": anchors is [E, H, r] = ",
+              anchors.sizes(), " but proj has rank r = ", proj.size(0));
+  TORCH_CHECK(anchors.size(0) >= 1 && anchors.size(1) >= 1, "l2r_cuda.", op,
+              ": anchors needs E >= 1 experts and H >= 1 anchors, got shape ", anchors.sizes());
+  TORCH_CHECK(anchors.size(0) <= (int64_t{1} << 30) && anchors.size(1) <= (int64_t{1} << 20) &&
+                  proj.size(0) <= (int64_t{1} << 20),
+              "l2r_cuda.", op, ": anchors shape ", anchors.sizes(), " is too large");
   if (norm_weight.has_value()) {
-    check_floating(*norm_weight, "norm_weight");
-    check_same_device(*norm_weight, x, "norm_weight");
-    TORCH_CHECK(norm_weight->dim() == 1 && norm_weight->size(0) == dims.d,
-                "l2r_cuda.route: norm_weight must be [d] = [", dims.d, "], got shape ",
-                norm_weight->sizes());
+    check_floating(*norm_weight, op, "norm_weight");
+    check_same_device(*norm_weight, x, op, "norm_weight");
+    TORCH_CHECK(norm_weight->dim() == 1 && norm_weight->size(0) == x.size(1), "l2r_cuda.", op,
+                ": norm_weight must be [d] = [", x.size(1), "], got shape ", norm_weight->sizes());
   }
-  if (expert_bias.has_value()) {
-    check_floating(*expert_bias, "expert_bias");
-    check_same_device(*expert_bias, x, "expert_bias");
-    TORCH_CHECK(expert_bias->dim() == 1 && expert_bias->size(0) == dims.experts,
-                "l2r_cuda.route: expert_bias must be [E] = [", dims.experts, "], got shape ",
-                expert_bias->sizes());
-  }
-  return dims;
+  RouteShape s;
+  s.tokens = x.size(0);
+  s.d = x.size(1);
+  s.rank = static_cast<int>(proj.size(0));
+  s.experts = static_cast<int>(anchors.size(0));
+  s.anchors = static_cast<int>(anchors.size(1));
+  s.top_k = 0;
+  s.seq_len = s.tokens;
+  return s;
 }
 
-inline void check_route_options(const RouteDims& dims, int64_t top_k, double beta, double eps,
-                                double tau) {
-  TORCH_CHECK(top_k >= 1 && top_k <= dims.experts, "l2r_cuda.route: top_k must be in [1, E] = [1, ",
-              dims.experts, "], got ", top_k);
-  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "l2r_cuda.route: beta must be in [0, 1], got ", beta);
-  TORCH_CHECK(eps > 0.0, "l2r_cuda.route: eps must be > 0, got ", eps);
-  TORCH_CHECK(tau > 0.0, "l2r_cuda.route: tau must be > 0, got ", tau);
+inline void check_scoring_options(double beta, double eps, double tau, const char* op) {
+  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "l2r_cuda.", op, ": beta must be in [0, 1], got ", beta);
+  TORCH_CHECK(eps > 0.0, "l2r_cuda.", op, ": eps must be > 0, got ", eps);
+  TORCH_CHECK(tau > 0.0, "l2r_cuda.", op, ": tau must be > 0, got ", tau);
 }
 
-// What both backends need from route_backward's arguments, after checking them: the forward's
-// dims, k, and the parsed options. Grad shapes are checked here so no kernel reads out of bounds.
-struct RouteBackwardSetup {
-  RouteDims dims;
-  int64_t top_k;
-  bool sigmoid;
-  bool use_norm;
+// seq_len: 0 means one statistics group (the whole batch).
+inline void apply_seq_len(RouteShape& s, int64_t seq_len, const char* op) {
+  TORCH_CHECK(seq_len >= 0, "l2r_cuda.", op, ": seq_len must be >= 0 (0: no sequences), got ", seq_len);
+  if (seq_len == 0) {
+    s.seq_len = s.tokens;
+    return;
+  }
+  TORCH_CHECK(s.tokens % seq_len == 0, "l2r_cuda.", op, ": seq_len = ", seq_len,
+              " must divide the number of tokens T = ", s.tokens);
+  s.seq_len = seq_len;
+}
+
+inline void check_padding_mask(const c10::optional<at::Tensor>& padding_mask, const at::Tensor& x,
+                               int64_t tokens, const char* op) {
+  if (!padding_mask.has_value()) return;
+  check_same_device(*padding_mask, x, op, "padding_mask");
+  TORCH_CHECK(padding_mask->scalar_type() == at::kBool, "l2r_cuda.", op,
+              ": padding_mask must be bool (True: padding), got ", padding_mask->scalar_type());
+  TORCH_CHECK(padding_mask->numel() == tokens, "l2r_cuda.", op, ": padding_mask must have T = ",
+              tokens, " elements, got shape ", padding_mask->sizes());
+}
+
+// The selection options of route_forward / route_select: top_k, groups, scaling.
+inline void apply_selection_options(RouteShape& s, RouteOptions& o, int64_t top_k,
+                                    int64_t num_groups, int64_t topk_groups,
+                                    c10::string_view group_score, double routed_scaling_factor,
+                                    const char* op) {
+  TORCH_CHECK(top_k >= 1 && top_k <= s.experts, "l2r_cuda.", op, ": top_k must be in [1, E] = [1, ",
+              s.experts, "], got ", top_k);
+  TORCH_CHECK(num_groups >= 1 && num_groups <= math::kMaxGroups, "l2r_cuda.", op,
+              ": num_groups must be in [1, ", math::kMaxGroups, "], got ", num_groups);
+  TORCH_CHECK(s.experts % num_groups == 0, "l2r_cuda.", op, ": num_groups = ", num_groups,
+              " must divide the number of experts E = ", s.experts);
+  TORCH_CHECK(topk_groups >= 1 && topk_groups <= num_groups, "l2r_cuda.", op,
+              ": topk_groups must be in [1, num_groups] = [1, ", num_groups, "], got ", topk_groups);
+  TORCH_CHECK(top_k <= topk_groups * (s.experts / num_groups), "l2r_cuda.", op, ": top_k = ", top_k,
+              " exceeds the experts of the kept groups, topk_groups * E / num_groups = ",
+              topk_groups * (s.experts / num_groups));
+  o.group_score = parse_group_score(group_score, op);
+  TORCH_CHECK(num_groups == 1 || o.group_score == GroupScore::kMax || s.experts / num_groups >= 2,
+              "l2r_cuda.", op, ": group_score='top2_sum' needs at least 2 experts per group, got E = ",
+              s.experts, " in ", num_groups, " groups");
+  TORCH_CHECK(std::isfinite(routed_scaling_factor), "l2r_cuda.", op,
+              ": routed_scaling_factor must be finite, got ", routed_scaling_factor);
+  s.top_k = static_cast<int>(top_k);
+  o.num_groups = static_cast<int>(num_groups);
+  o.topk_groups = static_cast<int>(topk_groups);
+  o.routed_scaling_factor = routed_scaling_factor;
+}
+
+// route_forward's arguments, checked, as a shape and options.
+struct RouteCall {
+  RouteShape shape;
+  RouteOptions opt;
 };
 
-inline RouteBackwardSetup check_route_backward_inputs(
-    const c10::optional<at::Tensor>& grad_weights, const c10::optional<at::Tensor>& grad_mean_probs,
-    const c10::optional<at::Tensor>& grad_lse, const at::Tensor& x, const at::Tensor& proj,
-    const at::Tensor& anchors, const at::Tensor& scale,
-    const c10::optional<at::Tensor>& norm_weight, const at::Tensor& indices, const at::Tensor& q,
-    const at::Tensor& rstd, double beta, const c10::optional<c10::string_view>& norm, double eps,
-    double tau, c10::string_view score) {
-  const RouteDims dims = check_route_inputs(x, proj, anchors, scale, norm_weight, c10::nullopt);
-  const int64_t T = dims.tokens, E = dims.experts;
-  TORCH_CHECK(indices.dim() == 2 && indices.size(0) == T,
-              "l2r_cuda.route_backward: indices must be [T, k] with T = ", T, ", got shape ",
-              indices.sizes());
-  const int64_t top_k = indices.size(1);
-  check_route_options(dims, std::max<int64_t>(top_k, 1), beta, eps, tau);
-  TORCH_CHECK(q.sizes() == at::IntArrayRef({T, dims.rank}) && rstd.numel() == T,
-              "l2r_cuda.route_backward: saved q must be [T, r] = [", T, ", ", dims.rank,
-              "] and rstd [T], got ", q.sizes(), " and ", rstd.sizes());
-  for (const at::Tensor* t : {&indices, &q, &rstd}) check_same_device(*t, x, "a saved tensor");
-  if (grad_weights.has_value()) {
-    check_same_device(*grad_weights, x, "grad_weights");
-    TORCH_CHECK(grad_weights->numel() == T * top_k,
-                "l2r_cuda.route_backward: grad_weights must be [T, k] = [", T, ", ", top_k,
-                "], got ", grad_weights->sizes());
+inline RouteCall check_route_forward_args(
+    const at::Tensor& x, const at::Tensor& proj, const at::Tensor& anchors, const at::Tensor& scale,
+    const c10::optional<at::Tensor>& norm_weight, const c10::optional<at::Tensor>& expert_bias,
+    const c10::optional<at::Tensor>& padding_mask, int64_t top_k, double beta,
+    const c10::optional<c10::string_view>& norm, double eps_norm, double eps, double tau,
+    c10::string_view score, bool normalize, int64_t num_groups, int64_t topk_groups,
+    c10::string_view group_score, double routed_scaling_factor, int64_t seq_len) {
+  const char* op = "route";
+  RouteCall c;
+  c.shape = check_scoring_inputs(x, proj, anchors, scale, norm_weight, op);
+  check_scoring_options(beta, eps, tau, op);
+  if (expert_bias.has_value()) {
+    check_floating(*expert_bias, op, "expert_bias");
+    check_same_device(*expert_bias, x, op, "expert_bias");
+    TORCH_CHECK(expert_bias->dim() == 1 && expert_bias->size(0) == c.shape.experts, "l2r_cuda.", op,
+                ": expert_bias must be [E] = [", c.shape.experts, "], got shape ", expert_bias->sizes());
   }
-  if (grad_mean_probs.has_value()) {
-    check_same_device(*grad_mean_probs, x, "grad_mean_probs");
-    TORCH_CHECK(grad_mean_probs->numel() == E,
-                "l2r_cuda.route_backward: grad_mean_probs must be [E] = [", E, "], got ",
-                grad_mean_probs->sizes());
-  }
-  if (grad_lse.has_value()) {
-    check_same_device(*grad_lse, x, "grad_lse");
-    TORCH_CHECK(grad_lse->numel() == T, "l2r_cuda.route_backward: grad_lse must be [T] = [", T,
-                "], got ", grad_lse->sizes());
-  }
-  return {dims, top_k, parse_score(std::string(score)), parse_norm(norm)};
+  check_padding_mask(padding_mask, x, c.shape.tokens, op);
+  apply_seq_len(c.shape, seq_len, op);
+  c.opt.beta = beta;
+  c.opt.eps_norm = eps_norm;
+  c.opt.eps = eps;
+  c.opt.tau = tau;
+  c.opt.score = parse_score(score, op);
+  c.opt.norm = parse_norm(norm, op);
+  c.opt.normalize = normalize;
+  apply_selection_options(c.shape, c.opt, top_k, num_groups, topk_groups, group_score,
+                          routed_scaling_factor, op);
+  return c;
 }
 
-// Accumulation dtype: float64 inputs keep float64 (for gradcheck); everything else computes in fp32.
+// route_backward's arguments (the forward's options it needs), checked. Gradient shapes are
+// checked here so that no kernel reads out of bounds; indices must be integers (their values are
+// checked by the kernels, which never write outside their outputs).
+inline RouteCall check_route_backward_args(
+    const c10::optional<at::Tensor>& grad_weights, const c10::optional<at::Tensor>& grad_mean_probs,
+    const c10::optional<at::Tensor>& grad_lse, const at::Tensor& x, const at::Tensor& proj,
+    const at::Tensor& anchors, const at::Tensor& scale, const c10::optional<at::Tensor>& norm_weight,
+    const c10::optional<at::Tensor>& padding_mask, const at::Tensor& indices, const at::Tensor& q,
+    const at::Tensor& rstd, double beta, const c10::optional<c10::string_view>& norm, double eps,
+    double tau, c10::string_view score, bool normalize, double routed_scaling_factor,
+    int64_t seq_len) {
+  const char* op = "route_backward";
+  RouteCall c;
+  c.shape = check_scoring_inputs(x, proj, anchors, scale, norm_weight, op);
+  check_scoring_options(beta, eps, tau, op);
+  const int64_t T = c.shape.tokens, E = c.shape.experts;
+  TORCH_CHECK(indices.dim() == 2 && indices.size(0) == T, "l2r_cuda.route_backward: indices must be [T, k] with T = ",
+              T, ", got shape ", indices.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
+              "l2r_cuda.route_backward: indices must be int64 or int32, got ", indices.scalar_type());
+  const int64_t top_k = indices.size(1);
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "l2r_cuda.route_backward: indices must have k in [1, E] = [1, ",
+              E, "] columns, got ", top_k);
+  TORCH_CHECK(q.sizes() == at::IntArrayRef({T, int64_t(c.shape.rank)}) && rstd.dim() == 1 && rstd.size(0) == T,
+              "l2r_cuda.route_backward: saved q must be [T, r] = [", T, ", ", c.shape.rank,
+              "] and rstd [T], got ", q.sizes(), " and ", rstd.sizes());
+  for (const at::Tensor* t : {&indices, &q, &rstd}) check_same_device(*t, x, op, "a saved tensor");
+  apply_seq_len(c.shape, seq_len, op);
+  if (grad_weights.has_value()) {
+    check_same_device(*grad_weights, x, op, "grad_weights");
+    TORCH_CHECK(grad_weights->sizes() == indices.sizes(), "l2r_cuda.route_backward: grad_weights must be [T, k] = [",
+                T, ", ", top_k, "], got ", grad_weights->sizes());
+  }
+  if (grad_mean_probs.has_value()) {
+    check_same_device(*grad_mean_probs, x, op, "grad_mean_probs");
+    const bool per_seq = seq_len > 0;
+    const bool ok = per_seq ? grad_mean_probs->sizes() == at::IntArrayRef({c.shape.num_seqs(), E})
+                            : (grad_mean_probs->dim() == 1 && grad_mean_probs->size(0) == E);
+    TORCH_CHECK(ok, "l2r_cuda.route_backward: grad_mean_probs must be ",
+                per_seq ? "[T / seq_len, E] = [" + std::to_string(c.shape.num_seqs()) + ", " : std::string("[E] = ["),
+                E, "], got ", grad_mean_probs->sizes());
+  }
+  if (grad_lse.has_value()) {
+    check_same_device(*grad_lse, x, op, "grad_lse");
+    TORCH_CHECK(grad_lse->dim() == 1 && grad_lse->size(0) == T, "l2r_cuda.route_backward: grad_lse must be [T] = [", T,
+                "], got ", grad_lse->sizes());
+  }
+  check_padding_mask(padding_mask, x, T, op);
+  c.shape.top_k = static_cast<int>(top_k);
+  c.opt.beta = beta;
+  c.opt.eps = eps;
+  c.opt.tau = tau;
+  c.opt.score = parse_score(score, op);
+  c.opt.norm = parse_norm(norm, op);
+  c.opt.normalize = normalize;
+  TORCH_CHECK(std::isfinite(routed_scaling_factor), "l2r_cuda.route_backward: routed_scaling_factor must be finite, got ",
+              routed_scaling_factor);
+  c.opt.routed_scaling_factor = routed_scaling_factor;
+  return c;
+}
+
+// route_select's arguments (route_from_logits: routing of given logits [T, E]), checked.
+inline RouteCall check_route_select_args(const at::Tensor& logits, const c10::optional<at::Tensor>& expert_bias,
+                                         const c10::optional<at::Tensor>& padding_mask, int64_t top_k,
+                                         c10::string_view score, bool normalize, int64_t num_groups,
+                                         int64_t topk_groups, c10::string_view group_score,
+                                         double routed_scaling_factor, int64_t seq_len) {
+  const char* op = "route_from_logits";
+  TORCH_CHECK(logits.dim() == 2, "l2r_cuda.", op, ": logits must be [T, E], got shape ", logits.sizes());
+  check_floating(logits, op, "logits");
+  TORCH_CHECK(logits.size(1) >= 1 && logits.size(1) <= (int64_t{1} << 30), "l2r_cuda.", op,
+              ": logits must have 1 <= E <= 2^30 columns, got ", logits.size(1));
+  RouteCall c;
+  c.shape.tokens = logits.size(0);
+  c.shape.d = 1;
+  c.shape.rank = 1;
+  c.shape.experts = static_cast<int>(logits.size(1));
+  c.shape.anchors = 1;
+  if (expert_bias.has_value()) {
+    check_floating(*expert_bias, op, "expert_bias");
+    check_same_device(*expert_bias, logits, op, "expert_bias");
+    TORCH_CHECK(expert_bias->dim() == 1 && expert_bias->size(0) == c.shape.experts, "l2r_cuda.", op,
+                ": expert_bias must be [E] = [", c.shape.experts, "], got shape ", expert_bias->sizes());
+  }
+  check_padding_mask(padding_mask, logits, c.shape.tokens, op);
+  apply_seq_len(c.shape, seq_len, op);
+  c.opt.score = parse_score(score, op);
+  c.opt.normalize = normalize;
+  apply_selection_options(c.shape, c.opt, top_k, num_groups, topk_groups, group_score, routed_scaling_factor, op);
+  return c;
+}
+
+// route_select_backward's arguments, checked (shapes of every gradient, integer indices).
+inline RouteCall check_route_select_backward_args(
+    const c10::optional<at::Tensor>& grad_weights, const c10::optional<at::Tensor>& grad_mean_probs,
+    const c10::optional<at::Tensor>& grad_lse, const at::Tensor& logits,
+    const c10::optional<at::Tensor>& padding_mask, const at::Tensor& indices, c10::string_view score,
+    bool normalize, double routed_scaling_factor, int64_t seq_len) {
+  const char* op = "route_from_logits_backward";
+  TORCH_CHECK(logits.dim() == 2, "l2r_cuda.", op, ": logits must be [T, E], got ", logits.sizes());
+  check_floating(logits, op, "logits");
+  RouteCall c;
+  c.shape.tokens = logits.size(0);
+  c.shape.d = 1;
+  c.shape.rank = 1;
+  c.shape.experts = static_cast<int>(logits.size(1));
+  c.shape.anchors = 1;
+  TORCH_CHECK(indices.dim() == 2 && indices.size(0) == c.shape.tokens &&
+                  (indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt),
+              "l2r_cuda.", op, ": indices must be int64 or int32 [T, k] with T = ", c.shape.tokens, ", got ",
+              indices.scalar_type(), " ", indices.sizes());
+  c.shape.top_k = static_cast<int>(indices.size(1));
+  apply_seq_len(c.shape, seq_len, op);
+  check_padding_mask(padding_mask, logits, c.shape.tokens, op);
+  if (grad_weights.has_value()) {
+    check_same_device(*grad_weights, logits, op, "grad_weights");
+    TORCH_CHECK(grad_weights->sizes() == indices.sizes(), "l2r_cuda.", op, ": grad_weights must be ",
+                indices.sizes(), ", got ", grad_weights->sizes());
+  }
+  if (grad_lse.has_value()) {
+    check_same_device(*grad_lse, logits, op, "grad_lse");
+    TORCH_CHECK(grad_lse->dim() == 1 && grad_lse->size(0) == c.shape.tokens, "l2r_cuda.", op,
+                ": grad_lse must be [T] = [", c.shape.tokens, "], got ", grad_lse->sizes());
+  }
+  if (grad_mean_probs.has_value()) {
+    check_same_device(*grad_mean_probs, logits, op, "grad_mean_probs");
+    const int64_t want = (seq_len > 0 ? c.shape.num_seqs() : 1) * c.shape.experts;
+    TORCH_CHECK(grad_mean_probs->numel() == want, "l2r_cuda.", op, ": grad_mean_probs has ",
+                grad_mean_probs->numel(), " elements, expected ", want);
+  }
+  c.opt.score = parse_score(score, op);
+  c.opt.normalize = normalize;
+  TORCH_CHECK(std::isfinite(routed_scaling_factor), "l2r_cuda.", op, ": routed_scaling_factor must be finite, got ",
+              routed_scaling_factor);
+  c.opt.routed_scaling_factor = routed_scaling_factor;
+  return c;
+}
+
+// route_logits_backward's arguments, checked; returns the shape.
+inline RouteShape check_route_logits_backward_args(const at::Tensor& grad_logits, const at::Tensor& x,
+                                                   const at::Tensor& proj, const at::Tensor& anchors,
+                                                   const at::Tensor& scale,
+                                                   const c10::optional<at::Tensor>& norm_weight,
+                                                   const at::Tensor& q, const at::Tensor& rstd, double beta,
+                                                   double eps, double tau) {
+  const char* op = "route_logits_backward";
+  const RouteShape s = check_scoring_inputs(x, proj, anchors, scale, norm_weight, op);
+  check_scoring_options(beta, eps, tau, op);
+  TORCH_CHECK(grad_logits.sizes() == at::IntArrayRef({s.tokens, int64_t(s.experts)}), "l2r_cuda.", op,
+              ": grad_logits must be [T, E] = [", s.tokens, ", ", s.experts, "], got ", grad_logits.sizes());
+  check_same_device(grad_logits, x, op, "grad_logits");
+  TORCH_CHECK(q.sizes() == at::IntArrayRef({s.tokens, int64_t(s.rank)}) && rstd.dim() == 1 && rstd.size(0) == s.tokens,
+              "l2r_cuda.", op, ": saved q must be [T, r] and rstd [T], got ", q.sizes(), " and ", rstd.sizes());
+  return s;
+}
+
+// Math dtype: float64 inputs keep float64 (for gradcheck); everything else computes in fp32.
 inline at::ScalarType route_acc_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Per statistics group (sequence): its number of non-padding tokens, int64 on x's device.
+inline at::Tensor counted_tokens(const RouteShape& s, const c10::optional<at::Tensor>& padding_mask,
+                                 const at::TensorOptions& options) {
+  const int64_t groups = s.tokens == 0 ? 1 : s.num_seqs();
+  if (padding_mask.has_value()) return padding_mask->reshape({groups, -1}).logical_not().sum(1);
+  return at::full({groups}, s.seq_len, options.dtype(at::kLong));
+}
+
+// mean_probs' gradient per token: grad_mean_probs [groups, E] times 1/count of the token's group
+// (math::mean_over_tokens' derivative), in the math dtype.
+inline at::Tensor mean_grad_per_token(const at::Tensor& grad_mean_probs, const RouteShape& s,
+                                      const c10::optional<at::Tensor>& padding_mask, at::ScalarType acc) {
+  const int64_t groups = s.tokens == 0 ? 1 : s.num_seqs();
+  const at::Tensor counts = counted_tokens(s, padding_mask, grad_mean_probs.options()).to(acc);
+  const at::Tensor inv = at::where(counts > 0, at::full({}, 1.0, counts.options()) / counts, at::zeros_like(counts));
+  return (grad_mean_probs.to(acc).reshape({groups, s.experts}) * inv.unsqueeze(1)).contiguous();
 }
 
 }  // namespace route

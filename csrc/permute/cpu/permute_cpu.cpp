@@ -13,8 +13,8 @@
 #include <functional>
 #include <vector>
 
-#include "permute_checks.h"
-#include "permute_math.cuh"
+#include "../permute_checks.h"
+#include "../permute_math.cuh"
 
 namespace l2r {
 namespace permute {

@@ -7,7 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "permute_checks.h"
+#include "../permute_checks.h"
 #include "permute_launch.h"
 
 namespace l2r {

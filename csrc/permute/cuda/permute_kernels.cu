@@ -13,7 +13,7 @@
 #include <cstdint>
 
 #include "permute_launch.h"
-#include "permute_math.cuh"
+#include "../permute_math.cuh"
 
 namespace l2r {
 namespace permute {
@@ -130,12 +130,14 @@ __global__ void finalize_kernel(const int32_t* __restrict__ expert, const int32_
   row_map[r] = (capacity >= 0 && p >= capacity) ? -1 : offsets[e] + p;
 }
 
-// grouped[row_map[r]] = r for kept rows.
+// grouped[row_map[r]] = r for kept rows. Pass 1 places rows in [0, n) (unpadded, no capacity);
+// the bound keeps a corrupt row_map from writing outside `grouped` all the same.
 __global__ void group_kernel(const int64_t* __restrict__ row_map, int64_t n,
                              int64_t* __restrict__ grouped) {
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < n;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (row_map[r] >= 0) grouped[row_map[r]] = r;
+    const int64_t row = row_map[r];
+    if (row >= 0 && row < n) grouped[row] = r;
   }
 }
 

@@ -1,0 +1,684 @@
+// ATen adapter of the CPU route kernels: argument checks (route_checks.h), the instruction set
+// (cpu_isa), parameter preparation, chunked threading and the reductions over chunks, for
+// route_forward/route_backward, route_logits (+backward) and route_select (+backward). The token
+// loops are route_cpu_kernel.h's, compiled once per instruction set.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "../math/all.h"
+#include "../route_checks.h"
+#include "route_cpu_args.h"
+
+namespace l2r {
+namespace route {
+namespace cpu {
+namespace {
+
+// ---- instruction set --------------------------------------------------------------------------
+
+bool cpu_has(const char* isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (std::string(isa) == "avx2") {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }
+  if (std::string(isa) == "avx512") {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  }
+#endif
+  return std::string(isa) == "portable";
+}
+
+std::string best_isa() {
+  if (cpu_has("avx512")) return "avx512";
+  if (cpu_has("avx2")) return "avx2";
+  return "portable";
+}
+
+// The float kernels in use: the best the CPU has, unless L2R_CPU_ISA (or the legacy
+// L2R_CPU_PORTABLE=1) or cpu_isa() chose another.
+std::mutex isa_mutex;
+std::string& current_isa() {
+  static std::string isa = [] {
+    if (const char* forced = std::getenv("L2R_CPU_ISA")) {
+      const std::string want(forced);
+      TORCH_CHECK(want == "portable" || want == "avx2" || want == "avx512",
+                  "L2R_CPU_ISA must be portable, avx2 or avx512, got '", want, "'");
+      TORCH_CHECK(cpu_has(want.c_str()), "L2R_CPU_ISA=", want, " but this CPU does not support it");
+      return want;
+    }
+    if (std::getenv("L2R_CPU_PORTABLE") != nullptr) return std::string("portable");
+    return best_isa();
+  }();
+  return isa;
+}
+
+Kernels<float> float_kernels() {
+  std::lock_guard<std::mutex> lock(isa_mutex);
+  const std::string& isa = current_isa();
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (isa == "avx512") return avx512_kernels();
+  if (isa == "avx2") return avx2_kernels();
+#endif
+  return portable_kernels_float();
+}
+
+template <typename A>
+Kernels<A> kernels_for();
+template <>
+Kernels<float> kernels_for<float>() { return float_kernels(); }
+template <>
+Kernels<double> kernels_for<double>() { return portable_kernels_double(); }
+
+// ---- parameters -------------------------------------------------------------------------------
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Rows of W padded to a multiple of 16 floats and away from multiples of 4 KiB (r rows read side
+// by side would otherwise share L1 sets).
+int64_t padded_stride(int64_t d) {
+  const int64_t s = round_up(d, 16);
+  return s % 1024 == 0 ? s + 16 : s;
+}
+
+template <typename A>
+struct PreparedStorage {
+  std::vector<A> proj_w, proj, norm_weight, anchors_t, anchors;
+  std::vector<math::NormCoef<A>> anchor_coef;  // [E * H]
+  Prepared<A> view;
+};
+
+template <typename A>
+void prepare_params(const at::Tensor& proj_in, const at::Tensor& anchors_in, const at::Tensor& scale,
+                    const c10::optional<at::Tensor>& norm_weight_in, bool use_norm, A beta, A eps,
+                    int width, PreparedStorage<A>& P) {
+  const auto acc = c10::CppTypeToScalarType<A>::value;
+  const at::Tensor proj = proj_in.to(acc).contiguous();
+  const at::Tensor anchors = anchors_in.to(acc).contiguous();
+  const int64_t R = proj.size(0), d = proj.size(1), E = anchors.size(0), H = anchors.size(1);
+  const int64_t stride = padded_stride(d);
+  const int64_t E8 = round_up(E, width);
+  const A* w = proj.data_ptr<A>();
+  P.proj.assign(R * stride, A(0));
+  P.proj_w.assign(R * stride, A(0));
+  const bool weighted = use_norm && norm_weight_in.has_value();
+  if (weighted) {
+    const at::Tensor g = norm_weight_in->to(acc).contiguous();
+    P.norm_weight.assign(g.data_ptr<A>(), g.data_ptr<A>() + d);
+  } else {
+    P.norm_weight.clear();
+  }
+  for (int64_t k = 0; k < R; ++k) {
+    for (int64_t i = 0; i < d; ++i) {
+      P.proj[k * stride + i] = w[k * d + i];
+      P.proj_w[k * stride + i] = weighted ? w[k * d + i] * P.norm_weight[i] : w[k * d + i];
+    }
+  }
+  P.anchors.assign(anchors.data_ptr<A>(), anchors.data_ptr<A>() + E * H * R);
+  P.anchor_coef.resize(E * H);
+  P.anchors_t.assign(R * H * E8, A(0));
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t h = 0; h < H; ++h) {
+      const A* a = P.anchors.data() + (e * H + h) * R;
+      const math::NormCoef<A> c = math::sips_norm_coef(lanes::vsqrt(math::dot_r(a, a, int(R))), beta, eps);
+      P.anchor_coef[e * H + h] = c;
+      for (int64_t i = 0; i < R; ++i) P.anchors_t[(i * H + h) * E8 + e] = c.coef * a[i];
+    }
+  }
+  Prepared<A>& v = P.view;
+  v.d = d;
+  v.proj_stride = stride;
+  v.rank = static_cast<int>(R);
+  v.experts = static_cast<int>(E);
+  v.anchors = static_cast<int>(H);
+  v.experts_padded = static_cast<int>(E8);
+  v.proj_w = P.proj_w.data();
+  v.proj = P.proj.data();
+  v.norm_weight = weighted ? P.norm_weight.data() : nullptr;
+  v.anchors_t = P.anchors_t.data();
+  v.scale = scale.to(acc).template item<A>();
+}
+
+template <typename A>
+Options<A> kernel_options(const RouteOptions& o) {
+  Options<A> k;
+  k.beta = static_cast<A>(o.beta);
+  k.eps_norm = static_cast<A>(o.eps_norm);
+  k.eps = static_cast<A>(o.eps);
+  k.tau = static_cast<A>(o.tau);
+  k.scaling = static_cast<A>(o.routed_scaling_factor);
+  k.use_norm = o.use_norm();
+  k.sigmoid = o.sigmoid();
+  k.normalize = o.normalize;
+  k.num_groups = o.num_groups;
+  k.topk_groups = o.topk_groups;
+  k.group_score = o.group_score;
+  return k;
+}
+
+// Chunks of at least 64 tokens, at most 64 per T (plus group boundaries).
+TokenChunks cpu_chunks(const RouteShape& s) {
+  constexpr int64_t kMinChunk = 64, kMaxChunks = 64;
+  const int64_t count = std::max<int64_t>(1, std::min(kMaxChunks, (s.tokens + kMinChunk - 1) / kMinChunk));
+  return make_token_chunks(s, (s.tokens + count - 1) / count);
+}
+
+DType x_dtype(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK(false, "l2r_cuda.route: unsupported x dtype ", x.scalar_type());
+  }
+}
+
+// grad_x is as large as x and written once: asks for transparent huge pages before the first touch
+// (the kernel otherwise faults it in 4 KiB at a time, a sizable share of the backward). Only the
+// 2 MiB-aligned interior; a hint, so failures are ignored.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+template <typename A, typename Args, typename Run>
+void run_chunks(const Args& args, int64_t (*scratch_size)(const Args&), Run&& run) {
+  at::parallel_for(0, args.chunks.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch(static_cast<size_t>(scratch_size(args)) + 64);
+    A* aligned = reinterpret_cast<A*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+    run(args, begin, end, aligned);
+  });
+}
+
+// mean_probs [groups, E] and tokens_per_expert from the chunk partials, each group's chunks added
+// in chunk order.
+template <typename A>
+void finish_statistics(const std::vector<A>& prob_partials, const std::vector<int64_t>& count_partials,
+                       const TokenChunks& chunks, int64_t groups, int E, int E8,
+                       const at::Tensor& token_counts, A* mean_probs, int64_t* tokens_per_expert) {
+  const int64_t* counted = token_counts.data_ptr<int64_t>();
+  for (int64_t s = 0; s < groups; ++s) {
+    for (int e = 0; e < E; ++e) {
+      A sum = A(0);
+      int64_t n = 0;
+      for (int64_t c = s * chunks.per_seq; c < (s + 1) * chunks.per_seq && c < chunks.count; ++c) {
+        sum += prob_partials[c * E8 + e];
+        n += count_partials[c * E8 + e];
+      }
+      mean_probs[s * E + e] = math::mean_over_tokens(sum, counted[s]);
+      tokens_per_expert[s * E + e] = n;
+    }
+  }
+}
+
+// ---- route_forward / route_select -----------------------------------------------------------
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Shared by route_forward (x given) and route_select (logits given).
+template <typename A>
+void run_forward(ForwardArgs<A>& args, const Kernels<A>& kernels, const RouteShape& s,
+                 const c10::optional<at::Tensor>& expert_bias, const c10::optional<at::Tensor>& padding_mask,
+                 int E8, at::Tensor& weights, at::Tensor& indices, at::Tensor& tokens_per_expert,
+                 at::Tensor& mean_probs, at::Tensor& lse) {
+  std::vector<A> bias;
+  if (expert_bias.has_value()) {
+    const at::Tensor b = expert_bias->to(c10::CppTypeToScalarType<A>::value).contiguous();
+    bias.assign(E8, A(0));
+    std::copy(b.data_ptr<A>(), b.data_ptr<A>() + s.experts, bias.begin());
+    args.bias = bias.data();
+  }
+  at::Tensor padding;
+  if (padding_mask.has_value()) {
+    padding = padding_mask->reshape({-1}).contiguous();
+    args.padding = padding.data_ptr<bool>();
+  }
+  args.chunks = cpu_chunks(s);
+  std::vector<A> prob_partials(args.chunks.count * E8, A(0));
+  std::vector<int64_t> count_partials(args.chunks.count * E8, 0);
+  args.prob_partials = prob_partials.data();
+  args.count_partials = count_partials.data();
+  args.weights = weights.data_ptr<A>();
+  args.indices = indices.data_ptr<int64_t>();
+  args.lse = lse.data_ptr<A>();
+  run_chunks<A>(args, kernels.forward_scratch, kernels.forward);
+  const at::Tensor counted = counted_tokens(s, padding_mask, weights.options()).contiguous();
+  finish_statistics<A>(prob_partials, count_partials, args.chunks, s.num_seqs(), s.experts, E8, counted,
+                       mean_probs.data_ptr<A>(), tokens_per_expert.data_ptr<int64_t>());
+}
+
+// Statistics shape: [E], or [T / seq_len, E] when statistics are per sequence.
+std::vector<int64_t> statistics_shape(const RouteShape& s, int64_t seq_len) {
+  if (seq_len > 0) return {s.num_seqs(), s.experts};
+  return {s.experts};
+}
+
+ForwardResult route_forward_cpu(const at::Tensor& x_in, const at::Tensor& proj, const at::Tensor& anchors,
+                                const at::Tensor& scale, const c10::optional<at::Tensor>& norm_weight,
+                                const c10::optional<at::Tensor>& expert_bias,
+                                const c10::optional<at::Tensor>& padding_mask, int64_t top_k, double beta,
+                                c10::optional<c10::string_view> norm, double eps_norm, double eps, double tau,
+                                c10::string_view score, bool normalize, int64_t num_groups,
+                                int64_t topk_groups, c10::string_view group_score,
+                                double routed_scaling_factor, int64_t seq_len) {
+  const RouteCall call = check_route_forward_args(
+      x_in, proj, anchors, scale, norm_weight, expert_bias, padding_mask, top_k, beta, norm, eps_norm,
+      eps, tau, score, normalize, num_groups, topk_groups, group_score, routed_scaling_factor, seq_len);
+  const RouteShape& s = call.shape;
+  const auto acc = route_acc_type(x_in);
+  const auto f = x_in.options().dtype(acc);
+  const int64_t T = s.tokens;
+  at::Tensor weights = at::empty({T, top_k}, f);
+  at::Tensor indices = at::empty({T, top_k}, x_in.options().dtype(at::kLong));
+  at::Tensor tokens_per_expert = at::zeros(statistics_shape(s, seq_len), x_in.options().dtype(at::kLong));
+  at::Tensor mean_probs = at::zeros(statistics_shape(s, seq_len), f);
+  at::Tensor lse = at::empty({T}, f);
+  at::Tensor q = at::empty({T, s.rank}, f);
+  at::Tensor rstd = at::empty({T}, f);
+  if (T == 0) return {weights, indices, tokens_per_expert, mean_probs, lse, q, rstd};
+  const at::Tensor x = x_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "route_forward_cpu", [&] {
+    using A = scalar_t;
+    const Kernels<A> kernels = kernels_for<A>();
+    PreparedStorage<A> P;
+    prepare_params<A>(proj, anchors, scale, norm_weight, call.opt.use_norm(), A(beta), A(eps),
+                      kernels.width, P);
+    ForwardArgs<A> args;
+    args.shape = s;
+    args.opt = kernel_options<A>(call.opt);
+    args.params = &P.view;
+    args.x = x.data_ptr();
+    args.x_type = x_dtype(x);
+    args.q = q.data_ptr<A>();
+    args.rstd = rstd.data_ptr<A>();
+    run_forward<A>(args, kernels, s, expert_bias, padding_mask, P.view.experts_padded, weights, indices,
+                   tokens_per_expert, mean_probs, lse);
+  });
+  return {weights, indices, tokens_per_expert, mean_probs, lse, q, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_select_cpu(
+    const at::Tensor& logits_in, const c10::optional<at::Tensor>& expert_bias,
+    const c10::optional<at::Tensor>& padding_mask, int64_t top_k, c10::string_view score, bool normalize,
+    int64_t num_groups, int64_t topk_groups, c10::string_view group_score, double routed_scaling_factor,
+    int64_t seq_len) {
+  const RouteCall call = check_route_select_args(logits_in, expert_bias, padding_mask, top_k, score, normalize,
+                                                 num_groups, topk_groups, group_score, routed_scaling_factor,
+                                                 seq_len);
+  const RouteShape& s = call.shape;
+  const auto acc = route_acc_type(logits_in);
+  const auto f = logits_in.options().dtype(acc);
+  const int64_t T = s.tokens;
+  at::Tensor weights = at::empty({T, top_k}, f);
+  at::Tensor indices = at::empty({T, top_k}, logits_in.options().dtype(at::kLong));
+  at::Tensor tokens_per_expert = at::zeros(statistics_shape(s, seq_len), logits_in.options().dtype(at::kLong));
+  at::Tensor mean_probs = at::zeros(statistics_shape(s, seq_len), f);
+  at::Tensor lse = at::empty({T}, f);
+  if (T == 0) return {weights, indices, tokens_per_expert, mean_probs, lse};
+  const at::Tensor logits = logits_in.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "route_select_cpu", [&] {
+    using A = scalar_t;
+    const Kernels<A> kernels = kernels_for<A>();
+    ForwardArgs<A> args;
+    args.shape = s;
+    args.opt = kernel_options<A>(call.opt);
+    args.logits_in = logits.data_ptr<A>();
+    const int E8 = static_cast<int>(round_up(s.experts, kernels.width));
+    Prepared<A> layout;  // only the padded width is read on this path
+    layout.experts = s.experts;
+    layout.experts_padded = E8;
+    layout.anchors = 1;
+    args.params = &layout;
+    run_forward<A>(args, kernels, s, expert_bias, padding_mask, E8, weights, indices, tokens_per_expert,
+                   mean_probs, lse);
+  });
+  return {weights, indices, tokens_per_expert, mean_probs, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> route_logits_cpu(
+    const at::Tensor& x_in, const at::Tensor& proj, const at::Tensor& anchors, const at::Tensor& scale,
+    const c10::optional<at::Tensor>& norm_weight, double beta, c10::optional<c10::string_view> norm,
+    double eps_norm, double eps, double tau) {
+  const char* op = "route_logits";
+  RouteShape s = check_scoring_inputs(x_in, proj, anchors, scale, norm_weight, op);
+  check_scoring_options(beta, eps, tau, op);
+  RouteOptions o;
+  o.beta = beta;
+  o.eps_norm = eps_norm;
+  o.eps = eps;
+  o.tau = tau;
+  o.norm = parse_norm(norm, op);
+  const auto acc = route_acc_type(x_in);
+  const auto f = x_in.options().dtype(acc);
+  const int64_t T = s.tokens;
+  at::Tensor logits = at::empty({T, s.experts}, f);
+  at::Tensor q = at::empty({T, s.rank}, f);
+  at::Tensor rstd = at::empty({T}, f);
+  if (T == 0) return {logits, q, rstd};
+  const at::Tensor x = x_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "route_logits_cpu", [&] {
+    using A = scalar_t;
+    const Kernels<A> kernels = kernels_for<A>();
+    PreparedStorage<A> P;
+    prepare_params<A>(proj, anchors, scale, norm_weight, o.use_norm(), A(beta), A(eps), kernels.width, P);
+    ForwardArgs<A> args;
+    args.shape = s;
+    args.opt = kernel_options<A>(o);
+    args.params = &P.view;
+    args.x = x.data_ptr();
+    args.x_type = x_dtype(x);
+    args.select = false;
+    args.q = q.data_ptr<A>();
+    args.rstd = rstd.data_ptr<A>();
+    args.logits_out = logits.data_ptr<A>();
+    args.chunks = cpu_chunks(s);
+    run_chunks<A>(args, kernels.forward_scratch, kernels.forward);
+  });
+  return {logits, q, rstd};
+}
+
+// ---- backward -------------------------------------------------------------------------------
+
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Reports an out-of-range index of route_backward's `indices` (found by a kernel, which wrote
+// nothing out of bounds and stopped).
+void report_bad_index(const at::Tensor& indices, int64_t experts) {
+  const at::Tensor bad = (indices < 0).logical_or(indices >= experts).nonzero();
+  TORCH_CHECK(bad.size(0) == 0, "l2r_cuda.route_backward: indices must be in [0, E) = [0, ", experts,
+              "), got indices[", bad[0][0].item<int64_t>(), ", ", bad[0][1].item<int64_t>(), "] = ",
+              indices[bad[0][0].item<int64_t>()][bad[0][1].item<int64_t>()].item<int64_t>());
+  TORCH_CHECK(false, "l2r_cuda.route_backward: indices out of range");
+}
+
+// Runs the backward token loops over every chunk; true when a kernel found an index outside
+// [0, E) (it then stopped without writing out of bounds).
+template <typename A>
+bool run_backward_chunks(const BackwardArgs<A>& args, const Kernels<A>& kernels) {
+  std::atomic<int32_t> bad{0};
+  at::parallel_for(0, args.chunks.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> scratch(static_cast<size_t>(kernels.backward_scratch(args)) + 64);
+    A* aligned = reinterpret_cast<A*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+    BackwardArgs<A> local = args;
+    int32_t local_bad = 0;
+    local.bad_index = &local_bad;
+    kernels.backward(local, begin, end, aligned);
+    if (local_bad) bad.store(1);
+  });
+  return bad.load() != 0;
+}
+
+// mean_probs' gradient per token of each group (mean_grad_per_token), padded to E8.
+template <typename A>
+std::vector<A> padded_mean_grads(const at::Tensor& grad_mean_probs, const RouteShape& s,
+                                 const c10::optional<at::Tensor>& padding_mask, int E8) {
+  const at::Tensor g = mean_grad_per_token(grad_mean_probs, s, padding_mask, c10::CppTypeToScalarType<A>::value);
+  const int64_t groups = g.size(0);
+  const A* gp = g.data_ptr<A>();
+  std::vector<A> out(groups * E8, A(0));
+  for (int64_t q = 0; q < groups; ++q) {
+    for (int e = 0; e < s.experts; ++e) out[q * E8 + e] = gp[q * s.experts + e];
+  }
+  return out;
+}
+
+// Shared by route_backward and route_logits_backward: runs the token loops, then reduces the
+// chunk partials and finishes the parameter gradients.
+template <typename A>
+BackwardResult run_backward(BackwardArgs<A>& args, const Kernels<A>& kernels, const PreparedStorage<A>& P,
+                            const at::Tensor& x, const at::Tensor& proj, const at::Tensor& anchors,
+                            const at::Tensor& scale, const c10::optional<at::Tensor>& norm_weight,
+                            const at::Tensor& indices, bool need_grad_x, bool need_param_grads) {
+  const RouteShape& s = args.shape;
+  const int64_t T = s.tokens, d = s.d, R = s.rank, E = s.experts, H = s.anchors;
+  const int E8 = P.view.experts_padded;
+  const auto f = x.options().dtype(c10::CppTypeToScalarType<A>::value);
+  const bool has_norm_weight = P.view.norm_weight != nullptr;
+  at::Tensor grad_x;
+  if (need_grad_x) {
+    grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+    advise_huge_pages(grad_x.data_ptr(), grad_x.nbytes());
+    args.grad_x = grad_x.data_ptr();
+  }
+  args.need_grad_x = need_grad_x;
+  args.need_param_grads = need_param_grads;
+  args.chunks = cpu_chunks(s);
+  std::vector<A> partials(need_param_grads ? args.chunks.count * args.partial_size() : 0, A(0));
+  args.partials = need_param_grads ? partials.data() : nullptr;
+  if (T > 0 && run_backward_chunks(args, kernels)) report_bad_index(indices, E);
+  at::Tensor grad_proj, grad_anchors, grad_scale, grad_norm_weight;
+  if (need_param_grads) {
+    const int64_t size = args.partial_size();
+    std::vector<A> totals(size, A(0));
+    at::parallel_for(0, size, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        A sum = A(0);
+        for (int64_t c = 0; c < args.chunks.count; ++c) sum += partials[c * size + i];
+        totals[i] = sum;
+      }
+    });
+    grad_proj = at::from_blob(totals.data(), {R, d}, f).clone();
+    // grad_a = coef_a * acc + radial_a * <acc, a> * a from the summed (transposed) accumulators.
+    grad_anchors = at::empty({E, H, R}, f);
+    const A* acc_t = totals.data() + args.proj_partial();
+    A* ga = grad_anchors.data_ptr<A>();
+    std::vector<A> acc_row(R);
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t i = 0; i < R; ++i) acc_row[i] = acc_t[(i * H + h) * E8 + e];
+        math::anchor_grad(acc_row.data(), P.anchors.data() + (e * H + h) * R, P.anchor_coef[e * H + h],
+                          static_cast<int>(R), ga + (e * H + h) * R);
+      }
+    }
+    grad_norm_weight = has_norm_weight
+                           ? at::from_blob(totals.data() + args.proj_partial() + args.anchor_partial(), {d}, f).clone()
+                           : at::empty({0}, f);
+    grad_scale = at::full(scale.sizes(), totals[size - 1], f);
+  } else {
+    grad_proj = at::zeros({R, d}, f);
+    grad_anchors = at::zeros({E, H, R}, f);
+    grad_scale = at::zeros(scale.sizes(), f);
+    grad_norm_weight = has_norm_weight ? at::zeros({d}, f) : at::empty({0}, f);
+  }
+  if (!need_grad_x) grad_x = at::zeros_like(x, at::MemoryFormat::Contiguous);
+  return {grad_x, grad_proj.to(proj.scalar_type()), grad_anchors.to(anchors.scalar_type()),
+          grad_scale.to(scale.scalar_type()),
+          has_norm_weight ? grad_norm_weight.to(norm_weight->scalar_type()) : grad_norm_weight};
+}
+
+BackwardResult route_backward_cpu(
+    const c10::optional<at::Tensor>& grad_weights, const c10::optional<at::Tensor>& grad_mean_probs,
+    const c10::optional<at::Tensor>& grad_lse, const at::Tensor& x_in, const at::Tensor& proj,
+    const at::Tensor& anchors, const at::Tensor& scale, const c10::optional<at::Tensor>& norm_weight,
+    const c10::optional<at::Tensor>& padding_mask, const at::Tensor& indices_in, const at::Tensor& q_in,
+    const at::Tensor& rstd_in, double beta, c10::optional<c10::string_view> norm, double eps, double tau,
+    c10::string_view score, bool normalize, double routed_scaling_factor, int64_t seq_len,
+    std::array<bool, 2> output_mask) {
+  const RouteCall call = check_route_backward_args(
+      grad_weights, grad_mean_probs, grad_lse, x_in, proj, anchors, scale, norm_weight, padding_mask,
+      indices_in, q_in, rstd_in, beta, norm, eps, tau, score, normalize, routed_scaling_factor, seq_len);
+  const RouteShape& s = call.shape;
+  const auto acc = route_acc_type(x_in);
+  BackwardResult result;
+  AT_DISPATCH_FLOATING_TYPES(acc, "route_backward_cpu", [&] {
+    using A = scalar_t;
+    const Kernels<A> kernels = kernels_for<A>();
+    PreparedStorage<A> P;
+    prepare_params<A>(proj, anchors, scale, norm_weight, call.opt.use_norm(), A(beta), A(eps), kernels.width, P);
+    const at::Tensor x = x_in.contiguous();
+    const auto as_acc = [&](const c10::optional<at::Tensor>& t) {
+      return t.has_value() ? t->to(acc).contiguous() : at::Tensor();
+    };
+    const at::Tensor gw = as_acc(grad_weights), gl = as_acc(grad_lse);
+    const at::Tensor q = q_in.to(acc).contiguous(), rstd = rstd_in.to(acc).contiguous();
+    const at::Tensor indices = indices_in.to(at::kLong).contiguous();
+    at::Tensor padding;
+    std::vector<A> gm;
+    BackwardArgs<A> args;
+    args.shape = s;
+    args.opt = kernel_options<A>(call.opt);
+    args.params = &P.view;
+    args.x = x.data_ptr();
+    args.x_type = x_dtype(x);
+    args.grad_weights = gw.defined() ? gw.data_ptr<A>() : nullptr;
+    args.grad_lse = gl.defined() ? gl.data_ptr<A>() : nullptr;
+    if (grad_mean_probs.has_value() && s.tokens > 0) {
+      gm = padded_mean_grads<A>(*grad_mean_probs, s, padding_mask, P.view.experts_padded);
+      args.grad_mean_probs = gm.data();
+    }
+    if (padding_mask.has_value()) {
+      padding = padding_mask->reshape({-1}).contiguous();
+      args.padding = padding.data_ptr<bool>();
+    }
+    args.indices = indices.data_ptr<int64_t>();
+    args.q = q.data_ptr<A>();
+    args.rstd = rstd.data_ptr<A>();
+    result = run_backward<A>(args, kernels, P, x, proj, anchors, scale, norm_weight, indices,
+                             output_mask[0], output_mask[1]);
+  });
+  return result;
+}
+
+BackwardResult route_logits_backward_cpu(const at::Tensor& grad_logits, const at::Tensor& x_in,
+                                         const at::Tensor& proj, const at::Tensor& anchors,
+                                         const at::Tensor& scale, const c10::optional<at::Tensor>& norm_weight,
+                                         const at::Tensor& q_in, const at::Tensor& rstd_in, double beta,
+                                         c10::optional<c10::string_view> norm, double eps, double tau,
+                                         std::array<bool, 2> output_mask) {
+  const char* op = "route_logits_backward";
+  const RouteShape s = check_route_logits_backward_args(grad_logits, x_in, proj, anchors, scale, norm_weight,
+                                                        q_in, rstd_in, beta, eps, tau);
+  RouteOptions o;
+  o.beta = beta;
+  o.eps = eps;
+  o.tau = tau;
+  o.norm = parse_norm(norm, op);
+  const auto acc = route_acc_type(x_in);
+  BackwardResult result;
+  AT_DISPATCH_FLOATING_TYPES(acc, "route_logits_backward_cpu", [&] {
+    using A = scalar_t;
+    const Kernels<A> kernels = kernels_for<A>();
+    PreparedStorage<A> P;
+    prepare_params<A>(proj, anchors, scale, norm_weight, o.use_norm(), A(beta), A(eps), kernels.width, P);
+    const at::Tensor x = x_in.contiguous();
+    const at::Tensor gl = grad_logits.to(acc).contiguous();
+    const at::Tensor q = q_in.to(acc).contiguous(), rstd = rstd_in.to(acc).contiguous();
+    BackwardArgs<A> args;
+    args.shape = s;
+    args.opt = kernel_options<A>(o);
+    args.params = &P.view;
+    args.x = x.data_ptr();
+    args.x_type = x_dtype(x);
+    args.grad_logits = gl.data_ptr<A>();
+    args.q = q.data_ptr<A>();
+    args.rstd = rstd.data_ptr<A>();
+    result = run_backward<A>(args, kernels, P, x, proj, anchors, scale, norm_weight, at::Tensor(),
+                             output_mask[0], output_mask[1]);
+  });
+  return result;
+}
+
+at::Tensor route_select_backward_cpu(const c10::optional<at::Tensor>& grad_weights,
+                                     const c10::optional<at::Tensor>& grad_mean_probs,
+                                     const c10::optional<at::Tensor>& grad_lse, const at::Tensor& logits_in,
+                                     const c10::optional<at::Tensor>& padding_mask, const at::Tensor& indices_in,
+                                     c10::string_view score, bool normalize, double routed_scaling_factor,
+                                     int64_t seq_len) {
+  const RouteCall call = check_route_select_backward_args(grad_weights, grad_mean_probs, grad_lse, logits_in,
+                                                          padding_mask, indices_in, score, normalize,
+                                                          routed_scaling_factor, seq_len);
+  const RouteShape& s = call.shape;
+  const auto acc = route_acc_type(logits_in);
+  at::Tensor grad_logits = at::zeros({s.tokens, int64_t(s.experts)}, logits_in.options().dtype(acc));
+  if (s.tokens == 0) return grad_logits.to(logits_in.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(acc, "route_select_backward_cpu", [&] {
+    using A = scalar_t;
+    const Kernels<A> kernels = kernels_for<A>();
+    const at::Tensor logits = logits_in.to(acc).contiguous();
+    const auto as_acc = [&](const c10::optional<at::Tensor>& t) {
+      return t.has_value() ? t->to(acc).contiguous() : at::Tensor();
+    };
+    const at::Tensor gw = as_acc(grad_weights), gl = as_acc(grad_lse);
+    const at::Tensor indices = indices_in.to(at::kLong).contiguous();
+    const int E8 = static_cast<int>(round_up(s.experts, kernels.width));
+    Prepared<A> layout;
+    layout.experts = s.experts;
+    layout.experts_padded = E8;
+    layout.anchors = 1;
+    layout.rank = 1;
+    std::vector<A> gm;
+    at::Tensor padding;
+    BackwardArgs<A> args;
+    args.shape = s;
+    args.opt = kernel_options<A>(call.opt);
+    args.params = &layout;
+    args.logits_in = logits.data_ptr<A>();
+    args.grad_weights = gw.defined() ? gw.data_ptr<A>() : nullptr;
+    args.grad_lse = gl.defined() ? gl.data_ptr<A>() : nullptr;
+    if (grad_mean_probs.has_value()) {
+      gm = padded_mean_grads<A>(*grad_mean_probs, s, padding_mask, E8);
+      args.grad_mean_probs = gm.data();
+    }
+    if (padding_mask.has_value()) {
+      padding = padding_mask->reshape({-1}).contiguous();
+      args.padding = padding.data_ptr<bool>();
+    }
+    args.indices = indices.data_ptr<int64_t>();
+    args.grad_logits_out = grad_logits.data_ptr<A>();
+    args.chunks = cpu_chunks(s);
+    if (run_backward_chunks(args, kernels)) report_bad_index(indices, s.experts);
+  });
+  return grad_logits;
+}
+
+}  // namespace
+
+// The op cpu_isa (registration.cpp): the CPU instruction set the float route kernels use, after
+// optionally choosing one ("portable", "avx2", "avx512", "auto" = the best this CPU has).
+std::string cpu_isa_op(c10::optional<c10::string_view> set) {
+  if (set.has_value()) {
+    std::string want(set->data(), set->size());
+    if (want == "auto") want = best_isa();
+    TORCH_CHECK(want == "portable" || want == "avx2" || want == "avx512",
+                "l2r_cuda.cpu_isa: isa must be 'portable', 'avx2', 'avx512' or 'auto', got '", want, "'");
+    TORCH_CHECK(cpu_has(want.c_str()), "l2r_cuda.cpu_isa: this CPU does not support ", want);
+    std::lock_guard<std::mutex> lock(isa_mutex);
+    current_isa() = want;
+  }
+  std::lock_guard<std::mutex> lock(isa_mutex);
+  return current_isa();
+}
+
+TORCH_LIBRARY_IMPL(l2r_cuda, CPU, m) {
+  m.impl("route_forward", &route_forward_cpu);
+  m.impl("route_backward", &route_backward_cpu);
+  m.impl("route_logits", &route_logits_cpu);
+  m.impl("route_logits_backward", &route_logits_backward_cpu);
+  m.impl("route_select", &route_select_cpu);
+  m.impl("route_select_backward", &route_select_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace route
+}  // namespace l2r

@@ -1,0 +1,843 @@
+// The CPU route kernels, written once over a lane type V (float or double: one expert at a time;
+// Vec8f / Vec16f: 8 or 16 experts at a time) and instantiated per instruction set by
+// route_cpu_{portable,avx2,avx512}.cpp. Only memory layout and reductions live here; every formula
+// is csrc/route/math's.
+//
+// Layout: anchors transposed to [r][H][E_pad] (E_pad = E rounded up to the lane width, zero
+// padding), so the scores of W experts come out of r FMAs and everything per expert is lane-wise.
+// Tokens go through in groups of 8 so that each block of the projection rows, loaded once, serves
+// 8 tokens while it is in L1. Summation orders depend on E, H, r, d and the lane width only: never
+// on the batch or the thread count.
+#pragma once
+
+#include <type_traits>
+
+#include "../../common/half_bits.h"
+#include "../math/all.h"
+#include "route_cpu_args.h"
+
+namespace l2r {
+namespace route {
+namespace cpu {
+L2R_ISA_BEGIN
+
+using namespace ::l2r::lanes;
+namespace rm = ::l2r::route::math;
+
+constexpr int kGroup = 8;               // tokens per projection group
+constexpr int64_t kForwardBlock = 512;  // d-block of the forward projection (floats)
+constexpr int64_t kBackwardBlock = 256; // d-block of the backward projection
+constexpr int kMaxRowsInRegisters = 8;  // projection rows kept in lane accumulators at once
+
+template <typename V>
+constexpr int width_of() {
+  return LaneTraits<V>::width;
+}
+
+template <typename V>
+L2R_HD V lane_load(const ScalarOf<V>* p) {
+  return LaneIO<V>::load(p);
+}
+
+template <typename V>
+L2R_HD void lane_store(ScalarOf<V>* p, V v) {
+  LaneIO<V>::store(p, v);
+}
+
+// Hints the cache lines of the next bytes of a row into L1 (x streams from memory in short runs
+// that the hardware prefetcher alone follows late).
+template <typename X>
+inline void prefetch_row(const X* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(X));
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
+}
+
+// Scratch carved out of one allocation (the adapter allocates per thread).
+template <typename A>
+struct Arena {
+  A* base;
+  int64_t used = 0;
+  A* take(int64_t n) {
+    A* p = base + used;
+    used += (n + 15) & ~int64_t(15);  // keeps every piece 64-byte aligned for float
+    return p;
+  }
+};
+
+// Per-token scores, experts_padded-long rows (u and ex: H rows each).
+template <typename A>
+struct TokenScores {
+  A* u;       // [H][E_pad] <q, anchor_hat>
+  A* ex;      // [H][E_pad] stage-2 exps (H > 1)
+  A* lsum;    // [E_pad]
+  A* logits;  // [E_pad], padded lanes -inf
+  A* exps;    // [E_pad] exp(l - shift)
+  A* probs;   // [E_pad], padded lanes 0
+  A* keys;    // [E_pad] selection keys
+};
+
+template <typename A>
+int64_t token_scores_size(int H, int E_pad) {
+  return (2 * int64_t(H) + 5) * E_pad + 5 * 16;
+}
+
+template <typename A>
+TokenScores<A> take_token_scores(Arena<A>& arena, int H, int E_pad) {
+  TokenScores<A> S;
+  S.u = arena.take(int64_t(H) * E_pad);
+  S.ex = arena.take(int64_t(H) * E_pad);
+  S.lsum = arena.take(E_pad);
+  S.logits = arena.take(E_pad);
+  S.exps = arena.take(E_pad);
+  S.probs = arena.take(E_pad);
+  S.keys = arena.take(E_pad);
+  return S;
+}
+
+// ================================================================================================
+// Projection: q_j = W x_j for a group of tokens, d in blocks so that a block of W stays in L1
+// while every token of the group uses it. Each lane sums its positions in increasing order.
+// ================================================================================================
+
+template <int ROWS, typename V, typename X>
+inline void project_block(const X* x, const ScalarOf<V>* W, int64_t w_stride, int64_t b0, int64_t b1,
+                          V* acc /* [ROWS + 1] */, bool with_squares) {
+  constexpr int kW = width_of<V>();
+  V a[ROWS];
+  for (int j = 0; j < ROWS; ++j) a[j] = acc[j];
+  V sq = acc[ROWS];
+  for (int64_t i = b0; i < b1; i += kW) {
+    const V xv = LaneIO<V>::load(x + i);
+    if (with_squares) sq = fmadd(xv, xv, sq);
+    for (int j = 0; j < ROWS; ++j) a[j] = fmadd(xv, lane_load<V>(W + j * w_stride + i), a[j]);
+  }
+  for (int j = 0; j < ROWS; ++j) acc[j] = a[j];
+  acc[ROWS] = sq;
+}
+
+// q[j][0, ROWS) = <W rows, x_j>, squares[j] = <x_j, x_j> when squares is not null.
+template <int ROWS, typename V, typename X>
+inline void project_group_rows(const X* const* xs, int count, const ScalarOf<V>* W, int64_t w_stride,
+                               int64_t d, int q_stride, ScalarOf<V>* q, ScalarOf<V>* squares, V* acc,
+                               const X* next_rows, int next_count) {
+  using A = ScalarOf<V>;
+  constexpr int kW = width_of<V>();
+  const int64_t dv = d / kW * kW;
+  for (int j = 0; j < count * (ROWS + 1); ++j) acc[j] = V(A(0));
+  for (int64_t b0 = 0; b0 < dv; b0 += kForwardBlock) {
+    const int64_t b1 = b0 + kForwardBlock < dv ? b0 + kForwardBlock : dv;
+    for (int j = 0; j < count; ++j) {
+      if (b1 < dv) {
+        prefetch_row(xs[j] + b1, b1 + kForwardBlock < dv ? kForwardBlock : dv - b1);
+      } else if (j < next_count) {  // the next group's first block
+        prefetch_row(next_rows + j * d, kForwardBlock < dv ? kForwardBlock : dv);
+      }
+      project_block<ROWS, V, X>(xs[j], W, w_stride, b0, b1, acc + j * (ROWS + 1), squares != nullptr);
+    }
+  }
+  for (int j = 0; j < count; ++j) {
+    const X* x = xs[j];
+    for (int r = 0; r < ROWS; ++r) {
+      A s = hsum(acc[j * (ROWS + 1) + r]);
+      for (int64_t i = dv; i < d; ++i) s = fmadd(W[r * w_stride + i], LaneIO<A>::load(x + i), s);
+      q[j * q_stride + r] = s;
+    }
+    if (squares) {
+      A s = hsum(acc[j * (ROWS + 1) + ROWS]);
+      for (int64_t i = dv; i < d; ++i) {
+        const A xi = LaneIO<A>::load(x + i);
+        s = fmadd(xi, xi, s);
+      }
+      squares[j] = s;
+    }
+  }
+}
+
+// All rows, kMaxRowsInRegisters at a time (the first pass also sums the squares).
+template <typename V, typename X>
+inline void project_group(const X* const* xs, int count, const ScalarOf<V>* W, int64_t w_stride,
+                          int64_t d, int rank, ScalarOf<V>* q, ScalarOf<V>* squares, V* acc,
+                          const X* next_rows, int next_count) {
+  for (int r0 = 0; r0 < rank; r0 += kMaxRowsInRegisters) {
+    const ScalarOf<V>* Wg = W + int64_t(r0) * w_stride;
+    ScalarOf<V>* qg = q + r0;
+    ScalarOf<V>* sq = r0 == 0 ? squares : nullptr;
+    const int rows = rank - r0 < kMaxRowsInRegisters ? rank - r0 : kMaxRowsInRegisters;
+#define L2R_PROJECT_ROWS(N)                                                                      \
+  case N:                                                                                        \
+    project_group_rows<N, V, X>(xs, count, Wg, w_stride, d, rank, qg, sq, acc, next_rows, next_count); \
+    break;
+    switch (rows) {
+      L2R_PROJECT_ROWS(1)
+      L2R_PROJECT_ROWS(2)
+      L2R_PROJECT_ROWS(3)
+      L2R_PROJECT_ROWS(4)
+      L2R_PROJECT_ROWS(5)
+      L2R_PROJECT_ROWS(6)
+      L2R_PROJECT_ROWS(7)
+      default: L2R_PROJECT_ROWS(8)
+    }
+#undef L2R_PROJECT_ROWS
+  }
+}
+
+// Whether a row holds an infinite or NaN value (the rows whose mean square overflowed,
+// math::rms_overflowed, need to know).
+template <typename A, typename X>
+inline bool row_has_non_finite(const X* x, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) {
+    if (!(vabs(LaneIO<A>::load(x + i)) < A(poly::kInf))) return true;
+  }
+  return false;
+}
+
+// ================================================================================================
+// Scores of one token: u, the experts' logits (anchor log-sum-exp), softmax statistics, p.
+// ================================================================================================
+
+template <typename V>
+inline rm::SoftmaxStats<ScalarOf<V>> score_token(const ScalarOf<V>* q, const Prepared<ScalarOf<V>>& P,
+                                                 ScalarOf<V> q_scale, ScalarOf<V> tau, bool sigmoid,
+                                                 const TokenScores<ScalarOf<V>>& S) {
+  using A = ScalarOf<V>;
+  constexpr int kW = width_of<V>();
+  const int R = P.rank, H = P.anchors, E = P.experts, E8 = P.experts_padded;
+  const A sot = q_scale / tau;
+  const V vq_scale(q_scale), vsot(sot), vtau(tau), ninf(-poly::kInf);
+  V lmax = ninf;
+  auto lnan = is_nan(V(A(0)));
+  for (int b = 0; b < E8; b += kW) {
+    for (int h = 0; h < H; ++h) {
+      const A* col = P.anchors_t + int64_t(h) * E8 + b;
+      const V u = rm::anchor_dot<V>(q, R, [&](int i) { return lane_load<V>(col + int64_t(i) * H * E8); });
+      lane_store(S.u + int64_t(h) * E8 + b, u);
+    }
+    const rm::ExpertLogit<V> el = rm::expert_logit<V>(
+        H, vq_scale, vsot, vtau, [&](int h) { return lane_load<V>(S.u + int64_t(h) * E8 + b); },
+        [&](int h, V ex) { lane_store(S.ex + int64_t(h) * E8 + b, ex); });
+    V logit = el.logit;
+    if (b + kW > E) logit = blend_from_lane(logit, ninf, E - b);  // padded experts: never chosen
+    lane_store(S.logits + b, logit);
+    lane_store(S.lsum + b, el.lsum);
+    lnan = mask_or(lnan, is_nan(logit));
+    lmax = vmax(logit, lmax);
+  }
+  rm::SoftmaxStats<A> st;
+  st.max = any_of(lnan) ? A(from_bits(int32_t(0x7fc00000))) : hmax(lmax);
+  const V shift(rm::softmax_shift(st.max));
+  V vsum(A(0));
+  for (int b = 0; b < E8; b += kW) {
+    const V e = rm::logit_exp(lane_load<V>(S.logits + b), shift);
+    lane_store(S.exps + b, e);
+    vsum = vsum + e;
+  }
+  st.sum = hsum(vsum);
+  const V sum(st.sum);
+  for (int b = 0; b < E8; b += kW) {
+    lane_store(S.probs + b, rm::routing_prob(lane_load<V>(S.logits + b), lane_load<V>(S.exps + b), sum, sigmoid));
+  }
+  return st;
+}
+
+// From given logits (route_select): the same statistics and probabilities.
+template <typename V>
+inline rm::SoftmaxStats<ScalarOf<V>> score_from_logits(const ScalarOf<V>* logits, int E, int E8,
+                                                       bool sigmoid, const TokenScores<ScalarOf<V>>& S) {
+  using A = ScalarOf<V>;
+  constexpr int kW = width_of<V>();
+  for (int e = 0; e < E; ++e) S.logits[e] = logits[e];
+  for (int e = E; e < E8; ++e) S.logits[e] = -poly::kInf;
+  V lmax(-poly::kInf);
+  auto lnan = is_nan(V(A(0)));
+  for (int b = 0; b < E8; b += kW) {
+    const V l = lane_load<V>(S.logits + b);
+    lnan = mask_or(lnan, is_nan(l));
+    lmax = vmax(l, lmax);
+  }
+  rm::SoftmaxStats<A> st;
+  st.max = any_of(lnan) ? A(from_bits(int32_t(0x7fc00000))) : hmax(lmax);
+  const V shift(rm::softmax_shift(st.max));
+  V vsum(A(0));
+  for (int b = 0; b < E8; b += kW) {
+    const V e = rm::logit_exp(lane_load<V>(S.logits + b), shift);
+    lane_store(S.exps + b, e);
+    vsum = vsum + e;
+  }
+  st.sum = hsum(vsum);
+  const V sum(st.sum);
+  for (int b = 0; b < E8; b += kW) {
+    lane_store(S.probs + b, rm::routing_prob(lane_load<V>(S.logits + b), lane_load<V>(S.exps + b), sum, sigmoid));
+  }
+  return st;
+}
+
+template <typename V>
+inline ScalarOf<V> lane_total(const ScalarOf<V>* v, int E8) {
+  constexpr int kW = width_of<V>();
+  V s(ScalarOf<V>(0));
+  for (int b = 0; b < E8; b += kW) s = s + lane_load<V>(v + b);
+  return hsum(s);
+}
+
+// ================================================================================================
+// Selection
+// ================================================================================================
+
+// Top-k of keys[0, E) (every expert a candidate). Experts come in index order, so once the list is
+// full a key can only enter by ranking before the last entry: lane blocks where none does are
+// skipped with one compare.
+template <typename V>
+inline void select_top_k(const ScalarOf<V>* keys, int E, int k,
+                         typename OrderKeyOf<ScalarOf<V>>::type* top, int64_t* out) {
+  using A = ScalarOf<V>;
+  constexpr int kW = width_of<V>();
+  int count = 0, e = 0;
+  for (; e < E && e < k; ++e) count = rm::top_k_insert(top, count, k, order_key(keys[e], uint32_t(e)));
+  for (; e + kW <= E; e += kW) {
+    const A threshold = OrderKeyOf<A>::value(top[k - 1]);
+    const V kv = lane_load<V>(keys + e);
+    // A number enters past a NaN; past a number only a larger key does.
+    const auto enter = threshold != threshold ? mask_not(is_nan(kv)) : gt(kv, V(threshold));
+    int bits = mask_bits(enter);
+    while (bits) {
+      const int lane = __builtin_ctz(static_cast<unsigned>(bits));
+      bits &= bits - 1;
+      count = rm::top_k_insert(top, count, k, order_key(keys[e + lane], uint32_t(e + lane)));
+    }
+  }
+  for (; e < E; ++e) count = rm::top_k_insert(top, count, k, order_key(keys[e], uint32_t(e)));
+  for (int j = 0; j < k; ++j) out[j] = order_key_index(top[j]);
+}
+
+// Group-limited top-k: the best groups by group score, then top-k over their experts only.
+template <typename A>
+inline void select_top_k_grouped(const A* keys, int E, int k, const Options<A>& opt,
+                                 typename OrderKeyOf<A>::type* top, A* group_scores, int64_t* out) {
+  using K = typename OrderKeyOf<A>::type;
+  const int G = opt.num_groups, per = E / G;
+  for (int g = 0; g < G; ++g) {
+    rm::BestTwo<K> best;
+    for (int e = g * per; e < (g + 1) * per; ++e) best.offer(order_key(keys[e], uint32_t(e)));
+    group_scores[g] = rm::group_score(OrderKeyOf<A>::value(best.best), OrderKeyOf<A>::value(best.second),
+                                      opt.group_score);
+  }
+  const uint64_t kept = rm::kept_groups(group_scores, G, opt.topk_groups);
+  int count = 0;
+  for (int e = 0; e < E; ++e) {
+    if (rm::in_kept_group(e, kept, E, G)) count = rm::top_k_insert(top, count, k, order_key(keys[e], uint32_t(e)));
+  }
+  for (int j = 0; j < k; ++j) out[j] = order_key_index(top[j]);
+}
+
+// ================================================================================================
+// Forward
+// ================================================================================================
+
+template <typename V>
+int64_t forward_scratch_size(const ForwardArgs<ScalarOf<V>>& a) {
+  const int E8 = a.params ? a.params->experts_padded : a.shape.experts;
+  const int H = a.params ? a.params->anchors : 1;
+  return token_scores_size<ScalarOf<V>>(H, E8) + (kGroup * (kMaxRowsInRegisters + 1)) * width_of<V>() +
+         4 * int64_t(a.shape.top_k) + rm::kMaxGroups + int64_t(kGroup) * a.shape.rank + 256;
+}
+
+// The routing of one token from its probabilities: statistics partials, selection, weights.
+template <typename V>
+inline void finish_token(const ForwardArgs<ScalarOf<V>>& a, int64_t t, int E8,
+                         const TokenScores<ScalarOf<V>>& S, ScalarOf<V>* prob_sum, int64_t* counts,
+                         typename OrderKeyOf<ScalarOf<V>>::type* top, ScalarOf<V>* group_scores,
+                         int64_t* chosen) {
+  using A = ScalarOf<V>;
+  constexpr int kW = width_of<V>();
+  const int E = a.shape.experts, k = a.shape.top_k;
+  const bool counted = a.padding == nullptr || !a.padding[t];
+  if (counted) {
+    const V total(a.opt.sigmoid ? lane_total<V>(S.probs, E8) : A(1));
+    for (int b = 0; b < E8; b += kW) {
+      const V p = rm::balance_prob(lane_load<V>(S.probs + b), total, a.opt.sigmoid);
+      lane_store(prob_sum + b, lane_load<V>(prob_sum + b) + p);
+    }
+  }
+  for (int b = 0; b < E8; b += kW) {
+    const V p = lane_load<V>(S.probs + b);
+    lane_store(S.keys + b, a.bias ? rm::selection_key(p, lane_load<V>(a.bias + b)) : p);
+  }
+  if (a.opt.num_groups > 1) {
+    select_top_k_grouped(S.keys, E, k, a.opt, top, group_scores, chosen);
+  } else {
+    select_top_k<V>(S.keys, E, k, top, chosen);
+  }
+  A selected_sum = A(0);
+  if (a.opt.normalize) {
+    for (int j = 0; j < k; ++j) selected_sum += S.probs[chosen[j]];
+  }
+  for (int j = 0; j < k; ++j) {
+    a.weights[t * k + j] = rm::selected_weight(S.probs[chosen[j]], selected_sum, a.opt.normalize, a.opt.scaling);
+    a.indices[t * k + j] = chosen[j];
+    if (counted) counts[chosen[j]] += 1;
+  }
+}
+
+template <typename V, typename X>
+void forward_chunks_typed(const ForwardArgs<ScalarOf<V>>& a, int64_t c_begin, int64_t c_end,
+                          ScalarOf<V>* scratch) {
+  using A = ScalarOf<V>;
+  using K = typename OrderKeyOf<A>::type;
+  const Prepared<A>* P = a.params;
+  const int E = a.shape.experts, R = a.shape.rank;
+  const int E8 = P ? P->experts_padded : E;
+  const int H = P ? P->anchors : 1;
+  const int64_t d = a.shape.d;
+  Arena<A> arena{scratch};
+  const TokenScores<A> S = take_token_scores<A>(arena, H, E8);
+  V* acc = reinterpret_cast<V*>(arena.take(int64_t(kGroup) * (kMaxRowsInRegisters + 1) * width_of<V>()));
+  K* top = reinterpret_cast<K*>(arena.take(4 * int64_t(a.shape.top_k)));
+  A* group_scores = arena.take(rm::kMaxGroups);
+  int64_t* chosen = reinterpret_cast<int64_t*>(arena.take(2 * int64_t(a.shape.top_k)));
+  A* group_q = arena.take(int64_t(kGroup) * R);
+  const X* x = static_cast<const X*>(a.x);
+
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    const int64_t t_begin = a.chunks.begin(c), t_end = a.chunks.end(c);
+    A* prob_sum = a.prob_partials ? a.prob_partials + c * E8 : nullptr;
+    int64_t* counts = a.count_partials ? a.count_partials + c * E8 : nullptr;
+    for (int64_t g0 = t_begin; g0 < t_end; g0 += kGroup) {
+      const int count = static_cast<int>(t_end - g0 < kGroup ? t_end - g0 : kGroup);
+      A squares[kGroup];
+      if (a.logits_in == nullptr) {
+        const X* xs[kGroup];
+        for (int j = 0; j < count; ++j) xs[j] = x + (g0 + j) * d;
+        const int64_t next_count = t_end - (g0 + kGroup) < kGroup ? t_end - (g0 + kGroup) : kGroup;
+        project_group<V, X>(xs, count, P->proj_w, P->proj_stride, d, R, group_q,
+                            a.opt.use_norm ? squares : nullptr, acc,
+                            next_count > 0 ? x + (g0 + kGroup) * d : nullptr,
+                            static_cast<int>(next_count > 0 ? next_count : 0));
+      }
+      for (int j = 0; j < count; ++j) {
+        const int64_t t = g0 + j;
+        rm::SoftmaxStats<A> st;
+        if (a.logits_in == nullptr) {
+          A* q = a.q ? a.q + t * R : group_q + j * R;
+          const A* qg = group_q + j * R;
+          A rstd = A(1);
+          if (a.opt.use_norm) {
+            rstd = rm::rms_inv_scale(squares[j], d, a.opt.eps_norm);
+            if (rm::rms_overflowed(rstd)) {
+              const A v = rm::overflowed_row_projection<A>(row_has_non_finite<A>(x + t * d, d));
+              for (int i = 0; i < R; ++i) q[i] = v;
+            } else {
+              for (int i = 0; i < R; ++i) q[i] = qg[i] * rstd;
+            }
+          } else if (q != qg) {
+            for (int i = 0; i < R; ++i) q[i] = qg[i];
+          }
+          if (a.rstd) a.rstd[t] = rstd;
+          const rm::NormCoef<A> qc = rm::query_coef(q, R, a.opt.beta, a.opt.eps);
+          st = score_token<V>(q, *P, P->scale * qc.coef, a.opt.tau, a.opt.sigmoid, S);
+          if (a.logits_out) {
+            for (int e = 0; e < E; ++e) a.logits_out[t * E + e] = S.logits[e];
+          }
+        } else {
+          st = score_from_logits<V>(a.logits_in + t * E, E, E8, a.opt.sigmoid, S);
+        }
+        if (!a.select) continue;
+        a.lse[t] = rm::stats_lse(st);
+        finish_token<V>(a, t, E8, S, prob_sum, counts, top, group_scores, chosen);
+      }
+    }
+  }
+}
+
+template <typename V>
+void forward_chunks(const ForwardArgs<ScalarOf<V>>& a, int64_t c_begin, int64_t c_end,
+                    ScalarOf<V>* scratch) {
+  if constexpr (std::is_same_v<ScalarOf<V>, double>) {
+    forward_chunks_typed<V, double>(a, c_begin, c_end, scratch);
+  } else {
+    switch (a.x_type) {
+      case DType::kFloat32: return forward_chunks_typed<V, float>(a, c_begin, c_end, scratch);
+      case DType::kBFloat16: return forward_chunks_typed<V, bf16_t>(a, c_begin, c_end, scratch);
+      case DType::kFloat16: return forward_chunks_typed<V, fp16_t>(a, c_begin, c_end, scratch);
+      default: __builtin_trap();  // the adapter dispatches float64 x to the double kernels
+    }
+  }
+}
+
+// ================================================================================================
+// Backward
+// ================================================================================================
+
+template <typename V>
+int64_t backward_scratch_size(const BackwardArgs<ScalarOf<V>>& a) {
+  const int E8 = a.params ? a.params->experts_padded : a.shape.experts;
+  const int H = a.params ? a.params->anchors : 1;
+  const int64_t R = a.shape.rank, W = width_of<V>();
+  return token_scores_size<ScalarOf<V>>(H, E8) + 2 * int64_t(E8) + R * W + 4 * R +
+         int64_t(kGroup) * R + int64_t(kGroup) * kBackwardBlock +
+         int64_t(kGroup) * (a.shape.d + 16) + 256;
+}
+
+// dL/dp of one token: through mean_probs (balancing probabilities) and the selected weights.
+template <typename V>
+inline bool token_prob_grads(const BackwardArgs<ScalarOf<V>>& a, int64_t t, int E8,
+                             const TokenScores<ScalarOf<V>>& S, ScalarOf<V>* grad_probs) {
+  using A = ScalarOf<V>;
+  constexpr int kW = width_of<V>();
+  const int E = a.shape.experts, k = a.shape.top_k;
+  const bool counted = a.padding == nullptr || !a.padding[t];
+  if (a.grad_mean_probs && counted) {
+    const int64_t seq = a.shape.seq_len > 0 ? t / a.shape.seq_len : 0;
+    const A* g = a.grad_mean_probs + seq * E8;
+    const bool sigmoid = a.opt.sigmoid;
+    A total = A(1), g_dot_balance = A(0);
+    if (sigmoid) {
+      total = lane_total<V>(S.probs, E8);
+      V dot(A(0));
+      for (int b = 0; b < E8; b += kW) {
+        dot = fmadd(lane_load<V>(g + b), rm::balance_prob(lane_load<V>(S.probs + b), V(total), true), dot);
+      }
+      g_dot_balance = hsum(dot);
+    }
+    for (int b = 0; b < E8; b += kW) {
+      lane_store(grad_probs + b, rm::balance_prob_grad(lane_load<V>(g + b), V(g_dot_balance), V(total), sigmoid));
+    }
+  } else {
+    for (int b = 0; b < E8; b += kW) lane_store(grad_probs + b, V(A(0)));
+  }
+  if (a.grad_weights == nullptr) return true;
+  const A* gw = a.grad_weights + t * k;
+  const int64_t* idx = a.indices + t * k;
+  for (int j = 0; j < k; ++j) {
+    if (!rm::valid_expert(idx[j], E)) return false;
+  }
+  A selected_sum = A(0), grad_dot_weights = A(0);
+  if (a.opt.normalize) {
+    for (int j = 0; j < k; ++j) selected_sum += S.probs[idx[j]];
+    for (int j = 0; j < k; ++j) {
+      grad_dot_weights += rm::weight_dot_term(rm::scaled_weight_grad(gw[j], a.opt.scaling), S.probs[idx[j]], selected_sum);
+    }
+  }
+  for (int j = 0; j < k; ++j) {
+    grad_probs[idx[j]] += rm::selected_prob_grad(rm::scaled_weight_grad(gw[j], a.opt.scaling), grad_dot_weights,
+                                                 selected_sum, a.opt.normalize);
+  }
+  return true;
+}
+
+// dL/dl per expert into dl.
+template <typename V>
+inline void token_logit_grads(const BackwardArgs<ScalarOf<V>>& a, int64_t t, int E8,
+                              const rm::SoftmaxStats<ScalarOf<V>>& st, const TokenScores<ScalarOf<V>>& S,
+                              const ScalarOf<V>* grad_probs, ScalarOf<V>* dl) {
+  using A = ScalarOf<V>;
+  constexpr int kW = width_of<V>();
+  const bool sigmoid = a.opt.sigmoid;
+  A p_dot_dp = A(0);
+  if (!sigmoid) {
+    V acc(A(0));
+    for (int b = 0; b < E8; b += kW) acc = fmadd(lane_load<V>(S.probs + b), lane_load<V>(grad_probs + b), acc);
+    p_dot_dp = hsum(acc);
+  }
+  const V g_lse(a.grad_lse ? a.grad_lse[t] : A(0)), vpd(p_dot_dp), sum(st.sum);
+  for (int b = 0; b < E8; b += kW) {
+    const V p = lane_load<V>(S.probs + b);
+    const V softmax_p = sigmoid ? rm::softmax_of(lane_load<V>(S.exps + b), sum) : p;
+    lane_store(dl + b, rm::logit_grad(p, lane_load<V>(grad_probs + b), vpd, softmax_p, g_lse, sigmoid));
+  }
+}
+
+// Back through the anchors' log-sum-exp and SIPS for one token: anchor accumulators
+// acc[r][H][E_pad] += ds * q_scale * q (skipped when acc is null), ds_anchor_hat[r] =
+// sum ds * anchor_hat; returns sum ds * u.
+template <typename V>
+inline ScalarOf<V> scores_backward(const ScalarOf<V>* q, const Prepared<ScalarOf<V>>& P,
+                                   ScalarOf<V> q_scale, const TokenScores<ScalarOf<V>>& S,
+                                   const ScalarOf<V>* dl, ScalarOf<V>* acc, ScalarOf<V>* ds_anchor_hat,
+                                   ScalarOf<V>* lanes /* [r][W] */) {
+  using A = ScalarOf<V>;
+  constexpr int kW = width_of<V>();
+  const int R = P.rank, H = P.anchors, E8 = P.experts_padded;
+  const int64_t row = int64_t(H) * E8;
+  V dsu(A(0));
+  for (int i = 0; i < R; ++i) lane_store(lanes + i * kW, V(A(0)));
+  const V vq_scale(q_scale);
+  for (int b = 0; b < E8; b += kW) {
+    const V dlv = lane_load<V>(dl + b);
+    const V lsum = lane_load<V>(S.lsum + b);
+    for (int h = 0; h < H; ++h) {
+      const int64_t off = int64_t(h) * E8 + b;
+      const V share = H == 1 ? V(A(1)) : rm::anchor_share(H, lane_load<V>(S.ex + off), lsum);
+      const V ds = rm::score_grad(dlv, share);
+      dsu = fmadd(ds, lane_load<V>(S.u + off), dsu);
+      const V ds_q = rm::anchor_acc_coef(ds, vq_scale);
+      for (int i = 0; i < R; ++i) {
+        A* lane = lanes + i * kW;
+        lane_store(lane, fmadd(ds, lane_load<V>(P.anchors_t + i * row + off), lane_load<V>(lane)));
+        if (acc) {
+          A* ai = acc + i * row + off;
+          lane_store(ai, fmadd(ds_q, V(q[i]), lane_load<V>(ai)));
+        }
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) ds_anchor_hat[i] = hsum(lane_load<V>(lanes + i * kW));
+  return hsum(dsu);
+}
+
+// One token, one block [b0, b1) of d: x~ into xnj, dL/dx_hat into buf, grad_norm_weight (when not
+// null), and the running mean_dot lanes. ROWS = rank when known at compile time (0: any rank).
+template <int ROWS, typename V, typename X>
+inline V backward_block(const X* xt, const ScalarOf<V>* W, int64_t w_stride, const ScalarOf<V>* g,
+                        bool use_norm, V vr, const ScalarOf<V>* gq, int rank, int64_t b0, int64_t b1,
+                        ScalarOf<V>* xnj, ScalarOf<V>* buf, ScalarOf<V>* grad_norm_weight, X* gx, V mdj,
+                        bool need_grad_x) {
+  using A = ScalarOf<V>;
+  constexpr int kW = width_of<V>();
+  constexpr int kMax = ROWS > 0 ? ROWS : 1;
+  V c[kMax];
+  for (int k = 0; k < kMax; ++k) c[k] = V(gq[k]);
+  for (int64_t i = b0; i < b1; i += kW) {
+    const V xv = LaneIO<V>::load(xt + i);
+    const V xhat = use_norm ? rm::rms_normalized(xv, vr) : xv;
+    const V gv = g ? lane_load<V>(g + i) : V(A(1));
+    lane_store(xnj + i, g ? xhat * gv : xhat);
+    if (!need_grad_x && grad_norm_weight == nullptr) continue;  // only grad_proj wants this block
+    V gxn = c[0] * lane_load<V>(W + i);
+    if constexpr (ROWS > 0) {
+      for (int k = 1; k < ROWS; ++k) gxn = fmadd(c[k], lane_load<V>(W + k * w_stride + i), gxn);
+    } else {
+      for (int k = 1; k < rank; ++k) gxn = fmadd(V(gq[k]), lane_load<V>(W + k * w_stride + i), gxn);
+    }
+    if (!use_norm) {
+      if (need_grad_x) LaneIO<V>::store(gx + i, gxn);
+      continue;
+    }
+    if (g) {
+      if (grad_norm_weight) lane_store(grad_norm_weight + i, fmadd(gxn, xhat, lane_load<V>(grad_norm_weight + i)));
+      gxn = gxn * gv;  // now dL/dx_hat
+    }
+    mdj = fmadd(gxn, xhat, mdj);
+    lane_store(buf + i, gxn);
+  }
+  return mdj;
+}
+
+// Backward through q = W x~ and RMSNorm for a group of `count` <= 8 tokens, d in blocks so that the
+// block of W (and of x~) stays in L1 while every token of the group uses it:
+//   grad_x_norm = W^T grad_q, grad_norm_weight += grad_x_norm * x_hat (token order),
+//   grad_proj += grad_q x~^T (token order), grad_x = rms_norm_input_grad(...).
+template <typename V, typename X>
+inline void projection_backward_group(const X* const* xs, const Prepared<ScalarOf<V>>& P, int64_t d,
+                                      bool use_norm, const ScalarOf<V>* rstd, const ScalarOf<V>* grad_q,
+                                      int count, ScalarOf<V>* grad_proj, ScalarOf<V>* grad_norm_weight,
+                                      ScalarOf<V>* buffer, int64_t stride, ScalarOf<V>* xn,
+                                      X* const* gx, const X* next_rows, int next_count,
+                                      bool need_grad_x, bool need_param_grads) {
+  using A = ScalarOf<V>;
+  constexpr int kW = width_of<V>();
+  const int rank = P.rank;
+  const A* W = P.proj;
+  const int64_t w_stride = P.proj_stride;
+  const A* g = P.norm_weight;
+  A* gnw = need_param_grads ? grad_norm_weight : nullptr;
+  const int64_t dv = d / kW * kW;
+  V md[kGroup];
+  for (int j = 0; j < kGroup; ++j) md[j] = V(A(0));
+  for (int64_t b0 = 0; b0 < dv; b0 += kBackwardBlock) {
+    const int64_t b1 = b0 + kBackwardBlock < dv ? b0 + kBackwardBlock : dv;
+    for (int j = 0; j < count; ++j) {
+      const X* xt = xs[j];
+      const A* gq = grad_q + j * rank;
+      const V vr(rstd[j]);
+      A* xnj = xn + j * kBackwardBlock - b0;
+      A* buf = buffer + j * stride;
+      if (b1 < dv) {
+        prefetch_row(xt + b1, b1 + kBackwardBlock < dv ? kBackwardBlock : dv - b1);
+      } else if (j < next_count) {
+        prefetch_row(next_rows + j * d, kBackwardBlock < dv ? kBackwardBlock : dv);
+      }
+      V mdj = md[j];
+      switch (rank) {
+#define L2R_BWD_BLOCK(R_)                                                                     \
+  mdj = backward_block<R_, V, X>(xt, W, w_stride, g, use_norm, vr, gq, rank, b0, b1, xnj, buf, \
+                                 gnw, gx[j], mdj, need_grad_x)
+        case 1: L2R_BWD_BLOCK(1); break;
+        case 2: L2R_BWD_BLOCK(2); break;
+        case 3: L2R_BWD_BLOCK(3); break;
+        case 4: L2R_BWD_BLOCK(4); break;
+        case 8: L2R_BWD_BLOCK(8); break;
+        default: L2R_BWD_BLOCK(0); break;
+#undef L2R_BWD_BLOCK
+      }
+      md[j] = mdj;
+    }
+    if (!need_param_grads) continue;
+    for (int k = 0; k < rank; ++k) {
+      A* gp = grad_proj + k * d;
+      V c[kGroup];
+      for (int j = 0; j < kGroup; ++j) c[j] = V(j < count ? grad_q[j * rank + k] : A(0));
+      if (count == kGroup) {  // the common case, unrolled so that c[] stays in registers
+        for (int64_t i = b0; i < b1; i += kW) {
+          V s = lane_load<V>(gp + i);
+          for (int j = 0; j < kGroup; ++j) s = fmadd(c[j], lane_load<V>(xn + j * kBackwardBlock + (i - b0)), s);
+          lane_store(gp + i, s);
+        }
+        continue;
+      }
+      for (int64_t i = b0; i < b1; i += kW) {
+        V s = lane_load<V>(gp + i);
+        for (int j = 0; j < count; ++j) s = fmadd(c[j], lane_load<V>(xn + j * kBackwardBlock + (i - b0)), s);
+        lane_store(gp + i, s);
+      }
+    }
+  }
+  for (int j = 0; j < count; ++j) {
+    const X* xt = xs[j];
+    const A* gq = grad_q + j * rank;
+    const A r = rstd[j];
+    A* buf = buffer + j * stride;
+    A mean_dot = use_norm ? hsum(md[j]) : A(0);
+    for (int64_t i = dv; i < d; ++i) {  // tail, same formulas
+      const A xi = LaneIO<A>::load(xt + i);
+      const A xhat = use_norm ? rm::rms_normalized(xi, r) : xi;
+      const A xn_i = g ? xhat * g[i] : xhat;
+      if (need_param_grads) {
+        for (int k = 0; k < rank; ++k) grad_proj[k * d + i] = fmadd(gq[k], xn_i, grad_proj[k * d + i]);
+      }
+      A gxn = gq[0] * W[i];
+      for (int k = 1; k < rank; ++k) gxn = fmadd(gq[k], W[k * w_stride + i], gxn);
+      if (!use_norm) {
+        if (need_grad_x) LaneIO<A>::store(gx[j] + i, gxn);
+        continue;
+      }
+      if (g) {
+        if (gnw) gnw[i] = fmadd(gxn, xhat, gnw[i]);
+        gxn = gxn * g[i];
+      }
+      mean_dot = fmadd(gxn, xhat, mean_dot);
+      buf[i] = gxn;
+    }
+    if (!use_norm || !need_grad_x) continue;
+    mean_dot = mean_dot / static_cast<A>(d);
+    const V vr(r), vmd(mean_dot);
+    for (int64_t i = 0; i < dv; i += kW) {
+      const V xhat = rm::rms_normalized(LaneIO<V>::load(xt + i), vr);
+      LaneIO<V>::store(gx[j] + i, rm::rms_norm_input_grad(lane_load<V>(buf + i), xhat, vr, vmd));
+    }
+    for (int64_t i = dv; i < d; ++i) {
+      const A xhat = rm::rms_normalized(LaneIO<A>::load(xt + i), r);
+      LaneIO<A>::store(gx[j] + i, rm::rms_norm_input_grad(buf[i], xhat, r, mean_dot));
+    }
+  }
+}
+
+template <typename V, typename X>
+void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, int64_t c_end,
+                           ScalarOf<V>* scratch) {
+  using A = ScalarOf<V>;
+  const Prepared<A>* P = a.params;
+  const int E = a.shape.experts, R = a.shape.rank;
+  const int E8 = P ? P->experts_padded : E;
+  const int H = P ? P->anchors : 1;
+  const int64_t d = a.shape.d;
+  const int64_t stride = d + 16;
+  Arena<A> arena{scratch};
+  const TokenScores<A> S = take_token_scores<A>(arena, H, E8);
+  A* grad_probs = arena.take(E8);
+  A* dl = arena.take(E8);
+  A* lanes = arena.take(int64_t(R) * width_of<V>());
+  A* ds_anchor_hat = arena.take(R);
+  A* grad_q = arena.take(int64_t(kGroup) * R);
+  A* xn = arena.take(int64_t(kGroup) * kBackwardBlock);
+  A* buffer = arena.take(int64_t(kGroup) * stride);
+  const X* x = static_cast<const X*>(a.x);
+  X* grad_x = static_cast<X*>(a.grad_x);
+
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    const int64_t t_begin = a.chunks.begin(c), t_end = a.chunks.end(c);
+    A* part = a.partials ? a.partials + c * a.partial_size() : nullptr;
+    A* grad_proj = part;
+    A* anchor_acc = part ? part + a.proj_partial() : nullptr;
+    A* grad_norm_weight = part ? anchor_acc + a.anchor_partial() : nullptr;
+    A* grad_scale = part ? grad_norm_weight + a.norm_partial() : nullptr;
+    const X* xs[kGroup];
+    X* gxs[kGroup];
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int j_group = static_cast<int>((t - t_begin) % kGroup);
+      rm::SoftmaxStats<A> st;
+      if (a.logits_in) {
+        st = score_from_logits<V>(a.logits_in + t * E, E, E8, a.opt.sigmoid, S);
+      } else {
+        const A* q = a.q + t * R;
+        const rm::NormCoef<A> qc = rm::query_coef(q, R, a.opt.beta, a.opt.eps);
+        st = score_token<V>(q, *P, P->scale * qc.coef, a.opt.tau, a.opt.sigmoid, S);
+      }
+      if (a.grad_logits) {
+        for (int e = 0; e < E; ++e) dl[e] = a.grad_logits[t * E + e];
+        for (int e = E; e < E8; ++e) dl[e] = A(0);
+      } else {
+        if (!token_prob_grads<V>(a, t, E8, S, grad_probs)) {
+          *a.bad_index = 1;  // the adapter reports it; nothing was written out of bounds
+          return;
+        }
+        token_logit_grads<V>(a, t, E8, st, S, grad_probs, dl);
+      }
+      if (a.grad_logits_out) {  // route_select's backward: dL/dl is the result
+        for (int e = 0; e < E; ++e) a.grad_logits_out[t * E + e] = dl[e];
+        continue;
+      }
+      const A* q = a.q + t * R;
+      const rm::NormCoef<A> qc = rm::query_coef(q, R, a.opt.beta, a.opt.eps);
+      const A q_scale = P->scale * qc.coef;
+      A* gq = grad_q + j_group * R;
+      const A ds_u_sum = scores_backward<V>(q, *P, q_scale, S, dl, a.need_param_grads ? anchor_acc : nullptr,
+                                            ds_anchor_hat, lanes);
+      if (a.need_param_grads) *grad_scale += rm::scale_grad(ds_u_sum, qc);
+      for (int i = 0; i < R; ++i) gq[i] = rm::query_grad(q[i], ds_anchor_hat[i], ds_u_sum, P->scale, qc);
+      xs[j_group] = x + t * d;
+      gxs[j_group] = grad_x ? grad_x + t * d : nullptr;
+      if (j_group == kGroup - 1 || t + 1 == t_end) {
+        const int64_t t0 = t - j_group;
+        const int64_t next_count = t_end - (t0 + kGroup) < kGroup ? t_end - (t0 + kGroup) : kGroup;
+        projection_backward_group<V, X>(xs, *P, d, a.opt.use_norm, a.rstd + t0, grad_q, j_group + 1,
+                                        grad_proj, grad_norm_weight, buffer, stride, xn, gxs,
+                                        next_count > 0 ? x + (t0 + kGroup) * d : nullptr,
+                                        static_cast<int>(next_count > 0 ? next_count : 0),
+                                        a.need_grad_x, a.need_param_grads);
+      }
+    }
+  }
+}
+
+template <typename V>
+void backward_chunks(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, int64_t c_end,
+                     ScalarOf<V>* scratch) {
+  if constexpr (std::is_same_v<ScalarOf<V>, double>) {
+    backward_chunks_typed<V, double>(a, c_begin, c_end, scratch);
+  } else {
+    switch (a.x_type) {
+      case DType::kFloat32: return backward_chunks_typed<V, float>(a, c_begin, c_end, scratch);
+      case DType::kBFloat16: return backward_chunks_typed<V, bf16_t>(a, c_begin, c_end, scratch);
+      case DType::kFloat16: return backward_chunks_typed<V, fp16_t>(a, c_begin, c_end, scratch);
+      default: __builtin_trap();
+    }
+  }
+}
+
+template <typename V>
+Kernels<ScalarOf<V>> make_kernels(const char* isa) {
+  Kernels<ScalarOf<V>> k;
+  k.isa = isa;
+  k.width = width_of<V>();
+  k.forward_scratch = &forward_scratch_size<V>;
+  k.forward = &forward_chunks<V>;
+  k.backward_scratch = &backward_scratch_size<V>;
+  k.backward = &backward_chunks<V>;
+  return k;
+}
+
+L2R_ISA_END
+}  // namespace cpu
+}  // namespace route
+}  // namespace l2r

@@ -1,0 +1,1283 @@
+// CUDA kernels of the fused L2R router: forward and recomputing backward, for the three modes of
+// route_cuda.h. No torch headers: the ATen glue is route_ops_cuda.cpp, and tests/simt builds this
+// file unchanged for the CPU emulator. Every per-token formula is csrc/route/math's (scalar lanes:
+// one expert per thread), so the GPU rounds what the CPU does; this file keeps only layout and
+// reductions (warp shuffles, per-warp and per-chunk partials).
+//
+// Layout: one warp per token, the experts spread over its lanes (expert e on lane e % 32). The
+// folded projection proj * norm_weight [rp][d] and the pre-normalized anchors coef(|a|) * a,
+// transposed to [rp][H][E] so that the lanes of a warp read consecutive words, are prepared in
+// fp32 by route_prepare_kernel and staged in shared memory when they fit.
+//
+// Forward: block c handles the tokens of chunk c (TokenChunks: chunks never straddle a statistics
+// group), its warps one token at a time; the statistics go through per-warp, per-chunk partials
+// and a finalize kernel that adds them in chunk order. Backward: a grid-stride loop over tokens with
+// per-warp partials of the anchor gradients, a column kernel for the projection's gradient and a
+// finalize kernel. No floating-point atomics: every result is bitwise reproducible run to run.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <utility>
+
+#include "../../common/static_switch.h"
+#include "../math/all.h"
+#include "route_cuda.h"
+
+namespace l2r {
+namespace route {
+namespace {
+
+namespace rm = ::l2r::route::math;
+
+constexpr int kWarp = 32;
+constexpr int kWarpsPerBlock = 4;
+constexpr int kThreads = kWarp * kWarpsPerBlock;
+constexpr int kMaxForwardBlocks = 1024;
+constexpr int kMaxBackwardBlocks = 256;
+constexpr int kColumnThreads = 256;
+constexpr int kMaxColumnChunks = 64;
+constexpr int kMinColumnChunk = 64;
+constexpr int kGenericChunk = 8;  // rank chunk of the generic (r > 32) kernels
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Minimum resident blocks per SM for __launch_bounds__ (R: the template rank, 0 = generic).
+// Stating it matters: with a thread bound alone ptxas picks a register budget by its own occupancy
+// heuristic and spills to reach it. Four blocks (a 128-register budget) fit rank 1 and the
+// backward's small ranks; the forward at ranks 2-8 (projection, scoring and group-limited selection
+// state) just exceeds 128 and gets three (168); large ranks keep all their accumulators in
+// registers with two. The launchers also keep the optional
+// shared-memory arrays within 1 / min-blocks of the SM's shared memory.
+constexpr int forward_min_blocks(int R) { return (R == 0 || R >= 16) ? 2 : (R >= 2 ? 3 : 4); }
+constexpr int backward_min_blocks(int R) { return (R == 0 || R >= 16) ? 2 : 4; }
+constexpr int template_rank(int rp) { return rp > 32 ? 0 : rp; }
+
+// =============================================================================================
+// Device helpers: element conversion, vector loads, warp reductions
+// =============================================================================================
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+__device__ __forceinline__ void store_float(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_float(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+__device__ __forceinline__ void store_float(__half* p, float v) { *p = __float2half(v); }
+
+template <typename T>
+struct VecWidth {
+  static constexpr int value = static_cast<int>(16 / sizeof(T));
+};
+
+// Elements per x load in the projection: 16 bytes, except 8 bytes (4 elements) for 16-bit x with
+// 8+ ranks, where 8 elements times R rows of FMAs per step would exceed the register budget.
+template <int RC, typename T>
+struct ProjectWidth {
+  static constexpr int value = (sizeof(T) == 2 && RC >= 8) ? 4 : VecWidth<T>::value;
+};
+
+template <int N, typename T>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[N]) {
+  static_assert(N * sizeof(T) == 16 || N * sizeof(T) == 8, "16- or 8-byte vectors");
+  if constexpr (N * sizeof(T) == 16) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = to_float(e[j]);
+  } else {
+    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = to_float(e[j]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, const float (&v)[VecWidth<T>::value]) {
+  uint4 raw;
+  T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int j = 0; j < VecWidth<T>::value; ++j) store_float(e + j, v[j]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// Butterfly sum: every lane ends with the same bits (a + b == b + a at every step).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+// Max of numbers (no lane holds NaN; NaN is tracked by warp_any).
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) v = lanes::vmax(__shfl_xor_sync(kFullMask, v, off), v);
+  return v;
+}
+
+__device__ __forceinline__ bool warp_any(bool v) { return __any_sync(kFullMask, v); }
+
+__device__ __forceinline__ uint64_t warp_max_key(uint64_t v) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) {
+    const uint64_t o = __shfl_xor_sync(kFullMask, v, off);
+    v = o > v ? o : v;
+  }
+  return v;
+}
+
+// The two largest order keys of the warp (every lane ends with both).
+__device__ __forceinline__ rm::BestTwo<uint64_t> warp_best_two(rm::BestTwo<uint64_t> b) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) {
+    const uint64_t ob = __shfl_xor_sync(kFullMask, b.best, off);
+    const uint64_t os = __shfl_xor_sync(kFullMask, b.second, off);
+    b.offer(ob);
+    b.offer(os);
+  }
+  return b;
+}
+
+__device__ __forceinline__ void stage_to_smem(const float* src, float* dst, int64_t n) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = __ldg(src + i);
+}
+
+// This lane's share of one x row: acc[j] += <rows[j], x>, sumsq += <x, x>. rows is [RC, d]; vec:
+// x row and rows are 16-byte aligned and d * sizeof(T) is a multiple of 16.
+template <int RC, typename T>
+__device__ __forceinline__ void project_lane(const T* xrow, const float* rows, int64_t d, bool vec,
+                                             int lane, float (&acc)[RC], float& sumsq) {
+  if (vec) {
+    constexpr int V = ProjectWidth<RC, T>::value;
+    for (int64_t v = lane; v < d / V; v += kWarp) {
+      float xv[V];
+      load_vec<V>(xrow + v * V, xv);
+#pragma unroll
+      for (int j = 0; j < V; ++j) sumsq = lanes::fmadd(xv[j], xv[j], sumsq);
+#pragma unroll
+      for (int k = 0; k < RC; ++k) {
+        const float* w = rows + k * d + v * V;
+#pragma unroll
+        for (int j = 0; j < V; j += 4) {
+          const float4 w4 = *reinterpret_cast<const float4*>(w + j);
+          acc[k] = lanes::fmadd(w4.x, xv[j], acc[k]);
+          acc[k] = lanes::fmadd(w4.y, xv[j + 1], acc[k]);
+          acc[k] = lanes::fmadd(w4.z, xv[j + 2], acc[k]);
+          acc[k] = lanes::fmadd(w4.w, xv[j + 3], acc[k]);
+        }
+      }
+    }
+  } else {
+    for (int64_t i = lane; i < d; i += kWarp) {
+      const float xi = to_float(xrow[i]);
+      sumsq = lanes::fmadd(xi, xi, sumsq);
+#pragma unroll
+      for (int k = 0; k < RC; ++k) acc[k] = lanes::fmadd(rows[k * d + i], xi, acc[k]);
+    }
+  }
+}
+
+// Whether a row holds a non-finite value (the warp's answer, in every lane).
+template <typename T>
+__device__ __forceinline__ bool warp_row_has_non_finite(const T* xrow, int64_t d, int lane) {
+  bool bad = false;
+  for (int64_t i = lane; i < d; i += kWarp) {
+    const float v = to_float(xrow[i]);
+    bad |= !(lanes::vabs(v) < lanes::poly::kInf);  // inf or NaN
+  }
+  return warp_any(bad);
+}
+
+// q = W_g x~ into q (registers for templated ranks, shared memory for the generic one); returns
+// rstd. A row whose mean square overflowed takes math::overflowed_row_projection.
+template <int R, typename T>
+__device__ __forceinline__ float project_token(const T* xrow, const float* proj_w, int64_t d, int rp,
+                                               bool vec, bool use_norm, float eps_norm, int lane,
+                                               float* q) {
+  float rstd = 1.f;
+  if constexpr (R > 0) {
+    float sumsq = 0.f;
+    float acc[R];
+#pragma unroll
+    for (int k = 0; k < R; ++k) acc[k] = 0.f;
+    project_lane<R>(xrow, proj_w, d, vec, lane, acc, sumsq);
+    if (use_norm) rstd = rm::rms_inv_scale(warp_sum(sumsq), d, eps_norm);
+#pragma unroll
+    for (int k = 0; k < R; ++k) q[k] = warp_sum(acc[k]) * rstd;  // rstd = 1 without norm
+  } else {
+    for (int c = 0; c < rp; c += kGenericChunk) {
+      float acc[kGenericChunk], sumsq = 0.f;
+#pragma unroll
+      for (int k = 0; k < kGenericChunk; ++k) acc[k] = 0.f;
+      project_lane<kGenericChunk>(xrow, proj_w + c * d, d, vec, lane, acc, sumsq);
+      if (c == 0 && use_norm) rstd = rm::rms_inv_scale(warp_sum(sumsq), d, eps_norm);
+#pragma unroll
+      for (int k = 0; k < kGenericChunk; ++k) {
+        const float v = warp_sum(acc[k]) * rstd;  // rstd = 1 without norm
+        if (lane == 0) q[c + k] = v;
+      }
+    }
+    __syncwarp();
+  }
+  if (use_norm && rm::rms_overflowed(rstd)) {
+    const float v = rm::overflowed_row_projection<float>(warp_row_has_non_finite(xrow, d, lane));
+    for (int k = 0; k < rp; ++k) {
+      if (R > 0 || lane == 0) q[k] = v;
+    }
+    __syncwarp();
+  }
+  return rstd;
+}
+
+// The logit of expert e for token q, and its anchors' stage-2 shift and sum (math/anchor_lse.h).
+template <int R>
+__device__ __forceinline__ rm::ExpertLogit<float> expert_logit_of(const float* q, const float* anchor_hat,
+                                                                 int e, int E, int H, int rp,
+                                                                 float q_scale, float sot, float tau) {
+  const int n = R > 0 ? R : rp;
+  return rm::expert_logit<float>(
+      H, q_scale, sot, tau,
+      [&](int h) {
+        return rm::anchor_dot<float>(q, n, [&](int i) { return anchor_hat[(static_cast<int64_t>(i) * H + h) * E + e]; });
+      },
+      [](int, float) {});
+}
+
+// Softmax statistics over the experts of one token from logits[e] (lane's experts; warp-merged).
+__device__ __forceinline__ rm::SoftmaxStats<float> warp_softmax_stats(const float* logits, float* exps,
+                                                                      int E, int lane) {
+  float m = -lanes::poly::kInf;
+  bool nan = false;
+  for (int e = lane; e < E; e += kWarp) {
+    nan |= lanes::is_nan(logits[e]);
+    m = lanes::vmax(logits[e], m);
+  }
+  rm::SoftmaxStats<float> st;
+  st.max = warp_any(nan) ? lanes::from_bits(int32_t(0x7fc00000)) : warp_max(m);
+  const float shift = rm::softmax_shift(st.max);
+  float sum = 0.f;
+  for (int e = lane; e < E; e += kWarp) {
+    exps[e] = rm::logit_exp(logits[e], shift);
+    sum += exps[e];
+  }
+  st.sum = warp_sum(sum);
+  return st;
+}
+
+__device__ __forceinline__ float warp_total(const float* v, int E, int lane) {
+  float s = 0.f;
+  for (int e = lane; e < E; e += kWarp) s += v[e];
+  return warp_sum(s);
+}
+
+// =============================================================================================
+// Kernels
+// =============================================================================================
+
+// proj_w[k, i] = proj[k, i] * g[i] (0 for padded rows k >= r); anchor_hat[(i * H + h) * E + e] =
+// coef(|a|) a[e, h, i] (0 for padded i >= r).
+__global__ void route_prepare_kernel(const float* __restrict__ proj, const float* __restrict__ g,
+                                     const float* __restrict__ anchors, int rank, int rp, int64_t d,
+                                     int experts, int anchors_per_expert, float beta, float eps,
+                                     float* __restrict__ proj_w, float* __restrict__ anchor_hat) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t n = start; n < rp * d; n += stride) {
+    const int64_t k = n / d, i = n % d;
+    proj_w[n] = k < rank ? (g ? proj[k * d + i] * g[i] : proj[k * d + i]) : 0.f;
+  }
+  const int64_t rows = static_cast<int64_t>(experts) * anchors_per_expert;
+  for (int64_t n = start; n < rows * rp; n += stride) {
+    const int64_t a = n / rp;  // anchor row e * H + h
+    const int i = static_cast<int>(n % rp);
+    const float* row = anchors + a * rank;
+    const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r(row, row, rank)), beta, eps);
+    const int64_t e = a / anchors_per_expert, h = a % anchors_per_expert;
+    anchor_hat[(i * anchors_per_expert + h) * experts + e] = i < rank ? c.coef * row[i] : 0.f;
+  }
+}
+
+struct ForwardParams {
+  const void* x;
+  const float* proj_w;      // [rp, d]
+  const float* anchor_hat;  // [rp, H, E]
+  const float* bias;        // [E] or nullptr
+  const float* scale;       // [1]
+  const float* logits_in;   // [T, E] (kSelect)
+  const bool* padding;      // [T] or nullptr
+  float* weights;
+  int64_t* indices;
+  float* lse;
+  float* q_out;
+  float* rstd_out;
+  float* logits_out;        // [T, E] (kLogits)
+  float* prob_partials;     // [chunks, E]
+  int* count_partials;      // [chunks, E]
+  int* token_partials;      // [chunks]: counted tokens
+  TokenChunks chunks;
+  int64_t tokens, d;
+  int rank, rp, experts, anchors, top_k;
+  float beta, eps_norm, eps, tau, scaling;
+  bool use_norm, sigmoid, normalize, vec;
+  int num_groups, topk_groups;
+  GroupScore group_score;
+  int64_t proj_smem, anchor_smem;  // offsets (floats) into shared memory, -1: read from global
+  int64_t warp_smem, warp_stride;  // per-warp scratch: logits/probs [E] | exps [E] | prob sums [E]
+                                   // | counts [E] | selected [k] | q [rp]
+};
+
+// Group-limited top-k: the kept groups as a bit mask, the same set as math::kept_groups (the
+// topk_groups largest order keys of (group score, group)) computed without per-thread arrays: lane
+// l holds the scores of groups l and l + 32; a group is kept when fewer than topk_groups groups
+// rank before it.
+__device__ __forceinline__ uint64_t warp_kept_groups(int E, int G, int topk_groups, GroupScore policy,
+                                                     int lane, const float* keys) {
+  const int per = E / G;
+  float score_lo = 0.f, score_hi = 0.f;  // groups lane and lane + 32
+  for (int g = 0; g < G; ++g) {
+    rm::BestTwo<uint64_t> best;
+    for (int e = g * per + lane; e < (g + 1) * per; e += kWarp) {
+      best.offer(order_key(keys[e], uint32_t(e)));
+    }
+    best = warp_best_two(best);
+    const float score = rm::group_score(order_key_value(best.best), order_key_value(best.second), policy);
+    if (g == lane) score_lo = score;
+    if (g == lane + kWarp) score_hi = score;
+  }
+  const uint64_t key_lo = order_key(score_lo, uint32_t(lane)), key_hi = order_key(score_hi, uint32_t(lane + kWarp));
+  int before_lo = 0, before_hi = 0;
+  for (int j = 0; j < G; ++j) {
+    const float sj = __shfl_sync(kFullMask, j < kWarp ? score_lo : score_hi, j % kWarp);
+    const uint64_t kj = order_key(sj, uint32_t(j));
+    before_lo += kj > key_lo ? 1 : 0;
+    before_hi += kj > key_hi ? 1 : 0;
+  }
+  const unsigned lo = __ballot_sync(kFullMask, lane < G && before_lo < topk_groups);
+  const unsigned hi = __ballot_sync(kFullMask, lane + kWarp < G && before_hi < topk_groups);
+  return (uint64_t(hi) << 32) | lo;
+}
+
+// The routing of one token from its probabilities (in probs[]): statistics partials, selection,
+// weights. keys[] is scratch for the selection keys. Every lane of the warp calls it.
+__device__ __forceinline__ void finish_token(const ForwardParams& p, int64_t t, int lane, const float* probs,
+                                             float* keys, float* prob_sum, int* counts, int* selected,
+                                             bool counted) {
+  const int E = p.experts, K = p.top_k;
+  if (counted) {
+    const float total = p.sigmoid ? warp_total(probs, E, lane) : 1.f;
+    for (int e = lane; e < E; e += kWarp) prob_sum[e] += rm::balance_prob(probs[e], total, p.sigmoid);
+  }
+  for (int e = lane; e < E; e += kWarp) keys[e] = p.bias ? rm::selection_key(probs[e], __ldg(p.bias + e)) : probs[e];
+  __syncwarp();
+  uint64_t kept = ~uint64_t(0);
+  if (p.num_groups > 1) kept = warp_kept_groups(E, p.num_groups, p.topk_groups, p.group_score, lane, keys);
+  // Round j takes the largest order key below round j-1's winner (keys are unique per expert).
+  uint64_t previous = ~uint64_t(0);
+  for (int j = 0; j < K; ++j) {
+    uint64_t best = 0;
+    for (int e = lane; e < E; e += kWarp) {
+      if (!rm::in_kept_group(e, kept, E, p.num_groups)) continue;
+      const uint64_t key = order_key(keys[e], uint32_t(e));
+      if (key < previous && key > best) best = key;
+    }
+    best = warp_max_key(best);
+    if (lane == 0) selected[j] = static_cast<int>(order_key_index(best));
+    previous = best;
+  }
+  __syncwarp();
+  float selected_sum = 0.f;
+  if (p.normalize) {
+    for (int j = 0; j < K; ++j) selected_sum += probs[selected[j]];
+  }
+  for (int j = lane; j < K; j += kWarp) {
+    const int e = selected[j];
+    p.weights[t * K + j] = rm::selected_weight(probs[e], selected_sum, p.normalize, p.scaling);
+    p.indices[t * K + j] = e;
+    if (counted) counts[e] += 1;
+  }
+  __syncwarp();
+}
+
+template <int R, typename T, RouteMode M>
+__global__ void __launch_bounds__(kThreads, forward_min_blocks(R))
+    route_forward_kernel(const ForwardParams p) {
+  extern __shared__ float4 smem_vec[];
+  float* smem = reinterpret_cast<float*>(smem_vec);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int E = p.experts, H = p.anchors;
+  const int rp = R > 0 ? R : p.rp;
+  const int64_t d = p.d;
+
+  const float* proj_w = p.proj_w;
+  const float* anchor_hat = p.anchor_hat;
+  if constexpr (M != RouteMode::kSelect) {
+    if (p.proj_smem >= 0) {
+      stage_to_smem(p.proj_w, smem + p.proj_smem, rp * d);
+      proj_w = smem + p.proj_smem;
+    }
+    if (p.anchor_smem >= 0) {
+      stage_to_smem(p.anchor_hat, smem + p.anchor_smem, static_cast<int64_t>(E) * H * rp);
+      anchor_hat = smem + p.anchor_smem;
+    }
+  }
+  float* logits = smem + p.warp_smem + warp * p.warp_stride;
+  float* exps = logits + E;
+  float* prob_sum = exps + E;
+  int* counts = reinterpret_cast<int*>(prob_sum + E);
+  int* selected = counts + E;
+  float* q_smem = reinterpret_cast<float*>(selected + p.top_k);
+  for (int e = lane; e < E; e += kWarp) {
+    prob_sum[e] = 0.f;
+    counts[e] = 0;
+  }
+  int counted_tokens = 0;
+  __syncthreads();
+
+  const float scale = M != RouteMode::kSelect ? __ldg(p.scale) : 0.f;
+  const T* x = static_cast<const T*>(p.x);
+  const int64_t c = blockIdx.x;
+  const int64_t t_end = p.chunks.end(c);
+  for (int64_t t = p.chunks.begin(c) + warp; t < t_end; t += kWarpsPerBlock) {
+    if constexpr (M != RouteMode::kSelect) {
+      // --- RMSNorm + projection, SIPS against every anchor, the experts' logits.
+      float q_reg[R > 0 ? R : 1];
+      float* q = R > 0 ? q_reg : q_smem;
+      const float rstd = project_token<R>(x + t * d, proj_w, d, rp, p.vec, p.use_norm, p.eps_norm, lane, q);
+      if constexpr (R > 0) {
+#pragma unroll
+        for (int k = 0; k < R; ++k) {
+          if (k == lane && k < p.rank) p.q_out[t * p.rank + k] = q_reg[k];
+        }
+      } else {
+        for (int k = lane; k < p.rank; k += kWarp) p.q_out[t * p.rank + k] = q_smem[k];
+      }
+      if (lane == 0) p.rstd_out[t] = rstd;
+      const rm::NormCoef<float> qc = rm::query_coef(q, rp, p.beta, p.eps);
+      const float q_scale = scale * qc.coef, sot = q_scale / p.tau;
+      for (int e = lane; e < E; e += kWarp) {
+        logits[e] = expert_logit_of<R>(q, anchor_hat, e, E, H, rp, q_scale, sot, p.tau).logit;
+      }
+      if constexpr (M == RouteMode::kLogits) {
+        for (int e = lane; e < E; e += kWarp) p.logits_out[t * E + e] = logits[e];
+        __syncwarp();
+        continue;
+      }
+    } else {
+      for (int e = lane; e < E; e += kWarp) logits[e] = p.logits_in[t * E + e];
+    }
+    __syncwarp();
+    // --- Probabilities, z-loss statistic, routing.
+    const rm::SoftmaxStats<float> st = warp_softmax_stats(logits, exps, E, lane);
+    if (lane == 0) p.lse[t] = rm::stats_lse(st);
+    for (int e = lane; e < E; e += kWarp) logits[e] = rm::routing_prob(logits[e], exps[e], st.sum, p.sigmoid);
+    __syncwarp();
+    const bool counted = p.padding == nullptr || !p.padding[t];
+    counted_tokens += counted ? 1 : 0;
+    finish_token(p, t, lane, logits, exps, prob_sum, counts, selected, counted);
+  }
+
+  if constexpr (M != RouteMode::kLogits) {
+    // Chunk partials: the warps' sums added in warp order.
+    int* warp_tokens = reinterpret_cast<int*>(smem + p.warp_smem + kWarpsPerBlock * p.warp_stride);
+    if (lane == 0) warp_tokens[warp] = counted_tokens;
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+      float s = 0.f;
+      int n = 0;
+      for (int w = 0; w < kWarpsPerBlock; ++w) {
+        const float* wp = smem + p.warp_smem + w * p.warp_stride;
+        s += wp[2 * E + e];
+        n += reinterpret_cast<const int*>(wp + 3 * E)[e];
+      }
+      p.prob_partials[c * E + e] = s;
+      p.count_partials[c * E + e] = n;
+    }
+    if (threadIdx.x == 0) {
+      int n = 0;
+      for (int w = 0; w < kWarpsPerBlock; ++w) n += warp_tokens[w];
+      p.token_partials[c] = n;
+    }
+  }
+}
+
+// mean_probs[s, e] and tokens_per_expert[s, e] from the chunk partials of group s, in chunk order.
+__global__ void route_forward_finalize_kernel(const float* __restrict__ prob_partials,
+                                              const int* __restrict__ count_partials,
+                                              const int* __restrict__ token_partials, TokenChunks chunks,
+                                              int experts, float* __restrict__ mean_probs,
+                                              int64_t* __restrict__ tokens_per_expert) {
+  const int64_t groups = chunks.count / chunks.per_seq;
+  const int64_t items = groups * experts;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < items;
+       n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t s = n / experts, e = n % experts;
+    float sum = 0.f;
+    int64_t count = 0, tokens = 0;
+    for (int64_t c = s * chunks.per_seq; c < (s + 1) * chunks.per_seq; ++c) {
+      sum += prob_partials[c * experts + e];
+      count += count_partials[c * experts + e];
+      tokens += token_partials[c];
+    }
+    mean_probs[n] = rm::mean_over_tokens(sum, tokens);
+    tokens_per_expert[n] = count;
+  }
+}
+
+struct BackwardParams {
+  const float* grad_weights;     // [T, k] or nullptr
+  const float* grad_mean_probs;  // [groups, E] pre-divided, or nullptr
+  const float* grad_lse;         // [T] or nullptr
+  const float* grad_logits;      // [T, E] (kLogits)
+  const void* x;
+  const float* proj_w;
+  const float* anchor_hat;
+  const float* scale;
+  const float* logits_in;        // kSelect
+  const bool* padding;
+  const int64_t* indices;
+  const float* q_saved;  // [T, r]
+  const float* rstd_saved;
+  void* grad_x;
+  float* grad_logits_out;  // kSelect
+  float* grad_q;           // [T, rp] for the column kernel
+  float* anchor_slots;     // [slots, rp * H * E], one slot per warp
+  float* scale_slots;      // [slots]
+  int32_t* bad_index;
+  int64_t tokens, d, seq_len;
+  int rank, rp, experts, anchors, top_k;
+  float beta, eps, tau, scaling;
+  bool use_norm, sigmoid, normalize, vec, need_grad_x, need_param_grads;
+  int64_t proj_smem, anchor_smem, acc_smem;  // shared-memory offsets (floats) or -1
+  int64_t warp_smem, warp_stride;  // per-warp scratch: logits [E] | probs [E] | dL/dp [E] |
+                                   // lsum [E] | shift [E] | q [rp] | grad_q [rp] |
+                                   // sum dL/ds a_hat [rp] | lane partials [rp, 32] (generic rank)
+};
+
+// dL/dl of every expert of token t into dl[] (= grad_probs storage), from its probabilities.
+__device__ __forceinline__ void token_logit_grads(const BackwardParams& p, int64_t t, int lane,
+                                                  const float* logits, const float* probs,
+                                                  const rm::SoftmaxStats<float>& st, float* dl) {
+  const int E = p.experts, K = p.top_k;
+  const bool counted = p.padding == nullptr || !p.padding[t];
+  if (p.grad_mean_probs && counted) {
+    const float* g = p.grad_mean_probs + (t / p.seq_len) * E;
+    float total = 1.f, g_dot_balance = 0.f;
+    if (p.sigmoid) {
+      total = warp_total(probs, E, lane);
+      float dot = 0.f;
+      for (int e = lane; e < E; e += kWarp) dot = lanes::fmadd(g[e], rm::balance_prob(probs[e], total, true), dot);
+      g_dot_balance = warp_sum(dot);
+    }
+    for (int e = lane; e < E; e += kWarp) dl[e] = rm::balance_prob_grad(g[e], g_dot_balance, total, p.sigmoid);
+  } else {
+    for (int e = lane; e < E; e += kWarp) dl[e] = 0.f;
+  }
+  __syncwarp();
+  // dL/dp of the selected experts, in slot order (lane 0): the indices are checked, never trusted.
+  if (p.grad_weights && lane == 0) {
+    const float* gw = p.grad_weights + t * K;
+    const int64_t* idx = p.indices + t * K;
+    bool valid = true;
+    for (int j = 0; j < K; ++j) valid &= rm::valid_expert(idx[j], E);
+    if (!valid) {
+      *p.bad_index = 1;
+    } else {
+      float selected_sum = 0.f, grad_dot_weights = 0.f;
+      if (p.normalize) {
+        for (int j = 0; j < K; ++j) selected_sum += probs[idx[j]];
+        for (int j = 0; j < K; ++j) {
+          grad_dot_weights += rm::weight_dot_term(rm::scaled_weight_grad(gw[j], p.scaling), probs[idx[j]], selected_sum);
+        }
+      }
+      for (int j = 0; j < K; ++j) {
+        dl[idx[j]] += rm::selected_prob_grad(rm::scaled_weight_grad(gw[j], p.scaling), grad_dot_weights,
+                                             selected_sum, p.normalize);
+      }
+    }
+  }
+  __syncwarp();
+  float p_dot_dp = 0.f;
+  if (!p.sigmoid) {
+    for (int e = lane; e < E; e += kWarp) p_dot_dp = lanes::fmadd(probs[e], dl[e], p_dot_dp);
+    p_dot_dp = warp_sum(p_dot_dp);
+  }
+  const float g_lse = p.grad_lse ? p.grad_lse[t] : 0.f;
+  for (int e = lane; e < E; e += kWarp) {
+    const float softmax_p = p.sigmoid ? rm::softmax_of(rm::logit_exp(logits[e], rm::softmax_shift(st.max)), st.sum) : probs[e];
+    dl[e] = rm::logit_grad(probs[e], dl[e], p_dot_dp, softmax_p, g_lse, p.sigmoid);
+  }
+  __syncwarp();
+}
+
+// Per token: dL/dq (saved for the column kernel), dL/dx, and this warp's shares of the anchor
+// accumulators and of dL/dscale.
+template <int R, typename T, RouteMode M>
+__global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
+    route_backward_token_kernel(const BackwardParams p) {
+  extern __shared__ float4 smem_vec[];
+  float* smem = reinterpret_cast<float*>(smem_vec);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int E = p.experts, H = p.anchors;
+  const int rp = R > 0 ? R : p.rp;
+  const int64_t d = p.d;
+  const int64_t acc_size = static_cast<int64_t>(E) * H * rp;
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+
+  const float* proj_w = p.proj_w;
+  const float* anchor_hat = p.anchor_hat;
+  if constexpr (M != RouteMode::kSelect) {
+    if (p.proj_smem >= 0) {
+      stage_to_smem(p.proj_w, smem + p.proj_smem, rp * d);
+      proj_w = smem + p.proj_smem;
+    }
+    if (p.anchor_smem >= 0) {
+      stage_to_smem(p.anchor_hat, smem + p.anchor_smem, acc_size);
+      anchor_hat = smem + p.anchor_smem;
+    }
+  }
+  float* logits = smem + p.warp_smem + warp * p.warp_stride;
+  float* probs = logits + E;
+  float* dl = probs + E;
+  float* lsums = dl + E;
+  float* shifts = lsums + E;
+  float* q_smem = shifts + E;
+  float* gq_smem = q_smem + rp;
+  float* dah_smem = gq_smem + rp;
+  float* lane_dah = dah_smem + rp;  // [rp, 32], generic rank only
+  float* acc = nullptr;
+  if (M != RouteMode::kSelect && p.need_param_grads) {
+    acc = p.acc_smem >= 0 ? smem + p.acc_smem + warp * acc_size : p.anchor_slots + slot * acc_size;
+    for (int64_t i = lane; i < acc_size; i += kWarp) acc[i] = 0.f;
+  }
+  __syncthreads();
+
+  const float scale = M != RouteMode::kSelect ? __ldg(p.scale) : 0.f;
+  float grad_scale = 0.f;  // lane 0's running sum over this warp's tokens
+  const T* x = static_cast<const T*>(p.x);
+  T* grad_x = static_cast<T*>(p.grad_x);
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; t < p.tokens; t += warps) {
+    float q_reg[R > 0 ? R : 1];
+    const float* q = R > 0 ? q_reg : q_smem;
+    rm::NormCoef<float> qc{0.f, 0.f};
+    float q_scale = 0.f, sot = 0.f;
+    // --- Recompute logits and probabilities (bitwise as in the forward).
+    if constexpr (M != RouteMode::kSelect) {
+      if constexpr (R > 0) {
+#pragma unroll
+        for (int k = 0; k < R; ++k) q_reg[k] = k < p.rank ? __ldg(p.q_saved + t * p.rank + k) : 0.f;
+      } else {
+        for (int k = lane; k < rp; k += kWarp) q_smem[k] = k < p.rank ? p.q_saved[t * p.rank + k] : 0.f;
+        __syncwarp();
+      }
+      qc = rm::query_coef(q, rp, p.beta, p.eps);
+      q_scale = scale * qc.coef;
+      sot = q_scale / p.tau;
+      for (int e = lane; e < E; e += kWarp) {
+        const rm::ExpertLogit<float> el = expert_logit_of<R>(q, anchor_hat, e, E, H, rp, q_scale, sot, p.tau);
+        logits[e] = el.logit;
+        lsums[e] = el.lsum;
+        shifts[e] = el.shift;
+      }
+    } else {
+      for (int e = lane; e < E; e += kWarp) logits[e] = p.logits_in[t * E + e];
+    }
+    __syncwarp();
+    if constexpr (M == RouteMode::kLogits) {
+      for (int e = lane; e < E; e += kWarp) dl[e] = p.grad_logits[t * E + e];
+    } else {
+      const rm::SoftmaxStats<float> st = warp_softmax_stats(logits, probs, E, lane);
+      for (int e = lane; e < E; e += kWarp) probs[e] = rm::routing_prob(logits[e], probs[e], st.sum, p.sigmoid);
+      __syncwarp();
+      token_logit_grads(p, t, lane, logits, probs, st, dl);
+    }
+    if constexpr (M == RouteMode::kSelect) {
+      for (int e = lane; e < E; e += kWarp) p.grad_logits_out[t * E + e] = dl[e];
+      __syncwarp();
+      continue;
+    } else {
+      // --- Back through the log-sum-exp over anchors and SIPS, anchor by anchor.
+      float dah_reg[R > 0 ? R : 1];
+      if constexpr (R > 0) {
+#pragma unroll
+        for (int i = 0; i < R; ++i) dah_reg[i] = 0.f;
+      } else {
+        for (int i = 0; i < rp; ++i) lane_dah[i * kWarp + lane] = 0.f;
+      }
+      float* dah = R > 0 ? dah_reg : lane_dah + lane;
+      const int dah_stride = R > 0 ? 1 : kWarp;
+      float ds_u_sum = 0.f;
+      for (int e = lane; e < E; e += kWarp) {
+        const float dle = dl[e];
+        for (int h = 0; h < H; ++h) {
+          const float u = rm::anchor_dot<float>(q, rp, [&](int i) { return anchor_hat[(static_cast<int64_t>(i) * H + h) * E + e]; });
+          const float share = H == 1 ? 1.f : rm::anchor_share(H, rm::anchor_exp(sot * u, shifts[e]), lsums[e]);
+          const float ds = rm::score_grad(dle, share);
+          ds_u_sum = lanes::fmadd(ds, u, ds_u_sum);
+          const float ds_q = rm::anchor_acc_coef(ds, q_scale);
+#pragma unroll
+          for (int i = 0; i < rp; ++i) {
+            const int64_t off = (static_cast<int64_t>(i) * H + h) * E + e;
+            dah[i * dah_stride] = lanes::fmadd(ds, anchor_hat[off], dah[i * dah_stride]);
+            if (acc) acc[off] = lanes::fmadd(ds_q, q[i], acc[off]);
+          }
+        }
+      }
+      ds_u_sum = warp_sum(ds_u_sum);
+      if (lane == 0) grad_scale += rm::scale_grad(ds_u_sum, qc);
+      float gq_reg[R > 0 ? R : 1];
+      if constexpr (R > 0) {
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          dah_reg[i] = warp_sum(dah_reg[i]);
+          gq_reg[i] = rm::query_grad(q_reg[i], dah_reg[i], ds_u_sum, scale, qc);
+        }
+        if (p.need_param_grads) {
+#pragma unroll
+          for (int i = 0; i < R; ++i) {
+            if (i == lane) p.grad_q[t * R + i] = gq_reg[i];
+          }
+        }
+      } else {
+        for (int i = 0; i < rp; ++i) {
+          const float v = warp_sum(lane_dah[i * kWarp + lane]);
+          if (lane == 0) dah_smem[i] = v;
+        }
+        __syncwarp();
+        if (lane == 0) {
+          for (int i = 0; i < rp; ++i) gq_smem[i] = rm::query_grad(q_smem[i], dah_smem[i], ds_u_sum, scale, qc);
+        }
+        __syncwarp();
+        if (p.need_param_grads) {
+          for (int i = lane; i < rp; i += kWarp) p.grad_q[t * rp + i] = gq_smem[i];
+        }
+      }
+      const float* gq = R > 0 ? gq_reg : gq_smem;
+
+      // --- Back through q = (proj * g) x_hat and RMSNorm: two passes over the row (the second
+      // needs mean(dL/dx_hat * x_hat)).
+      if (p.need_grad_x) {
+        const T* xrow = x + t * d;
+        T* gxrow = grad_x + t * d;
+        const float rstd = p.use_norm ? p.rstd_saved[t] : 1.f;
+        const int n = R > 0 ? R : rp;
+        auto hat_grad = [&](int64_t i) {
+          float s = gq[0] * proj_w[i];
+          for (int k = 1; k < n; ++k) s = lanes::fmadd(gq[k], proj_w[k * d + i], s);
+          return s;
+        };
+        float mean_dot = 0.f;
+        if (p.vec) {
+          constexpr int V = VecWidth<T>::value;
+          for (int64_t v = lane; v < d / V; v += kWarp) {
+            float xv[V], out[V];
+            load_vec<V>(xrow + v * V, xv);
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+              out[j] = hat_grad(v * V + j);
+              mean_dot = lanes::fmadd(out[j], rm::rms_normalized(xv[j], rstd), mean_dot);
+            }
+            if (!p.use_norm) store_vec(gxrow + v * V, out);
+          }
+        } else {
+          for (int64_t i = lane; i < d; i += kWarp) {
+            const float gh = hat_grad(i);
+            mean_dot = lanes::fmadd(gh, rm::rms_normalized(to_float(xrow[i]), rstd), mean_dot);
+            if (!p.use_norm) store_float(gxrow + i, gh);
+          }
+        }
+        if (p.use_norm) {
+          mean_dot = warp_sum(mean_dot) / static_cast<float>(d);
+          if (p.vec) {
+            constexpr int V = VecWidth<T>::value;
+            for (int64_t v = lane; v < d / V; v += kWarp) {
+              float xv[V], out[V];
+              load_vec<V>(xrow + v * V, xv);
+#pragma unroll
+              for (int j = 0; j < V; ++j) {
+                out[j] = rm::rms_norm_input_grad(hat_grad(v * V + j), rm::rms_normalized(xv[j], rstd), rstd, mean_dot);
+              }
+              store_vec(gxrow + v * V, out);
+            }
+          } else {
+            for (int64_t i = lane; i < d; i += kWarp) {
+              store_float(gxrow + i, rm::rms_norm_input_grad(hat_grad(i), rm::rms_normalized(to_float(xrow[i]), rstd),
+                                                             rstd, mean_dot));
+            }
+          }
+        }
+      }
+      __syncwarp();
+    }
+  }
+
+  if constexpr (M != RouteMode::kSelect) {
+    if (p.need_param_grads) {
+      // This warp's slot: its anchor accumulators (from shared memory when they live there).
+      if (p.acc_smem >= 0) {
+        float* dst = p.anchor_slots + slot * acc_size;
+        for (int64_t i = lane; i < acc_size; i += kWarp) dst[i] = acc[i];
+      }
+      if (lane == 0) p.scale_slots[slot] = grad_scale;
+    }
+  }
+}
+
+// Column partials M[c, k, i] = sum over chunk c's tokens of grad_q[t, k] * x_hat[t, i]; grid
+// (columns / kColumnThreads, chunks, rank chunks of RC).
+template <int RC, typename T>
+__global__ void __launch_bounds__(kColumnThreads)
+    route_backward_column_kernel(const T* __restrict__ x, const float* __restrict__ rstd,
+                                 const float* __restrict__ grad_q, int64_t tokens, int64_t d,
+                                 int rp, int64_t chunk, bool use_norm, float* __restrict__ partials) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kColumnThreads + threadIdx.x;
+  if (i >= d) return;
+  const int k0 = blockIdx.z * RC;
+  const int64_t t0 = blockIdx.y * chunk;
+  const int64_t t1 = t0 + chunk < tokens ? t0 + chunk : tokens;
+  float acc[RC];
+#pragma unroll
+  for (int k = 0; k < RC; ++k) acc[k] = 0.f;
+  for (int64_t t = t0; t < t1; ++t) {
+    const float xh = use_norm ? rm::rms_normalized(to_float(x[t * d + i]), __ldg(rstd + t)) : to_float(x[t * d + i]);
+#pragma unroll
+    for (int k = 0; k < RC; ++k) acc[k] = lanes::fmadd(__ldg(grad_q + t * rp + k0 + k), xh, acc[k]);
+  }
+#pragma unroll
+  for (int k = 0; k < RC; ++k) partials[(blockIdx.y * static_cast<int64_t>(rp) + k0 + k) * d + i] = acc[k];
+}
+
+// Parameter gradients from the partials, each added in a fixed order. Items: d columns
+// (grad_proj, grad_norm_weight), E * H anchors, 1 scale.
+__global__ void route_backward_finalize_kernel(
+    const float* __restrict__ column_partials, int chunks, const float* __restrict__ anchor_slots,
+    const float* __restrict__ scale_slots, int64_t slots, const float* __restrict__ proj,
+    const float* __restrict__ g, const float* __restrict__ anchors, int rank, int rp, int64_t d,
+    int experts, int anchors_per_expert, float beta, float eps, float* __restrict__ acc_total,
+    float* __restrict__ grad_proj, float* __restrict__ grad_norm_weight,
+    float* __restrict__ grad_anchors, float* __restrict__ grad_scale) {
+  const int64_t rows = static_cast<int64_t>(experts) * anchors_per_expert;
+  const int64_t items = d + rows + 1;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < items; n += stride) {
+    if (n < d) {
+      // grad_proj[k, i] = g_i * M[k, i]; grad_g[i] = sum_k proj[k, i] * M[k, i].
+      float gg = 0.f;
+      for (int k = 0; k < rank; ++k) {
+        float m = 0.f;
+        for (int c = 0; c < chunks; ++c) m += column_partials[(static_cast<int64_t>(c) * rp + k) * d + n];
+        grad_proj[k * d + n] = g ? g[n] * m : m;
+        gg = lanes::fmadd(proj[k * d + n], m, gg);
+      }
+      if (g) grad_norm_weight[n] = gg;
+    } else if (n < d + rows) {
+      const int64_t a = n - d;  // anchor row e * H + h
+      const int64_t e = a / anchors_per_expert, h = a % anchors_per_expert;
+      const int64_t acc_size = rows * rp;
+      float* acc = acc_total + a * rp;
+      for (int i = 0; i < rp; ++i) {
+        const int64_t off = (static_cast<int64_t>(i) * anchors_per_expert + h) * experts + e;
+        float s = 0.f;
+        for (int64_t sl = 0; sl < slots; ++sl) s += anchor_slots[sl * acc_size + off];
+        acc[i] = s;
+      }
+      const float* row = anchors + a * rank;
+      const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r(row, row, rank)), beta, eps);
+      rm::anchor_grad(acc, row, c, rank, grad_anchors + a * rank);
+    } else {
+      float s = 0.f;
+      for (int64_t sl = 0; sl < slots; ++sl) s += scale_slots[sl];
+      *grad_scale = s;
+    }
+  }
+}
+
+// =============================================================================================
+// Launchers
+// =============================================================================================
+
+int64_t align4(int64_t n) { return (n + 3) / 4 * 4; }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// At least a warp's round of tokens per chunk, at most kMaxForwardBlocks chunks per T.
+TokenChunks forward_chunks(const RouteShape& s) {
+  const int64_t size = std::max<int64_t>(kWarpsPerBlock, ceil_div(s.tokens, kMaxForwardBlocks));
+  return make_token_chunks(s, size);
+}
+
+int backward_blocks(int64_t tokens) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(tokens, kWarpsPerBlock), kMaxBackwardBlocks)));
+}
+
+struct ColumnChunks {
+  int64_t size;
+  int count;
+};
+
+ColumnChunks column_chunks(int64_t tokens) {
+  const int64_t count = std::max<int64_t>(1, std::min<int64_t>(kMaxColumnChunks, ceil_div(tokens, kMinColumnChunk)));
+  return {ceil_div(tokens, count), static_cast<int>(count)};
+}
+
+// Workspace regions (floats, each 16-byte aligned).
+struct ForwardWorkspace {
+  int64_t proj_w, anchor_hat, prob_partials, count_partials, token_partials, total;
+};
+
+ForwardWorkspace forward_workspace(RouteMode mode, const RouteShape& s) {
+  const int rp = route_padded_rank(s.rank);
+  const int64_t chunks = forward_chunks(s).count;
+  const bool scores = mode != RouteMode::kSelect;
+  ForwardWorkspace w;
+  w.proj_w = 0;
+  w.anchor_hat = w.proj_w + (scores ? align4(rp * s.d) : 0);
+  w.prob_partials = w.anchor_hat + (scores ? align4(static_cast<int64_t>(s.experts) * s.anchors * rp) : 0);
+  w.count_partials = w.prob_partials + align4(chunks * s.experts);
+  w.token_partials = w.count_partials + align4(chunks * s.experts);
+  w.total = w.token_partials + align4(chunks);
+  return w;
+}
+
+struct BackwardWorkspace {
+  int64_t proj_w, anchor_hat, grad_q, column_partials, anchor_slots, scale_slots, acc_total, total;
+};
+
+BackwardWorkspace backward_workspace(RouteMode mode, const RouteShape& s) {
+  const int rp = route_padded_rank(s.rank);
+  const int64_t slots = static_cast<int64_t>(backward_blocks(s.tokens)) * kWarpsPerBlock;
+  const int64_t acc = static_cast<int64_t>(s.experts) * s.anchors * rp;
+  BackwardWorkspace w{};
+  if (mode == RouteMode::kSelect) return w;
+  w.proj_w = 0;
+  w.anchor_hat = w.proj_w + align4(rp * s.d);
+  w.grad_q = w.anchor_hat + align4(acc);
+  w.column_partials = w.grad_q + align4(s.tokens * rp);
+  w.anchor_slots = w.column_partials + align4(static_cast<int64_t>(column_chunks(s.tokens).count) * rp * s.d);
+  w.scale_slots = w.anchor_slots + align4(slots * acc);
+  w.acc_total = w.scale_slots + align4(slots);
+  w.total = w.acc_total + align4(acc);
+  return w;
+}
+
+// The most dynamic shared memory one block may use, and the SM's total.
+cudaError_t smem_limits(int64_t* per_block, int64_t* per_sm) {
+  int device = 0, block = 0, sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  if (err != cudaSuccess) return err;
+  *per_block = block;
+  *per_sm = sm;
+  return cudaSuccess;
+}
+
+// Optional shared memory per block: what leaves room for min_blocks blocks per SM (1 KiB of each
+// block's share is reserved by the hardware).
+int64_t smem_budget(int64_t per_block, int64_t per_sm, int min_blocks) {
+  const int64_t share = per_sm / min_blocks - 1024;
+  return share < per_block ? share : per_block;
+}
+
+// Places the optional shared-memory arrays after the mandatory per-warp scratch (plus `extra`
+// floats), in priority order, while the total stays within budget_bytes. Returns the total bytes,
+// or -1 when the mandatory part alone exceeds limit_bytes.
+int64_t place_smem(int64_t limit_bytes, int64_t budget_bytes, int64_t warp_floats, int64_t extra,
+                   int64_t* warp_off, std::initializer_list<std::pair<int64_t, int64_t*>> optional) {
+  *warp_off = 0;
+  int64_t used = align4(warp_floats) * kWarpsPerBlock + align4(extra);
+  if (used * 4 > limit_bytes) return -1;
+  for (const auto& item : optional) {
+    const int64_t n = align4(item.first);
+    if (item.first > 0 && (used + n) * 4 <= budget_bytes) {
+      *item.second = used;
+      used += n;
+    } else {
+      *item.second = -1;
+    }
+  }
+  return used * 4;
+}
+
+template <typename Kernel>
+cudaError_t prepare_launch(Kernel kernel, int64_t smem_bytes) {
+  if (smem_bytes > 48 * 1024) {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+  }
+  return cudaSuccess;
+}
+
+int elementwise_blocks(int64_t n) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, 256), 1024)));
+}
+
+bool rows_aligned(const void* x, int64_t d, DType type) {
+  const int64_t elem = type == DType::kFloat32 ? 4 : 2;
+  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && (d * elem) % 16 == 0;
+}
+
+// The forward/backward kernel instantiation of (mode, padded rank, x type), launched.
+template <template <int, typename, RouteMode> class Launch, typename Params>
+Status dispatch_kernel(RouteMode mode, int rp, DType x_type, const Params& p, int blocks, int64_t smem,
+                       cudaStream_t stream, cudaError_t* err) {
+  if (mode == RouteMode::kSelect) {  // no x, no rank: one instantiation
+    *err = Launch<1, float, RouteMode::kSelect>::run(p, blocks, smem, stream);
+    return *err == cudaSuccess ? Status::kOk : Status::kCudaError;
+  }
+  L2R_RANK_SWITCH(template_rank(rp), kRank, return Status::kUnsupportedRank, {
+    L2R_FLOAT_DTYPE_SWITCH(x_type, scalar_t, return Status::kUnsupportedDType, {
+      L2R_BOOL_SWITCH(mode == RouteMode::kLogits, kLogits, {
+        constexpr RouteMode kMode = kLogits ? RouteMode::kLogits : RouteMode::kRoute;
+        *err = Launch<kRank, scalar_t, kMode>::run(p, blocks, smem, stream);
+      });
+    });
+  });
+  return *err == cudaSuccess ? Status::kOk : Status::kCudaError;
+}
+
+template <int R, typename T, RouteMode M>
+struct ForwardLaunch {
+  static cudaError_t run(const ForwardParams& p, int blocks, int64_t smem, cudaStream_t stream) {
+    cudaError_t err = prepare_launch(route_forward_kernel<R, T, M>, smem);
+    if (err != cudaSuccess) return err;
+    route_forward_kernel<R, T, M><<<blocks, kThreads, smem, stream>>>(p);
+    return cudaGetLastError();
+  }
+};
+
+template <int R, typename T, RouteMode M>
+struct BackwardLaunch {
+  static cudaError_t run(const BackwardParams& p, int blocks, int64_t smem, cudaStream_t stream) {
+    cudaError_t err = prepare_launch(route_backward_token_kernel<R, T, M>, smem);
+    if (err != cudaSuccess) return err;
+    route_backward_token_kernel<R, T, M><<<blocks, kThreads, smem, stream>>>(p);
+    return cudaGetLastError();
+  }
+};
+
+template <typename T>
+cudaError_t launch_column(const void* x, const float* rstd, const float* grad_q, int64_t tokens, int64_t d,
+                          int rp, const ColumnChunks& chunks, bool use_norm, float* partials,
+                          cudaStream_t stream) {
+  const int rc = rp < kGenericChunk ? rp : kGenericChunk;
+  const dim3 grid(static_cast<unsigned>(ceil_div(d, kColumnThreads)), static_cast<unsigned>(chunks.count),
+                  static_cast<unsigned>(rp / rc));
+  const T* xt = static_cast<const T*>(x);
+  switch (rc) {
+    case 1:
+      route_backward_column_kernel<1, T><<<grid, kColumnThreads, 0, stream>>>(xt, rstd, grad_q, tokens, d, rp, chunks.size, use_norm, partials);
+      break;
+    case 2:
+      route_backward_column_kernel<2, T><<<grid, kColumnThreads, 0, stream>>>(xt, rstd, grad_q, tokens, d, rp, chunks.size, use_norm, partials);
+      break;
+    case 4:
+      route_backward_column_kernel<4, T><<<grid, kColumnThreads, 0, stream>>>(xt, rstd, grad_q, tokens, d, rp, chunks.size, use_norm, partials);
+      break;
+    default:
+      route_backward_column_kernel<kGenericChunk, T><<<grid, kColumnThreads, 0, stream>>>(xt, rstd, grad_q, tokens, d, rp, chunks.size, use_norm, partials);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+Status checked(cudaError_t e, cudaError_t* err) {
+  *err = e;
+  return e == cudaSuccess ? Status::kOk : Status::kCudaError;
+}
+
+}  // namespace
+
+int route_padded_rank(int rank) {
+  if (rank <= 32) {
+    int rp = 1;
+    while (rp < rank) rp *= 2;
+    return rp;
+  }
+  return (rank + kGenericChunk - 1) / kGenericChunk * kGenericChunk;
+}
+
+int64_t route_forward_workspace_floats(RouteMode mode, const RouteShape& s) { return forward_workspace(mode, s).total; }
+
+int64_t route_backward_workspace_floats(RouteMode mode, const RouteShape& s) { return backward_workspace(mode, s).total; }
+
+Status launch_route_forward(RouteMode mode, const RouteShape& shape, const RouteOptions& opt,
+                            const RouteForwardBuffers& buf, cudaStream_t stream, cudaError_t* err) {
+  *err = cudaSuccess;
+  if (shape.tokens == 0) {  // no tokens: one statistics group of zeros
+    if (mode == RouteMode::kLogits) return Status::kOk;
+    cudaMemsetAsync(buf.mean_probs, 0, sizeof(float) * shape.experts, stream);
+    cudaMemsetAsync(buf.tokens_per_expert, 0, sizeof(int64_t) * shape.experts, stream);
+    return checked(cudaGetLastError(), err);
+  }
+  const int rp = route_padded_rank(shape.rank);
+  const ForwardWorkspace ws = forward_workspace(mode, shape);
+  const bool scores = mode != RouteMode::kSelect;
+  ForwardParams p{};
+  p.x = buf.x;
+  p.proj_w = buf.workspace + ws.proj_w;
+  p.anchor_hat = buf.workspace + ws.anchor_hat;
+  p.bias = buf.expert_bias;
+  p.scale = buf.scale;
+  p.logits_in = buf.logits_in;
+  p.padding = buf.padding;
+  p.weights = buf.weights;
+  p.indices = buf.indices;
+  p.lse = buf.lse;
+  p.q_out = buf.q;
+  p.rstd_out = buf.rstd;
+  p.logits_out = buf.logits_out;
+  p.prob_partials = buf.workspace + ws.prob_partials;
+  p.count_partials = reinterpret_cast<int*>(buf.workspace + ws.count_partials);
+  p.token_partials = reinterpret_cast<int*>(buf.workspace + ws.token_partials);
+  p.chunks = forward_chunks(shape);
+  p.tokens = shape.tokens;
+  p.d = shape.d;
+  p.rank = shape.rank;
+  p.rp = rp;
+  p.experts = shape.experts;
+  p.anchors = shape.anchors;
+  p.top_k = mode == RouteMode::kLogits ? 0 : shape.top_k;
+  p.beta = static_cast<float>(opt.beta);
+  p.eps_norm = static_cast<float>(opt.eps_norm);
+  p.eps = static_cast<float>(opt.eps);
+  p.tau = static_cast<float>(opt.tau);
+  p.scaling = static_cast<float>(opt.routed_scaling_factor);
+  p.use_norm = opt.use_norm();
+  p.sigmoid = opt.sigmoid();
+  p.normalize = opt.normalize;
+  p.num_groups = opt.num_groups;
+  p.topk_groups = opt.topk_groups;
+  p.group_score = opt.group_score;
+  p.vec = scores && rows_aligned(buf.x, shape.d, buf.x_type);
+  p.warp_stride = align4(4LL * shape.experts + p.top_k + rp);
+
+  int64_t limit = 0, per_sm = 0;
+  const cudaError_t limits = smem_limits(&limit, &per_sm);
+  if (limits != cudaSuccess) return checked(limits, err);
+  const int64_t budget = smem_budget(limit, per_sm, forward_min_blocks(template_rank(rp)));
+  const int64_t num_anchor_rows = static_cast<int64_t>(shape.experts) * shape.anchors;
+  const int64_t smem = place_smem(limit, budget, p.warp_stride, kWarpsPerBlock, &p.warp_smem,
+                                  {{scores ? num_anchor_rows * rp : 0, &p.anchor_smem},
+                                   {scores ? rp * shape.d : 0, &p.proj_smem}});
+  if (smem < 0) return Status::kSharedMemoryTooSmall;
+
+  if (scores) {
+    const int64_t prep_items = std::max<int64_t>(rp * shape.d, num_anchor_rows * rp);
+    route_prepare_kernel<<<elementwise_blocks(prep_items), 256, 0, stream>>>(
+        buf.proj, opt.use_norm() ? buf.norm_weight : nullptr, buf.anchors, shape.rank, rp, shape.d,
+        shape.experts, shape.anchors, p.beta, p.eps, buf.workspace + ws.proj_w, buf.workspace + ws.anchor_hat);
+    if (checked(cudaGetLastError(), err) != Status::kOk) return Status::kCudaError;
+  }
+  const Status st = dispatch_kernel<ForwardLaunch>(mode, rp, buf.x_type, p, static_cast<int>(p.chunks.count),
+                                                   smem, stream, err);
+  if (st != Status::kOk || mode == RouteMode::kLogits) return st;
+  const int64_t items = (p.chunks.count / p.chunks.per_seq) * shape.experts;
+  route_forward_finalize_kernel<<<elementwise_blocks(items), 256, 0, stream>>>(
+      p.prob_partials, p.count_partials, p.token_partials, p.chunks, shape.experts, buf.mean_probs,
+      buf.tokens_per_expert);
+  return checked(cudaGetLastError(), err);
+}
+
+Status launch_route_backward(RouteMode mode, const RouteShape& shape, const RouteOptions& opt,
+                             const RouteBackwardBuffers& buf, cudaStream_t stream, cudaError_t* err) {
+  *err = cudaSuccess;
+  if (shape.tokens == 0) {  // no tokens: zero parameter gradients
+    if (mode != RouteMode::kSelect && buf.need_param_grads) {
+      cudaMemsetAsync(buf.grad_proj, 0, sizeof(float) * shape.rank * shape.d, stream);
+      cudaMemsetAsync(buf.grad_anchors, 0, sizeof(float) * shape.experts * shape.anchors * shape.rank, stream);
+      cudaMemsetAsync(buf.grad_scale, 0, sizeof(float), stream);
+      if (opt.use_norm() && buf.norm_weight) cudaMemsetAsync(buf.grad_norm_weight, 0, sizeof(float) * shape.d, stream);
+    }
+    return checked(cudaGetLastError(), err);
+  }
+  const int rp = route_padded_rank(shape.rank);
+  const bool scores = mode != RouteMode::kSelect;
+  const BackwardWorkspace ws = backward_workspace(mode, shape);
+  const float* g = opt.use_norm() ? buf.norm_weight : nullptr;
+  BackwardParams p{};
+  p.grad_weights = buf.grad_weights;
+  p.grad_mean_probs = buf.grad_mean_probs;
+  p.grad_lse = buf.grad_lse;
+  p.grad_logits = buf.grad_logits;
+  p.x = buf.x;
+  p.proj_w = buf.workspace + ws.proj_w;
+  p.anchor_hat = buf.workspace + ws.anchor_hat;
+  p.scale = buf.scale;
+  p.logits_in = buf.logits_in;
+  p.padding = buf.padding;
+  p.indices = buf.indices;
+  p.q_saved = buf.q;
+  p.rstd_saved = buf.rstd;
+  p.grad_x = buf.grad_x;
+  p.grad_logits_out = buf.grad_logits_out;
+  p.grad_q = buf.workspace + ws.grad_q;
+  p.anchor_slots = buf.workspace + ws.anchor_slots;
+  p.scale_slots = buf.workspace + ws.scale_slots;
+  p.bad_index = buf.bad_index;
+  p.tokens = shape.tokens;
+  p.d = shape.d;
+  p.seq_len = shape.seq_len > 0 ? shape.seq_len : shape.tokens;
+  p.rank = shape.rank;
+  p.rp = rp;
+  p.experts = shape.experts;
+  p.anchors = shape.anchors;
+  p.top_k = shape.top_k;
+  p.beta = static_cast<float>(opt.beta);
+  p.eps = static_cast<float>(opt.eps);
+  p.tau = static_cast<float>(opt.tau);
+  p.scaling = static_cast<float>(opt.routed_scaling_factor);
+  p.use_norm = opt.use_norm();
+  p.sigmoid = opt.sigmoid();
+  p.normalize = opt.normalize;
+  p.need_grad_x = scores && buf.need_grad_x;
+  p.need_param_grads = scores && buf.need_param_grads;
+  p.vec = scores && rows_aligned(buf.x, shape.d, buf.x_type) &&
+          (!p.need_grad_x || rows_aligned(buf.grad_x, shape.d, buf.x_type));
+  const bool generic = rp > 32;
+  p.warp_stride = align4(5LL * shape.experts + 3LL * rp + (generic ? kWarp * rp : 0));
+
+  int64_t limit = 0, per_sm = 0;
+  const cudaError_t limits = smem_limits(&limit, &per_sm);
+  if (limits != cudaSuccess) return checked(limits, err);
+  const int64_t budget = smem_budget(limit, per_sm, backward_min_blocks(template_rank(rp)));
+  const int64_t acc_size = static_cast<int64_t>(shape.experts) * shape.anchors * rp;
+  const int64_t smem = place_smem(limit, budget, p.warp_stride, 0, &p.warp_smem,
+                                  {{p.need_param_grads ? acc_size * kWarpsPerBlock : 0, &p.acc_smem},
+                                   {scores ? acc_size : 0, &p.anchor_smem},
+                                   {scores ? rp * shape.d : 0, &p.proj_smem}});
+  if (smem < 0) return Status::kSharedMemoryTooSmall;
+
+  if (scores) {
+    const int64_t prep_items = std::max<int64_t>(rp * shape.d, acc_size);
+    route_prepare_kernel<<<elementwise_blocks(prep_items), 256, 0, stream>>>(
+        buf.proj, g, buf.anchors, shape.rank, rp, shape.d, shape.experts, shape.anchors, p.beta, p.eps,
+        buf.workspace + ws.proj_w, buf.workspace + ws.anchor_hat);
+    if (checked(cudaGetLastError(), err) != Status::kOk) return Status::kCudaError;
+  }
+  const int blocks = backward_blocks(shape.tokens);
+  Status st = dispatch_kernel<BackwardLaunch>(mode, rp, buf.x_type, p, blocks, smem, stream, err);
+  if (st != Status::kOk || !p.need_param_grads) return st;
+
+  const ColumnChunks chunks = column_chunks(shape.tokens);
+  float* column_partials = buf.workspace + ws.column_partials;
+  cudaError_t e = cudaSuccess;
+  L2R_FLOAT_DTYPE_SWITCH(buf.x_type, scalar_t, return Status::kUnsupportedDType, {
+    e = launch_column<scalar_t>(buf.x, buf.rstd, p.grad_q, shape.tokens, shape.d, rp, chunks, opt.use_norm(),
+                                column_partials, stream);
+  });
+  if (checked(e, err) != Status::kOk) return Status::kCudaError;
+  const int64_t items = shape.d + static_cast<int64_t>(shape.experts) * shape.anchors + 1;
+  route_backward_finalize_kernel<<<elementwise_blocks(items), 256, 0, stream>>>(
+      column_partials, chunks.count, p.anchor_slots, p.scale_slots, static_cast<int64_t>(blocks) * kWarpsPerBlock,
+      buf.proj, g, buf.anchors, shape.rank, rp, shape.d, shape.experts, shape.anchors, p.beta, p.eps,
+      buf.workspace + ws.acc_total, buf.grad_proj, buf.grad_norm_weight, buf.grad_anchors, buf.grad_scale);
+  return checked(cudaGetLastError(), err);
+}
+
+}  // namespace route
+}  // namespace l2r

@@ -1,0 +1,49 @@
+// RMSNorm in front of the projection (docs/SPEC.md): x~ = x * rstd * g, rstd = 1/sqrt(mean(x^2) +
+// eps_norm), q = W x~. Kernels fold g into W and compute q = rstd * (W_g x) from one pass over x.
+#pragma once
+
+#include "../../common/fastmath.h"
+
+namespace l2r {
+namespace route {
+namespace math {
+L2R_ISA_BEGIN
+
+using namespace ::l2r::lanes;
+
+template <typename T>
+L2R_HD T rms_inv_scale(T sum_squares, int64_t d, T eps_norm) {
+  return T(1) / vsqrt(sum_squares / static_cast<T>(d) + eps_norm);
+}
+
+// rstd * (W_g x) equals W_g (x * rstd) up to rounding, except where mean(x^2) overflowed (x near
+// its dtype's maximum, or infinite): then rstd = 0 and the normalized row x * 0 is 0 (NaN at an
+// infinite x) while W_g x may be infinite. Such rows take q from the normalized row, as the
+// reference does: every coordinate is W_g . 0 = 0, or NaN when the row holds a non-finite value.
+template <typename T>
+L2R_HD bool rms_overflowed(T rstd) {
+  return rstd == T(0);
+}
+
+template <typename T>
+L2R_HD T overflowed_row_projection(bool row_has_non_finite) {
+  return row_has_non_finite ? T(lanes::from_bits(int32_t(0x7fc00000))) : T(0);
+}
+
+// Normalized input element (before the affine weight).
+template <typename V>
+L2R_HD V rms_normalized(V x, V rstd) {
+  return x * rstd;
+}
+
+// dL/dx from dL/dx_hat (after the affine weight: gx_hat = g * dL/dx~) with
+// mean_dot = mean_i(gx_hat_i * x_hat_i).
+template <typename V>
+L2R_HD V rms_norm_input_grad(V gx_hat, V x_hat, V rstd, V mean_dot) {
+  return rstd * (gx_hat - x_hat * mean_dot);
+}
+
+L2R_ISA_END
+}  // namespace math
+}  // namespace route
+}  // namespace l2r

@@ -1,0 +1,64 @@
+// SIPS, the saturated inner product of a token and an anchor (docs/SPEC.md "Forward, per token"):
+//   s = scale * phi(|q|) * phi(|a|) * <q, a> / (max(|q|, eps) * max(|a|, eps)),
+//   phi(n) = (1 - beta) + beta * tanh(n).
+// A vector v enters as coef(|v|) * v with coef(n) = phi(n) / max(n, eps), so s = scale * <coef_q q,
+// coef_a a>: the anchors are pre-scaled once per call (anchor_hat) and a token needs one coefficient.
+#pragma once
+
+#include "../../common/fastmath.h"
+
+namespace l2r {
+namespace route {
+namespace math {
+L2R_ISA_BEGIN
+
+using namespace ::l2r::lanes;
+
+template <typename V>
+struct NormCoef {
+  V coef;    // phi(n) / max(n, eps)
+  V radial;  // (d coef / d n) / n, so that d(coef(|v|)) / dv = radial * v; 0 at n = 0
+};
+
+template <typename V>
+L2R_HD NormCoef<V> sips_norm_coef(V n, V beta, V eps) {
+  const V t = vtanh(n);
+  const V phi = (V(1) - beta) + beta * t;
+  const V dphi = beta * (V(1) - t * t);
+  // max(n, eps) passes the gradient where n >= eps (as torch's clamp_min does).
+  const auto clamped = lt(n, eps);
+  const V denom = select(clamped, eps, n);
+  NormCoef<V> c;
+  c.coef = phi / denom;
+  const V dcoef = dphi / denom - select(clamped, V(0), phi / (denom * denom));
+  c.radial = select(gt(n, V(0)), dcoef / n, V(0));
+  return c;
+}
+
+// <a, b> over the routing dims, in one fixed order (first product, then FMAs).
+template <typename T>
+L2R_HD T dot_r(const T* a, const T* b, int n) {
+  T s = a[0] * b[0];
+  for (int i = 1; i < n; ++i) s = fmadd(a[i], b[i], s);
+  return s;
+}
+
+// <q, anchor_hat> of one token against the anchors in lanes: a_hat(i) gives lane values of
+// coordinate i (whatever the layout), q is the token's scalars.
+template <typename V, typename T, typename AHat>
+L2R_HD V anchor_dot(const T* q, int rank, AHat&& a_hat) {
+  V u = V(q[0]) * a_hat(0);
+  for (int i = 1; i < rank; ++i) u = fmadd(V(q[i]), a_hat(i), u);
+  return u;
+}
+
+// The token's side of SIPS: coefficient of q from its norm.
+template <typename T>
+L2R_HD NormCoef<T> query_coef(const T* q, int rank, T beta, T eps) {
+  return sips_norm_coef(vsqrt(dot_r(q, q, rank)), beta, eps);
+}
+
+L2R_ISA_END
+}  // namespace math
+}  // namespace route
+}  // namespace l2r

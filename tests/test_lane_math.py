@@ -1,0 +1,39 @@
+"""Every SIMD lane width computes the route math bit for bit like the scalar lane (what the portable
+CPU path and every CUDA thread use): tests/cpp/lane_math_check.cpp, helper by helper, on random and
+edge inputs, plus the in-register bf16/fp16 conversions."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+NEEDS = {8: ("avx2", "fma", "f16c"), 16: ("avx512f", "avx512dq", "avx512bw", "avx512vl")}
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_lane_widths_match_scalar_lane_bitwise(lanes, tmp_path):
+    flags = _cpu_flags()
+    if not all(f" {flag}" in flags for flag in NEEDS[lanes]):
+        pytest.skip(f"this CPU lacks {NEEDS[lanes]}")
+    exe = tmp_path / f"lane_math_{lanes}"
+    # The project's floating-point contract: no implicit contraction (setup.py, csrc/common/hd.h).
+    subprocess.run(
+        ["g++", "-O2", "-std=c++20", "-ffp-contract=off", f"-DLANES={lanes}", f"-I{ROOT}/csrc",
+         f"{ROOT}/tests/cpp/lane_math_check.cpp", "-o", str(exe)],
+        check=True, capture_output=True, text=True, timeout=300,
+    )
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.startswith("OK"), run.stdout + run.stderr
