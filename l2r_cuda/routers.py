@@ -97,6 +97,7 @@ class L2RRouter(nn.Module):
         self.config = RouteConfig(top_k=top_k, beta=beta, norm=norm, eps_norm=eps_norm, tau=tau, score=score,
                                   normalize=normalize, eps=eps, num_groups=num_groups, topk_groups=topk_groups,
                                   group_score=group_score, routed_scaling_factor=routed_scaling_factor)
+        self._selection = self.config.selection_kwargs()
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.rank, self.num_anchors = rank, num_anchors
@@ -130,13 +131,9 @@ class L2RRouter(nn.Module):
         """Routes ``x [..., d]``; ``seq_len``/``padding_mask`` shape the statistics (see
         :func:`l2r_cuda.route`)."""
         c = self.config
-        return route(
-            x, self.proj, self.anchors, self.scale, top_k=c.top_k, beta=c.beta, norm=c.norm,
-            norm_weight=self.norm_weight, eps_norm=c.eps_norm, tau=c.tau, score=c.score, normalize=c.normalize,
-            expert_bias=self.expert_bias, eps=c.eps, num_groups=c.num_groups, topk_groups=c.topk_groups,
-            group_score=c.group_score, routed_scaling_factor=c.routed_scaling_factor, seq_len=seq_len,
-            padding_mask=padding_mask,
-        )
+        return route(x, self.proj, self.anchors, self.scale, top_k=c.top_k, beta=c.beta, norm=c.norm,
+                     norm_weight=self.norm_weight, eps_norm=c.eps_norm, tau=c.tau, expert_bias=self.expert_bias,
+                     eps=c.eps, seq_len=seq_len, padding_mask=padding_mask, **self._selection)
 
     def logits(self, x: Tensor) -> Tensor:
         """The L2R logits ``[T, E]`` (float32) of ``x`` before softmax/sigmoid, differentiable."""
@@ -183,6 +180,7 @@ class LinearRouter(nn.Module):
         self.config = RouteConfig(top_k=top_k, score=score, normalize=normalize, num_groups=num_groups,
                                   topk_groups=topk_groups, group_score=group_score,
                                   routed_scaling_factor=routed_scaling_factor)
+        self._selection = self.config.selection_kwargs()
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.score, self.normalize = score, normalize
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, device=device, dtype=dtype))
@@ -200,12 +198,8 @@ class LinearRouter(nn.Module):
 
     def forward(self, x: Tensor, *, seq_len: Optional[int] = None,
                 padding_mask: Optional[Tensor] = None) -> RouteOutput:
-        c = self.config
-        return route_from_logits(
-            self.logits(x), c.top_k, score=c.score, normalize=c.normalize, expert_bias=self.expert_bias,
-            num_groups=c.num_groups, topk_groups=c.topk_groups, group_score=c.group_score,
-            routed_scaling_factor=c.routed_scaling_factor, seq_len=seq_len, padding_mask=padding_mask,
-        )
+        return route_from_logits(self.logits(x), self.config.top_k, expert_bias=self.expert_bias, seq_len=seq_len,
+                                 padding_mask=padding_mask, **self._selection)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "

@@ -93,6 +93,13 @@ class RouteConfig:
     def replace(self, **changes) -> "RouteConfig":
         return dataclasses.replace(self, **changes)
 
+    def selection_kwargs(self) -> dict:
+        """The options of the routing after the logits, as ``route``/``route_from_logits`` take
+        them (shared by every router)."""
+        return dict(score=self.score, normalize=self.normalize, num_groups=self.num_groups,
+                    topk_groups=self.topk_groups, group_score=self.group_score,
+                    routed_scaling_factor=self.routed_scaling_factor)
+
 
 def group_args(num_groups: Optional[int], topk_groups: Optional[int], group_score: str):
     """``(num_groups, topk_groups, group_score)`` as the native ops take them (``(1, 1, ...)``: no

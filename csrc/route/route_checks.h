@@ -121,6 +121,74 @@ inline void check_padding_mask(const c10::optional<at::Tensor>& padding_mask, co
               tokens, " elements, got shape ", padding_mask->sizes());
 }
 
+// expert_bias [E], padding_mask (T entries) and seq_len of route_forward / route_select.
+inline void check_selection_inputs(RouteShape& s, const at::Tensor& ref, const c10::optional<at::Tensor>& expert_bias,
+                                   const c10::optional<at::Tensor>& padding_mask, int64_t seq_len, const char* op) {
+  if (expert_bias.has_value()) {
+    check_floating(*expert_bias, op, "expert_bias");
+    check_same_device(*expert_bias, ref, op, "expert_bias");
+    TORCH_CHECK(expert_bias->dim() == 1 && expert_bias->size(0) == s.experts, "l2r_cuda.", op,
+                ": expert_bias must be [E] = [", s.experts, "], got shape ", expert_bias->sizes());
+  }
+  check_padding_mask(padding_mask, ref, s.tokens, op);
+  apply_seq_len(s, seq_len, op);
+}
+
+// The gradients and indices a routing backward reads: shapes match what the forward returned,
+// indices are integers (their values are checked by the kernels, which never write outside their
+// outputs). Sets s.top_k from indices.
+inline void check_routing_grads(RouteShape& s, const at::Tensor& ref, const c10::optional<at::Tensor>& grad_weights,
+                                const c10::optional<at::Tensor>& grad_mean_probs,
+                                const c10::optional<at::Tensor>& grad_lse, const at::Tensor& indices,
+                                int64_t seq_len, const char* op) {
+  const int64_t T = s.tokens, E = s.experts;
+  TORCH_CHECK(indices.dim() == 2 && indices.size(0) == T, "l2r_cuda.", op, ": indices must be [T, k] with T = ", T,
+              ", got shape ", indices.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt, "l2r_cuda.", op,
+              ": indices must be int64 or int32, got ", indices.scalar_type());
+  const int64_t top_k = indices.size(1);
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "l2r_cuda.", op, ": indices must have k in [1, E] = [1, ", E,
+              "] columns, got ", top_k);
+  check_same_device(indices, ref, op, "indices");
+  if (grad_weights.has_value()) {
+    check_same_device(*grad_weights, ref, op, "grad_weights");
+    TORCH_CHECK(grad_weights->sizes() == indices.sizes(), "l2r_cuda.", op, ": grad_weights must be [T, k] = [", T,
+                ", ", top_k, "], got ", grad_weights->sizes());
+  }
+  if (grad_mean_probs.has_value()) {
+    check_same_device(*grad_mean_probs, ref, op, "grad_mean_probs");
+    const bool per_seq = seq_len > 0;
+    const bool ok = per_seq ? grad_mean_probs->sizes() == at::IntArrayRef({s.num_seqs(), E})
+                            : (grad_mean_probs->dim() == 1 && grad_mean_probs->size(0) == E);
+    TORCH_CHECK(ok, "l2r_cuda.", op, ": grad_mean_probs must be ",
+                per_seq ? "[T / seq_len, E] = [" + std::to_string(s.num_seqs()) + ", " : std::string("[E] = ["), E,
+                "], got ", grad_mean_probs->sizes());
+  }
+  if (grad_lse.has_value()) {
+    check_same_device(*grad_lse, ref, op, "grad_lse");
+    TORCH_CHECK(grad_lse->dim() == 1 && grad_lse->size(0) == T, "l2r_cuda.", op, ": grad_lse must be [T] = [", T,
+                "], got ", grad_lse->sizes());
+  }
+  s.top_k = static_cast<int>(top_k);
+}
+
+// logits [T, E] of route_select and its backward, as a shape.
+inline RouteShape check_logits_input(const at::Tensor& logits, const char* op) {
+  TORCH_CHECK(logits.dim() == 2, "l2r_cuda.", op, ": logits must be [T, E], got shape ", logits.sizes());
+  check_floating(logits, op, "logits");
+  TORCH_CHECK(logits.size(1) >= 1 && logits.size(1) <= (int64_t{1} << 30), "l2r_cuda.", op,
+              ": logits must have 1 <= E <= 2^30 columns, got ", logits.size(1));
+  RouteShape s;
+  s.tokens = logits.size(0);
+  s.d = 1;
+  s.rank = 1;
+  s.experts = static_cast<int>(logits.size(1));
+  s.anchors = 1;
+  s.top_k = 0;
+  s.seq_len = s.tokens;
+  return s;
+}
+
 // The selection options of route_forward / route_select: top_k, groups, scaling.
 inline void apply_selection_options(RouteShape& s, RouteOptions& o, int64_t top_k,
                                     int64_t num_groups, int64_t topk_groups,
@@ -166,14 +234,7 @@ inline RouteCall check_route_forward_args(
   RouteCall c;
   c.shape = check_scoring_inputs(x, proj, anchors, scale, norm_weight, op);
   check_scoring_options(beta, eps, tau, op);
-  if (expert_bias.has_value()) {
-    check_floating(*expert_bias, op, "expert_bias");
-    check_same_device(*expert_bias, x, op, "expert_bias");
-    TORCH_CHECK(expert_bias->dim() == 1 && expert_bias->size(0) == c.shape.experts, "l2r_cuda.", op,
-                ": expert_bias must be [E] = [", c.shape.experts, "], got shape ", expert_bias->sizes());
-  }
-  check_padding_mask(padding_mask, x, c.shape.tokens, op);
-  apply_seq_len(c.shape, seq_len, op);
+  check_selection_inputs(c.shape, x, expert_bias, padding_mask, seq_len, op);
   c.opt.beta = beta;
   c.opt.eps_norm = eps_norm;
   c.opt.eps = eps;
@@ -201,40 +262,14 @@ inline RouteCall check_route_backward_args(
   RouteCall c;
   c.shape = check_scoring_inputs(x, proj, anchors, scale, norm_weight, op);
   check_scoring_options(beta, eps, tau, op);
-  const int64_t T = c.shape.tokens, E = c.shape.experts;
-  TORCH_CHECK(indices.dim() == 2 && indices.size(0) == T, "l2r_cuda.route_backward: indices must be [T, k] with T = ",
-              T, ", got shape ", indices.sizes());
-  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
-              "l2r_cuda.route_backward: indices must be int64 or int32, got ", indices.scalar_type());
-  const int64_t top_k = indices.size(1);
-  TORCH_CHECK(top_k >= 1 && top_k <= E, "l2r_cuda.route_backward: indices must have k in [1, E] = [1, ",
-              E, "] columns, got ", top_k);
+  const int64_t T = c.shape.tokens;
   TORCH_CHECK(q.sizes() == at::IntArrayRef({T, int64_t(c.shape.rank)}) && rstd.dim() == 1 && rstd.size(0) == T,
               "l2r_cuda.route_backward: saved q must be [T, r] = [", T, ", ", c.shape.rank,
               "] and rstd [T], got ", q.sizes(), " and ", rstd.sizes());
-  for (const at::Tensor* t : {&indices, &q, &rstd}) check_same_device(*t, x, op, "a saved tensor");
+  for (const at::Tensor* t : {&q, &rstd}) check_same_device(*t, x, op, "a saved tensor");
   apply_seq_len(c.shape, seq_len, op);
-  if (grad_weights.has_value()) {
-    check_same_device(*grad_weights, x, op, "grad_weights");
-    TORCH_CHECK(grad_weights->sizes() == indices.sizes(), "l2r_cuda.route_backward: grad_weights must be [T, k] = [",
-                T, ", ", top_k, "], got ", grad_weights->sizes());
-  }
-  if (grad_mean_probs.has_value()) {
-    check_same_device(*grad_mean_probs, x, op, "grad_mean_probs");
-    const bool per_seq = seq_len > 0;
-    const bool ok = per_seq ? grad_mean_probs->sizes() == at::IntArrayRef({c.shape.num_seqs(), E})
-                            : (grad_mean_probs->dim() == 1 && grad_mean_probs->size(0) == E);
-    TORCH_CHECK(ok, "l2r_cuda.route_backward: grad_mean_probs must be ",
-                per_seq ? "[T / seq_len, E] = [" + std::to_string(c.shape.num_seqs()) + ", " : std::string("[E] = ["),
-                E, "], got ", grad_mean_probs->sizes());
-  }
-  if (grad_lse.has_value()) {
-    check_same_device(*grad_lse, x, op, "grad_lse");
-    TORCH_CHECK(grad_lse->dim() == 1 && grad_lse->size(0) == T, "l2r_cuda.route_backward: grad_lse must be [T] = [", T,
-                "], got ", grad_lse->sizes());
-  }
+  check_routing_grads(c.shape, x, grad_weights, grad_mean_probs, grad_lse, indices, seq_len, op);
   check_padding_mask(padding_mask, x, T, op);
-  c.shape.top_k = static_cast<int>(top_k);
   c.opt.beta = beta;
   c.opt.eps = eps;
   c.opt.tau = tau;
@@ -254,24 +289,9 @@ inline RouteCall check_route_select_args(const at::Tensor& logits, const c10::op
                                          int64_t topk_groups, c10::string_view group_score,
                                          double routed_scaling_factor, int64_t seq_len) {
   const char* op = "route_from_logits";
-  TORCH_CHECK(logits.dim() == 2, "l2r_cuda.", op, ": logits must be [T, E], got shape ", logits.sizes());
-  check_floating(logits, op, "logits");
-  TORCH_CHECK(logits.size(1) >= 1 && logits.size(1) <= (int64_t{1} << 30), "l2r_cuda.", op,
-              ": logits must have 1 <= E <= 2^30 columns, got ", logits.size(1));
   RouteCall c;
-  c.shape.tokens = logits.size(0);
-  c.shape.d = 1;
-  c.shape.rank = 1;
-  c.shape.experts = static_cast<int>(logits.size(1));
-  c.shape.anchors = 1;
-  if (expert_bias.has_value()) {
-    check_floating(*expert_bias, op, "expert_bias");
-    check_same_device(*expert_bias, logits, op, "expert_bias");
-    TORCH_CHECK(expert_bias->dim() == 1 && expert_bias->size(0) == c.shape.experts, "l2r_cuda.", op,
-                ": expert_bias must be [E] = [", c.shape.experts, "], got shape ", expert_bias->sizes());
-  }
-  check_padding_mask(padding_mask, logits, c.shape.tokens, op);
-  apply_seq_len(c.shape, seq_len, op);
+  c.shape = check_logits_input(logits, op);
+  check_selection_inputs(c.shape, logits, expert_bias, padding_mask, seq_len, op);
   c.opt.score = parse_score(score, op);
   c.opt.normalize = normalize;
   apply_selection_options(c.shape, c.opt, top_k, num_groups, topk_groups, group_score, routed_scaling_factor, op);
@@ -285,37 +305,11 @@ inline RouteCall check_route_select_backward_args(
     const c10::optional<at::Tensor>& padding_mask, const at::Tensor& indices, c10::string_view score,
     bool normalize, double routed_scaling_factor, int64_t seq_len) {
   const char* op = "route_from_logits_backward";
-  TORCH_CHECK(logits.dim() == 2, "l2r_cuda.", op, ": logits must be [T, E], got ", logits.sizes());
-  check_floating(logits, op, "logits");
   RouteCall c;
-  c.shape.tokens = logits.size(0);
-  c.shape.d = 1;
-  c.shape.rank = 1;
-  c.shape.experts = static_cast<int>(logits.size(1));
-  c.shape.anchors = 1;
-  TORCH_CHECK(indices.dim() == 2 && indices.size(0) == c.shape.tokens &&
-                  (indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt),
-              "l2r_cuda.", op, ": indices must be int64 or int32 [T, k] with T = ", c.shape.tokens, ", got ",
-              indices.scalar_type(), " ", indices.sizes());
-  c.shape.top_k = static_cast<int>(indices.size(1));
+  c.shape = check_logits_input(logits, op);
   apply_seq_len(c.shape, seq_len, op);
   check_padding_mask(padding_mask, logits, c.shape.tokens, op);
-  if (grad_weights.has_value()) {
-    check_same_device(*grad_weights, logits, op, "grad_weights");
-    TORCH_CHECK(grad_weights->sizes() == indices.sizes(), "l2r_cuda.", op, ": grad_weights must be ",
-                indices.sizes(), ", got ", grad_weights->sizes());
-  }
-  if (grad_lse.has_value()) {
-    check_same_device(*grad_lse, logits, op, "grad_lse");
-    TORCH_CHECK(grad_lse->dim() == 1 && grad_lse->size(0) == c.shape.tokens, "l2r_cuda.", op,
-                ": grad_lse must be [T] = [", c.shape.tokens, "], got ", grad_lse->sizes());
-  }
-  if (grad_mean_probs.has_value()) {
-    check_same_device(*grad_mean_probs, logits, op, "grad_mean_probs");
-    const int64_t want = (seq_len > 0 ? c.shape.num_seqs() : 1) * c.shape.experts;
-    TORCH_CHECK(grad_mean_probs->numel() == want, "l2r_cuda.", op, ": grad_mean_probs has ",
-                grad_mean_probs->numel(), " elements, expected ", want);
-  }
+  check_routing_grads(c.shape, logits, grad_weights, grad_mean_probs, grad_lse, indices, seq_len, op);
   c.opt.score = parse_score(score, op);
   c.opt.normalize = normalize;
   TORCH_CHECK(std::isfinite(routed_scaling_factor), "l2r_cuda.", op, ": routed_scaling_factor must be finite, got ",
@@ -340,6 +334,18 @@ inline RouteShape check_route_logits_backward_args(const at::Tensor& grad_logits
   TORCH_CHECK(q.sizes() == at::IntArrayRef({s.tokens, int64_t(s.rank)}) && rstd.dim() == 1 && rstd.size(0) == s.tokens,
               "l2r_cuda.", op, ": saved q must be [T, r] and rstd [T], got ", q.sizes(), " and ", rstd.sizes());
   return s;
+}
+
+// The parameter gradients of a scoring backward in their parameters' dtypes and shapes
+// (grad_norm_weight stays the empty tensor when there is no norm weight).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scoring_grads_as_inputs(
+    const at::Tensor& grad_x, const at::Tensor& grad_proj, const at::Tensor& grad_anchors,
+    const at::Tensor& grad_scale, const at::Tensor& grad_norm_weight, const at::Tensor& proj,
+    const at::Tensor& anchors, const at::Tensor& scale, const c10::optional<at::Tensor>& norm_weight) {
+  const bool has_norm_weight = norm_weight.has_value() && grad_norm_weight.numel() > 0;
+  return {grad_x, grad_proj.to(proj.scalar_type()), grad_anchors.to(anchors.scalar_type()),
+          grad_scale.reshape(scale.sizes()).to(scale.scalar_type()),
+          has_norm_weight ? grad_norm_weight.to(norm_weight->scalar_type()) : grad_norm_weight};
 }
 
 // Math dtype: float64 inputs keep float64 (for gradcheck); everything else computes in fp32.

@@ -502,9 +502,8 @@ BackwardResult run_backward(BackwardArgs<A>& args, const Kernels<A>& kernels, co
     grad_norm_weight = has_norm_weight ? at::zeros({d}, f) : at::empty({0}, f);
   }
   if (!need_grad_x) grad_x = at::zeros_like(x, at::MemoryFormat::Contiguous);
-  return {grad_x, grad_proj.to(proj.scalar_type()), grad_anchors.to(anchors.scalar_type()),
-          grad_scale.to(scale.scalar_type()),
-          has_norm_weight ? grad_norm_weight.to(norm_weight->scalar_type()) : grad_norm_weight};
+  return scoring_grads_as_inputs(grad_x, grad_proj, grad_anchors, grad_scale, grad_norm_weight, proj, anchors, scale,
+                                 norm_weight);
 }
 
 BackwardResult route_backward_cpu(

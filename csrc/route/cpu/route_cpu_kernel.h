@@ -196,58 +196,11 @@ inline bool row_has_non_finite(const X* x, int64_t d) {
 // Scores of one token: u, the experts' logits (anchor log-sum-exp), softmax statistics, p.
 // ================================================================================================
 
+// Softmax statistics over the experts of one token, exp(l - shift) and p, from S.logits.
 template <typename V>
-inline rm::SoftmaxStats<ScalarOf<V>> score_token(const ScalarOf<V>* q, const Prepared<ScalarOf<V>>& P,
-                                                 ScalarOf<V> q_scale, ScalarOf<V> tau, bool sigmoid,
-                                                 const TokenScores<ScalarOf<V>>& S) {
+inline rm::SoftmaxStats<ScalarOf<V>> token_probs(int E8, bool sigmoid, const TokenScores<ScalarOf<V>>& S) {
   using A = ScalarOf<V>;
   constexpr int kW = width_of<V>();
-  const int R = P.rank, H = P.anchors, E = P.experts, E8 = P.experts_padded;
-  const A sot = q_scale / tau;
-  const V vq_scale(q_scale), vsot(sot), vtau(tau), ninf(-poly::kInf);
-  V lmax = ninf;
-  auto lnan = is_nan(V(A(0)));
-  for (int b = 0; b < E8; b += kW) {
-    for (int h = 0; h < H; ++h) {
-      const A* col = P.anchors_t + int64_t(h) * E8 + b;
-      const V u = rm::anchor_dot<V>(q, R, [&](int i) { return lane_load<V>(col + int64_t(i) * H * E8); });
-      lane_store(S.u + int64_t(h) * E8 + b, u);
-    }
-    const rm::ExpertLogit<V> el = rm::expert_logit<V>(
-        H, vq_scale, vsot, vtau, [&](int h) { return lane_load<V>(S.u + int64_t(h) * E8 + b); },
-        [&](int h, V ex) { lane_store(S.ex + int64_t(h) * E8 + b, ex); });
-    V logit = el.logit;
-    if (b + kW > E) logit = blend_from_lane(logit, ninf, E - b);  // padded experts: never chosen
-    lane_store(S.logits + b, logit);
-    lane_store(S.lsum + b, el.lsum);
-    lnan = mask_or(lnan, is_nan(logit));
-    lmax = vmax(logit, lmax);
-  }
-  rm::SoftmaxStats<A> st;
-  st.max = any_of(lnan) ? A(from_bits(int32_t(0x7fc00000))) : hmax(lmax);
-  const V shift(rm::softmax_shift(st.max));
-  V vsum(A(0));
-  for (int b = 0; b < E8; b += kW) {
-    const V e = rm::logit_exp(lane_load<V>(S.logits + b), shift);
-    lane_store(S.exps + b, e);
-    vsum = vsum + e;
-  }
-  st.sum = hsum(vsum);
-  const V sum(st.sum);
-  for (int b = 0; b < E8; b += kW) {
-    lane_store(S.probs + b, rm::routing_prob(lane_load<V>(S.logits + b), lane_load<V>(S.exps + b), sum, sigmoid));
-  }
-  return st;
-}
-
-// From given logits (route_select): the same statistics and probabilities.
-template <typename V>
-inline rm::SoftmaxStats<ScalarOf<V>> score_from_logits(const ScalarOf<V>* logits, int E, int E8,
-                                                       bool sigmoid, const TokenScores<ScalarOf<V>>& S) {
-  using A = ScalarOf<V>;
-  constexpr int kW = width_of<V>();
-  for (int e = 0; e < E; ++e) S.logits[e] = logits[e];
-  for (int e = E; e < E8; ++e) S.logits[e] = -poly::kInf;
   V lmax(-poly::kInf);
   auto lnan = is_nan(V(A(0)));
   for (int b = 0; b < E8; b += kW) {
@@ -270,6 +223,41 @@ inline rm::SoftmaxStats<ScalarOf<V>> score_from_logits(const ScalarOf<V>* logits
     lane_store(S.probs + b, rm::routing_prob(lane_load<V>(S.logits + b), lane_load<V>(S.exps + b), sum, sigmoid));
   }
   return st;
+}
+
+template <typename V>
+inline rm::SoftmaxStats<ScalarOf<V>> score_token(const ScalarOf<V>* q, const Prepared<ScalarOf<V>>& P,
+                                                 ScalarOf<V> q_scale, ScalarOf<V> tau, bool sigmoid,
+                                                 const TokenScores<ScalarOf<V>>& S) {
+  using A = ScalarOf<V>;
+  constexpr int kW = width_of<V>();
+  const int R = P.rank, H = P.anchors, E = P.experts, E8 = P.experts_padded;
+  const A sot = q_scale / tau;
+  const V vq_scale(q_scale), vsot(sot), vtau(tau), ninf(-poly::kInf);
+  for (int b = 0; b < E8; b += kW) {
+    for (int h = 0; h < H; ++h) {
+      const A* col = P.anchors_t + int64_t(h) * E8 + b;
+      const V u = rm::anchor_dot<V>(q, R, [&](int i) { return lane_load<V>(col + int64_t(i) * H * E8); });
+      lane_store(S.u + int64_t(h) * E8 + b, u);
+    }
+    const rm::ExpertLogit<V> el = rm::expert_logit<V>(
+        H, vq_scale, vsot, vtau, [&](int h) { return lane_load<V>(S.u + int64_t(h) * E8 + b); },
+        [&](int h, V ex) { lane_store(S.ex + int64_t(h) * E8 + b, ex); });
+    V logit = el.logit;
+    if (b + kW > E) logit = blend_from_lane(logit, ninf, E - b);  // padded experts: never chosen
+    lane_store(S.logits + b, logit);
+    lane_store(S.lsum + b, el.lsum);
+  }
+  return token_probs<V>(E8, sigmoid, S);
+}
+
+// From given logits (route_select): the same statistics and probabilities.
+template <typename V>
+inline rm::SoftmaxStats<ScalarOf<V>> score_from_logits(const ScalarOf<V>* logits, int E, int E8,
+                                                       bool sigmoid, const TokenScores<ScalarOf<V>>& S) {
+  for (int e = 0; e < E; ++e) S.logits[e] = logits[e];
+  for (int e = E; e < E8; ++e) S.logits[e] = -poly::kInf;
+  return token_probs<V>(E8, sigmoid, S);
 }
 
 template <typename V>

@@ -300,6 +300,16 @@ __global__ void route_prepare_kernel(const float* __restrict__ proj, const float
   }
 }
 
+// Sizes and options every route kernel reads (from RouteShape and RouteOptions, in float).
+struct KernelConfig {
+  int64_t tokens, d, seq_len;
+  int rank, rp, experts, anchors, top_k;
+  float beta, eps_norm, eps, tau, scaling;
+  bool use_norm, sigmoid, normalize;
+  int num_groups, topk_groups;
+  GroupScore group_score;
+};
+
 struct ForwardParams {
   const void* x;
   const float* proj_w;      // [rp, d]
@@ -318,12 +328,8 @@ struct ForwardParams {
   int* count_partials;      // [chunks, E]
   int* token_partials;      // [chunks]: counted tokens
   TokenChunks chunks;
-  int64_t tokens, d;
-  int rank, rp, experts, anchors, top_k;
-  float beta, eps_norm, eps, tau, scaling;
-  bool use_norm, sigmoid, normalize, vec;
-  int num_groups, topk_groups;
-  GroupScore group_score;
+  KernelConfig c;
+  bool vec;
   int64_t proj_smem, anchor_smem;  // offsets (floats) into shared memory, -1: read from global
   int64_t warp_smem, warp_stride;  // per-warp scratch: logits/probs [E] | exps [E] | prob sums [E]
                                    // | counts [E] | selected [k] | q [rp]
@@ -365,21 +371,21 @@ __device__ __forceinline__ uint64_t warp_kept_groups(int E, int G, int topk_grou
 __device__ __forceinline__ void finish_token(const ForwardParams& p, int64_t t, int lane, const float* probs,
                                              float* keys, float* prob_sum, int* counts, int* selected,
                                              bool counted) {
-  const int E = p.experts, K = p.top_k;
+  const int E = p.c.experts, K = p.c.top_k;
   if (counted) {
-    const float total = p.sigmoid ? warp_total(probs, E, lane) : 1.f;
-    for (int e = lane; e < E; e += kWarp) prob_sum[e] += rm::balance_prob(probs[e], total, p.sigmoid);
+    const float total = p.c.sigmoid ? warp_total(probs, E, lane) : 1.f;
+    for (int e = lane; e < E; e += kWarp) prob_sum[e] += rm::balance_prob(probs[e], total, p.c.sigmoid);
   }
   for (int e = lane; e < E; e += kWarp) keys[e] = p.bias ? rm::selection_key(probs[e], __ldg(p.bias + e)) : probs[e];
   __syncwarp();
   uint64_t kept = ~uint64_t(0);
-  if (p.num_groups > 1) kept = warp_kept_groups(E, p.num_groups, p.topk_groups, p.group_score, lane, keys);
+  if (p.c.num_groups > 1) kept = warp_kept_groups(E, p.c.num_groups, p.c.topk_groups, p.c.group_score, lane, keys);
   // Round j takes the largest order key below round j-1's winner (keys are unique per expert).
   uint64_t previous = ~uint64_t(0);
   for (int j = 0; j < K; ++j) {
     uint64_t best = 0;
     for (int e = lane; e < E; e += kWarp) {
-      if (!rm::in_kept_group(e, kept, E, p.num_groups)) continue;
+      if (!rm::in_kept_group(e, kept, E, p.c.num_groups)) continue;
       const uint64_t key = order_key(keys[e], uint32_t(e));
       if (key < previous && key > best) best = key;
     }
@@ -389,12 +395,12 @@ __device__ __forceinline__ void finish_token(const ForwardParams& p, int64_t t, 
   }
   __syncwarp();
   float selected_sum = 0.f;
-  if (p.normalize) {
+  if (p.c.normalize) {
     for (int j = 0; j < K; ++j) selected_sum += probs[selected[j]];
   }
   for (int j = lane; j < K; j += kWarp) {
     const int e = selected[j];
-    p.weights[t * K + j] = rm::selected_weight(probs[e], selected_sum, p.normalize, p.scaling);
+    p.weights[t * K + j] = rm::selected_weight(probs[e], selected_sum, p.c.normalize, p.c.scaling);
     p.indices[t * K + j] = e;
     if (counted) counts[e] += 1;
   }
@@ -407,9 +413,9 @@ __global__ void __launch_bounds__(kThreads, forward_min_blocks(R))
   extern __shared__ float4 smem_vec[];
   float* smem = reinterpret_cast<float*>(smem_vec);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int E = p.experts, H = p.anchors;
-  const int rp = R > 0 ? R : p.rp;
-  const int64_t d = p.d;
+  const int E = p.c.experts, H = p.c.anchors;
+  const int rp = R > 0 ? R : p.c.rp;
+  const int64_t d = p.c.d;
 
   const float* proj_w = p.proj_w;
   const float* anchor_hat = p.anchor_hat;
@@ -428,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, forward_min_blocks(R))
   float* prob_sum = exps + E;
   int* counts = reinterpret_cast<int*>(prob_sum + E);
   int* selected = counts + E;
-  float* q_smem = reinterpret_cast<float*>(selected + p.top_k);
+  float* q_smem = reinterpret_cast<float*>(selected + p.c.top_k);
   for (int e = lane; e < E; e += kWarp) {
     prob_sum[e] = 0.f;
     counts[e] = 0;
@@ -445,20 +451,20 @@ __global__ void __launch_bounds__(kThreads, forward_min_blocks(R))
       // --- RMSNorm + projection, SIPS against every anchor, the experts' logits.
       float q_reg[R > 0 ? R : 1];
       float* q = R > 0 ? q_reg : q_smem;
-      const float rstd = project_token<R>(x + t * d, proj_w, d, rp, p.vec, p.use_norm, p.eps_norm, lane, q);
+      const float rstd = project_token<R>(x + t * d, proj_w, d, rp, p.vec, p.c.use_norm, p.c.eps_norm, lane, q);
       if constexpr (R > 0) {
 #pragma unroll
         for (int k = 0; k < R; ++k) {
-          if (k == lane && k < p.rank) p.q_out[t * p.rank + k] = q_reg[k];
+          if (k == lane && k < p.c.rank) p.q_out[t * p.c.rank + k] = q_reg[k];
         }
       } else {
-        for (int k = lane; k < p.rank; k += kWarp) p.q_out[t * p.rank + k] = q_smem[k];
+        for (int k = lane; k < p.c.rank; k += kWarp) p.q_out[t * p.c.rank + k] = q_smem[k];
       }
       if (lane == 0) p.rstd_out[t] = rstd;
-      const rm::NormCoef<float> qc = rm::query_coef(q, rp, p.beta, p.eps);
-      const float q_scale = scale * qc.coef, sot = q_scale / p.tau;
+      const rm::NormCoef<float> qc = rm::query_coef(q, rp, p.c.beta, p.c.eps);
+      const float q_scale = scale * qc.coef, sot = q_scale / p.c.tau;
       for (int e = lane; e < E; e += kWarp) {
-        logits[e] = expert_logit_of<R>(q, anchor_hat, e, E, H, rp, q_scale, sot, p.tau).logit;
+        logits[e] = expert_logit_of<R>(q, anchor_hat, e, E, H, rp, q_scale, sot, p.c.tau).logit;
       }
       if constexpr (M == RouteMode::kLogits) {
         for (int e = lane; e < E; e += kWarp) p.logits_out[t * E + e] = logits[e];
@@ -472,7 +478,7 @@ __global__ void __launch_bounds__(kThreads, forward_min_blocks(R))
     // --- Probabilities, z-loss statistic, routing.
     const rm::SoftmaxStats<float> st = warp_softmax_stats(logits, exps, E, lane);
     if (lane == 0) p.lse[t] = rm::stats_lse(st);
-    for (int e = lane; e < E; e += kWarp) logits[e] = rm::routing_prob(logits[e], exps[e], st.sum, p.sigmoid);
+    for (int e = lane; e < E; e += kWarp) logits[e] = rm::routing_prob(logits[e], exps[e], st.sum, p.c.sigmoid);
     __syncwarp();
     const bool counted = p.padding == nullptr || !p.padding[t];
     counted_tokens += counted ? 1 : 0;
@@ -546,10 +552,8 @@ struct BackwardParams {
   float* anchor_slots;     // [slots, rp * H * E], one slot per warp
   float* scale_slots;      // [slots]
   int32_t* bad_index;
-  int64_t tokens, d, seq_len;
-  int rank, rp, experts, anchors, top_k;
-  float beta, eps, tau, scaling;
-  bool use_norm, sigmoid, normalize, vec, need_grad_x, need_param_grads;
+  KernelConfig c;
+  bool vec, need_grad_x, need_param_grads;
   int64_t proj_smem, anchor_smem, acc_smem;  // shared-memory offsets (floats) or -1
   int64_t warp_smem, warp_stride;  // per-warp scratch: logits [E] | probs [E] | dL/dp [E] |
                                    // lsum [E] | shift [E] | q [rp] | grad_q [rp] |
@@ -560,18 +564,18 @@ struct BackwardParams {
 __device__ __forceinline__ void token_logit_grads(const BackwardParams& p, int64_t t, int lane,
                                                   const float* logits, const float* probs,
                                                   const rm::SoftmaxStats<float>& st, float* dl) {
-  const int E = p.experts, K = p.top_k;
+  const int E = p.c.experts, K = p.c.top_k;
   const bool counted = p.padding == nullptr || !p.padding[t];
   if (p.grad_mean_probs && counted) {
-    const float* g = p.grad_mean_probs + (t / p.seq_len) * E;
+    const float* g = p.grad_mean_probs + (t / p.c.seq_len) * E;
     float total = 1.f, g_dot_balance = 0.f;
-    if (p.sigmoid) {
+    if (p.c.sigmoid) {
       total = warp_total(probs, E, lane);
       float dot = 0.f;
       for (int e = lane; e < E; e += kWarp) dot = lanes::fmadd(g[e], rm::balance_prob(probs[e], total, true), dot);
       g_dot_balance = warp_sum(dot);
     }
-    for (int e = lane; e < E; e += kWarp) dl[e] = rm::balance_prob_grad(g[e], g_dot_balance, total, p.sigmoid);
+    for (int e = lane; e < E; e += kWarp) dl[e] = rm::balance_prob_grad(g[e], g_dot_balance, total, p.c.sigmoid);
   } else {
     for (int e = lane; e < E; e += kWarp) dl[e] = 0.f;
   }
@@ -586,28 +590,28 @@ __device__ __forceinline__ void token_logit_grads(const BackwardParams& p, int64
       *p.bad_index = 1;
     } else {
       float selected_sum = 0.f, grad_dot_weights = 0.f;
-      if (p.normalize) {
+      if (p.c.normalize) {
         for (int j = 0; j < K; ++j) selected_sum += probs[idx[j]];
         for (int j = 0; j < K; ++j) {
-          grad_dot_weights += rm::weight_dot_term(rm::scaled_weight_grad(gw[j], p.scaling), probs[idx[j]], selected_sum);
+          grad_dot_weights += rm::weight_dot_term(rm::scaled_weight_grad(gw[j], p.c.scaling), probs[idx[j]], selected_sum);
         }
       }
       for (int j = 0; j < K; ++j) {
-        dl[idx[j]] += rm::selected_prob_grad(rm::scaled_weight_grad(gw[j], p.scaling), grad_dot_weights,
-                                             selected_sum, p.normalize);
+        dl[idx[j]] += rm::selected_prob_grad(rm::scaled_weight_grad(gw[j], p.c.scaling), grad_dot_weights,
+                                             selected_sum, p.c.normalize);
       }
     }
   }
   __syncwarp();
   float p_dot_dp = 0.f;
-  if (!p.sigmoid) {
+  if (!p.c.sigmoid) {
     for (int e = lane; e < E; e += kWarp) p_dot_dp = lanes::fmadd(probs[e], dl[e], p_dot_dp);
     p_dot_dp = warp_sum(p_dot_dp);
   }
   const float g_lse = p.grad_lse ? p.grad_lse[t] : 0.f;
   for (int e = lane; e < E; e += kWarp) {
-    const float softmax_p = p.sigmoid ? rm::softmax_of(rm::logit_exp(logits[e], rm::softmax_shift(st.max)), st.sum) : probs[e];
-    dl[e] = rm::logit_grad(probs[e], dl[e], p_dot_dp, softmax_p, g_lse, p.sigmoid);
+    const float softmax_p = p.c.sigmoid ? rm::softmax_of(rm::logit_exp(logits[e], rm::softmax_shift(st.max)), st.sum) : probs[e];
+    dl[e] = rm::logit_grad(probs[e], dl[e], p_dot_dp, softmax_p, g_lse, p.c.sigmoid);
   }
   __syncwarp();
 }
@@ -620,9 +624,9 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
   extern __shared__ float4 smem_vec[];
   float* smem = reinterpret_cast<float*>(smem_vec);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int E = p.experts, H = p.anchors;
-  const int rp = R > 0 ? R : p.rp;
-  const int64_t d = p.d;
+  const int E = p.c.experts, H = p.c.anchors;
+  const int rp = R > 0 ? R : p.c.rp;
+  const int64_t d = p.c.d;
   const int64_t acc_size = static_cast<int64_t>(E) * H * rp;
   const int64_t slot = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
 
@@ -659,7 +663,7 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
   const T* x = static_cast<const T*>(p.x);
   T* grad_x = static_cast<T*>(p.grad_x);
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; t < p.tokens; t += warps) {
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; t < p.c.tokens; t += warps) {
     float q_reg[R > 0 ? R : 1];
     const float* q = R > 0 ? q_reg : q_smem;
     rm::NormCoef<float> qc{0.f, 0.f};
@@ -668,16 +672,16 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
     if constexpr (M != RouteMode::kSelect) {
       if constexpr (R > 0) {
 #pragma unroll
-        for (int k = 0; k < R; ++k) q_reg[k] = k < p.rank ? __ldg(p.q_saved + t * p.rank + k) : 0.f;
+        for (int k = 0; k < R; ++k) q_reg[k] = k < p.c.rank ? __ldg(p.q_saved + t * p.c.rank + k) : 0.f;
       } else {
-        for (int k = lane; k < rp; k += kWarp) q_smem[k] = k < p.rank ? p.q_saved[t * p.rank + k] : 0.f;
+        for (int k = lane; k < rp; k += kWarp) q_smem[k] = k < p.c.rank ? p.q_saved[t * p.c.rank + k] : 0.f;
         __syncwarp();
       }
-      qc = rm::query_coef(q, rp, p.beta, p.eps);
+      qc = rm::query_coef(q, rp, p.c.beta, p.c.eps);
       q_scale = scale * qc.coef;
-      sot = q_scale / p.tau;
+      sot = q_scale / p.c.tau;
       for (int e = lane; e < E; e += kWarp) {
-        const rm::ExpertLogit<float> el = expert_logit_of<R>(q, anchor_hat, e, E, H, rp, q_scale, sot, p.tau);
+        const rm::ExpertLogit<float> el = expert_logit_of<R>(q, anchor_hat, e, E, H, rp, q_scale, sot, p.c.tau);
         logits[e] = el.logit;
         lsums[e] = el.lsum;
         shifts[e] = el.shift;
@@ -690,7 +694,7 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
       for (int e = lane; e < E; e += kWarp) dl[e] = p.grad_logits[t * E + e];
     } else {
       const rm::SoftmaxStats<float> st = warp_softmax_stats(logits, probs, E, lane);
-      for (int e = lane; e < E; e += kWarp) probs[e] = rm::routing_prob(logits[e], probs[e], st.sum, p.sigmoid);
+      for (int e = lane; e < E; e += kWarp) probs[e] = rm::routing_prob(logits[e], probs[e], st.sum, p.c.sigmoid);
       __syncwarp();
       token_logit_grads(p, t, lane, logits, probs, st, dl);
     }
@@ -762,7 +766,7 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
       if (p.need_grad_x) {
         const T* xrow = x + t * d;
         T* gxrow = grad_x + t * d;
-        const float rstd = p.use_norm ? p.rstd_saved[t] : 1.f;
+        const float rstd = p.c.use_norm ? p.rstd_saved[t] : 1.f;
         const int n = R > 0 ? R : rp;
         auto hat_grad = [&](int64_t i) {
           float s = gq[0] * proj_w[i];
@@ -780,16 +784,16 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
               out[j] = hat_grad(v * V + j);
               mean_dot = lanes::fmadd(out[j], rm::rms_normalized(xv[j], rstd), mean_dot);
             }
-            if (!p.use_norm) store_vec(gxrow + v * V, out);
+            if (!p.c.use_norm) store_vec(gxrow + v * V, out);
           }
         } else {
           for (int64_t i = lane; i < d; i += kWarp) {
             const float gh = hat_grad(i);
             mean_dot = lanes::fmadd(gh, rm::rms_normalized(to_float(xrow[i]), rstd), mean_dot);
-            if (!p.use_norm) store_float(gxrow + i, gh);
+            if (!p.c.use_norm) store_float(gxrow + i, gh);
           }
         }
-        if (p.use_norm) {
+        if (p.c.use_norm) {
           mean_dot = warp_sum(mean_dot) / static_cast<float>(d);
           if (p.vec) {
             constexpr int V = VecWidth<T>::value;
@@ -900,6 +904,30 @@ __global__ void route_backward_finalize_kernel(
 // =============================================================================================
 
 int64_t align4(int64_t n) { return (n + 3) / 4 * 4; }
+
+KernelConfig kernel_config(const RouteShape& s, const RouteOptions& o, int rp) {
+  KernelConfig c;
+  c.tokens = s.tokens;
+  c.d = s.d;
+  c.seq_len = s.seq_len > 0 ? s.seq_len : s.tokens;
+  c.rank = s.rank;
+  c.rp = rp;
+  c.experts = s.experts;
+  c.anchors = s.anchors;
+  c.top_k = s.top_k;
+  c.beta = static_cast<float>(o.beta);
+  c.eps_norm = static_cast<float>(o.eps_norm);
+  c.eps = static_cast<float>(o.eps);
+  c.tau = static_cast<float>(o.tau);
+  c.scaling = static_cast<float>(o.routed_scaling_factor);
+  c.use_norm = o.use_norm();
+  c.sigmoid = o.sigmoid();
+  c.normalize = o.normalize;
+  c.num_groups = o.num_groups;
+  c.topk_groups = o.topk_groups;
+  c.group_score = o.group_score;
+  return c;
+}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -1135,26 +1163,10 @@ Status launch_route_forward(RouteMode mode, const RouteShape& shape, const Route
   p.count_partials = reinterpret_cast<int*>(buf.workspace + ws.count_partials);
   p.token_partials = reinterpret_cast<int*>(buf.workspace + ws.token_partials);
   p.chunks = forward_chunks(shape);
-  p.tokens = shape.tokens;
-  p.d = shape.d;
-  p.rank = shape.rank;
-  p.rp = rp;
-  p.experts = shape.experts;
-  p.anchors = shape.anchors;
-  p.top_k = mode == RouteMode::kLogits ? 0 : shape.top_k;
-  p.beta = static_cast<float>(opt.beta);
-  p.eps_norm = static_cast<float>(opt.eps_norm);
-  p.eps = static_cast<float>(opt.eps);
-  p.tau = static_cast<float>(opt.tau);
-  p.scaling = static_cast<float>(opt.routed_scaling_factor);
-  p.use_norm = opt.use_norm();
-  p.sigmoid = opt.sigmoid();
-  p.normalize = opt.normalize;
-  p.num_groups = opt.num_groups;
-  p.topk_groups = opt.topk_groups;
-  p.group_score = opt.group_score;
+  p.c = kernel_config(shape, opt, rp);
+  if (mode == RouteMode::kLogits) p.c.top_k = 0;
   p.vec = scores && rows_aligned(buf.x, shape.d, buf.x_type);
-  p.warp_stride = align4(4LL * shape.experts + p.top_k + rp);
+  p.warp_stride = align4(4LL * shape.experts + p.c.top_k + rp);
 
   int64_t limit = 0, per_sm = 0;
   const cudaError_t limits = smem_limits(&limit, &per_sm);
@@ -1170,7 +1182,7 @@ Status launch_route_forward(RouteMode mode, const RouteShape& shape, const Route
     const int64_t prep_items = std::max<int64_t>(rp * shape.d, num_anchor_rows * rp);
     route_prepare_kernel<<<elementwise_blocks(prep_items), 256, 0, stream>>>(
         buf.proj, opt.use_norm() ? buf.norm_weight : nullptr, buf.anchors, shape.rank, rp, shape.d,
-        shape.experts, shape.anchors, p.beta, p.eps, buf.workspace + ws.proj_w, buf.workspace + ws.anchor_hat);
+        shape.experts, shape.anchors, p.c.beta, p.c.eps, buf.workspace + ws.proj_w, buf.workspace + ws.anchor_hat);
     if (checked(cudaGetLastError(), err) != Status::kOk) return Status::kCudaError;
   }
   const Status st = dispatch_kernel<ForwardLaunch>(mode, rp, buf.x_type, p, static_cast<int>(p.chunks.count),
@@ -1219,21 +1231,7 @@ Status launch_route_backward(RouteMode mode, const RouteShape& shape, const Rout
   p.anchor_slots = buf.workspace + ws.anchor_slots;
   p.scale_slots = buf.workspace + ws.scale_slots;
   p.bad_index = buf.bad_index;
-  p.tokens = shape.tokens;
-  p.d = shape.d;
-  p.seq_len = shape.seq_len > 0 ? shape.seq_len : shape.tokens;
-  p.rank = shape.rank;
-  p.rp = rp;
-  p.experts = shape.experts;
-  p.anchors = shape.anchors;
-  p.top_k = shape.top_k;
-  p.beta = static_cast<float>(opt.beta);
-  p.eps = static_cast<float>(opt.eps);
-  p.tau = static_cast<float>(opt.tau);
-  p.scaling = static_cast<float>(opt.routed_scaling_factor);
-  p.use_norm = opt.use_norm();
-  p.sigmoid = opt.sigmoid();
-  p.normalize = opt.normalize;
+  p.c = kernel_config(shape, opt, rp);
   p.need_grad_x = scores && buf.need_grad_x;
   p.need_param_grads = scores && buf.need_param_grads;
   p.vec = scores && rows_aligned(buf.x, shape.d, buf.x_type) &&
@@ -1255,7 +1253,7 @@ Status launch_route_backward(RouteMode mode, const RouteShape& shape, const Rout
   if (scores) {
     const int64_t prep_items = std::max<int64_t>(rp * shape.d, acc_size);
     route_prepare_kernel<<<elementwise_blocks(prep_items), 256, 0, stream>>>(
-        buf.proj, g, buf.anchors, shape.rank, rp, shape.d, shape.experts, shape.anchors, p.beta, p.eps,
+        buf.proj, g, buf.anchors, shape.rank, rp, shape.d, shape.experts, shape.anchors, p.c.beta, p.c.eps,
         buf.workspace + ws.proj_w, buf.workspace + ws.anchor_hat);
     if (checked(cudaGetLastError(), err) != Status::kOk) return Status::kCudaError;
   }
@@ -1274,7 +1272,7 @@ Status launch_route_backward(RouteMode mode, const RouteShape& shape, const Rout
   const int64_t items = shape.d + static_cast<int64_t>(shape.experts) * shape.anchors + 1;
   route_backward_finalize_kernel<<<elementwise_blocks(items), 256, 0, stream>>>(
       column_partials, chunks.count, p.anchor_slots, p.scale_slots, static_cast<int64_t>(blocks) * kWarpsPerBlock,
-      buf.proj, g, buf.anchors, shape.rank, rp, shape.d, shape.experts, shape.anchors, p.beta, p.eps,
+      buf.proj, g, buf.anchors, shape.rank, rp, shape.d, shape.experts, shape.anchors, p.c.beta, p.c.eps,
       buf.workspace + ws.acc_total, buf.grad_proj, buf.grad_norm_weight, buf.grad_anchors, buf.grad_scale);
   return checked(cudaGetLastError(), err);
 }

@@ -47,6 +47,27 @@ at::Tensor padding_of(const c10::optional<at::Tensor>& padding_mask) {
   return padding_mask.has_value() ? padding_mask->reshape({-1}).contiguous() : at::Tensor();
 }
 
+// The scoring inputs of a launch, contiguous and in float32, kept alive with the buffers.
+struct ScoringInputs {
+  at::Tensor x, proj, anchors, scale, norm_weight;
+
+  ScoringInputs(const at::Tensor& x_in, const at::Tensor& proj_in, const at::Tensor& anchors_in,
+                const at::Tensor& scale_in, const c10::optional<at::Tensor>& norm_weight_in, bool use_norm)
+      : x(x_in.contiguous()), proj(as_f32(proj_in)), anchors(as_f32(anchors_in)),
+        scale(as_f32(scale_in.reshape({1}))),
+        norm_weight(use_norm ? as_f32(norm_weight_in) : at::Tensor()) {}
+
+  template <typename Buffers>
+  void fill(Buffers& b) const {
+    b.x = x.data_ptr();
+    b.x_type = dtype_of(x);
+    b.proj = proj.data_ptr<float>();
+    b.anchors = anchors.data_ptr<float>();
+    b.norm_weight = ptr_or_null(norm_weight);
+    b.scale = scale.data_ptr<float>();
+  }
+};
+
 void check_launch(Status status, cudaError_t err, const char* op, const RouteShape& s) {
   TORCH_CHECK(status != Status::kSharedMemoryTooSmall, "l2r_cuda.", op, ": E = ", s.experts, ", k = ", s.top_k,
               ", r = ", s.rank, ": ", status_message(status));
@@ -85,18 +106,11 @@ ForwardResult route_forward_cuda(const at::Tensor& x_in, const at::Tensor& proj,
   at::Tensor q = at::empty({T, s.rank}, f);
   at::Tensor rstd = at::empty({T}, f);
   if (T == 0) return {weights, indices, tokens_per_expert, mean_probs, lse, q, rstd};
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor proj32 = as_f32(proj), anchors32 = as_f32(anchors), scale32 = as_f32(scale.reshape({1}));
-  const at::Tensor g32 = call.opt.use_norm() ? as_f32(norm_weight) : at::Tensor();
+  const ScoringInputs in(x_in, proj, anchors, scale, norm_weight, call.opt.use_norm());
   const at::Tensor bias32 = as_f32(expert_bias), padding = padding_of(padding_mask);
   at::Tensor workspace = at::empty({route_forward_workspace_floats(RouteMode::kRoute, s)}, f);
   RouteForwardBuffers b;
-  b.x = x.data_ptr();
-  b.x_type = dtype_of(x);
-  b.proj = proj32.data_ptr<float>();
-  b.anchors = anchors32.data_ptr<float>();
-  b.norm_weight = ptr_or_null(g32);
-  b.scale = scale32.data_ptr<float>();
+  in.fill(b);
   b.expert_bias = ptr_or_null(bias32);
   b.padding = padding.defined() ? padding.data_ptr<bool>() : nullptr;
   b.weights = weights.data_ptr<float>();
@@ -134,17 +148,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_logits_cuda(
   at::Tensor q = at::empty({s.tokens, s.rank}, f);
   at::Tensor rstd = at::empty({s.tokens}, f);
   if (s.tokens == 0) return {logits, q, rstd};
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor proj32 = as_f32(proj), anchors32 = as_f32(anchors), scale32 = as_f32(scale.reshape({1}));
-  const at::Tensor g32 = o.use_norm() ? as_f32(norm_weight) : at::Tensor();
+  const ScoringInputs in(x_in, proj, anchors, scale, norm_weight, o.use_norm());
   at::Tensor workspace = at::empty({route_forward_workspace_floats(RouteMode::kLogits, s)}, f);
   RouteForwardBuffers b;
-  b.x = x.data_ptr();
-  b.x_type = dtype_of(x);
-  b.proj = proj32.data_ptr<float>();
-  b.anchors = anchors32.data_ptr<float>();
-  b.norm_weight = ptr_or_null(g32);
-  b.scale = scale32.data_ptr<float>();
+  in.fill(b);
   b.q = q.data_ptr<float>();
   b.rstd = rstd.data_ptr<float>();
   b.logits_out = logits.data_ptr<float>();
@@ -212,18 +219,11 @@ BackwardResult run_scoring_backward(RouteMode mode, const RouteCall& call, Route
   at::Tensor grad_scale = at::zeros({1}, f);
   at::Tensor grad_norm_weight = has_norm_weight ? at::zeros({s.d}, f) : at::empty({0}, f);
   if (s.tokens > 0 && (output_mask[0] || output_mask[1])) {
-    const at::Tensor x = x_in.contiguous();
-    const at::Tensor proj32 = as_f32(proj), anchors32 = as_f32(anchors), scale32 = as_f32(scale.reshape({1}));
-    const at::Tensor g32 = has_norm_weight ? as_f32(norm_weight) : at::Tensor();
+    const ScoringInputs in(x_in, proj, anchors, scale, norm_weight, has_norm_weight);
     const at::Tensor q = as_f32(q_in), rstd = as_f32(rstd_in), padding = padding_of(padding_mask);
     at::Tensor workspace = at::empty({route_backward_workspace_floats(mode, s)}, f);
     at::Tensor bad_index = at::zeros({1}, x_in.options().dtype(at::kInt));
-    b.x = x.data_ptr();
-    b.x_type = dtype_of(x);
-    b.proj = proj32.data_ptr<float>();
-    b.anchors = anchors32.data_ptr<float>();
-    b.norm_weight = ptr_or_null(g32);
-    b.scale = scale32.data_ptr<float>();
+    in.fill(b);
     b.padding = padding.defined() ? padding.data_ptr<bool>() : nullptr;
     b.q = q.data_ptr<float>();
     b.rstd = rstd.data_ptr<float>();
@@ -241,9 +241,8 @@ BackwardResult run_scoring_backward(RouteMode mode, const RouteCall& call, Route
     check_launch(st, err, op, s);
     at::_assert_async(bad_index.eq(0).squeeze(0), "l2r_cuda.route_backward: indices has a value outside [0, E)");
   }
-  return {grad_x, grad_proj.to(proj.scalar_type()), grad_anchors.to(anchors.scalar_type()),
-          grad_scale.reshape(scale.sizes()).to(scale.scalar_type()),
-          has_norm_weight ? grad_norm_weight.to(norm_weight->scalar_type()) : grad_norm_weight};
+  return scoring_grads_as_inputs(grad_x, grad_proj, grad_anchors, grad_scale, grad_norm_weight, proj, anchors, scale,
+                                 norm_weight);
 }
 
 BackwardResult route_backward_cuda(

@@ -8,14 +8,9 @@
 // stage-2 values (recomputed or stored, bitwise equal).
 #pragma once
 
-#include "../../common/fastmath.h"
+#include "namespace.h"
 
-namespace l2r {
-namespace route {
-namespace math {
-L2R_ISA_BEGIN
-
-using namespace ::l2r::lanes;
+L2R_ROUTE_MATH_BEGIN
 
 template <typename V>
 struct AnchorMax {
@@ -84,7 +79,4 @@ L2R_HD V anchor_share(int anchors, V ex, V lsum) {
   return anchors == 1 ? V(1) : ex / lsum;
 }
 
-L2R_ISA_END
-}  // namespace math
-}  // namespace route
-}  // namespace l2r
+L2R_ROUTE_MATH_END

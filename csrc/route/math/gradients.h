@@ -3,14 +3,11 @@
 // and the anchor accumulators. Sums over experts, anchors and tokens are the backends' reductions.
 #pragma once
 
+#include "namespace.h"
+
 #include "sips.h"
 
-namespace l2r {
-namespace route {
-namespace math {
-L2R_ISA_BEGIN
-
-using namespace ::l2r::lanes;
+L2R_ROUTE_MATH_BEGIN
 
 // dL/dp of a selected expert from dL/dw. w_j = s * p_j / S (normalize, S = sum of the selected p)
 // or s * p_j; with gs_j = s * dL/dw_j and grad_dot_weights = sum_i gs_i p_i / S:
@@ -78,7 +75,4 @@ L2R_HD void anchor_grad(const T* acc, const T* anchor, NormCoef<T> ac, int rank,
   for (int i = 0; i < rank; ++i) grad_anchor[i] = ac.coef * acc[i] + along * anchor[i];
 }
 
-L2R_ISA_END
-}  // namespace math
-}  // namespace route
-}  // namespace l2r
+L2R_ROUTE_MATH_END

@@ -4,14 +4,9 @@
 // Max, sums and counts over experts are the backends' reductions; everything per expert is here.
 #pragma once
 
-#include "../../common/fastmath.h"
+#include "namespace.h"
 
-namespace l2r {
-namespace route {
-namespace math {
-L2R_ISA_BEGIN
-
-using namespace ::l2r::lanes;
+L2R_ROUTE_MATH_BEGIN
 
 // Softmax statistics over experts: the max logit (NaN if any is NaN) and sum_e exp(l_e - shift).
 template <typename T>
@@ -60,7 +55,4 @@ L2R_HD T mean_over_tokens(T sum, int64_t count) {
   return count > 0 ? sum * (T(1) / static_cast<T>(count)) : T(0);
 }
 
-L2R_ISA_END
-}  // namespace math
-}  // namespace route
-}  // namespace l2r
+L2R_ROUTE_MATH_END

@@ -2,14 +2,9 @@
 // eps_norm), q = W x~. Kernels fold g into W and compute q = rstd * (W_g x) from one pass over x.
 #pragma once
 
-#include "../../common/fastmath.h"
+#include "namespace.h"
 
-namespace l2r {
-namespace route {
-namespace math {
-L2R_ISA_BEGIN
-
-using namespace ::l2r::lanes;
+L2R_ROUTE_MATH_BEGIN
 
 template <typename T>
 L2R_HD T rms_inv_scale(T sum_squares, int64_t d, T eps_norm) {
@@ -43,7 +38,4 @@ L2R_HD V rms_norm_input_grad(V gx_hat, V x_hat, V rstd, V mean_dot) {
   return rstd * (gx_hat - x_hat * mean_dot);
 }
 
-L2R_ISA_END
-}  // namespace math
-}  // namespace route
-}  // namespace l2r
+L2R_ROUTE_MATH_END

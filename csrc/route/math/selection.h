@@ -4,15 +4,12 @@
 // The search itself (SIMD scan, warp arg-max, ...) is the backends'; the rules are here.
 #pragma once
 
+#include "namespace.h"
+
 #include "../../common/order.h"
 #include "../route_options.h"
 
-namespace l2r {
-namespace route {
-namespace math {
-L2R_ISA_BEGIN
-
-using namespace ::l2r::lanes;
+L2R_ROUTE_MATH_BEGIN
 
 template <typename V>
 L2R_HD V selection_key(V p, V bias) {
@@ -95,7 +92,4 @@ L2R_HD bool valid_expert(int64_t index, int experts) {
   return index >= 0 && index < experts;
 }
 
-L2R_ISA_END
-}  // namespace math
-}  // namespace route
-}  // namespace l2r
+L2R_ROUTE_MATH_END

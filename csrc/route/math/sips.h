@@ -5,14 +5,9 @@
 // coef_a a>: the anchors are pre-scaled once per call (anchor_hat) and a token needs one coefficient.
 #pragma once
 
-#include "../../common/fastmath.h"
+#include "namespace.h"
 
-namespace l2r {
-namespace route {
-namespace math {
-L2R_ISA_BEGIN
-
-using namespace ::l2r::lanes;
+L2R_ROUTE_MATH_BEGIN
 
 template <typename V>
 struct NormCoef {
@@ -58,7 +53,4 @@ L2R_HD NormCoef<T> query_coef(const T* q, int rank, T beta, T eps) {
   return sips_norm_coef(vsqrt(dot_r(q, q, rank)), beta, eps);
 }
 
-L2R_ISA_END
-}  // namespace math
-}  // namespace route
-}  // namespace l2r
+L2R_ROUTE_MATH_END
