@@ -10,6 +10,7 @@ Environment:
   TORCH_CUDA_ARCH_LIST    default "8.0;9.0+PTX"
   MAX_JOBS                parallel compile jobs (ninja)
   L2R_DEBUG=1             -O0 -g builds
+  L2R_SANITIZE=1          AddressSanitizer + UBSan, -O1 (scripts/sanitize.sh; CPU-only)
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def extensions():
     from torch.utils import cpp_extension
 
     debug = os.environ.get("L2R_DEBUG") == "1"
+    sanitize = os.environ.get("L2R_SANITIZE") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # -ffp-contract=off / --fmad=false: no a*b+c is fused behind our back, so the route math rounds
     # the same operations the same way on every backend (csrc/common/hd.h).
@@ -118,6 +120,12 @@ def extensions():
     if sys.platform != "win32":
         cxx += ["-fopenmp"]
         link += ["-fopenmp"]
+    if sanitize:
+        if with_cuda:
+            raise RuntimeError("L2R_SANITIZE=1 builds the CPU extension only: set L2R_CUDA=0 as well")
+        flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1"] + flags
+        link += flags
     srcs = sources(with_cuda)
     if with_cuda:
         cpp_extension.CUDA_HOME = cuda_home

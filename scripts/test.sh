@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test command: set up from nothing (scripts/setup_env.sh), then run the whole suite.
-# CUDA-device tests skip without a GPU; the CUDA kernels still compile (spill check) and run in the
-# SIMT emulator. Extra arguments go to pytest.
+# The test command: set up from nothing (scripts/setup_env.sh), run the whole suite, then the route
+# and permute tests once more on an AddressSanitizer + UBSan build of the CPU extension
+# (scripts/sanitize.sh). CUDA-device tests skip without a GPU; the CUDA kernels still compile (spill
+# check) and run in the SIMT emulator. Extra arguments go to the first pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -14,4 +15,7 @@ if [ "$rc" -eq 5 ]; then
   echo "pytest collected no tests: the suite is broken" >&2
   exit 1
 fi
-exit "$rc"
+if [ "$rc" -ne 0 ]; then
+  exit "$rc"
+fi
+bash scripts/sanitize.sh

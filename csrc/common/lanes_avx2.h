@@ -118,6 +118,20 @@ L2R_LANE_FN Vec8f blend_from_lane(Vec8f keep, Vec8f value, int first) {
 
 template <>
 struct LaneIO<Vec8f> {
+  // Any other element type: converted lane by lane with the scalar conversions (a new dtype works
+  // at every width before it gets an in-register conversion of its own).
+  template <typename X>
+  static L2R_LANE_FN Vec8f load(const X* p) {
+    alignas(64) float lanes[8];
+    for (int j = 0; j < 8; ++j) lanes[j] = LaneIO<float>::load(p + j);
+    return load(static_cast<const float*>(lanes));
+  }
+  template <typename X>
+  static L2R_LANE_FN void store(X* p, Vec8f v) {
+    alignas(64) float lanes[8];
+    store(static_cast<float*>(lanes), v);
+    for (int j = 0; j < 8; ++j) LaneIO<float>::store(p + j, lanes[j]);
+  }
   static L2R_LANE_FN Vec8f load(const float* p) { return _mm256_loadu_ps(p); }
   static L2R_LANE_FN Vec8f load(const bf16_t* p) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));

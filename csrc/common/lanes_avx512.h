@@ -110,6 +110,20 @@ L2R_LANE_FN Vec16f blend_from_lane(Vec16f keep, Vec16f value, int first) {
 
 template <>
 struct LaneIO<Vec16f> {
+  // Any other element type: converted lane by lane with the scalar conversions (a new dtype works
+  // at every width before it gets an in-register conversion of its own).
+  template <typename X>
+  static L2R_LANE_FN Vec16f load(const X* p) {
+    alignas(64) float lanes[16];
+    for (int j = 0; j < 16; ++j) lanes[j] = LaneIO<float>::load(p + j);
+    return load(static_cast<const float*>(lanes));
+  }
+  template <typename X>
+  static L2R_LANE_FN void store(X* p, Vec16f v) {
+    alignas(64) float lanes[16];
+    store(static_cast<float*>(lanes), v);
+    for (int j = 0; j < 16; ++j) LaneIO<float>::store(p + j, lanes[j]);
+  }
   static L2R_LANE_FN Vec16f load(const float* p) { return _mm512_loadu_ps(p); }
   static L2R_LANE_FN Vec16f load(const bf16_t* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));

@@ -53,3 +53,13 @@
     case ::l2r::DType::kBFloat16: { using NAME = __nv_bfloat16; __VA_ARGS__ } break;   \
     default: ON_ERROR;                                                                 \
   }
+
+// The 32- and 16-bit float types on the host (CPU kernels): l2r::bf16_t / l2r::fp16_t of
+// common/half_bits.h (layout-compatible with c10::BFloat16 / c10::Half).
+#define L2R_HOST_FLOAT_DTYPE_SWITCH(DTYPE, NAME, ON_ERROR, ...)                         \
+  switch (DTYPE) {                                                                     \
+    case ::l2r::DType::kFloat32: { using NAME = float; __VA_ARGS__ } break;            \
+    case ::l2r::DType::kFloat16: { using NAME = ::l2r::fp16_t; __VA_ARGS__ } break;    \
+    case ::l2r::DType::kBFloat16: { using NAME = ::l2r::bf16_t; __VA_ARGS__ } break;   \
+    default: ON_ERROR;                                                                 \
+  }

@@ -5,18 +5,15 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include "../common/aten_dtype.h"
+
 #include <limits>
 
 namespace l2r {
 namespace permute {
 
-inline bool is_floating(const at::Tensor& t) {
-  const auto st = t.scalar_type();
-  return st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf;
-}
-
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(is_floating(t), "l2r_cuda.", op, ": ", name,
+  TORCH_CHECK(is_kernel_float(t.scalar_type()), "l2r_cuda.", op, ": ", name,
               " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
 }
 

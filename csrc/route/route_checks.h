@@ -10,6 +10,7 @@
 #include <cmath>
 #include <string>
 
+#include "../common/aten_dtype.h"
 #include "math/selection.h"
 #include "route_options.h"
 
@@ -17,9 +18,8 @@ namespace l2r {
 namespace route {
 
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              "l2r_cuda.", op, ": ", name, " must be float32, float64, bfloat16 or float16, got ", st);
+  TORCH_CHECK(is_kernel_float(t.scalar_type()), "l2r_cuda.", op, ": ", name,
+              " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {

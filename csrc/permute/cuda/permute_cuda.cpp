@@ -7,22 +7,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../../common/aten_dtype.h"
 #include "../permute_checks.h"
 #include "permute_launch.h"
 
 namespace l2r {
 namespace permute {
 namespace {
-
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "l2r_cuda: unsupported dtype ", t.scalar_type());
-  }
-}
 
 void check_cuda(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "l2r_cuda.", op, ": CUDA kernel launch failed: ",

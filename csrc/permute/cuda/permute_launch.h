@@ -9,10 +9,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../../common/dtype.h"
+
 namespace l2r {
 namespace permute {
 
-enum class DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+using ::l2r::DType;
 
 // Bytes of scratch memory launch_permute_plan needs for n = T * k rows and E experts.
 size_t plan_workspace_bytes(int64_t n, int64_t experts, bool with_weights);

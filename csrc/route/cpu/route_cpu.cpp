@@ -17,8 +17,10 @@
 #include <sys/mman.h>
 #endif
 
+#include "../../common/aten_dtype.h"
 #include "../math/all.h"
 #include "../route_checks.h"
+#include "../route_outputs.h"
 #include "route_cpu_args.h"
 
 namespace l2r {
@@ -176,16 +178,6 @@ TokenChunks cpu_chunks(const RouteShape& s) {
   return make_token_chunks(s, (s.tokens + count - 1) / count);
 }
 
-DType x_dtype(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, "l2r_cuda.route: unsupported x dtype ", x.scalar_type());
-  }
-}
-
 // grad_x is as large as x and written once: asks for transparent huge pages before the first touch
 // (the kernel otherwise faults it in 4 KiB at a time, a sizable share of the backward). Only the
 // 2 MiB-aligned interior; a hint, so failures are ignored.
@@ -240,8 +232,7 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
 template <typename A>
 void run_forward(ForwardArgs<A>& args, const Kernels<A>& kernels, const RouteShape& s,
                  const c10::optional<at::Tensor>& expert_bias, const c10::optional<at::Tensor>& padding_mask,
-                 int E8, at::Tensor& weights, at::Tensor& indices, at::Tensor& tokens_per_expert,
-                 at::Tensor& mean_probs, at::Tensor& lse) {
+                 int E8, const RoutingOutputs& out) {
   std::vector<A> bias;
   if (expert_bias.has_value()) {
     const at::Tensor b = expert_bias->to(c10::CppTypeToScalarType<A>::value).contiguous();
@@ -259,19 +250,13 @@ void run_forward(ForwardArgs<A>& args, const Kernels<A>& kernels, const RouteSha
   std::vector<int64_t> count_partials(args.chunks.count * E8, 0);
   args.prob_partials = prob_partials.data();
   args.count_partials = count_partials.data();
-  args.weights = weights.data_ptr<A>();
-  args.indices = indices.data_ptr<int64_t>();
-  args.lse = lse.data_ptr<A>();
+  args.weights = out.weights.data_ptr<A>();
+  args.indices = out.indices.data_ptr<int64_t>();
+  args.lse = out.lse.data_ptr<A>();
   run_chunks<A>(args, kernels.forward_scratch, kernels.forward);
-  const at::Tensor counted = counted_tokens(s, padding_mask, weights.options()).contiguous();
+  const at::Tensor counted = counted_tokens(s, padding_mask, out.weights.options()).contiguous();
   finish_statistics<A>(prob_partials, count_partials, args.chunks, s.num_seqs(), s.experts, E8, counted,
-                       mean_probs.data_ptr<A>(), tokens_per_expert.data_ptr<int64_t>());
-}
-
-// Statistics shape: [E], or [T / seq_len, E] when statistics are per sequence.
-std::vector<int64_t> statistics_shape(const RouteShape& s, int64_t seq_len) {
-  if (seq_len > 0) return {s.num_seqs(), s.experts};
-  return {s.experts};
+                       out.mean_probs.data_ptr<A>(), out.tokens_per_expert.data_ptr<int64_t>());
 }
 
 ForwardResult route_forward_cpu(const at::Tensor& x_in, const at::Tensor& proj, const at::Tensor& anchors,
@@ -289,14 +274,11 @@ ForwardResult route_forward_cpu(const at::Tensor& x_in, const at::Tensor& proj, 
   const auto acc = route_acc_type(x_in);
   const auto f = x_in.options().dtype(acc);
   const int64_t T = s.tokens;
-  at::Tensor weights = at::empty({T, top_k}, f);
-  at::Tensor indices = at::empty({T, top_k}, x_in.options().dtype(at::kLong));
-  at::Tensor tokens_per_expert = at::zeros(statistics_shape(s, seq_len), x_in.options().dtype(at::kLong));
-  at::Tensor mean_probs = at::zeros(statistics_shape(s, seq_len), f);
-  at::Tensor lse = at::empty({T}, f);
+  const RoutingOutputs out(s, seq_len, x_in, acc);
   at::Tensor q = at::empty({T, s.rank}, f);
   at::Tensor rstd = at::empty({T}, f);
-  if (T == 0) return {weights, indices, tokens_per_expert, mean_probs, lse, q, rstd};
+  const auto result = [&] { return std::tuple_cat(out.tuple(), std::make_tuple(q, rstd)); };
+  if (T == 0) return result();
   const at::Tensor x = x_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc, "route_forward_cpu", [&] {
     using A = scalar_t;
@@ -309,13 +291,12 @@ ForwardResult route_forward_cpu(const at::Tensor& x_in, const at::Tensor& proj, 
     args.opt = kernel_options<A>(call.opt);
     args.params = &P.view;
     args.x = x.data_ptr();
-    args.x_type = x_dtype(x);
+    args.x_type = dtype_of(x);
     args.q = q.data_ptr<A>();
     args.rstd = rstd.data_ptr<A>();
-    run_forward<A>(args, kernels, s, expert_bias, padding_mask, P.view.experts_padded, weights, indices,
-                   tokens_per_expert, mean_probs, lse);
+    run_forward<A>(args, kernels, s, expert_bias, padding_mask, P.view.experts_padded, out);
   });
-  return {weights, indices, tokens_per_expert, mean_probs, lse, q, rstd};
+  return result();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_select_cpu(
@@ -328,14 +309,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_sel
                                                  seq_len);
   const RouteShape& s = call.shape;
   const auto acc = route_acc_type(logits_in);
-  const auto f = logits_in.options().dtype(acc);
-  const int64_t T = s.tokens;
-  at::Tensor weights = at::empty({T, top_k}, f);
-  at::Tensor indices = at::empty({T, top_k}, logits_in.options().dtype(at::kLong));
-  at::Tensor tokens_per_expert = at::zeros(statistics_shape(s, seq_len), logits_in.options().dtype(at::kLong));
-  at::Tensor mean_probs = at::zeros(statistics_shape(s, seq_len), f);
-  at::Tensor lse = at::empty({T}, f);
-  if (T == 0) return {weights, indices, tokens_per_expert, mean_probs, lse};
+  const RoutingOutputs out(s, seq_len, logits_in, acc);
+  if (s.tokens == 0) return out.tuple();
   const at::Tensor logits = logits_in.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc, "route_select_cpu", [&] {
     using A = scalar_t;
@@ -350,10 +325,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_sel
     layout.experts_padded = E8;
     layout.anchors = 1;
     args.params = &layout;
-    run_forward<A>(args, kernels, s, expert_bias, padding_mask, E8, weights, indices, tokens_per_expert,
-                   mean_probs, lse);
+    run_forward<A>(args, kernels, s, expert_bias, padding_mask, E8, out);
   });
-  return {weights, indices, tokens_per_expert, mean_probs, lse};
+  return out.tuple();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_logits_cpu(
@@ -387,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_logits_cpu(
     args.opt = kernel_options<A>(o);
     args.params = &P.view;
     args.x = x.data_ptr();
-    args.x_type = x_dtype(x);
+    args.x_type = dtype_of(x);
     args.select = false;
     args.q = q.data_ptr<A>();
     args.rstd = rstd.data_ptr<A>();
@@ -539,7 +513,7 @@ BackwardResult route_backward_cpu(
     args.opt = kernel_options<A>(call.opt);
     args.params = &P.view;
     args.x = x.data_ptr();
-    args.x_type = x_dtype(x);
+    args.x_type = dtype_of(x);
     args.grad_weights = gw.defined() ? gw.data_ptr<A>() : nullptr;
     args.grad_lse = gl.defined() ? gl.data_ptr<A>() : nullptr;
     if (grad_mean_probs.has_value() && s.tokens > 0) {
@@ -588,7 +562,7 @@ BackwardResult route_logits_backward_cpu(const at::Tensor& grad_logits, const at
     args.opt = kernel_options<A>(o);
     args.params = &P.view;
     args.x = x.data_ptr();
-    args.x_type = x_dtype(x);
+    args.x_type = dtype_of(x);
     args.grad_logits = gl.data_ptr<A>();
     args.q = q.data_ptr<A>();
     args.rstd = rstd.data_ptr<A>();

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "../../common/half_bits.h"
+#include "../../common/static_switch.h"
 #include "../math/all.h"
 #include "route_cpu_args.h"
 
@@ -443,12 +444,8 @@ void forward_chunks(const ForwardArgs<ScalarOf<V>>& a, int64_t c_begin, int64_t 
   if constexpr (std::is_same_v<ScalarOf<V>, double>) {
     forward_chunks_typed<V, double>(a, c_begin, c_end, scratch);
   } else {
-    switch (a.x_type) {
-      case DType::kFloat32: return forward_chunks_typed<V, float>(a, c_begin, c_end, scratch);
-      case DType::kBFloat16: return forward_chunks_typed<V, bf16_t>(a, c_begin, c_end, scratch);
-      case DType::kFloat16: return forward_chunks_typed<V, fp16_t>(a, c_begin, c_end, scratch);
-      default: __builtin_trap();  // the adapter dispatches float64 x to the double kernels
-    }
+    // float64 x goes to the double kernels (the adapter dispatches it there)
+    L2R_HOST_FLOAT_DTYPE_SWITCH(a.x_type, X, __builtin_trap(), { forward_chunks_typed<V, X>(a, c_begin, c_end, scratch); });
   }
 }
 
@@ -804,12 +801,7 @@ void backward_chunks(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, int64_
   if constexpr (std::is_same_v<ScalarOf<V>, double>) {
     backward_chunks_typed<V, double>(a, c_begin, c_end, scratch);
   } else {
-    switch (a.x_type) {
-      case DType::kFloat32: return backward_chunks_typed<V, float>(a, c_begin, c_end, scratch);
-      case DType::kBFloat16: return backward_chunks_typed<V, bf16_t>(a, c_begin, c_end, scratch);
-      case DType::kFloat16: return backward_chunks_typed<V, fp16_t>(a, c_begin, c_end, scratch);
-      default: __builtin_trap();
-    }
+    L2R_HOST_FLOAT_DTYPE_SWITCH(a.x_type, X, __builtin_trap(), { backward_chunks_typed<V, X>(a, c_begin, c_end, scratch); });
   }
 }
 

@@ -14,7 +14,9 @@
 #include <array>
 #include <string>
 
+#include "../../common/aten_dtype.h"
 #include "../route_checks.h"
+#include "../route_outputs.h"
 #include "route_cuda.h"
 
 namespace l2r {
@@ -26,15 +28,6 @@ void check_cuda_input(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.scalar_type() != at::kDouble, "l2r_cuda.", op,
               ": float64 is not supported by the CUDA kernels (they compute in float32); pass "
               "float32, bfloat16 or float16, or run float64 (e.g. gradcheck) on CPU");
-}
-
-DType dtype_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, "l2r_cuda.route: unsupported dtype ", x.scalar_type());
-  }
 }
 
 at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
@@ -68,17 +61,24 @@ struct ScoringInputs {
   }
 };
 
+// The routing outputs and selection inputs of a forward launch.
+void fill_routing(RouteForwardBuffers& b, const RoutingOutputs& out, const at::Tensor& bias32,
+                  const at::Tensor& padding) {
+  b.expert_bias = ptr_or_null(bias32);
+  b.padding = padding.defined() ? padding.data_ptr<bool>() : nullptr;
+  b.weights = out.weights.data_ptr<float>();
+  b.indices = out.indices.data_ptr<int64_t>();
+  b.tokens_per_expert = out.tokens_per_expert.data_ptr<int64_t>();
+  b.mean_probs = out.mean_probs.data_ptr<float>();
+  b.lse = out.lse.data_ptr<float>();
+}
+
 void check_launch(Status status, cudaError_t err, const char* op, const RouteShape& s) {
   TORCH_CHECK(status != Status::kSharedMemoryTooSmall, "l2r_cuda.", op, ": E = ", s.experts, ", k = ", s.top_k,
               ", r = ", s.rank, ": ", status_message(status));
   TORCH_CHECK(status != Status::kCudaError, "l2r_cuda.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
   TORCH_CHECK(status == Status::kOk, "l2r_cuda.", op, ": ", status_message(status));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-std::vector<int64_t> statistics_shape(const RouteShape& s, int64_t seq_len) {
-  if (seq_len > 0) return {s.num_seqs(), s.experts};
-  return {s.experts};
 }
 
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -98,26 +98,17 @@ ForwardResult route_forward_cuda(const at::Tensor& x_in, const at::Tensor& proj,
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto f = x_in.options().dtype(at::kFloat);
   const int64_t T = s.tokens;
-  at::Tensor weights = at::empty({T, top_k}, f);
-  at::Tensor indices = at::empty({T, top_k}, x_in.options().dtype(at::kLong));
-  at::Tensor tokens_per_expert = at::zeros(statistics_shape(s, seq_len), x_in.options().dtype(at::kLong));
-  at::Tensor mean_probs = at::zeros(statistics_shape(s, seq_len), f);
-  at::Tensor lse = at::empty({T}, f);
+  const RoutingOutputs out(s, seq_len, x_in, at::kFloat);
   at::Tensor q = at::empty({T, s.rank}, f);
   at::Tensor rstd = at::empty({T}, f);
-  if (T == 0) return {weights, indices, tokens_per_expert, mean_probs, lse, q, rstd};
+  const auto result = [&] { return std::tuple_cat(out.tuple(), std::make_tuple(q, rstd)); };
+  if (T == 0) return result();
   const ScoringInputs in(x_in, proj, anchors, scale, norm_weight, call.opt.use_norm());
   const at::Tensor bias32 = as_f32(expert_bias), padding = padding_of(padding_mask);
   at::Tensor workspace = at::empty({route_forward_workspace_floats(RouteMode::kRoute, s)}, f);
   RouteForwardBuffers b;
   in.fill(b);
-  b.expert_bias = ptr_or_null(bias32);
-  b.padding = padding.defined() ? padding.data_ptr<bool>() : nullptr;
-  b.weights = weights.data_ptr<float>();
-  b.indices = indices.data_ptr<int64_t>();
-  b.tokens_per_expert = tokens_per_expert.data_ptr<int64_t>();
-  b.mean_probs = mean_probs.data_ptr<float>();
-  b.lse = lse.data_ptr<float>();
+  fill_routing(b, out, bias32, padding);
   b.q = q.data_ptr<float>();
   b.rstd = rstd.data_ptr<float>();
   b.workspace = workspace.data_ptr<float>();
@@ -125,7 +116,7 @@ ForwardResult route_forward_cuda(const at::Tensor& x_in, const at::Tensor& proj,
   const Status st = launch_route_forward(RouteMode::kRoute, s, call.opt, b,
                                          c10::cuda::getCurrentCUDAStream().stream(), &err);
   check_launch(st, err, "route", s);
-  return {weights, indices, tokens_per_expert, mean_probs, lse, q, rstd};
+  return result();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_logits_cuda(
@@ -175,29 +166,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_sel
   const RouteShape& s = call.shape;
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const auto f = logits_in.options().dtype(at::kFloat);
-  const int64_t T = s.tokens;
-  at::Tensor weights = at::empty({T, top_k}, f);
-  at::Tensor indices = at::empty({T, top_k}, logits_in.options().dtype(at::kLong));
-  at::Tensor tokens_per_expert = at::zeros(statistics_shape(s, seq_len), logits_in.options().dtype(at::kLong));
-  at::Tensor mean_probs = at::zeros(statistics_shape(s, seq_len), f);
-  at::Tensor lse = at::empty({T}, f);
-  if (T == 0) return {weights, indices, tokens_per_expert, mean_probs, lse};
+  const RoutingOutputs out(s, seq_len, logits_in, at::kFloat);
+  if (s.tokens == 0) return out.tuple();
   const at::Tensor logits = as_f32(logits_in), bias32 = as_f32(expert_bias), padding = padding_of(padding_mask);
   at::Tensor workspace = at::empty({route_forward_workspace_floats(RouteMode::kSelect, s)}, f);
   RouteForwardBuffers b;
   b.logits_in = logits.data_ptr<float>();
-  b.expert_bias = ptr_or_null(bias32);
-  b.padding = padding.defined() ? padding.data_ptr<bool>() : nullptr;
-  b.weights = weights.data_ptr<float>();
-  b.indices = indices.data_ptr<int64_t>();
-  b.tokens_per_expert = tokens_per_expert.data_ptr<int64_t>();
-  b.mean_probs = mean_probs.data_ptr<float>();
-  b.lse = lse.data_ptr<float>();
+  fill_routing(b, out, bias32, padding);
   b.workspace = workspace.data_ptr<float>();
   cudaError_t err = cudaSuccess;
   const Status st = launch_route_forward(RouteMode::kSelect, s, call.opt, b, c10::cuda::getCurrentCUDAStream().stream(), &err);
   check_launch(st, err, op, s);
-  return {weights, indices, tokens_per_expert, mean_probs, lse};
+  return out.tuple();
 }
 
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
