@@ -244,3 +244,60 @@ def test_deepcopy_and_pickle_after_training_forward(router):
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     torch.testing.assert_close(loaded(x), moe(x))
+
+
+# ------------------------------------------------------------------ expert_bias stays float32 state
+
+CASTS = {
+    "to(bfloat16)": lambda m: m.to(torch.bfloat16),
+    "to(dtype=float16)": lambda m: m.to(dtype=torch.float16),
+    "half()": lambda m: m.half(),
+    "bfloat16()": lambda m: m.bfloat16(),
+    "double()": lambda m: m.double(),
+    "to(cpu, bfloat16)": lambda m: m.to("cpu", torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("cast", list(CASTS), ids=list(CASTS))
+def test_expert_bias_stays_float32_under_module_casts(cast):
+    from l2r_cuda import losses
+
+    model = torch.nn.Sequential(_moe("l2r"), _moe("linear"), LinearRouter(16, 6, 2))
+    routers = [model[0].router, model[1].router, model[2]]
+    fine = torch.arange(6, dtype=torch.float32) * 1e-4 + 1.0  # not representable in bf16/fp16
+    for router in routers:
+        with torch.no_grad():
+            router.expert_bias.copy_(fine)
+    CASTS[cast](model)
+    dtype = model[0].experts.w_up.dtype
+    assert dtype != torch.float32  # the cast did happen to everything else
+    for router in routers:
+        assert router.expert_bias.dtype == torch.float32
+        assert torch.equal(router.expert_bias, fine)  # re-cast from the fp32 original: exact
+        assert router.state_dict()["expert_bias"].dtype == torch.float32
+        # The aux-loss-free update works after the cast (it raised TypeError on a cast bias).
+        losses.update_expert_bias_(router.expert_bias, torch.tensor([5, 1, 1, 1, 1, 3]), rate=1e-3)
+        assert router.expert_bias[0] < fine[0] and router.expert_bias[1] > fine[1]
+    # The cast modules still route and run.
+    y = model[1](torch.randn(5, 16, dtype=dtype))
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    assert int(model[1].last_route.tokens_per_expert.sum()) == 10
+
+
+def test_expert_bias_state_dict_round_trip_through_low_precision_model():
+    src = _moe("l2r")
+    with torch.no_grad():
+        src.router.expert_bias.copy_(torch.linspace(-1e-3, 1e-3, 6))
+    dst = _moe("l2r", seed=1).bfloat16()
+    dst.load_state_dict(src.bfloat16().state_dict())
+    assert dst.router.expert_bias.dtype == torch.float32
+    torch.testing.assert_close(dst.router.expert_bias, torch.linspace(-1e-3, 1e-3, 6), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_expert_bias_stays_float32_when_moved_and_cast_to_cuda():
+    moe = _moe("l2r").to("cuda", torch.bfloat16)
+    assert moe.router.expert_bias.dtype == torch.float32 and moe.router.expert_bias.is_cuda
+    moe.cpu()
+    assert moe.router.expert_bias.dtype == torch.float32 and not moe.router.expert_bias.is_cuda
