@@ -23,19 +23,22 @@ class RouteRecorder(nn.Module):
     (attached to the autograd graph, for the auxiliary losses).
 
     ``copy.deepcopy`` and pickling copy the module without it (the copy's ``last_route`` is
-    ``None``).
+    ``None``); a subclass lists further per-forward records in ``_forward_records``.
     """
 
     last_route: Optional[RouteOutput]
+    _forward_records = ("last_route",)
 
     def __init__(self):
         super().__init__()
-        self.last_route = None
+        for name in self._forward_records:
+            setattr(self, name, None)
 
     def __getstate__(self):
         # What deepcopy and pickle see: graph tensors cannot be copied, and a copy has not run a forward.
         state = dict(super().__getstate__())
-        state["last_route"] = None
+        for name in self._forward_records:
+            state[name] = None
         return state
 
 
