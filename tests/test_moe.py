@@ -535,3 +535,19 @@ def test_moe_with_policies_compiles():
     assert torch.equal(moe.last_dropped, dropped_eager)
     for a, b in zip(torch.autograd.grad(y.sum(), [x, moe.shared_experts.gate_weight]), g_eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("router", ROUTERS)
+def test_moe_policies_cuda_match_cpu(router):
+    moe = _moe(router, capacity_factor=0.7, drop_policy="probs", pad_to_capacity=True, num_shared_experts=1,
+               shared_expert_gate=True)
+    x = torch.randn(30, 16, generator=torch.Generator().manual_seed(14))
+    y_cpu = moe(x)
+    dropped_cpu, map_cpu = moe.last_dropped, moe.last_routing_map
+    moe.to("cuda")
+    y_cuda = moe(x.cuda())
+    torch.testing.assert_close(y_cuda.cpu(), y_cpu, rtol=1e-4, atol=1e-5)
+    assert torch.equal(moe.last_dropped.cpu(), dropped_cpu)
+    assert torch.equal(moe.last_routing_map.cpu(), map_cpu)
