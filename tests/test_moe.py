@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import l2r_cuda
-from l2r_cuda import LinearRouter, MoE, RouteOutput, SwiGLUExperts
+from l2r_cuda import LinearRouter, MoE, RouteOutput, SwiGLUExperts, reference
 from l2r_cuda.reference import route_from_logits
 from l2r_cuda.routers import router_parameters
 
@@ -551,3 +551,100 @@ def test_moe_policies_cuda_match_cpu(router):
     torch.testing.assert_close(y_cuda.cpu(), y_cpu, rtol=1e-4, atol=1e-5)
     assert torch.equal(moe.last_dropped.cpu(), dropped_cpu)
     assert torch.equal(moe.last_routing_map.cpu(), map_cpu)
+
+
+# ----------------------------------------- route-level policies through the routers and the layer
+
+
+def _float64_probs(moe: MoE, tokens: torch.Tensor) -> torch.Tensor:
+    """The router's probabilities recomputed in float64 from its parameters (tie-free oracle)."""
+    router = moe.router
+    x64 = tokens.detach().double()
+    if isinstance(router, LinearRouter):
+        logits = x64 @ router.weight.detach().double().t()
+    else:
+        norm_weight = None if router.norm_weight is None else router.norm_weight.detach().double()
+        logits = reference.route_logits(x64, router.proj.detach().double(), router.anchors.detach().double(),
+                                        router.scale.detach().double(), beta=router.beta, norm=router.norm,
+                                        norm_weight=norm_weight, eps_norm=router.eps_norm, eps=router.eps,
+                                        tau=router.tau)
+    return torch.softmax(logits, -1) if router.score == "softmax" else torch.sigmoid(logits)
+
+
+def _grouped_top_k(keys: torch.Tensor, top_k: int, num_groups: int, topk_groups: int, group_score: str):
+    """DeepSeek's group-limited selection, written out: score each group of E/G contiguous experts
+    (max, or sum of its two largest keys), keep the best topk_groups groups, top-k inside them."""
+    T, E = keys.shape
+    grouped = keys.view(T, num_groups, E // num_groups)
+    scores = grouped.max(-1).values if group_score == "max" else grouped.topk(2, -1).values.sum(-1)
+    kept = torch.zeros(T, num_groups, dtype=torch.bool).scatter(1, scores.topk(topk_groups, -1).indices, True)
+    masked = keys.masked_fill(~kept.repeat_interleave(E // num_groups, 1), float("-inf"))
+    return masked.topk(top_k, -1).indices
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("groups", [(3, 1, "max"), (3, 2, "top2_sum")], ids=["max-g1", "top2_sum-g2"])
+def test_group_limited_top_k_and_scaling_pass_through_the_layer(router, groups):
+    num_groups, topk_groups, group_score = groups
+    moe = _moe(router, num_groups=num_groups, topk_groups=topk_groups, group_score=group_score,
+               routed_scaling_factor=2.5)
+    config = moe.router.config
+    assert (config.num_groups, config.topk_groups, config.group_score,
+            config.routed_scaling_factor) == (num_groups, topk_groups, group_score, 2.5)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(11))
+    y = moe(x)
+    route = moe.last_route
+    probs = _float64_probs(moe, x)
+    expected = _grouped_top_k(probs, 2, num_groups, topk_groups, group_score)
+    plain = probs.topk(2, -1).indices
+    assert not torch.equal(expected, plain)  # the group limit changes some selections
+    assert torch.equal(route.indices, expected)
+    torch.testing.assert_close(route.weights.double(), 2.5 * probs.gather(1, expected), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, _naive_moe_with_route(moe, x, route), rtol=1e-5, atol=1e-6)
+    with pytest.raises((ValueError, RuntimeError), match="num_groups"):
+        _moe(router, num_groups=4, topk_groups=1)(x)  # 6 experts do not split into 4 groups
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_layer_padding_and_sequence_statistics_feed_the_sequence_loss(router, score):
+    from l2r_cuda import losses
+
+    B, S, E, k = 3, 9, 6, 2
+    moe = _moe(router, score=score)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(B, S, 16, generator=g)
+    padding = torch.rand(B, S, generator=g) < 0.3
+    padding[1] = True  # one sequence is all padding
+    padding[0, 0] = False
+    y = moe(x, padding_mask=padding, seq_len=S)
+    torch.testing.assert_close(y, moe(x))  # padding only changes the statistics
+    moe(x, padding_mask=padding, seq_len=S)
+    route = moe.last_route
+    assert route.tokens_per_expert.shape == route.mean_probs.shape == (B, E)
+    probs = _float64_probs(moe, x.reshape(-1, 16))
+    balancing = probs if score == "softmax" else probs / probs.sum(-1, keepdim=True)
+    real = ~padding.reshape(B, S)
+    selected = torch.zeros(B * S, E, dtype=torch.int64).scatter(1, route.indices, 1).view(B, S, E)
+    counts = (selected * real[..., None]).sum(1)
+    mean_probs = (balancing.view(B, S, E) * real[..., None]).sum(1) / real.sum(1).clamp_min(1)[:, None]
+    assert torch.equal(route.tokens_per_expert, counts)
+    torch.testing.assert_close(route.mean_probs.double(), mean_probs, rtol=1e-5, atol=1e-6)
+    loss = losses.sequence_load_balancing_loss(route.tokens_per_expert, route.mean_probs)
+    f = counts.double() * E / (k * real.sum(1).clamp_min(1)[:, None])
+    expected = (f * mean_probs).sum(1)[real.any(1)].mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    for p in router_parameters(moe):
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_sigmoid_load_balancing_loss_starts_near_one(router):
+    from l2r_cuda import losses
+
+    moe = _moe(router, score="sigmoid")
+    moe(torch.randn(512, 16, generator=torch.Generator().manual_seed(13)))
+    route = moe.last_route
+    torch.testing.assert_close(route.mean_probs.sum(), torch.tensor(1.0), rtol=1e-5, atol=1e-5)
+    assert 0.9 < losses.load_balancing_loss(route.tokens_per_expert, route.mean_probs).item() < 1.5
