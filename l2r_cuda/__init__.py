@@ -21,14 +21,14 @@ from . import losses, metrics, reference
 from ._library import cuda_built
 from .experts import SwiGLUExperts
 from .moe import MoE
-from .ops import dropped_counts, permute, route, unpermute
+from .ops import dropped_counts, expert_capacity, permute, route, routing_map, unpermute
 from .routers import L2RRouter, LinearRouter
 from .types import DEFAULTS, Permutation, RouteConfig, RouteOutput
 
 __version__ = "0.1.0"
 
 __all__ = ["RouteOutput", "RouteConfig", "DEFAULTS", "route", "Permutation", "permute", "unpermute",
-           "dropped_counts", "L2RRouter", "MoE", "LinearRouter", "SwiGLUExperts", "losses",
+           "dropped_counts", "routing_map", "expert_capacity", "L2RRouter", "MoE", "LinearRouter", "SwiGLUExperts", "losses",
            "metrics", "reference", "cuda_built", "__version__"]
 
 if not cuda_built():

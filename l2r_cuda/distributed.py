@@ -43,8 +43,13 @@ token's ``k`` outputs is done by ``unpermute`` on the token's own rank. Sizes an
 One host synchronisation per ``dispatch`` (the split sizes ``all_to_all_single`` needs as Python
 ints); ``combine`` has none.
 
-Not supported here: expert capacity / token dropping (``permute``'s ``capacity``) and ``align``
-padding: all ``T*k`` rows are always delivered.
+Capacity: ``dispatch(..., capacity=C)`` keeps at most ``C`` rows per expert *on each sending rank*
+(as Megatron-Core drops in the router, before the exchange), dropping the lowest router weights
+(``drop_policy="probs"``) or the highest token indices (``"position"``); dropped slots add nothing in
+``combine`` (``handle.row_map < 0``, :func:`l2r_cuda.dropped_counts`). ``pad_to_capacity=True``
+sends exactly ``C`` rows per expert (kept rows, then zero rows): every rank sends ``E*C`` rows,
+and a local expert receives the ``C``-row blocks of every source rank. ``align`` padding is not
+supported here.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .ops import permute, unpermute
+from .types import DROP_POLICIES
 
 __all__ = ["dispatch", "combine", "DispatchHandle", "Dispatched", "expert_range"]
 
@@ -192,12 +198,18 @@ def dispatch(
     group: Optional[dist.ProcessGroup] = None,
     *,
     num_experts: Optional[int] = None,
+    capacity: Optional[int] = None,
+    drop_policy: str = "probs",
+    pad_to_capacity: bool = False,
 ) -> Dispatched:
     """Send each of this rank's (token, slot) rows to the rank owning its expert.
 
     ``x [T, d]``; ``routing``: a ``RouteOutput`` (or anything with ``weights [T, k]`` and
     ``indices [T, k]`` global expert indices); ``group``: process group (``None``: default group);
-    ``num_experts``: total ``E`` (default ``routing.tokens_per_expert.numel()``).
+    ``num_experts``: total ``E`` (default ``routing.tokens_per_expert.numel()``). ``capacity``,
+    ``drop_policy`` (``"probs"``: drop the lowest ``routing.weights``; ``"position"``: the highest
+    token indices) and ``pad_to_capacity``: see the module docstring; all ranks must pass the same
+    ``drop_policy`` and ``pad_to_capacity``.
 
     Returns ``Dispatched(rows [N, d], expert_offsets [E/W + 1] int64, handle)``: the rows every rank
     sent to this one, grouped by local expert ``0..E/W-1``, stable by (source rank, token order on
@@ -212,11 +224,14 @@ def dispatch(
     if x.dim() != 2 or indices.dim() != 2 or indices.shape[0] != x.shape[0] or weights.shape != indices.shape:
         raise ValueError(f"dispatch: expected x [T, d], indices and weights [T, k]; got x {tuple(x.shape)}, "
                          f"indices {tuple(indices.shape)}, weights {tuple(weights.shape)}")
+    if drop_policy not in DROP_POLICIES:
+        raise ValueError(f"dispatch: drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
     world = dist.get_world_size(group)
     start, end = expert_range(num_experts, group)
     n_local = end - start
 
-    permuted = permute(x, indices, num_experts)
+    permuted = permute(x, indices, num_experts, capacity=capacity, pad_to_capacity=pad_to_capacity,
+                       weights=weights if drop_policy == "probs" else None)
     rows, offsets, row_map = permuted[0], permuted[1], permuted[2]
     send_counts = (offsets[1:] - offsets[:-1]).to(torch.int64).view(world, n_local).contiguous()
     recv_counts = torch.empty_like(send_counts)

@@ -1,4 +1,5 @@
-"""Stacked SwiGLU experts, ready for a grouped GEMM over the rows that ``permute`` groups by expert."""
+"""Expert MLPs: stacked SwiGLU experts, ready for a grouped GEMM over the rows that ``permute`` groups
+by expert, and the always-on shared experts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SwiGLUExperts"]
+__all__ = ["SwiGLUExperts", "SharedExperts"]
 
 
 def _grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
@@ -99,3 +100,44 @@ class SwiGLUExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}"
+
+
+class SharedExperts(nn.Module):
+    """Always-on experts: every token goes through them, their output is added to the routed one
+    (DeepSeekMoE's shared experts, Qwen2-MoE's shared expert, Megatron-Core's ``shared_experts``).
+
+    ``n`` shared SwiGLU experts of width ``f`` sum to one SwiGLU MLP of width ``n*f`` (the hidden
+    units just concatenate), so they are held as one MLP of width ``d_ff`` (pass ``n*f``; DeepSeek-V3
+    does the same with ``n_shared_experts * moe_intermediate_size``). ``gate=True`` multiplies the
+    output per token by ``sigmoid(x . w_gate)``, a learned scalar gate (Qwen2-MoE's
+    ``shared_expert_gate``, Megatron-Core's ``moe_shared_expert_gate``); ``gate_weight [d]`` starts
+    at zero, i.e. a gate of 0.5 for every token.
+
+    ``forward(x [N, d]) -> [N, d]`` in the weights' dtype.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, *, gate: bool = False, device=None, dtype=None):
+        super().__init__()
+        if d_model < 1 or d_ff < 1:
+            raise ValueError(f"SharedExperts: d_model and d_ff must be >= 1, got {d_model}, {d_ff}")
+        self.d_model, self.d_ff = d_model, d_ff
+        self.mlp = SwiGLUExperts(1, d_model, d_ff, use_grouped_mm=False, device=device, dtype=dtype)
+        if gate:
+            self.gate_weight = nn.Parameter(torch.zeros(d_model, device=device, dtype=dtype))
+        else:
+            self.register_parameter("gate_weight", None)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.mlp.reset_parameters()
+        if self.gate_weight is not None:
+            self.gate_weight.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.mlp.expert_forward(x, 0)
+        if self.gate_weight is not None:
+            out = out * torch.sigmoid(x.to(self.gate_weight.dtype) @ self.gate_weight).unsqueeze(-1)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, d_ff={self.d_ff}, gate={self.gate_weight is not None}"

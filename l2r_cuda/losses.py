@@ -4,7 +4,9 @@ Every function takes plain tensors, so they work with the L2R router, the linear
 any router that fills a :class:`l2r_cuda.RouteOutput`. With several MoE layers, compute the
 loss per layer and sum (or average) over layers.
 
-- ``load_balancing_loss``: Switch Transformer load-balancing loss
+- ``load_balancing_loss``: Switch Transformer load-balancing loss over one micro-batch
+- ``sequence_load_balancing_loss``: DeepSeek-V3 sequence-wise balance loss (per sequence, averaged)
+- ``global_load_balancing_loss``: the Switch loss over the global batch of a process group
 - ``router_z_loss``: ST-MoE router z-loss
 - ``update_expert_bias_``: DeepSeek-V3 auxiliary-loss-free balancing (in-place bias update)
 - ``spectral_norm``, ``spectral_norm_penalty``: SR-MoE, the router weight's largest singular value
@@ -19,10 +21,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
     "load_balancing_loss",
+    "sequence_load_balancing_loss",
+    "global_load_balancing_loss",
     "router_z_loss",
     "update_expert_bias_",
     "spectral_norm",
@@ -45,28 +50,133 @@ def _as_float(t: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_balancing_loss(tokens_per_expert: Tensor, mean_probs: Tensor) -> Tensor:
-    r"""Switch Transformer load-balancing loss (Fedus et al., 2021, arXiv 2101.03961, eq. 4-6).
+def _check_statistics(fn: str, tokens_per_expert: Tensor, mean_probs: Tensor, dim: int, shape: str) -> None:
+    if tokens_per_expert.shape != mean_probs.shape or tokens_per_expert.dim() != dim:
+        raise ValueError(f"{fn}(): tokens_per_expert and mean_probs must both be {shape}, got "
+                         f"{tuple(tokens_per_expert.shape)} and {tuple(mean_probs.shape)}")
 
-    .. math::  L = E \sum_e f_e P_e, \qquad f_e = \frac{n_e}{T k}, \qquad P_e = \frac{1}{T}\sum_t p_{t,e}
+
+def _switch_loss_rows(counts: Tensor, mean_probs: Tensor) -> Tensor:
+    """``E * sum_e f_e P_e`` per row of ``[..., E]`` statistics, ``f_e = n_e / sum_e n_e`` (0 for a
+    row without tokens). ``counts`` is already in ``mean_probs``' float dtype and detached."""
+    # fp32 counts are exact up to 2^24 per expert; beyond that f_e only loses ~1e-7 relative.
+    # Counts may be fractional (e.g. averaged over gradient-accumulation steps): guard 0, not < 1.
+    total = counts.sum(-1, keepdim=True)
+    fraction = counts / torch.where(total > 0, total, torch.ones_like(total))
+    return mean_probs.shape[-1] * torch.sum(fraction * mean_probs, dim=-1)
+
+
+def load_balancing_loss(tokens_per_expert: Tensor, mean_probs: Tensor) -> Tensor:
+    r"""Switch Transformer load-balancing loss (Fedus et al., 2021, arXiv 2101.03961, eq. 4-6) of
+    one micro-batch.
+
+    .. math::  L = E \sum_e f_e P_e, \qquad f_e = \frac{n_e}{T k}, \qquad P_e = \frac{1}{T}\sum_t \hat p_{t,e}
 
     ``tokens_per_expert`` ``[E]`` (integer) holds ``n_e``, the number of tokens that picked expert
     ``e`` among their top-k; ``T k = sum_e n_e``, so ``f_e`` sums to 1. ``mean_probs`` ``[E]`` holds
-    ``P_e`` (differentiable; the gradient flows only through it, ``f_e`` is a count). The loss is 1
-    for perfectly uniform routing (``f_e = P_e = 1/E``) and grows toward ``E`` as routing collapses.
-    With no tokens (``sum n_e = 0``) it is 0. Returns a float32 scalar (float64 for float64 input).
+    ``P_e`` (differentiable; the gradient flows only through it, ``f_e`` is a count). Pass the
+    router's ``RouteOutput.tokens_per_expert`` and ``RouteOutput.mean_probs``.
+
+    The *balancing probability* :math:`\hat p` is the routing probability ``p`` for
+    ``score="softmax"`` and ``p / sum_e p`` for ``score="sigmoid"`` (the router's ``mean_probs``
+    holds it; Megatron-Core normalises sigmoid scores the same way for its aux losses): raw sigmoid
+    scores do not sum to 1, and with them the loss would start near ``E/2`` instead of 1.
+
+    Padding: route with ``padding_mask`` and both statistics cover the real tokens only (``T`` is
+    then the number of real tokens), as Megatron-Core's padding-aware aux loss.
+
+    The loss is 1 for perfectly uniform routing (``f_e = P_e = 1/E``) and grows toward ``E`` as
+    routing collapses. With no tokens (``sum n_e = 0``) it is 0. Returns a float32 scalar (float64
+    for float64 input). See :func:`sequence_load_balancing_loss` and
+    :func:`global_load_balancing_loss` for the other balancing scopes.
     """
-    if tokens_per_expert.shape != mean_probs.shape or tokens_per_expert.dim() != 1:
-        raise ValueError(
-            "load_balancing_loss(): tokens_per_expert and mean_probs must both be [E], got "
-            f"{tuple(tokens_per_expert.shape)} and {tuple(mean_probs.shape)}"
-        )
-    num_experts = mean_probs.shape[0]
+    _check_statistics("load_balancing_loss", tokens_per_expert, mean_probs, 1, "[E]")
+    mean_probs = _as_float(mean_probs)
+    return _switch_loss_rows(tokens_per_expert.detach().to(mean_probs.dtype), mean_probs)
+
+
+def sequence_load_balancing_loss(tokens_per_expert: Tensor, mean_probs: Tensor) -> Tensor:
+    r"""DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437, eq. 17-20),
+    without its coefficient :math:`\alpha`.
+
+    For each sequence ``b`` of ``T_b`` tokens,
+
+    .. math::  L_b = E \sum_e f_{b,e} P_{b,e}, \qquad f_{b,e} = \frac{n_{b,e}}{T_b k}, \qquad
+               P_{b,e} = \frac{1}{T_b} \sum_{t \in b} \hat p_{t,e}
+
+    (DeepSeek-V3 writes :math:`f_i = \frac{E}{k T}\sum_t 1(\cdot)`, the same product), and the loss
+    is the mean of :math:`L_b` over the sequences. ``tokens_per_expert`` ``[B, E]`` (integer) and
+    ``mean_probs`` ``[B, E]`` are the per-sequence statistics the router returns with
+    ``seq_len=S`` (one fused pass over all ``B*S`` tokens, ``x`` of shape ``[B, S, d]`` or
+    ``[B*S, d]``); :math:`\hat p` is the balancing probability of :func:`load_balancing_loss`
+    (``p / sum_e p`` for sigmoid scores, as DeepSeek-V3's normalised affinities).
+
+    Padding (route with ``padding_mask``): ``T_b`` counts the real tokens of sequence ``b`` and the
+    mean runs over the sequences that have at least one (an all-padding sequence has no balance to
+    measure). Without padding this is exactly Megatron-Core's ``seq_aux_loss``; with padding
+    Megatron-Core instead normalises every sequence by the batch's mean real length and divides by
+    the batch size. Returns a float32 scalar (float64 for float64 input); 0 without tokens.
+    """
+    _check_statistics("sequence_load_balancing_loss", tokens_per_expert, mean_probs, 2, "[B, E]")
     mean_probs = _as_float(mean_probs)
     counts = tokens_per_expert.detach().to(mean_probs.dtype)
-    # fp32 counts are exact up to 2^24 per expert; beyond that f_e only loses ~1e-7 relative.
-    fraction = counts / counts.sum().clamp_min(1.0)
-    return num_experts * torch.sum(fraction * mean_probs)
+    per_sequence = _switch_loss_rows(counts, mean_probs)  # [B], 0 for a sequence without tokens
+    num_sequences = (counts.sum(-1) > 0).sum().clamp_min(1)
+    return per_sequence.sum() / num_sequences
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce (sum) over ``group`` whose backward needs no communication.
+
+    The gradient of a sum over ranks with respect to one rank's term is the sum over ranks of the
+    upstream gradients. :func:`global_load_balancing_loss` gives every rank the same value, so
+    every rank gets the same upstream gradient and that sum is ``world_size`` times the local one.
+    """
+
+    @staticmethod
+    def forward(ctx, local: Tensor, group) -> Tensor:
+        ctx.world_size = dist.get_world_size(group)
+        total = local.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.world_size, None
+
+
+def global_load_balancing_loss(tokens_per_expert: Tensor, mean_probs: Tensor, group=None) -> Tensor:
+    r"""The Switch load-balancing loss of the *global* batch: the micro-batches of every rank of
+    ``group`` (a ``torch.distributed`` process group, ``None``: the default group) taken together
+    (Qiu et al., "Demons in the Detail", arXiv 2501.11873; Megatron-Core's ``global_aux_loss``).
+
+    Each rank passes its own router statistics (``[E]``, as for :func:`load_balancing_loss`). With
+    ``N_r = sum_e n^r_e`` (``k`` times rank ``r``'s real tokens),
+
+    .. math::  n_e = \sum_r n^r_e, \qquad P_e = \frac{\sum_r N_r P^r_e}{\sum_r N_r}, \qquad
+               L = E \sum_e \frac{n_e}{\sum_{e'} n_{e'}} P_e
+
+    which is :func:`load_balancing_loss` of the concatenated batch (padding excluded as there).
+    Communication: one all-reduce of ``2E`` float64 numbers in the forward (the counts, exact up to
+    2^53, and the token-weighted probabilities ``N_r P^r``), none in the backward. Every rank
+    returns the same value ``L`` and must call this together (a collective). The backward gives
+    rank ``r`` the gradient ``world_size * dL/dP^r``: averaged over the ranks, as data-parallel
+    training does with gradients, that is exactly the gradient of ``L``, i.e. single-process
+    training on the global batch (scale the loss by ``1/world_size`` if your gradients are summed
+    rather than averaged). Megatron-Core attaches to each rank only its share of ``L`` (its value
+    is ``L`` split over the ranks) and also averages the counts over gradient-accumulation steps,
+    which is left to the caller here. Returns a float32 scalar (float64 for float64 input).
+    """
+    _check_statistics("global_load_balancing_loss", tokens_per_expert, mean_probs, 1, "[E]")
+    num_experts = mean_probs.shape[0]
+    mean_probs = _as_float(mean_probs)
+    counts = tokens_per_expert.detach().to(torch.float64)
+    weighted_probs = counts.sum() * mean_probs.to(torch.float64)  # N_r P^r_e, differentiable
+    total = _SumOverGroup.apply(torch.cat([counts, weighted_probs]), group)
+    global_counts, global_weighted = total[:num_experts], total[num_experts:]
+    num_slots = global_counts.sum()
+    global_mean_probs = global_weighted / torch.where(num_slots > 0, num_slots, torch.ones_like(num_slots))
+    return _switch_loss_rows(global_counts, global_mean_probs).to(mean_probs.dtype)
 
 
 def router_z_loss(lse: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""The native functional API: ``route``, ``permute``, ``unpermute``, ``dropped_counts``.
+"""The native functional API: ``route``, ``permute``, ``unpermute``, and the bookkeeping around
+them (``dropped_counts``, ``routing_map``, ``expert_capacity``).
 
 Thin typed entry points over ``torch.ops.l2r_cuda.*`` (schemas in csrc/registration.cpp, autograd
 in _autograd.py, fake kernels in _meta.py). The native ops check every argument (the messages name
@@ -25,6 +26,7 @@ Permutation design:
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -33,7 +35,8 @@ from torch import Tensor
 from ._library import cuda_built, has_kernel
 from .types import DEFAULTS, NORMS, SCORES, Permutation, RouteOutput, group_args
 
-__all__ = ["route", "route_logits", "route_from_logits", "permute", "unpermute", "dropped_counts"]
+__all__ = ["route", "route_logits", "route_from_logits", "permute", "unpermute", "dropped_counts",
+           "routing_map", "expert_capacity"]
 
 
 def _check_device(t: Tensor, op: str, name: str) -> None:
@@ -211,6 +214,7 @@ def permute(
     capacity: Optional[int] = None,
     weights: Optional[Tensor] = None,
     fixed_size: bool = False,
+    pad_to_capacity: bool = False,
 ) -> Permutation:
     """Group the ``T*k`` (token, slot) rows of ``x`` by expert, stable by token index.
 
@@ -221,12 +225,17 @@ def permute(
     NaN ranks last), else the lowest token indices; dropped slots get ``row_map = -1`` (see
     :func:`dropped_counts`). ``fixed_size=True`` returns ``N = T*k + E*(align-1)`` rows (an upper
     bound; rows past ``expert_offsets[-1]`` are zero) without a host sync; otherwise ``N =
-    expert_offsets[-1]``. Differentiable in ``x``.
+    expert_offsets[-1]``. ``pad_to_capacity=True`` (needs ``capacity``) gives every expert exactly
+    ``C = capacity`` rows rounded up to ``align`` (its kept rows, then zero rows): ``N = E*C``,
+    ``expert_offsets = [0, C, 2C, ...]``, shapes known from the arguments alone (no host sync), the
+    layout of Megatron-Core's drop-and-pad. Differentiable in ``x``.
     """
     num_experts = _int_arg(num_experts, "num_experts", "permute")
     align = _int_arg(align, "align", "permute")
     if capacity is not None:
         capacity = _int_arg(capacity, "capacity", "permute")
+    if pad_to_capacity and capacity is None:
+        raise ValueError("l2r_cuda.permute: pad_to_capacity=True needs a capacity")
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"l2r_cuda.permute: x must be a [T, d] tensor, got shape "
                          f"{tuple(getattr(x, 'shape', ()))}")
@@ -237,12 +246,27 @@ def permute(
         weights = None  # only capacity selection reads them
     row_map, offsets, _ = torch.ops.l2r_cuda.permute_plan(indices, num_experts, align, capacity,
                                                           weights)
-    if fixed_size:
+    if pad_to_capacity:
+        row_map, offsets, num_rows = _pad_groups_to_capacity(row_map, offsets, indices, capacity, align)
+    elif fixed_size:
         num_rows = indices.shape[0] * indices.shape[1] + num_experts * (align - 1)
     else:
         num_rows = int(offsets[-1])
     permuted = torch.ops.l2r_cuda.permute_rows(x, row_map, num_rows)
     return Permutation(permuted, offsets, row_map)
+
+
+def _pad_groups_to_capacity(row_map: Tensor, offsets: Tensor, indices: Tensor, capacity: int,
+                            align: int):
+    """Move expert ``e``'s group from ``offsets[e]`` to ``e * C`` (``C`` = capacity rounded up to
+    ``align``; every group holds at most ``capacity`` kept rows, so it fits). Pure index
+    arithmetic on the plan: no sync, traceable."""
+    group_rows = -(-capacity // align) * align
+    num_experts = offsets.shape[0] - 1
+    padded_offsets = torch.arange(num_experts + 1, device=offsets.device, dtype=offsets.dtype) * group_rows
+    shift = padded_offsets[:-1] - offsets[:-1]  # [E]
+    moved = row_map + shift[indices.long()]
+    return torch.where(row_map >= 0, moved, row_map), padded_offsets, num_experts * group_rows
 
 
 def unpermute(y: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
@@ -258,3 +282,24 @@ def dropped_counts(row_map: Tensor, indices: Tensor, num_experts: int) -> Tensor
     dropped = (row_map.reshape(-1) < 0).long()
     return torch.zeros(num_experts, dtype=torch.int64, device=row_map.device).scatter_add_(
         0, indices.reshape(-1).long(), dropped)
+
+
+def routing_map(indices: Tensor, num_experts: int, row_map: Optional[Tensor] = None) -> Tensor:
+    """The ``[T, E]`` boolean routing map of ``indices [T, k]``: ``True`` where token ``t`` selected
+    expert ``e`` (the mask form Megatron-Core and TransformerEngine's mask-based permutation take).
+    With ``row_map`` (from :func:`permute`), slots dropped by ``capacity`` are ``False``. No host
+    sync, traceable."""
+    num_experts = _int_arg(num_experts, "num_experts", "routing_map")
+    selected = torch.ones(indices.shape, dtype=torch.bool, device=indices.device)
+    if row_map is not None:
+        selected = row_map >= 0
+    dense = torch.zeros(indices.shape[0], num_experts, dtype=torch.bool, device=indices.device)
+    return dense.scatter(1, indices.long(), selected)
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Rows each expert may take: ``ceil(T * k / E * capacity_factor)`` (Megatron-Core's
+    ``get_capacity`` of the ``T*k`` routed slots; 1.0 = exactly the balanced share)."""
+    if not capacity_factor > 0:
+        raise ValueError(f"l2r_cuda.expert_capacity: capacity_factor must be > 0, got {capacity_factor}")
+    return math.ceil((num_tokens * top_k / num_experts) * capacity_factor)

@@ -220,6 +220,7 @@ def permute_plan(
     capacity: Optional[int] = None,
     weights: Optional[Tensor] = None,
     fixed_size: bool = False,
+    pad_to_capacity: bool = False,
 ):
     """Where each (token, slot) goes: ``(row_map [T, k] int64, expert_offsets [E+1] int64, num_rows,
     dropped [E] int64)``.
@@ -230,8 +231,12 @@ def permute_plan(
     Kept rows stay in token order. Each expert's group is padded with zero rows to a multiple of
     ``align``; dropped slots get ``row_map = -1``. ``fixed_size`` sizes the output for the worst case
     (``T*k + E*(align-1)`` rows) so that its shape is known without looking at the routing.
+    ``pad_to_capacity`` (needs ``capacity``) gives every expert a group of exactly ``C`` rows,
+    ``C`` = capacity rounded up to ``align``: expert ``e`` owns rows ``[e*C, (e+1)*C)``.
     """
     _check_permute_args(None, indices, num_experts, align, capacity)
+    if pad_to_capacity and capacity is None:
+        raise ValueError("permute(): pad_to_capacity=True needs a capacity")
     T, k = indices.shape
     dev = indices.device
     E = num_experts
@@ -254,7 +259,10 @@ def permute_plan(
     keep = rank < capacity if capacity is not None else torch.ones_like(flat, dtype=torch.bool)
     kept_counts = torch.bincount(flat[keep], minlength=E)
     offsets = torch.zeros(E + 1, dtype=torch.int64, device=dev)
-    offsets[1:] = torch.cumsum((kept_counts + align - 1) // align * align, 0)
+    if pad_to_capacity:
+        offsets[1:] = (-(-capacity // align) * align) * torch.arange(1, E + 1, device=dev)
+    else:
+        offsets[1:] = torch.cumsum((kept_counts + align - 1) // align * align, 0)
     # Kept rows in (expert, token) order; position inside the expert's group.
     order = torch.sort(flat, stable=True).indices
     order = order[keep[order]]
@@ -262,7 +270,7 @@ def permute_plan(
     pos = torch.arange(order.numel(), device=dev) - (torch.cumsum(kept_counts, 0) - kept_counts)[expert]
     row_map = torch.full((T * k,), -1, dtype=torch.int64, device=dev)
     row_map[order] = offsets[expert] + pos
-    num_rows = T * k + E * (align - 1) if fixed_size else int(offsets[-1])
+    num_rows = T * k + E * (align - 1) if fixed_size and not pad_to_capacity else int(offsets[-1])
     return row_map.view(T, k), offsets, num_rows, counts - kept_counts
 
 
@@ -275,6 +283,7 @@ def permute(
     capacity: Optional[int] = None,
     weights: Optional[Tensor] = None,
     fixed_size: bool = False,
+    pad_to_capacity: bool = False,
 ):
     """``(permuted [N, d], expert_offsets [E+1] int64, row_map [T, k] int64)`` (see
     :func:`permute_plan`): row ``row_map[t, j]`` of ``permuted`` is ``x[t]``; padding rows and rows
@@ -282,7 +291,8 @@ def permute(
     """
     _check_permute_args(x, indices, num_experts, align, capacity)
     row_map, offsets, num_rows, _ = permute_plan(
-        indices, num_experts, align=align, capacity=capacity, weights=weights, fixed_size=fixed_size
+        indices, num_experts, align=align, capacity=capacity, weights=weights, fixed_size=fixed_size,
+        pad_to_capacity=pad_to_capacity,
     )
     flat_rows = row_map.reshape(-1)
     kept = flat_rows >= 0

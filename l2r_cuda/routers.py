@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .ops import route, route_from_logits, route_logits
 from .types import DEFAULTS, SCORES, RouteConfig, RouteOutput
 
-__all__ = ["L2RRouter", "LinearRouter", "RouteRecorder", "router_parameters"]
+__all__ = ["L2RRouter", "LinearRouter", "Fp32ExpertBias", "RouteRecorder", "router_parameters"]
 
 
 class RouteRecorder(nn.Module):
@@ -23,20 +23,45 @@ class RouteRecorder(nn.Module):
     (attached to the autograd graph, for the auxiliary losses).
 
     ``copy.deepcopy`` and pickling copy the module without it (the copy's ``last_route`` is
-    ``None``).
+    ``None``); a subclass lists further per-forward records in ``_forward_records``.
     """
 
     last_route: Optional[RouteOutput]
+    _forward_records = ("last_route",)
 
     def __init__(self):
         super().__init__()
-        self.last_route = None
+        for name in self._forward_records:
+            setattr(self, name, None)
 
     def __getstate__(self):
         # What deepcopy and pickle see: graph tensors cannot be copied, and a copy has not run a forward.
         state = dict(super().__getstate__())
-        state["last_route"] = None
+        for name in self._forward_records:
+            state[name] = None
         return state
+
+
+class Fp32ExpertBias(nn.Module):
+    """Keeps the ``expert_bias`` buffer float32 whatever ``.to(dtype)``, ``.half()``,
+    ``.bfloat16()``, ``.double()`` or a parent's ``model.to(dtype)`` does to the module (all of them
+    go through ``_apply``); device moves still apply.
+
+    The bias is optimiser-free state updated by small steps (``losses.update_expert_bias_``,
+    typically 1e-3): in bfloat16 most steps would round away, and the update rejects a non-fp32
+    bias. The values are re-cast from the float32 original, so a round trip through a low
+    precision loses nothing.
+    """
+
+    expert_bias: Tensor
+
+    def _apply(self, fn, recurse=True):
+        bias = self._buffers.get("expert_bias")
+        super()._apply(fn, recurse)
+        moved = self._buffers.get("expert_bias")
+        if bias is not None and moved is not None and moved.dtype != torch.float32:
+            self._buffers["expert_bias"] = bias.to(device=moved.device, dtype=torch.float32)
+        return self
 
 
 def _policy_repr(config: RouteConfig) -> str:
@@ -48,7 +73,7 @@ def _policy_repr(config: RouteConfig) -> str:
     return text
 
 
-class L2RRouter(nn.Module):
+class L2RRouter(Fp32ExpertBias):
     """Drop-in MoE router: ``router(x [..., d]) -> RouteOutput`` (SPEC.md), on the fused native op.
 
     Parameters and their initialization:
@@ -62,7 +87,8 @@ class L2RRouter(nn.Module):
       how peaked the first routing decisions are; it is learned.
     - ``norm_weight [d]``: ones (RMSNorm's affine weight), present when ``norm="rms"``.
     - buffer ``expert_bias [E]`` float32: selection-only bias for aux-loss-free balancing
-      (see ``l2r_cuda.losses``), zero at start, never receives a gradient.
+      (see ``l2r_cuda.losses``), zero at start, never receives a gradient, and stays float32
+      whatever dtype the module is cast to (:class:`Fp32ExpertBias`).
     """
 
     def __init__(
@@ -148,7 +174,7 @@ class L2RRouter(nn.Module):
         return text + _policy_repr(self.config)
 
 
-class LinearRouter(nn.Module):
+class LinearRouter(Fp32ExpertBias):
     """The standard MoE router ``p = softmax(x W_g^T)`` (or sigmoid), with L2RRouter's interface.
 
     ``router(x [..., d]) -> RouteOutput`` with the same fields, dtypes and selection rule as

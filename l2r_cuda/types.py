@@ -13,11 +13,13 @@ from typing import NamedTuple, Optional
 
 from torch import Tensor
 
-__all__ = ["SCORES", "NORMS", "GROUP_SCORES", "RouteOutput", "Permutation", "RouteConfig", "DEFAULTS"]
+__all__ = ["SCORES", "NORMS", "GROUP_SCORES", "DROP_POLICIES", "RouteOutput", "Permutation", "RouteConfig",
+           "DEFAULTS"]
 
 SCORES = ("softmax", "sigmoid")
 NORMS = ("rms", None)
 GROUP_SCORES = ("top2_sum", "max")
+DROP_POLICIES = ("probs", "position")  # capacity drops the lowest router weights / the latest tokens
 
 
 class RouteOutput(NamedTuple):

@@ -1,4 +1,5 @@
-"""l2r_cuda.distributed / MoE(process_group=...): expert parallelism over gloo on CPU.
+"""l2r_cuda.distributed / MoE(process_group=...): expert parallelism over gloo on CPU, with the
+layer's policies (capacity and drop policies, pad to capacity, shared experts).
 
 Each spawned run (2 and 4 processes) goes through several scenarios in one process group; in each,
 every rank builds the same full single-process MoE, runs it on all tokens as the reference, shards a
@@ -28,9 +29,12 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 D_MODEL, D_FF, NUM_EXPERTS, TOP_K = 16, 24, 8, 2
 
 
-def _full_moe(seed, router="l2r", expert_bias=None):
+def _full_moe(seed, router="l2r", expert_bias=None, **moe_kwargs):
     torch.manual_seed(seed)
-    moe = MoE(D_MODEL, D_FF, NUM_EXPERTS, TOP_K, router=router)
+    moe = MoE(D_MODEL, D_FF, NUM_EXPERTS, TOP_K, router=router, **moe_kwargs)
+    if moe.shared_experts is not None and moe.shared_experts.gate_weight is not None:
+        with torch.no_grad():
+            moe.shared_experts.gate_weight.normal_()
     if expert_bias is not None:
         with torch.no_grad():
             moe.router.expert_bias.copy_(expert_bias)
@@ -49,11 +53,22 @@ def _grad(param):
     return param.grad if param.grad is not None else torch.zeros_like(param)
 
 
-def _compare(errors, name, group, tokens_per_rank, router="l2r", expert_bias=None, seed=0, x_grad=True):
-    """One scenario: the sharded MoE on this rank's tokens vs the full MoE on all tokens."""
+def _replicated(moe):
+    """Parameters every rank holds in full: the router and the shared experts."""
+    for prefix in ("router", "shared_experts"):
+        module = getattr(moe, prefix)
+        if module is not None:
+            for pname, param in module.named_parameters():
+                yield f"{prefix}.{pname}", param
+
+
+def _compare(errors, name, group, tokens_per_rank, router="l2r", expert_bias=None, seed=0, x_grad=True,
+             **moe_kwargs):
+    """One scenario: the sharded MoE on this rank's tokens vs the full MoE on all tokens (with a
+    capacity, on each rank's tokens separately: capacity is applied per sending rank)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     tag = f"[{name} rank {rank}/{world}]"
-    full = _full_moe(seed, router, expert_bias)
+    full = _full_moe(seed, router, expert_bias, **moe_kwargs)
     sharded = copy.deepcopy(full).shard_(group)
     gen = torch.Generator().manual_seed(seed + 1)
     total = sum(tokens_per_rank)
@@ -63,24 +78,38 @@ def _compare(errors, name, group, tokens_per_rank, router="l2r", expert_bias=Non
     hi = lo + tokens_per_rank[rank]
 
     x_ref = x_all.clone().requires_grad_()
-    y_ref = full(x_ref)
+    if full.capacity_factor is None:
+        y_ref = full(x_ref)
+    else:
+        starts = [sum(tokens_per_rank[:r]) for r in range(world + 1)]
+        y_ref = torch.cat([full(x_ref[starts[r]:starts[r + 1]]) for r in range(world)])
+        full(x_ref[lo:hi])  # this rank's records
+        dropped_ref = full.last_dropped
     (y_ref * upstream).sum().backward()
 
     x = x_all[lo:hi].clone().requires_grad_(x_grad)
     y = sharded(x)
     (y * upstream[lo:hi]).sum().backward()
-    # Router replicated: its gradient over all tokens is the sum of the ranks' gradients.
-    router_grads = {}
-    for pname, param in sharded.router.named_parameters():
+    # Router and shared experts replicated: their gradient over all tokens is the sum of the
+    # ranks' gradients.
+    replicated_grads = {}
+    for pname, param in _replicated(sharded):
         g = _grad(param).clone()
         dist.all_reduce(g, group=group)
-        router_grads[pname] = g
+        replicated_grads[pname] = g
 
     _close(errors, f"{tag} output", y, y_ref[lo:hi])
     if x_grad:
         _close(errors, f"{tag} grad x", x.grad, x_ref.grad[lo:hi])
-    for pname, param in full.router.named_parameters():
-        _close(errors, f"{tag} grad router.{pname}", router_grads[pname], _grad(param), atol=1e-5)
+    for pname, param in _replicated(full):
+        _close(errors, f"{tag} grad {pname}", replicated_grads[pname], _grad(param), atol=1e-5)
+    if full.capacity_factor is not None:
+        if not torch.equal(sharded.last_dropped, dropped_ref):
+            errors.append(f"{tag} last_dropped {sharded.last_dropped.tolist()} vs {dropped_ref.tolist()}")
+        total_dropped = sharded.last_dropped.sum()
+        dist.all_reduce(total_dropped, group=group)
+        if int(total_dropped) == 0:
+            errors.append(f"{tag} nothing was dropped: the scenario does not test capacity")
     start, end = expert_range(NUM_EXPERTS, group)
     assert sharded.num_local_experts == end - start == NUM_EXPERTS // world
     for pname, param in full.experts.named_parameters():
@@ -121,6 +150,15 @@ def _scenarios(group):
     _compare(errors, "x grad on rank 0 only", group, uneven, seed=13, x_grad=rank == 0)
     # No tokens anywhere: still a valid (empty) exchange, forward and backward.
     _compare(errors, "no tokens", group, [0] * world, seed=9)
+
+    # Capacity (dropped on each sending rank, from its own token count), both drop policies, with
+    # and without pad-to-capacity; shared experts (replicated) with a gate.
+    _compare(errors, "capacity probs", group, uneven, seed=15, capacity_factor=0.6)
+    _compare(errors, "capacity position, padded", group, uneven, router="linear", seed=16,
+             capacity_factor=0.6, drop_policy="position", pad_to_capacity=True)
+    _compare(errors, "capacity padded, rank 0 empty", group, [0] + uneven[1:], seed=17,
+             capacity_factor=0.8, pad_to_capacity=True)
+    _compare(errors, "shared experts", group, uneven, seed=18, num_shared_experts=2, shared_expert_gate=True)
 
     # dispatch alone: rows grouped by local expert, stable by (source rank, token order).
     gen = torch.Generator().manual_seed(11)

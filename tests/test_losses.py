@@ -47,6 +47,157 @@ def test_load_balancing_loss_rejects_bad_shapes():
         losses.load_balancing_loss(torch.zeros(3, dtype=torch.int64), torch.zeros(4))
 
 
+# Megatron-Core's semantics, written here independently of l2r_cuda.losses: scores for the aux loss
+# are softmax probabilities, or sigmoid scores divided by their sum over experts; padding tokens
+# are removed from both the routing map and the scores; the Switch loss is
+# sum_e (sum_t score[t, e]) * n_e * E / (k * T^2) with T the number of real tokens.
+
+
+def _routing_batch(num_tokens, num_experts, top_k, score, seed, pad_fraction=0.3):
+    """float64 logits (a leaf), their routing scores and top-k selection (tie-free), a padding mask."""
+    g = _generator(seed)
+    logits = (2 * torch.randn(num_tokens, num_experts, generator=g, dtype=torch.float64)).requires_grad_()
+    probs = torch.softmax(logits, -1) if score == "softmax" else torch.sigmoid(logits)
+    indices = torch.topk(probs.detach(), top_k, dim=-1).indices
+    padding = torch.rand(num_tokens, generator=g) < pad_fraction
+    return logits, probs, indices, padding
+
+
+def _balancing_scores(probs, score):
+    return probs if score == "softmax" else probs / probs.sum(-1, keepdim=True)
+
+
+def _contract_statistics(probs, indices, padding, score):
+    """What route(..., padding_mask=padding) returns for these tokens: counts of real tokens per
+    expert and the mean over real tokens of the balancing probability (l2r_cuda's contract)."""
+    num_experts = probs.shape[-1]
+    real = ~padding
+    counts = torch.zeros(num_experts, dtype=torch.int64)
+    for t in range(indices.shape[0]):
+        if real[t]:
+            for e in indices[t].tolist():
+                counts[e] += 1
+    balancing = _balancing_scores(probs, score)
+    mean_probs = balancing[real].sum(0) / max(int(real.sum()), 1)
+    return counts, mean_probs
+
+
+def _mcore_switch_loss(probs, indices, padding, score):
+    num_experts, top_k = probs.shape[-1], indices.shape[-1]
+    routing_map = torch.zeros(probs.shape, dtype=torch.bool).scatter(1, indices, True)
+    real = (~padding).unsqueeze(-1)
+    routing_map = routing_map & real
+    scores = _balancing_scores(probs, score) * real
+    total_tokens = routing_map.sum() / top_k
+    return torch.sum(scores.sum(0) * routing_map.sum(0)) * num_experts / (top_k * total_tokens ** 2)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_load_balancing_loss_matches_megatron_with_padding(score, padded):
+    logits, probs, indices, padding = _routing_batch(40, 8, 2, score, seed=3)
+    if not padded:
+        padding = torch.zeros_like(padding)
+    counts, mean_probs = _contract_statistics(probs, indices, padding, score)
+    loss = losses.load_balancing_loss(counts, mean_probs)
+    expected = _mcore_switch_loss(probs, indices, padding, score)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    grad = torch.autograd.grad(loss, logits, retain_graph=True)[0]
+    grad_expected = torch.autograd.grad(expected, logits)[0]
+    torch.testing.assert_close(grad, grad_expected, rtol=1e-10, atol=1e-14)
+    if padded:  # padding tokens get no gradient
+        assert bool((grad[padding] == 0).all())
+
+
+def test_sigmoid_balancing_probability_starts_near_one():
+    # Near-uniform sigmoid scores (logits ~ 0): raw p ~ 0.5 would give a loss ~ E/2; normalised ~ 1.
+    logits, probs, indices, padding = _routing_batch(256, 8, 2, "sigmoid", seed=4, pad_fraction=0)
+    probs = torch.sigmoid(logits.detach() * 1e-3)
+    indices = torch.topk(probs, 2, dim=-1).indices
+    counts, mean_probs = _contract_statistics(probs, indices, padding, "sigmoid")
+    assert losses.load_balancing_loss(counts, mean_probs).item() == pytest.approx(1.0, abs=1e-3)
+    assert losses.load_balancing_loss(counts, probs.mean(0)).item() == pytest.approx(4.0, abs=1e-2)
+
+
+def _sequence_statistics(probs, indices, padding, score, seq_len):
+    stats = [_contract_statistics(probs[s:s + seq_len], indices[s:s + seq_len], padding[s:s + seq_len], score)
+             for s in range(0, probs.shape[0], seq_len)]
+    return torch.stack([c for c, _ in stats]), torch.stack([m for _, m in stats])
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_sequence_loss_matches_megatron_without_padding(score):
+    B, S, E, k = 3, 16, 8, 2
+    logits, probs, indices, padding = _routing_batch(B * S, E, k, score, seed=5, pad_fraction=0)
+    counts, mean_probs = _sequence_statistics(probs, indices, padding, score, S)
+    assert counts.shape == mean_probs.shape == (B, E)
+    loss = losses.sequence_load_balancing_loss(counts, mean_probs)
+    # Megatron-Core: [S, B] token layout, experts of all sequences side by side ([S, B*E]), one
+    # Switch loss over "B*E experts" with T = S, divided by B. Our tokens are [B, S].
+    routing_map = torch.zeros(B * S, E, dtype=torch.bool).scatter(1, indices, True)
+    scores = _balancing_scores(probs, score)
+    scores_sb = scores.view(B, S, E).transpose(0, 1).reshape(S, B * E)
+    map_sb = routing_map.view(B, S, E).transpose(0, 1).reshape(S, B * E)
+    expected = torch.sum(scores_sb.sum(0) * map_sb.sum(0)) * E / (k * S * S) / B
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(loss, logits, retain_graph=True)[0], torch.autograd.grad(expected, logits)[0],
+                               rtol=1e-10, atol=1e-14)
+    # One sequence: the sequence loss is the micro-batch loss.
+    single = losses.sequence_load_balancing_loss(counts[:1], mean_probs[:1])
+    torch.testing.assert_close(single, losses.load_balancing_loss(counts[0], mean_probs[0]))
+
+
+def test_sequence_loss_with_padding_is_per_sequence_mean_over_real_sequences():
+    B, S, E, k = 4, 10, 6, 2
+    logits, probs, indices, padding = _routing_batch(B * S, E, k, "sigmoid", seed=6)
+    padding[2 * S:3 * S] = True  # sequence 2 is all padding
+    padding[0] = False
+    counts, mean_probs = _sequence_statistics(probs, indices, padding, "sigmoid", S)
+    loss = losses.sequence_load_balancing_loss(counts, mean_probs)
+    per_sequence = []
+    for b in range(B):
+        rows = slice(b * S, (b + 1) * S)
+        real = ~padding[rows]
+        if not real.any():
+            continue
+        n_real = int(real.sum())
+        routed = torch.zeros(S, E, dtype=torch.float64).scatter(1, indices[rows], 1.0)[real]
+        f = routed.sum(0) * E / (k * n_real)  # DeepSeek-V3's f_i
+        P = _balancing_scores(probs[rows], "sigmoid")[real].mean(0)
+        per_sequence.append(torch.sum(f * P))
+    expected = torch.stack(per_sequence).mean()
+    assert len(per_sequence) == B - 1
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(loss, logits, retain_graph=True)[0], torch.autograd.grad(expected, logits)[0],
+                               rtol=1e-10, atol=1e-14)
+
+
+def test_sequence_loss_edge_cases_and_gradcheck():
+    # No tokens at all: 0, still differentiable.
+    zero = losses.sequence_load_balancing_loss(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3, requires_grad=True))
+    assert zero.item() == 0.0 and zero.requires_grad
+    counts = torch.tensor([[3, 1, 0, 2], [0, 0, 0, 0], [1, 1, 1, 1]])
+    mean_probs = torch.rand(3, 4, dtype=torch.float64, generator=_generator(7), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p: losses.sequence_load_balancing_loss(counts, p), (mean_probs,))
+    with pytest.raises(ValueError, match=r"\[B, E\]"):
+        losses.sequence_load_balancing_loss(counts[0], mean_probs[0])
+    with pytest.raises(ValueError):
+        losses.sequence_load_balancing_loss(counts, mean_probs[:, :3])
+
+
+def test_global_loss_rejects_bad_shapes_before_communicating():
+    # No process group exists here: a shape error must come first, not a distributed error.
+    with pytest.raises(ValueError, match=r"\[E\]"):
+        losses.global_load_balancing_loss(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3))
+
+
+def test_fractional_counts_are_not_clamped():
+    # Counts averaged over accumulation steps may sum to less than 1.
+    loss = losses.load_balancing_loss(torch.tensor([0.25, 0.25]), torch.tensor([0.5, 0.5]))
+    assert loss.item() == pytest.approx(1.0)
+
+
 def test_router_z_loss_matches_formula_and_gradcheck():
     lse = torch.tensor([1.0, -2.0, 0.5], requires_grad=True)
     loss = losses.router_z_loss(lse)

@@ -199,6 +199,97 @@ def test_results_do_not_depend_on_thread_count():
         assert torch.equal(u, v)
 
 
+# ---- pad to capacity, routing map, capacity --------------------------------------------------------
+
+CAPACITY_SAMPLES = [s for s in SAMPLES if s.capacity is not None]
+
+
+@pytest.mark.parametrize("s", CAPACITY_SAMPLES, ids=[str(s) for s in CAPACITY_SAMPLES])
+def test_pad_to_capacity_is_the_capacity_permutation_with_fixed_groups(s):
+    x, indices, weights = make_inputs(s)
+    kwargs = kwargs_of(s, weights)
+    padded, offsets, row_map = l2r_cuda.permute(x, indices, s.E, pad_to_capacity=True, **kwargs)
+    group = -(-s.capacity // s.align) * s.align
+    assert padded.shape == (s.E * group, s.d) and padded.dtype == x.dtype
+    assert offsets.tolist() == [e * group for e in range(s.E + 1)]
+    want = reference.permute(x, indices, s.E, pad_to_capacity=True, **kwargs)
+    assert torch.equal(offsets, want[1]) and torch.equal(row_map, want[2])
+    assert torch.equal(padded.float(), want[0].float())
+    # Same kept slots, same order, each expert's rows moved from its compact offset to e * C.
+    compact, compact_offsets, compact_map = l2r_cuda.permute(x, indices, s.E, **kwargs)
+    assert torch.equal(row_map < 0, compact_map < 0)
+    for e in range(s.E):
+        kept = int((compact_map[indices.long() == e] >= 0).sum())
+        start = int(compact_offsets[e])
+        assert torch.equal(padded[e * group:e * group + kept], compact[start:start + kept])
+        assert not padded[e * group + kept:(e + 1) * group].any()  # zero padding rows
+    # The combine is the same as without padding.
+    y = padded.float() * 1.5
+    torch.testing.assert_close(l2r_cuda.unpermute(y, row_map, weights),
+                               l2r_cuda.unpermute(compact.float() * 1.5, compact_map, weights))
+
+
+def test_pad_to_capacity_gradients_and_errors():
+    s = Sample(33, 7, 2, align=4, capacity=6, weighted=True, dtype=torch.float64, d=5)
+    x, indices, weights = make_inputs(s)
+    x = x.requires_grad_(True)
+    torch.autograd.gradcheck(
+        lambda xx: l2r_cuda.permute(xx, indices, s.E, pad_to_capacity=True, **kwargs_of(s, weights))[0], (x,))
+    with pytest.raises(ValueError, match="pad_to_capacity=True needs a capacity"):
+        l2r_cuda.permute(x, indices, s.E, pad_to_capacity=True)
+    with pytest.raises(ValueError, match="pad_to_capacity=True needs a capacity"):
+        reference.permute(x, indices, s.E, pad_to_capacity=True)
+
+
+def _padded_moe_forward(x, w_experts, indices, weights, num_experts, capacity):
+    permuted, offsets, row_map = l2r_cuda.permute(x, indices, num_experts, capacity=capacity,
+                                                  weights=weights, pad_to_capacity=True)
+    h = torch.bmm(permuted.view(num_experts, capacity, -1), w_experts).view(-1, x.shape[1])
+    return l2r_cuda.unpermute(h, row_map, weights)
+
+
+def test_pad_to_capacity_compiles_fullgraph():
+    # Static [E, C, d] expert batches: no data-dependent shape anywhere.
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    T, d, E, k, C = 33, 8, 5, 2, 9
+    x = torch.randn(T, d, generator=g, requires_grad=True)
+    w_experts = torch.randn(E, d, d, generator=g, requires_grad=True)
+    indices = torch.rand(T, E, generator=g).argsort(1)[:, :k]
+    weights = torch.rand(T, k, generator=g, requires_grad=True)
+    eager = _padded_moe_forward(x, w_experts, indices, weights, E, C)
+    grads = torch.autograd.grad(eager.square().sum(), (x, w_experts, weights))
+    compiled = torch.compile(_padded_moe_forward, fullgraph=True, backend="aot_eager")
+    got = compiled(x, w_experts, indices, weights, E, C)
+    torch.testing.assert_close(got, eager)
+    for a, b in zip(torch.autograd.grad(got.square().sum(), (x, w_experts, weights)), grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_routing_map():
+    indices = torch.tensor([[2, 0], [1, 2], [2, 1]])
+    dense = l2r_cuda.routing_map(indices, 4)
+    assert dense.dtype == torch.bool and dense.shape == (3, 4)
+    assert dense.tolist() == [[True, False, True, False], [False, True, True, False],
+                              [False, True, True, False]]
+    _, _, row_map = l2r_cuda.permute(torch.randn(3, 2), indices, 4, capacity=2)  # t2 loses expert 2
+    assert l2r_cuda.routing_map(indices, 4, row_map).tolist() == [
+        [True, False, True, False], [False, True, True, False], [False, True, False, False]]
+    assert l2r_cuda.routing_map(indices[:0], 4).shape == (0, 4)
+
+
+def test_expert_capacity_is_megatron_get_capacity():
+    import math
+
+    for tokens, experts, k, factor in [(4096, 64, 8, 1.0), (4096, 64, 8, 1.25), (33, 7, 2, 1.0),
+                                       (10, 4, 1, 0.1), (0, 8, 2, 2.0), (100, 3, 2, 1.1)]:
+        expected = math.ceil((tokens * k / experts) * factor)  # megatron get_capacity(T*k, E, cf)
+        assert l2r_cuda.expert_capacity(tokens, experts, k, factor) == expected
+    assert l2r_cuda.expert_capacity(4096, 64, 8, 1.0) == 512
+    with pytest.raises(ValueError, match="capacity_factor"):
+        l2r_cuda.expert_capacity(10, 4, 1, 0.0)
+
+
 # ---- gradients -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("s", SAMPLES[::2], ids=IDS[::2])
@@ -371,6 +462,11 @@ def test_cuda_matches_reference(s):
     for fixed in (False, True):
         got = l2r_cuda.permute(x, indices, s.E, fixed_size=fixed, **kwargs_of(s, weights))
         want = reference.permute(x, indices, s.E, fixed_size=fixed, **kwargs_of(s, weights))
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    if s.capacity is not None:  # the padded layout is index arithmetic on the CUDA plan
+        got = l2r_cuda.permute(x, indices, s.E, pad_to_capacity=True, **kwargs_of(s, weights))
+        want = reference.permute(x, indices, s.E, pad_to_capacity=True, **kwargs_of(s, weights))
         for a, b in zip(got, want):
             assert torch.equal(a, b)
     xx = x.detach().clone().requires_grad_(True)
