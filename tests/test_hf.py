@@ -1,4 +1,7 @@
-"""l2r_cuda.integrations.hf on tiny randomly initialised OLMoE, Qwen3-MoE and Mixtral (offline)."""
+"""l2r_cuda.integrations.hf on tiny randomly initialised OLMoE, Qwen3-MoE, Qwen2-MoE, Mixtral and
+GPT-OSS built from configs (offline): replacement, checkpoints, upcycling and distillation."""
+
+import json
 
 import pytest
 import torch
@@ -35,14 +38,35 @@ def _mixtral():
     return transformers.MixtralForCausalLM(cfg)
 
 
-FAMILIES = {"olmoe": _olmoe, "qwen3_moe": _qwen3_moe, "mixtral": _mixtral}
-# What each family's gate does with the top-k weights (norm_topk_prob; Mixtral always renormalises).
-NORMALIZES = {"olmoe": False, "qwen3_moe": True, "mixtral": True}
+def _qwen2_moe():
+    cfg = transformers.Qwen2MoeConfig(
+        moe_intermediate_size=16, intermediate_size=32, shared_expert_intermediate_size=24, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=False, **COMMON,
+    )
+    return transformers.Qwen2MoeForCausalLM(cfg)
 
 
-def _build(family, seed=0):
+def _gpt_oss():
+    cfg = transformers.GptOssConfig(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
+                                    sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+                                    **COMMON)
+    return transformers.GptOssForCausalLM(cfg)
+
+
+FAMILIES = {"olmoe": _olmoe, "qwen3_moe": _qwen3_moe, "mixtral": _mixtral, "qwen2_moe": _qwen2_moe,
+            "gpt_oss": _gpt_oss}
+# What each family's gate does with the top-k weights (norm_topk_prob; Mixtral and GPT-OSS always renormalise).
+NORMALIZES = {"olmoe": False, "qwen3_moe": True, "mixtral": True, "qwen2_moe": False, "gpt_oss": True}
+GATE = {family: "router" if family == "gpt_oss" else "gate" for family in FAMILIES}
+
+
+def _build(family, seed=0, dtype=None):
     torch.manual_seed(seed)
-    model = FAMILIES[family]()
+    if dtype is None:
+        model = FAMILIES[family]()
+    else:  # the way transformers builds a low-precision model (its rotary buffers stay float32)
+        stock = FAMILIES[family]()
+        model = type(stock)._from_config(stock.config, dtype=dtype)
     model.train()
     return model
 
@@ -55,7 +79,7 @@ def _ids(seed=1):
 def test_replace_routers_forward_backward_and_training(family):
     model = _build(family)
     names = hf.replace_routers(model, rank=2, num_anchors=2)
-    assert names == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert names == [f"model.layers.{i}.mlp.{GATE[family]}" for i in range(2)]
     gates = hf.l2r_gates(model)
     assert len(gates) == 2 and all(g.norm_topk_prob == NORMALIZES[family] for g in gates)
     ids = _ids()
@@ -82,7 +106,7 @@ def test_gate_contract_matches_the_block(family):
     model = _build(family)
     hf.replace_routers(model)
     block = model.model.layers[0].mlp
-    gate = block.gate
+    gate = getattr(block, GATE[family])
     h = torch.randn(2, 5, 32)
     logits, weights, indices = gate(h.reshape(-1, 32))
     route = gate.last_route
@@ -93,10 +117,17 @@ def test_gate_contract_matches_the_block(family):
         torch.testing.assert_close(weights.float().sum(-1), torch.ones(10))
     # softmax of the returned logits is the L2R routing distribution.
     torch.testing.assert_close(torch.softmax(logits, -1).mean(0), route.mean_probs)
-    # The block's output is the L2R-weighted sum of the chosen experts (computed by hand here).
-    y = block(h)
-    ex = block.experts
     tokens = h.reshape(-1, 32)
+    y = block(h)
+    if family == "gpt_oss":  # the MLP returns (output, router scores); its experts have their own layout
+        y, scores = y
+        assert torch.equal(scores, weights)
+        torch.testing.assert_close(y.reshape(-1, 32), block.experts(tokens, indices, weights))
+        return
+    if family == "qwen2_moe":  # the shared expert (and its sigmoid gate) is added unchanged
+        y = y.reshape(-1, 32) - torch.sigmoid(block.shared_expert_gate(tokens)) * block.shared_expert(tokens)
+    # The block's output is the L2R-weighted sum of the chosen experts (computed by hand here).
+    ex = block.experts
     manual = torch.zeros_like(tokens)
     for t in range(tokens.shape[0]):
         for j in range(indices.shape[1]):
@@ -176,3 +207,254 @@ def test_legacy_linear_gate_mode_reproduces_l2r_routing():
     route = block.gate.last_route
     assert torch.equal(selected, route.indices)
     torch.testing.assert_close(weights, route.weights)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _perturb_routers(model, seed=5):
+    """Give every router parameter and expert_bias values no initialisation produces."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in hf.l2r_gates(model):
+            for t in list(gate.router.parameters()) + [gate.router.expert_bias]:
+                t.add_(0.1 * torch.randn(t.shape, generator=gen).to(t.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_then_hf_from_pretrained_is_bit_exact(family, dtype, tmp_path):
+    model = _build(family, dtype=dtype)
+    hf.replace_routers(model, rank=3, num_anchors=2, tau=0.5)
+    _perturb_routers(model)
+    model.eval()
+    ids = _ids()
+    with torch.no_grad():
+        expected = model(ids, output_router_logits=True)
+    model.save_pretrained(tmp_path)
+
+    saved = json.loads((tmp_path / "config.json").read_text())[hf.CONFIG_KEY]
+    assert saved["format"] == 1 and len(saved["replacements"]) == 1
+    recorded = saved["replacements"][0]
+    assert recorded["gates"] == [f"layers.{i}.mlp.{GATE[family]}" for i in range(2)]
+    assert recorded["options"]["rank"] == 3 and recorded["options"]["num_anchors"] == 2
+    assert recorded["options"]["tau"] == 0.5
+
+    for model_class in (type(model), transformers.AutoModelForCausalLM):
+        loaded, info = hf.from_pretrained(model_class, tmp_path, output_loading_info=True)
+        assert type(loaded) is type(model)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+        assert loaded.dtype == dtype and all(g.router.proj.dtype == torch.float32 for g in hf.l2r_gates(loaded))
+        assert all(g.original_gate is None for g in hf.l2r_gates(loaded))
+        with torch.no_grad():
+            out = loaded(ids, output_router_logits=True)
+        assert torch.equal(out.logits, expected.logits)
+        assert all(torch.equal(a, b) for a, b in zip(out.router_logits, expected.router_logits))
+        assert getattr(loaded.config, hf.CONFIG_KEY) == saved
+
+
+def test_checkpoint_loads_into_the_base_model_and_saves_again(tmp_path):
+    model = _build("olmoe")
+    hf.replace_routers(model, rank=2, num_anchors=3)
+    _perturb_routers(model)
+    model.eval()
+    model.save_pretrained(tmp_path / "lm")
+    base = hf.from_pretrained(transformers.AutoModel, tmp_path / "lm")
+    assert type(base) is transformers.OlmoeModel
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(base(ids).last_hidden_state, model.model(ids).last_hidden_state)
+    # Saved again from the bare model, it loads back into the causal LM with the same routers.
+    base.save_pretrained(tmp_path / "base")
+    again = hf.from_pretrained(transformers.OlmoeForCausalLM, tmp_path / "base")
+    for a, b in zip(hf.l2r_gates(again), hf.l2r_gates(model)):
+        assert all(torch.equal(x, y) for x, y in zip(a.router.state_dict().values(), b.router.state_dict().values()))
+    with pytest.raises(ValueError, match="nothing|no block"):  # every gate is already L2R
+        hf.replace_routers(again)
+
+
+def test_plain_from_pretrained_reports_the_l2r_weights_and_hf_from_pretrained_needs_them(tmp_path):
+    model = _build("qwen3_moe")
+    model.save_pretrained(tmp_path / "stock")
+    with pytest.raises(ValueError, match="l2r_router"):
+        hf.from_pretrained(transformers.Qwen3MoeForCausalLM, tmp_path / "stock")
+    hf.replace_routers(model)
+    model.save_pretrained(tmp_path / "l2r")
+    plain, info = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "l2r", output_loading_info=True)
+    # transformers' own load report: the L2R weights unexpected, the stock gate weights newly initialised.
+    assert "model.layers.0.mlp.gate.router.proj" in info["unexpected_keys"]
+    assert "model.layers.0.mlp.gate.weight" in info["missing_keys"]
+    assert not hf.l2r_gates(plain)
+
+
+def test_recorded_settings_must_be_json(tmp_path):
+    model = _build("olmoe")
+    with pytest.raises(TypeError, match="JSON"):
+        hf.replace_routers(model, tau=torch.tensor(1.0))
+    with pytest.raises(TypeError, match="dtype"):
+        hf.replace_routers(model, dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------- families and unsupported features
+
+
+def _deepseek_v3(**overrides):
+    kw = dict(moe_intermediate_size=16, intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+              topk_group=1, n_shared_experts=1, first_k_dense_replace=0, q_lora_rank=16, kv_lora_rank=16,
+              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=2.5)
+    kw.update(overrides)
+    torch.manual_seed(0)
+    # multi-head latent attention: as many key/value heads as query heads
+    return transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**kw, **{**COMMON, "num_key_value_heads": 4}))
+
+
+def test_deepseek_v3_policies_the_drop_in_cannot_carry_raise_naming_them():
+    model = _deepseek_v3()
+    with pytest.raises(hf.UnsupportedGateFeature, match="num_group"):
+        hf.replace_routers(model, block_types=["DeepseekV3MoE"])
+    with pytest.raises(hf.UnsupportedGateFeature, match="routed_scaling_factor"):
+        hf.replace_routers(_deepseek_v3(n_group=1, topk_group=1), block_types=["DeepseekV3MoE"])
+    assert not hf.l2r_gates(model)  # nothing was replaced
+
+
+def test_deepseek_v3_sigmoid_gate_and_correction_bias_are_carried():
+    model = _deepseek_v3(n_group=1, topk_group=1, routed_scaling_factor=1.0)
+    bias = torch.linspace(-0.5, 0.5, 8)
+    for layer in model.model.layers:
+        layer.mlp.gate.e_score_correction_bias.copy_(bias)
+    hf.replace_routers(model, block_types={"DeepseekV3MoE": "float32"})
+    gate = hf.l2r_gates(model)[0]
+    assert gate.router.score == "sigmoid" and gate.original_score == "sigmoid"
+    assert torch.equal(gate.router.expert_bias, bias)
+    ids = _ids()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert all(g.router.proj.grad is not None for g in hf.l2r_gates(model))
+
+
+class _GateWithExtra(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.top_k, self.num_experts, self.hidden_dim = 2, 4, 8
+        self.weight = nn.Parameter(torch.randn(4, 8))
+        self.temperature = nn.Parameter(torch.ones(()))
+
+
+class _BlockWithExtra(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = _GateWithExtra()
+
+
+def test_unknown_gate_tensor_raises_naming_it():
+    with pytest.raises(hf.UnsupportedGateFeature, match="_GateWithExtra.temperature"):
+        hf.replace_routers(_BlockWithExtra(), block_types=["_BlockWithExtra"])
+
+
+def test_gpt_oss_logit_bias_refuses_linear_init():
+    model = _build("gpt_oss")
+    with pytest.raises(hf.UnsupportedGateFeature, match="bias"):
+        hf.replace_routers(model, init="linear")
+    assert not hf.l2r_gates(model)
+
+
+# ---------------------------------------------------------------- upcycling
+
+
+def _olmoe8():
+    torch.manual_seed(0)
+    cfg = transformers.OlmoeConfig(intermediate_size=16, num_experts=8, num_experts_per_tok=2, **COMMON)
+    model = transformers.OlmoeForCausalLM(cfg).eval()
+    with torch.no_grad():  # a trained gate is far from uniform: give it O(1) logits
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 0.5)
+    return model
+
+
+def _batches(n=3):
+    return [torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(100 + i)) for i in range(n)]
+
+
+def test_linear_init_reproduces_the_gate_top_k_at_full_rank():
+    model = _olmoe8()
+    block = model.model.layers[0].mlp
+    original = block.gate
+    hf.replace_routers(model, rank=8, num_anchors=1, init="linear")
+    tokens = torch.randn(64, 32)
+    _, _, expected = original(tokens)
+    _, _, indices = block.gate(tokens)
+    # tie-free: the rank-8 (= full) gate's top-2 margins are far above the float32 error
+    logits = tokens @ original.weight.t()
+    top3 = logits.topk(3, -1).values
+    assert (top3[:, 1] - top3[:, 2]).min() > 1e-3 and (top3[:, 0] - top3[:, 1]).min() > 1e-4
+    assert torch.equal(indices, expected)
+    # The L2R logits track the gate's logits (softmax is shift-invariant: compare centred).
+    l2r = block.gate.router_logits(tokens)
+    centred = lambda t: t - t.mean(-1, keepdim=True)  # noqa: E731
+    corr = torch.corrcoef(torch.stack([centred(l2r).flatten(), centred(logits).flatten()]))[0, 1]
+    assert corr > 0.9
+
+
+@pytest.mark.parametrize("rank,num_anchors", [(2, 1), (2, 4), (4, 2)])
+def test_linear_init_starts_closer_to_the_original_routing_than_random_init(rank, num_anchors):
+    batches = _batches()
+    agreement = {}
+    for init in ("random", "linear"):
+        model = _olmoe8()
+        torch.manual_seed(1)
+        hf.replace_routers(model, rank=rank, num_anchors=num_anchors, init=init)
+        agreement[init] = hf.routing_agreement(model, batches)
+    assert agreement["linear"] > agreement["random"], agreement
+
+
+def test_distill_routers_trains_only_the_routers_towards_the_original_routing():
+    model = _olmoe8()
+    torch.manual_seed(1)
+    hf.replace_routers(model, rank=2, num_anchors=2, init="random")
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if ".router." not in k}
+    routers = {k: v.clone() for k, v in model.state_dict().items() if ".router." in k}
+    batches = _batches()
+    report = hf.distill_routers(model, batches, steps=30, lr=3e-2, progress=False)
+    assert len(report.kl) == 30 and report.kl[-1] < 0.5 * report.kl[0]
+    assert report.agreement_after > report.agreement_before
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())
+    assert any(not torch.equal(state[k], v) for k, v in routers.items())
+    assert all(p.grad is None for p in model.parameters())
+    assert report.agreement_after == hf.routing_agreement(model, batches)
+    assert report.agreement_before == hf.routing_agreement(_routers_like(model, routers), batches)
+    assert "top-k agreement" in str(report)
+
+
+def _routers_like(model, router_state):
+    """``model`` with its router parameters set back to ``router_state`` (in place)."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for k, v in router_state.items():
+            state[k].copy_(v)
+    return model
+
+
+def test_agreement_and_distillation_need_the_original_gates(tmp_path):
+    model = _build("olmoe")
+    hf.replace_routers(model)
+    model.save_pretrained(tmp_path)
+    loaded = hf.from_pretrained(transformers.OlmoeForCausalLM, tmp_path)
+    with pytest.raises(ValueError, match="original gate"):
+        hf.routing_agreement(loaded, _batches(1))
+    with pytest.raises(ValueError, match="original gate"):
+        hf.distill_routers(loaded, _batches(1), steps=1)
+    with pytest.raises(ValueError, match="scores with"):
+        other = _build("olmoe")
+        hf.replace_routers(other, score="sigmoid")
+        hf.distill_routers(other, _batches(1), steps=1)
+
+
+def test_upcycle_example_quick(tmp_path):
+    pytest.importorskip("pydoc_data")
+    from l2r_cuda.examples import upcycle_olmoe
+
+    result = upcycle_olmoe.main(["--quick", "--out", str(tmp_path)])
+    assert (tmp_path / "summary.md").stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == result["runs"]
+    assert {(r["rank"], r["init"]) for r in result["runs"]} == {(2, "linear"), (2, "random")}

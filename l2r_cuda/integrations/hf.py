@@ -4,132 +4,95 @@
     from l2r_cuda.integrations import hf
 
     model = OlmoeForCausalLM(config)                  # or from_pretrained(...)
-    replaced = hf.replace_routers(model, rank=2, num_anchors=4)
+    replaced = hf.replace_routers(model, rank=2, num_anchors=4)   # init="linear": upcycle the gates
     out = model(input_ids, labels=labels, output_router_logits=True)
     out.loss.backward()                               # trains the L2R routers with the model
+    model.save_pretrained(path)                       # config.json records the L2R settings
+    model = hf.from_pretrained(OlmoeForCausalLM, path)   # or an AutoModel* class
 
-Supported blocks: ``OlmoeSparseMoeBlock``, ``Qwen3MoeSparseMoeBlock``, ``MixtralSparseMoeBlock``
-(others with the same ``gate`` contract can be named with ``block_types``). Tested with
-transformers 5.24.
+Supported blocks (:data:`SUPPORTED_BLOCKS`): OLMoE, Qwen3-MoE, Qwen2-MoE (its shared expert and
+shared-expert gate stay as they are), Mixtral and GPT-OSS; others with the same ``gate`` contract
+can be named with ``block_types``. Tested with transformers 5.24.
 
-How it plugs in. In transformers 5 each block owns ``self.gate``, a ``*TopKRouter`` whose
-``forward(hidden_states [T, d])`` returns ``(router_logits [T, E], top_k_weights [T, k],
-top_k_index [T, k])``; the block passes weights and indices to its ``experts`` and the model
-records ``router_logits`` (a forward hook on the gate) for its Switch auxiliary loss. We replace
-``block.gate`` with an :class:`L2RGate` that returns the same triple computed by an
-:class:`l2r_cuda.L2RRouter`, so the block's forward, its experts (and their kernels) and the model's
-loss code run unchanged:
+How it plugs in. In transformers 5 each block owns ``self.gate`` (GPT-OSS: ``self.router``), a
+``*TopKRouter`` whose ``forward(hidden_states [T, d])`` returns ``(router_logits [T, E],
+top_k_weights [T, k], top_k_index [T, k])``; the block passes weights and indices to its
+``experts`` and the model records ``router_logits`` (a forward hook on the gate) for its Switch
+auxiliary loss. We replace the gate with an :class:`L2RGate` that returns the same triple computed
+by an :class:`l2r_cuda.L2RRouter`, so the block's forward, its experts (and their kernels) and the
+model's loss code run unchanged:
 
 * ``top_k_weights``: the L2R routing weights, renormalised over the top-k when the original gate
-  did (``norm_topk_prob``; Mixtral always does), in the dtype the family returns (OLMoE and
-  Qwen3-MoE: the hidden states' dtype; Mixtral: float32);
-* ``top_k_index``: the L2R top-k (int64, SIPS scores plus the router's ``expert_bias``);
+  did (``norm_topk_prob``; Mixtral and GPT-OSS always do: GPT-OSS's softmax over the top-k logits is
+  exactly that), in the dtype the family returns (OLMoE, Qwen-MoE, GPT-OSS: the hidden states'
+  dtype; Mixtral: float32);
+* ``top_k_index``: the L2R top-k (int64, scores plus the router's ``expert_bias``);
 * ``router_logits``: L2R's per-expert logits ``l [T, E]`` (float32), whose softmax is the L2R
   routing distribution, so the model's own ``load_balancing_loss_func`` (``output_router_logits``)
   balances the L2R router. They cost one extra unfused routing-logit pass (``[T, E]`` memory, which
   that loss needs anyway); ``return_logits=False`` skips it and returns ``None`` there (then do not
   ask the model for ``output_router_logits``; use ``l2r_cuda.losses`` on :func:`last_routes`).
 
+Nothing is dropped silently: a gate feature the L2R router cannot carry (a gate tensor other than
+the linear score's ``weight``/``bias``, group-limited top-k, a routed scaling factor) raises
+:class:`UnsupportedGateFeature` naming it. A sigmoid gate's ``e_score_correction_bias`` becomes the
+router's selection-only ``expert_bias``.
+
 Older transformers (4.x) used a plain ``nn.Linear`` gate and did softmax/top-k in the block. Such a
 gate is replaced by an :class:`L2RGate` in ``"logits"`` mode returning only ``l [T, E]`` (in the
 hidden dtype): the block's softmax and top-k of ``l`` are then exactly L2R's routing for
 ``score="softmax"`` without expert bias. (Checked here only against a mock of that contract.)
 
-Replace the routers before the first forward or before loading a state dict saved after
-replacement; the new routers are freshly initialised (the linear gate's weights cannot be mapped
-onto a rank-``r`` routing space and anchors).
+Checkpoints. ``replace_routers`` records its settings and the replaced gates in
+``model.config.l2r_router`` (plain JSON), so ``save_pretrained`` writes them to ``config.json``;
+:func:`from_pretrained` rebuilds the model with those routers before transformers loads the weights
+(its own key conversions, dtype and device handling included). Plain ``from_pretrained`` does not
+know the entry: it builds the stock gates and transformers' load report lists the ``gate.router.*``
+weights as UNEXPECTED and ``gate.weight`` as MISSING (newly initialised).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+import copy
+import json
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
-from torch import Tensor, nn
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_model_class
 
-from .. import reference
-from ..routers import L2RRouter, RouteRecorder
 from ..types import RouteOutput
+from ._hf_gate import GATE_ATTRIBUTES, GateContract, L2RGate, UnsupportedGateFeature, read_gate
+from ._hf_upcycle import DistillReport, distill_routers, init_from_linear, routing_agreement
 
-__all__ = ["SUPPORTED_BLOCKS", "L2RGate", "replace_routers", "l2r_gates", "last_routes"]
+try:
+    from transformers.utils.output_capturing import maybe_install_capturing_hooks
+except ImportError:  # transformers 4.x: outputs are returned, not hooked
+    maybe_install_capturing_hooks = None
+
+__all__ = ["SUPPORTED_BLOCKS", "L2RGate", "UnsupportedGateFeature", "replace_routers", "from_pretrained",
+           "l2r_gates", "last_routes", "distill_routers", "routing_agreement", "DistillReport", "CONFIG_KEY"]
 
 # block class name -> dtype of the top-k weights the family's gate returns ("hidden" or "float32")
 SUPPORTED_BLOCKS: Dict[str, str] = {
     "OlmoeSparseMoeBlock": "hidden",
     "Qwen3MoeSparseMoeBlock": "hidden",
+    "Qwen2MoeSparseMoeBlock": "hidden",
     "MixtralSparseMoeBlock": "float32",
+    "GptOssMLP": "hidden",
 }
 
-
-class L2RGate(RouteRecorder):
-    """A transformers MoE ``gate`` backed by :class:`l2r_cuda.L2RRouter`.
-
-    ``mode="top_k"`` (transformers >= 5): ``forward(h [..., d]) -> (router_logits [T, E] | None,
-    top_k_weights [T, k], top_k_index [T, k] int64)``. ``mode="logits"`` (transformers 4.x linear
-    gate): ``forward(h) -> router_logits [T, E]``. The ``RouteOutput`` of the last call is kept in
-    ``self.last_route`` (for :mod:`l2r_cuda.losses` and :mod:`l2r_cuda.metrics`).
-
-    Exposes ``top_k``, ``num_experts``, ``hidden_dim`` and ``norm_topk_prob`` like the gates it
-    replaces; the trainable parameters live in ``self.router``.
-    """
-
-    def __init__(
-        self,
-        hidden_dim: int,
-        num_experts: int,
-        top_k: int,
-        *,
-        normalize: bool,
-        mode: str = "top_k",
-        weights_dtype: str = "hidden",
-        return_logits: bool = True,
-        device=None,
-        **router_kwargs,
-    ):
-        super().__init__()
-        if mode not in ("top_k", "logits"):
-            raise ValueError(f"L2RGate: mode must be 'top_k' or 'logits', got {mode!r}")
-        if weights_dtype not in ("hidden", "float32"):
-            raise ValueError(f"L2RGate: weights_dtype must be 'hidden' or 'float32', got {weights_dtype!r}")
-        self.hidden_dim, self.num_experts, self.top_k = hidden_dim, num_experts, top_k
-        self.norm_topk_prob = normalize
-        self.mode, self.weights_dtype, self.return_logits = mode, weights_dtype, return_logits
-        self.router = L2RRouter(hidden_dim, num_experts, top_k, normalize=normalize, device=device, **router_kwargs)
-
-    def router_logits(self, hidden_states: Tensor) -> Tensor:
-        """L2R logits ``l [T, E]`` float32 (SPEC.md, before softmax), differentiable."""
-        r = self.router
-        return reference.route_logits(
-            hidden_states, r.proj, r.anchors, r.scale, beta=r.beta, norm=r.norm, norm_weight=r.norm_weight,
-            eps_norm=r.eps_norm, eps=r.eps, tau=r.tau,
-        )
-
-    def forward(self, hidden_states: Tensor):
-        tokens = hidden_states.reshape(-1, self.hidden_dim)
-        if self.mode == "logits":
-            logits = self.router_logits(tokens)
-            # Keep last_route meaningful in this mode too (what the block's softmax/top-k will pick).
-            with torch.no_grad():
-                self.last_route = self.router(tokens)
-            return logits.to(tokens.dtype)
-        route = self.router(tokens)
-        self.last_route = route
-        logits = self.router_logits(tokens) if self.return_logits else None
-        weights = route.weights.to(tokens.dtype) if self.weights_dtype == "hidden" else route.weights
-        return logits, weights, route.indices
-
-    def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, norm_topk_prob={self.norm_topk_prob}, return_logits={self.return_logits}"
+CONFIG_KEY = "l2r_router"  # the model-config entry replace_routers records and from_pretrained reads
+_CONFIG_FORMAT = 1
+_INITS = ("random", "linear")
 
 
 def _install_output_capturing_hooks(model: nn.Module) -> None:
     # transformers 5 records router_logits with forward hooks it installs lazily, on the first forward
     # that asks for them, on modules of the original gate class. Install them now, on the original
     # gates, so that _move_hooks carries them over to the L2R gates.
-    try:
-        from transformers import PreTrainedModel
-        from transformers.utils.output_capturing import maybe_install_capturing_hooks
-    except ImportError:  # older transformers: outputs are returned, not hooked
+    if maybe_install_capturing_hooks is None:
         return
     # Only on the innermost pretrained models (the base model, whose forward does the capturing):
     # installing on a wrapper (e.g. *ForCausalLM) re-installs on its base model without checking
@@ -142,37 +105,75 @@ def _install_output_capturing_hooks(model: nn.Module) -> None:
         maybe_install_capturing_hooks(module)
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
 def _move_hooks(old: nn.Module, new: nn.Module) -> None:
-    # Hooks are closures over what they record, not over the module: they work on the new gate.
-    for attr in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                 "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+    # Hooks are closures over what they record, not over the module: they work on the new gate. The
+    # old gate (kept for distillation) must not record as well when it is run inside the new one.
+    for attr in _HOOK_DICTS:
         if hasattr(old, attr) and hasattr(new, attr):
             getattr(new, attr).update(getattr(old, attr))
+            getattr(old, attr).clear()
 
 
-def _gate_geometry(block: nn.Module, gate: nn.Module) -> Tuple[int, int, int, bool, str]:
-    """``(hidden_dim, num_experts, top_k, normalize, mode)`` of an original gate."""
-    if isinstance(gate, nn.Linear):  # transformers 4.x: the block does softmax and top-k itself
-        top_k = getattr(block, "top_k", None)
-        if top_k is None:
-            raise ValueError(f"{type(block).__name__}: a linear gate but no block.top_k")
-        normalize = bool(getattr(block, "norm_topk_prob", True))
-        return gate.in_features, gate.out_features, int(top_k), normalize, "logits"
-    weight = getattr(gate, "weight", None)
+def _gate_of(block: nn.Module):
+    for attr in GATE_ATTRIBUTES:
+        gate = getattr(block, attr, None)
+        if isinstance(gate, nn.Module):
+            return attr, gate
+    return None, None
+
+
+def _install(block: nn.Module, attr: str, options: Dict[str, Any], weights_dtype: str, *,
+             init: Optional[str]) -> L2RGate:
+    """Replace ``block.<attr>`` with an L2RGate built from ``options`` (the recorded settings).
+    ``init=None``: parameters to be loaded (no original kept, no upcycling)."""
+    old_gate = getattr(block, attr)
+    contract: GateContract = read_gate(block, old_gate)
+    options = dict(options)
+    normalize, score = options.pop("normalize"), options.pop("score")
+    reference_param = next(old_gate.parameters(), None)
+    new_gate = L2RGate(
+        contract.hidden_dim, contract.num_experts, contract.top_k,
+        normalize=contract.normalize if normalize is None else normalize,
+        score=contract.score if score is None else score,
+        mode=contract.mode, weights_dtype=weights_dtype, dtype=torch.float32,
+        device=reference_param.device if reference_param is not None else None, **options,
+    )
+    if contract.expert_bias is not None:
+        new_gate.router.expert_bias.copy_(contract.expert_bias)
+    if init == "linear":
+        init_from_linear(new_gate, old_gate.weight, contract)
+    if init is not None:
+        new_gate.keep_original(old_gate, contract.score)
+    new_gate.train(old_gate.training)
+    _move_hooks(old_gate, new_gate)
+    setattr(block, attr, new_gate)
+    return new_gate
+
+
+def _record(model: nn.Module, options: Dict[str, Any], block_types: Dict[str, str], gates: List[L2RGate]) -> None:
+    """Append this replacement to ``model.config.l2r_router`` (gate names relative to the base
+    model, so a ``*ForCausalLM`` checkpoint loads into the bare model and back)."""
+    if not isinstance(model, PreTrainedModel):
+        return  # a bare module has no config to save
+    base = model.base_model
+    names = {id(module): name for name, module in base.named_modules()}
+    missing = [g for g in gates if id(g) not in names]
+    if missing:
+        raise ValueError(f"replace_routers: {len(missing)} replaced gates lie outside {type(model).__name__}'s "
+                         "base model, so a checkpoint could not name them")
+    replacement = {"options": options, "block_types": block_types, "gates": [names[id(g)] for g in gates]}
     try:
-        num_experts, hidden_dim = int(gate.num_experts), int(gate.hidden_dim)
-        top_k = int(gate.top_k)
-    except AttributeError as err:
-        raise ValueError(
-            f"{type(block).__name__}.gate ({type(gate).__name__}) has neither the transformers>=5 TopKRouter "
-            "attributes (top_k, num_experts, hidden_dim) nor is an nn.Linear"
-        ) from err
-    if weight is not None and tuple(weight.shape) != (num_experts, hidden_dim):
-        raise ValueError(f"{type(gate).__name__}.weight has shape {tuple(weight.shape)}, expected "
-                         f"({num_experts}, {hidden_dim})")
-    # Mixtral's router always renormalises the top-k weights and has no norm_topk_prob attribute.
-    normalize = bool(getattr(gate, "norm_topk_prob", True))
-    return hidden_dim, num_experts, top_k, normalize, "top_k"
+        json.dumps(replacement)
+    except TypeError as err:
+        raise TypeError(f"replace_routers: the settings must be JSON-serialisable to be saved in "
+                        f"config.{CONFIG_KEY}: {err}") from err
+    entry = copy.deepcopy(getattr(model.config, CONFIG_KEY, None)) or {"format": _CONFIG_FORMAT, "replacements": []}
+    entry["replacements"].append(replacement)
+    setattr(model.config, CONFIG_KEY, entry)
 
 
 def replace_routers(
@@ -181,54 +182,140 @@ def replace_routers(
     rank: int = 2,
     num_anchors: int = 4,
     beta: float = 1.0,
-    score: str = "softmax",
+    score: Optional[str] = None,
     normalize: Optional[bool] = None,
     norm: Optional[str] = "rms",
     return_logits: bool = True,
+    init: str = "random",
     block_types: Union[None, Iterable[str], Dict[str, str]] = None,
     **router_kwargs,
 ) -> List[str]:
-    """Replace the ``gate`` of every supported sparse-MoE block in ``model`` with an :class:`L2RGate`.
+    """Replace the gate of every supported sparse-MoE block in ``model`` with an :class:`L2RGate`.
 
-    ``rank``, ``num_anchors``, ``beta``, ``score``, ``norm`` and ``**router_kwargs`` configure each
-    :class:`l2r_cuda.L2RRouter` (``norm="rms"``: the router applies its own RMSNorm, as in the L2R
-    LM). ``normalize=None`` keeps what the model did (``config.norm_topk_prob``; always for Mixtral);
-    ``True``/``False`` overrides. ``block_types``: class names of the blocks to convert (default
-    :data:`SUPPORTED_BLOCKS`; a dict also gives each one's weights dtype, ``"hidden"`` or
-    ``"float32"``). New routers are put on the device of the gate they replace, in float32.
+    ``rank``, ``num_anchors``, ``beta``, ``norm`` and ``**router_kwargs`` (``tau``, ``init_scale``,
+    ``eps_norm``, ``eps``) configure each :class:`l2r_cuda.L2RRouter` (``norm="rms"``: the router
+    applies its own RMSNorm, as in the L2R LM). ``score=None`` and ``normalize=None`` keep what the
+    model did (softmax, or sigmoid for a gate with a score-correction bias; ``norm_topk_prob``,
+    always for Mixtral and GPT-OSS); a value overrides. ``init="random"``: L2R's own initialisation;
+    ``"linear"``: upcycle each router from the gate it replaces (truncated SVD, see
+    :mod:`l2r_cuda.integrations._hf_upcycle`). ``block_types``: class names of the blocks to
+    convert (default :data:`SUPPORTED_BLOCKS`; a dict also gives each one's weights dtype,
+    ``"hidden"`` or ``"float32"``). New routers are float32, on the device of the gate they
+    replace; each replaced gate is kept (frozen, unsaved) as ``original_gate`` for
+    :func:`distill_routers` and :func:`routing_agreement`.
 
-    Returns the qualified names of the replaced gates; raises ``ValueError`` if there are none.
+    When ``model`` is a ``PreTrainedModel`` the settings are recorded in ``model.config.l2r_router``
+    for :func:`from_pretrained`. Returns the qualified names of the replaced gates; raises
+    ``ValueError`` if there are none and :class:`UnsupportedGateFeature` for a gate feature the L2R
+    router cannot carry (before anything is replaced).
     """
+    if init not in _INITS:
+        raise ValueError(f"replace_routers: init must be one of {_INITS}, got {init!r}")
+    for name in ("device", "dtype"):
+        if name in router_kwargs:
+            raise TypeError(f"replace_routers: {name} is not an option: routers are created in float32 on the "
+                            "replaced gate's device; move or cast the model afterwards")
     if block_types is None:
         targets = dict(SUPPORTED_BLOCKS)
     elif isinstance(block_types, dict):
         targets = dict(block_types)
     else:
         targets = {name: SUPPORTED_BLOCKS.get(name, "hidden") for name in block_types}
-    _install_output_capturing_hooks(model)
-    replaced = []
-    for block_name, block in list(model.named_modules()):
-        if type(block).__name__ not in targets or isinstance(getattr(block, "gate", None), L2RGate):
+    options = dict(rank=rank, num_anchors=num_anchors, beta=beta, score=score, normalize=normalize, norm=norm,
+                   return_logits=return_logits, **router_kwargs)
+    found = []
+    for block_name, block in model.named_modules():
+        if type(block).__name__ not in targets:
             continue
-        old_gate = block.gate
-        hidden_dim, num_experts, top_k, model_normalize, mode = _gate_geometry(block, old_gate)
-        reference_param = next(old_gate.parameters(), None)
-        device = reference_param.device if reference_param is not None else None
-        new_gate = L2RGate(
-            hidden_dim, num_experts, top_k,
-            normalize=model_normalize if normalize is None else normalize,
-            mode=mode, weights_dtype=targets[type(block).__name__], return_logits=return_logits,
-            device=device, rank=rank, num_anchors=num_anchors, beta=beta, score=score, norm=norm, **router_kwargs,
-        )
-        new_gate.train(old_gate.training)
-        _move_hooks(old_gate, new_gate)
-        block.gate = new_gate
-        replaced.append(f"{block_name}.gate" if block_name else "gate")
-    if not replaced:
+        attr, gate = _gate_of(block)
+        if gate is None or isinstance(gate, L2RGate):
+            continue
+        read_gate(block, gate)  # every unsupported feature raises here, before anything is replaced
+        found.append((block_name, block, attr))
+    if not found:
         raise ValueError(
             f"replace_routers(): no block of type {sorted(targets)} with a gate found in {type(model).__name__}"
         )
-    return replaced
+    _install_output_capturing_hooks(model)
+    gates = [_install(block, attr, options, targets[type(block).__name__], init=init) for _, block, attr in found]
+    _record(model, options, {type(b).__name__: targets[type(b).__name__] for _, b, _ in found}, gates)
+    return [f"{name}.{attr}" if name else attr for name, _, attr in found]
+
+
+def _rebuild_recorded_routers(model: PreTrainedModel) -> None:
+    """Install the L2R gates ``model.config.l2r_router`` records (parameters to be loaded)."""
+    entry = getattr(model.config, CONFIG_KEY, None)
+    if not entry:
+        raise ValueError(f"{type(model).__name__}: the config has no {CONFIG_KEY!r} entry, so the checkpoint was "
+                         f"saved without L2R routers; load it with {type(model).__name__}.from_pretrained")
+    if entry.get("format") != _CONFIG_FORMAT:
+        raise ValueError(f"config.{CONFIG_KEY} has format {entry.get('format')!r}; this l2r_cuda reads format "
+                         f"{_CONFIG_FORMAT}")
+    _install_output_capturing_hooks(model)
+    base = model.base_model
+    for replacement in entry["replacements"]:
+        for name in replacement["gates"]:
+            block_name, _, attr = name.rpartition(".")
+            try:
+                block = base.get_submodule(block_name)
+                getattr(block, attr)
+            except AttributeError as err:
+                raise ValueError(f"config.{CONFIG_KEY} names the gate {name!r}, which {type(model).__name__} "
+                                 "does not have") from err
+            weights_dtype = replacement["block_types"][type(block).__name__]
+            _install(block, attr, replacement["options"], weights_dtype, init=None)
+
+
+_L2R_CLASSES: Dict[type, type] = {}
+
+
+def _with_recorded_routers(model_class: type) -> type:
+    """A subclass of ``model_class`` (same name and module, so transformers' key conversions and
+    output recorders apply) whose ``__init__`` installs the recorded L2R gates."""
+    if model_class not in _L2R_CLASSES:
+        def __init__(self, config, *args, **kwargs):
+            model_class.__init__(self, config, *args, **kwargs)
+            _rebuild_recorded_routers(self)
+
+        _L2R_CLASSES[model_class] = type(model_class.__name__, (model_class,), {
+            "__init__": __init__, "__module__": model_class.__module__, "__qualname__": model_class.__qualname__,
+        })
+    return _L2R_CLASSES[model_class]
+
+
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token",
+               "trust_remote_code")
+
+
+def _concrete_class(model_class: type, path, kwargs: Dict[str, Any]) -> type:
+    if isinstance(model_class, type) and issubclass(model_class, PreTrainedModel):
+        return model_class
+    if isinstance(model_class, type) and issubclass(model_class, _BaseAutoModelClass):
+        config = kwargs.get("config")
+        if not isinstance(config, PretrainedConfig):
+            config = AutoConfig.from_pretrained(config or path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+        try:
+            return _get_model_class(config, model_class._model_mapping)
+        except KeyError as err:
+            raise ValueError(f"{model_class.__name__} has no model class for {type(config).__name__}") from err
+    raise TypeError(f"from_pretrained: model_class must be a PreTrainedModel subclass or an AutoModel* class, got "
+                    f"{model_class!r}")
+
+
+def from_pretrained(model_class: type, pretrained_model_name_or_path, *model_args, **kwargs):
+    """Load a checkpoint saved after :func:`replace_routers`: ``model_class`` (any
+    ``PreTrainedModel`` class, or an ``AutoModel*`` class) is built with the L2R gates that
+    ``config.json``'s ``l2r_router`` entry records, then transformers' ``from_pretrained`` loads
+    every weight into it (``*model_args`` and ``**kwargs`` are its own: ``dtype``, ``device_map``,
+    ...). The L2R routers load in float32 whatever ``dtype`` is (as DeepSeek-V3's gate does).
+    Returns what ``model_class.from_pretrained`` returns; the model is an instance of the plain
+    model class. Raises ``ValueError`` for a checkpoint saved without L2R routers.
+    """
+    concrete = _concrete_class(model_class, pretrained_model_name_or_path, kwargs)
+    loaded = _with_recorded_routers(concrete).from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    model.__class__ = concrete
+    return loaded
 
 
 def l2r_gates(model: nn.Module) -> List[L2RGate]:

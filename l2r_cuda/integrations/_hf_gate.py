@@ -1,0 +1,235 @@
+"""The contract between a transformers MoE block and its gate, and :class:`L2RGate`, the gate that
+honours it with an :class:`l2r_cuda.L2RRouter` (see :mod:`l2r_cuda.integrations.hf`).
+
+What a gate does is read off the original gate (:func:`read_gate`): its geometry, whether it
+renormalises the top-k weights, its score function, and every routing feature it has beyond a
+plain linear score. Features the L2R router carries are mapped; any other one raises
+:class:`UnsupportedGateFeature` naming it, so nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import reference
+from ..routers import L2RRouter, RouteRecorder
+
+__all__ = ["GateContract", "L2RGate", "UnsupportedGateFeature", "read_gate", "l2r_logits", "original_routing",
+           "GATE_ATTRIBUTES"]
+
+# Where a block keeps its gate: transformers' MoE blocks call it `gate`, GPT-OSS's MLP `router`.
+GATE_ATTRIBUTES = ("gate", "router")
+
+
+class UnsupportedGateFeature(ValueError):
+    """The original gate has a routing feature the L2R drop-in cannot carry (the message names it)."""
+
+
+def l2r_logits(x: Tensor, proj: Tensor, anchors: Tensor, scale: Tensor, *, beta: float, norm: Optional[str],
+               norm_weight: Optional[Tensor], eps_norm: float, eps: float, tau: float) -> Tensor:
+    """L2R per-expert logits ``l [T, E]`` float32 (SPEC.md, before softmax/sigmoid), differentiable.
+
+    Every L2R logit of the Hugging Face integration (the gates' ``router_logits``, the linear
+    initialisation's fit, distillation) goes through here.
+    """
+    return reference.route_logits(x, proj, anchors, scale, beta=beta, norm=norm, norm_weight=norm_weight,
+                                  eps_norm=eps_norm, eps=eps, tau=tau)
+
+
+@dataclass(frozen=True)
+class GateContract:
+    """What an original gate computes, in the terms of :class:`l2r_cuda.L2RRouter`.
+
+    ``mode``: ``"top_k"`` (transformers >= 5: the gate returns ``(logits, weights, indices)``) or
+    ``"logits"`` (transformers 4.x ``nn.Linear``: the block does softmax and top-k).
+    ``router_options``: the L2RRouter keyword arguments that reproduce the gate's routing policy
+    (``score``, ``normalize``, and the policies below); ``expert_bias``: the selection-only bias to
+    copy into the router (``None``: zero).
+    """
+
+    hidden_dim: int
+    num_experts: int
+    top_k: int
+    mode: str
+    score: str
+    normalize: bool
+    expert_bias: Optional[Tensor] = None
+    logit_bias: Optional[Tensor] = None  # a per-expert additive logit term (GPT-OSS), which L2R has no slot for
+
+
+def _reject(gate: nn.Module, feature: str, why: str) -> None:
+    raise UnsupportedGateFeature(f"{type(gate).__name__}.{feature}: {why}")
+
+
+# Parameters and buffers a gate may have, beyond which its routing would not be what L2R reproduces.
+_LINEAR_SCORE_TENSORS = {"weight", "bias"}
+_MAPPED_TENSORS = {"e_score_correction_bias"}
+
+
+def read_gate(block: nn.Module, gate: nn.Module) -> GateContract:
+    """The :class:`GateContract` of ``gate`` (the module at ``block.gate`` / ``block.router``).
+
+    Raises :class:`UnsupportedGateFeature` for a routing feature the L2R router cannot carry, and
+    ``ValueError`` when the gate follows neither transformers contract.
+    """
+    if isinstance(gate, nn.Linear):  # transformers 4.x: the block does softmax and top-k itself
+        top_k = getattr(block, "top_k", None)
+        if top_k is None:
+            raise ValueError(f"{type(block).__name__}: a linear gate but no block.top_k")
+        normalize = bool(getattr(block, "norm_topk_prob", True))
+        bias = gate.bias.detach() if gate.bias is not None else None
+        return GateContract(gate.in_features, gate.out_features, int(top_k), "logits", "softmax", normalize,
+                            logit_bias=bias)
+    try:
+        num_experts, hidden_dim, top_k = int(gate.num_experts), int(gate.hidden_dim), int(gate.top_k)
+    except AttributeError as err:
+        raise ValueError(
+            f"{type(block).__name__}.gate ({type(gate).__name__}) has neither the transformers>=5 TopKRouter "
+            "attributes (top_k, num_experts, hidden_dim) nor is an nn.Linear"
+        ) from err
+    weight = getattr(gate, "weight", None)
+    if weight is not None and tuple(weight.shape) != (num_experts, hidden_dim):
+        raise ValueError(f"{type(gate).__name__}.weight has shape {tuple(weight.shape)}, expected "
+                         f"({num_experts}, {hidden_dim})")
+    for name, _ in list(gate.named_parameters(recurse=False)) + list(gate.named_buffers(recurse=False)):
+        if name not in _LINEAR_SCORE_TENSORS | _MAPPED_TENSORS:
+            _reject(gate, name, "a gate tensor the L2R drop-in has no counterpart for")
+    if any(True for _ in gate.children()):
+        _reject(gate, "children", "a gate with submodules is not a linear score the L2R drop-in can replace")
+
+    # DeepSeek-V3-style policies (transformers calls them num_group / topk_group / routed_scaling_factor).
+    num_groups = getattr(gate, "num_group", getattr(gate, "n_group", None))
+    if num_groups is not None and int(num_groups) > 1:
+        _reject(gate, "num_group", f"group-limited top-k (num_group={num_groups}, topk_group="
+                f"{getattr(gate, 'topk_group', None)}) needs l2r_cuda.route's group policy, which this build lacks")
+    scaling = getattr(gate, "routed_scaling_factor", None)
+    if scaling is not None and float(scaling) != 1.0:
+        _reject(gate, "routed_scaling_factor", f"routed_scaling_factor={scaling} needs l2r_cuda.route's scaling "
+                "policy, which this build lacks")
+
+    correction = getattr(gate, "e_score_correction_bias", None)
+    # transformers' sigmoid gates are exactly those with a score-correction bias (DeepSeek-V3 family).
+    score = "sigmoid" if correction is not None else "softmax"
+    # Mixtral's and GPT-OSS's routers always renormalise the top-k weights and have no norm_topk_prob.
+    normalize = bool(getattr(gate, "norm_topk_prob", True))
+    bias = getattr(gate, "bias", None)
+    return GateContract(
+        hidden_dim, num_experts, top_k, "top_k", score, normalize,
+        expert_bias=correction.detach() if correction is not None else None,
+        logit_bias=bias.detach() if isinstance(bias, Tensor) else None,
+    )
+
+
+class L2RGate(RouteRecorder):
+    """A transformers MoE ``gate`` backed by :class:`l2r_cuda.L2RRouter`.
+
+    ``mode="top_k"`` (transformers >= 5): ``forward(h [..., d]) -> (router_logits [T, E] | None,
+    top_k_weights [T, k], top_k_index [T, k] int64)``. ``mode="logits"`` (transformers 4.x linear
+    gate): ``forward(h) -> router_logits [T, E]``. The ``RouteOutput`` of the last call is kept in
+    ``self.last_route`` (for :mod:`l2r_cuda.losses` and :mod:`l2r_cuda.metrics`).
+
+    Exposes ``top_k``, ``num_experts``, ``hidden_dim`` and ``norm_topk_prob`` like the gates it
+    replaces; the trainable parameters live in ``self.router``. ``original_gate`` is the gate this
+    one replaced (frozen, outside the module tree: not saved, not moved by ``.to()``; ``None`` for
+    a gate rebuilt from a checkpoint), the teacher of :func:`l2r_cuda.integrations.hf.distill_routers`.
+    """
+
+    def __init__(
+        self,
+        hidden_dim: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        normalize: bool,
+        mode: str = "top_k",
+        weights_dtype: str = "hidden",
+        return_logits: bool = True,
+        device=None,
+        dtype=None,
+        **router_kwargs,
+    ):
+        super().__init__()
+        if mode not in ("top_k", "logits"):
+            raise ValueError(f"L2RGate: mode must be 'top_k' or 'logits', got {mode!r}")
+        if weights_dtype not in ("hidden", "float32"):
+            raise ValueError(f"L2RGate: weights_dtype must be 'hidden' or 'float32', got {weights_dtype!r}")
+        self.hidden_dim, self.num_experts, self.top_k = hidden_dim, num_experts, top_k
+        self.norm_topk_prob = normalize
+        self.mode, self.weights_dtype, self.return_logits = mode, weights_dtype, return_logits
+        self.router = L2RRouter(hidden_dim, num_experts, top_k, normalize=normalize, device=device, dtype=dtype,
+                                **router_kwargs)
+        self.__dict__["_original_gate"] = None
+        self.original_score: Optional[str] = None
+        # Set by l2r_cuda.integrations.hf while it distils or measures: replaces this forward.
+        self.__dict__["_probe"] = None
+
+    @property
+    def original_gate(self) -> Optional[nn.Module]:
+        return self.__dict__["_original_gate"]
+
+    def keep_original(self, gate: nn.Module, score: str) -> None:
+        """Hold ``gate`` (frozen) as :attr:`original_gate` without registering it as a submodule;
+        ``score`` is its score function (``"softmax"`` or ``"sigmoid"``)."""
+        gate.requires_grad_(False)
+        self.__dict__["_original_gate"] = gate
+        self.original_score = score
+
+    def set_probe(self, probe: Optional[Callable[["L2RGate", Tensor], object]]) -> None:
+        self.__dict__["_probe"] = probe
+
+    def router_logits(self, hidden_states: Tensor) -> Tensor:
+        """L2R logits ``l [T, E]`` float32 (SPEC.md, before softmax), differentiable."""
+        r = self.router
+        return l2r_logits(hidden_states, r.proj, r.anchors, r.scale, beta=r.beta, norm=r.norm,
+                          norm_weight=r.norm_weight, eps_norm=r.eps_norm, eps=r.eps, tau=r.tau)
+
+    def route(self, tokens: Tensor):
+        """What the gate returns for ``tokens [T, d]`` under L2R routing (the contract of ``mode``)."""
+        if self.mode == "logits":
+            logits = self.router_logits(tokens)
+            # Keep last_route meaningful in this mode too (what the block's softmax/top-k will pick).
+            with torch.no_grad():
+                self.last_route = self.router(tokens)
+            return logits.to(tokens.dtype)
+        route = self.router(tokens)
+        self.last_route = route
+        logits = self.router_logits(tokens) if self.return_logits else None
+        weights = route.weights.to(tokens.dtype) if self.weights_dtype == "hidden" else route.weights
+        return logits, weights, route.indices
+
+    def forward(self, hidden_states: Tensor):
+        tokens = hidden_states.reshape(-1, self.hidden_dim)
+        probe = self.__dict__["_probe"]
+        if probe is not None:
+            return probe(self, tokens)
+        return self.route(tokens)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, norm_topk_prob={self.norm_topk_prob}, return_logits={self.return_logits}"
+
+
+def original_routing(gate: L2RGate, tokens: Tensor) -> Tuple[object, Tensor, Tensor]:
+    """Run ``gate.original_gate`` on ``tokens``: ``(what it returns, its logits [T, E] float32, its
+    top-k indices [T, k])``. The original gate is moved to the tokens' device on first use."""
+    original = gate.original_gate
+    if original is None:
+        raise ValueError("this L2R gate has no original gate (it was rebuilt from a checkpoint, or replaced "
+                         "before l2r_cuda kept them): distillation and agreement need the gates replace_routers "
+                         "replaced, in the same process")
+    param = next(original.parameters())
+    if param.device != tokens.device:
+        original.to(tokens.device)
+    out = original(tokens.to(param.dtype) if param.dtype != tokens.dtype else tokens)
+    if gate.mode == "logits":
+        logits = out.float()
+        indices = torch.topk(logits, gate.top_k, dim=-1).indices
+        return out.to(tokens.dtype), logits, indices
+    logits, weights, indices = out
+    if gate.weights_dtype == "hidden":
+        out = (logits, weights.to(tokens.dtype), indices)
+    return out, logits.float(), indices
+
