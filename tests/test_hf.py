@@ -375,11 +375,14 @@ def _batches(n=3):
     return [torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(100 + i)) for i in range(n)]
 
 
-def test_linear_init_reproduces_the_gate_top_k_at_full_rank():
+@pytest.mark.parametrize("rank", [8, 12], ids=["rank=E", "rank>E"])
+def test_linear_init_reproduces_the_gate_top_k_at_full_rank(rank):
     model = _olmoe8()
     block = model.model.layers[0].mlp
     original = block.gate
-    hf.replace_routers(model, rank=8, num_anchors=1, init="linear")
+    hf.replace_routers(model, rank=rank, num_anchors=1, init="linear")
+    proj = block.gate.router.proj
+    torch.testing.assert_close(proj @ proj.t(), torch.eye(rank), atol=1e-5, rtol=0)  # orthonormal rows
     tokens = torch.randn(64, 32)
     _, _, expected = original(tokens)
     _, _, indices = block.gate(tokens)
@@ -395,14 +398,14 @@ def test_linear_init_reproduces_the_gate_top_k_at_full_rank():
     assert corr > 0.9
 
 
-@pytest.mark.parametrize("rank,num_anchors", [(2, 1), (2, 4), (4, 2)])
-def test_linear_init_starts_closer_to_the_original_routing_than_random_init(rank, num_anchors):
+@pytest.mark.parametrize("rank,num_anchors,beta", [(2, 1, 1.0), (2, 4, 1.0), (4, 2, 1.0), (2, 2, 0.5), (4, 1, 0.0)])
+def test_linear_init_starts_closer_to_the_original_routing_than_random_init(rank, num_anchors, beta):
     batches = _batches()
     agreement = {}
     for init in ("random", "linear"):
         model = _olmoe8()
         torch.manual_seed(1)
-        hf.replace_routers(model, rank=rank, num_anchors=num_anchors, init=init)
+        hf.replace_routers(model, rank=rank, num_anchors=num_anchors, beta=beta, init=init)
         agreement[init] = hf.routing_agreement(model, batches)
     assert agreement["linear"] > agreement["random"], agreement
 
