@@ -461,3 +461,45 @@ def test_upcycle_example_quick(tmp_path):
     assert (tmp_path / "summary.md").stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["runs"] == result["runs"]
     assert {(r["rank"], r["init"]) for r in result["runs"]} == {(2, "linear"), (2, "random")}
+
+
+class _PlainTopKGate(nn.Module):
+    """A transformers>=5-style gate that does not say whether it renormalises its top-k weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.top_k, self.num_experts, self.hidden_dim = 2, 4, 8
+        self.weight = nn.Parameter(torch.randn(4, 8))
+
+
+class _PlainBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = _PlainTopKGate()
+
+
+def test_unknown_renormalisation_must_be_given():
+    block = _PlainBlock()
+    with pytest.raises(hf.UnsupportedGateFeature, match="norm_topk_prob"):
+        hf.replace_routers(block, block_types=["_PlainBlock"])
+    assert not hf.l2r_gates(block)
+    hf.replace_routers(block, block_types=["_PlainBlock"], normalize=False)
+    assert block.gate.norm_topk_prob is False
+
+
+def test_deepseek_v2_groups_and_scaling_raise_and_its_greedy_gate_does_not_renormalise():
+    common = {**COMMON, "num_key_value_heads": 4}
+    kw = dict(moe_intermediate_size=16, intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+              topk_group=1, n_shared_experts=1, first_k_dense_replace=0, q_lora_rank=16, kv_lora_rank=16,
+              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    torch.manual_seed(0)
+    grouped = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(
+        topk_method="group_limited_greedy", routed_scaling_factor=1.0, **kw, **common))
+    with pytest.raises(hf.UnsupportedGateFeature, match="num_group"):
+        hf.replace_routers(grouped, block_types=["DeepseekV2Moe"])
+    greedy = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(
+        topk_method="greedy", routed_scaling_factor=1.0, **kw, **common))
+    hf.replace_routers(greedy, block_types={"DeepseekV2Moe": "float32"})
+    assert all(g.norm_topk_prob is False and g.router.score == "softmax" for g in hf.l2r_gates(greedy))
+    ids = _ids()
+    greedy(ids, labels=ids).loss.backward()

@@ -45,10 +45,9 @@ class GateContract:
     """What an original gate computes, in the terms of :class:`l2r_cuda.L2RRouter`.
 
     ``mode``: ``"top_k"`` (transformers >= 5: the gate returns ``(logits, weights, indices)``) or
-    ``"logits"`` (transformers 4.x ``nn.Linear``: the block does softmax and top-k).
-    ``router_options``: the L2RRouter keyword arguments that reproduce the gate's routing policy
-    (``score``, ``normalize``, and the policies below); ``expert_bias``: the selection-only bias to
-    copy into the router (``None``: zero).
+    ``"logits"`` (transformers 4.x ``nn.Linear``: the block does softmax and top-k). ``normalize``:
+    whether the gate renormalises its top-k weights (``None``: the gate does not say).
+    ``expert_bias``: the selection-only bias to copy into the router (``None``: zero).
     """
 
     hidden_dim: int
@@ -56,7 +55,7 @@ class GateContract:
     top_k: int
     mode: str
     score: str
-    normalize: bool
+    normalize: Optional[bool]
     expert_bias: Optional[Tensor] = None
     logit_bias: Optional[Tensor] = None  # a per-expert additive logit term (GPT-OSS), which L2R has no slot for
 
@@ -64,6 +63,9 @@ class GateContract:
 def _reject(gate: nn.Module, feature: str, why: str) -> None:
     raise UnsupportedGateFeature(f"{type(gate).__name__}.{feature}: {why}")
 
+
+# Gates without a norm_topk_prob attribute whose forward renormalises the top-k weights (or not).
+_RENORMALIZES = {"MixtralTopKRouter": True, "GptOssTopKRouter": True, "DeepseekV2TopkRouter": False}
 
 # Parameters and buffers a gate may have, beyond which its routing would not be what L2R reproduces.
 _LINEAR_SCORE_TENSORS = {"weight", "bias"}
@@ -101,9 +103,13 @@ def read_gate(block: nn.Module, gate: nn.Module) -> GateContract:
     if any(True for _ in gate.children()):
         _reject(gate, "children", "a gate with submodules is not a linear score the L2R drop-in can replace")
 
-    # DeepSeek-V3-style policies (transformers calls them num_group / topk_group / routed_scaling_factor).
+    # Routing policies beyond softmax top-k (DeepSeek: num_group / topk_group / routed_scaling_factor;
+    # DeepSeek-V2 selects by groups only with topk_method="group_limited_greedy").
+    method = getattr(gate, "topk_method", None)
+    if method not in (None, "greedy", "group_limited_greedy", "noaux_tc"):
+        _reject(gate, "topk_method", f"topk_method={method!r} is a selection rule the L2R drop-in does not know")
     num_groups = getattr(gate, "num_group", getattr(gate, "n_group", None))
-    if num_groups is not None and int(num_groups) > 1:
+    if method != "greedy" and num_groups is not None and int(num_groups) > 1:
         _reject(gate, "num_group", f"group-limited top-k (num_group={num_groups}, topk_group="
                 f"{getattr(gate, 'topk_group', None)}) needs l2r_cuda.route's group policy, which this build lacks")
     scaling = getattr(gate, "routed_scaling_factor", None)
@@ -112,13 +118,15 @@ def read_gate(block: nn.Module, gate: nn.Module) -> GateContract:
                 "policy, which this build lacks")
 
     correction = getattr(gate, "e_score_correction_bias", None)
-    # transformers' sigmoid gates are exactly those with a score-correction bias (DeepSeek-V3 family).
-    score = "sigmoid" if correction is not None else "softmax"
-    # Mixtral's and GPT-OSS's routers always renormalise the top-k weights and have no norm_topk_prob.
-    normalize = bool(getattr(gate, "norm_topk_prob", True))
+    score = getattr(gate, "scoring_func", None)
+    if score is None:  # transformers' sigmoid gates are those with a score-correction bias (DeepSeek-V3 family)
+        score = "sigmoid" if correction is not None else "softmax"
+    if score not in ("softmax", "sigmoid"):
+        _reject(gate, "scoring_func", f"scoring_func={score!r}: L2R scores with softmax or sigmoid")
+    normalize = getattr(gate, "norm_topk_prob", _RENORMALIZES.get(type(gate).__name__))
     bias = getattr(gate, "bias", None)
     return GateContract(
-        hidden_dim, num_experts, top_k, "top_k", score, normalize,
+        hidden_dim, num_experts, top_k, "top_k", score, None if normalize is None else bool(normalize),
         expert_bias=correction.detach() if correction is not None else None,
         logit_bias=bias.detach() if isinstance(bias, Tensor) else None,
     )

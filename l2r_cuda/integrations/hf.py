@@ -126,6 +126,17 @@ def _gate_of(block: nn.Module):
     return None, None
 
 
+def _normalize_for(gate: nn.Module, contract: GateContract, normalize: Optional[bool]) -> bool:
+    """Whether the new router renormalises its top-k weights: as asked, else as the gate did."""
+    if normalize is None:
+        normalize = contract.normalize
+    if normalize is None:
+        raise UnsupportedGateFeature(
+            f"{type(gate).__name__}.norm_topk_prob: the gate does not say whether it renormalises its top-k "
+            "weights; pass replace_routers(..., normalize=True or False)")
+    return normalize
+
+
 def _install(block: nn.Module, attr: str, options: Dict[str, Any], weights_dtype: str, *,
              init: Optional[str]) -> L2RGate:
     """Replace ``block.<attr>`` with an L2RGate built from ``options`` (the recorded settings).
@@ -133,11 +144,12 @@ def _install(block: nn.Module, attr: str, options: Dict[str, Any], weights_dtype
     old_gate = getattr(block, attr)
     contract: GateContract = read_gate(block, old_gate)
     options = dict(options)
-    normalize, score = options.pop("normalize"), options.pop("score")
+    normalize = _normalize_for(old_gate, contract, options.pop("normalize"))
+    score = options.pop("score")
     reference_param = next(old_gate.parameters(), None)
     new_gate = L2RGate(
         contract.hidden_dim, contract.num_experts, contract.top_k,
-        normalize=contract.normalize if normalize is None else normalize,
+        normalize=normalize,
         score=contract.score if score is None else score,
         mode=contract.mode, weights_dtype=weights_dtype, dtype=torch.float32,
         device=reference_param.device if reference_param is not None else None, **options,
@@ -230,7 +242,8 @@ def replace_routers(
         attr, gate = _gate_of(block)
         if gate is None or isinstance(gate, L2RGate):
             continue
-        read_gate(block, gate)  # every unsupported feature raises here, before anything is replaced
+        # every unsupported feature raises here, before anything is replaced
+        _normalize_for(gate, read_gate(block, gate), normalize)
         found.append((block_name, block, attr))
     if not found:
         raise ValueError(
