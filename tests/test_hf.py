@@ -233,7 +233,9 @@ def test_save_pretrained_then_hf_from_pretrained_is_bit_exact(family, dtype, tmp
         expected = model(ids, output_router_logits=True)
     model.save_pretrained(tmp_path)
 
-    saved = json.loads((tmp_path / "config.json").read_text())[hf.CONFIG_KEY]
+    saved_config = json.loads((tmp_path / "config.json").read_text())
+    assert saved_config["fusion_config"] == {hf.LOAD_GUARD: True}
+    saved = saved_config[hf.CONFIG_KEY]
     assert saved["format"] == 1 and len(saved["replacements"]) == 1
     recorded = saved["replacements"][0]
     assert recorded["gates"] == [f"layers.{i}.mlp.{GATE[family]}" for i in range(2)]
@@ -251,6 +253,7 @@ def test_save_pretrained_then_hf_from_pretrained_is_bit_exact(family, dtype, tmp
         assert torch.equal(out.logits, expected.logits)
         assert all(torch.equal(a, b) for a, b in zip(out.router_logits, expected.router_logits))
         assert getattr(loaded.config, hf.CONFIG_KEY) == saved
+        assert loaded.config.fusion_config == {hf.LOAD_GUARD: True}  # saved again, still guarded
 
 
 def test_checkpoint_loads_into_the_base_model_and_saves_again(tmp_path):
@@ -273,15 +276,20 @@ def test_checkpoint_loads_into_the_base_model_and_saves_again(tmp_path):
         hf.replace_routers(again)
 
 
-def test_plain_from_pretrained_reports_the_l2r_weights_and_hf_from_pretrained_needs_them(tmp_path):
+def test_plain_from_pretrained_refuses_an_l2r_checkpoint_and_hf_from_pretrained_needs_one(tmp_path):
     model = _build("qwen3_moe")
     model.save_pretrained(tmp_path / "stock")
     with pytest.raises(ValueError, match="l2r_router"):
         hf.from_pretrained(transformers.Qwen3MoeForCausalLM, tmp_path / "stock")
     hf.replace_routers(model)
     model.save_pretrained(tmp_path / "l2r")
-    plain, info = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "l2r", output_loading_info=True)
-    # transformers' own load report: the L2R weights unexpected, the stock gate weights newly initialised.
+    for model_class in (transformers.Qwen3MoeForCausalLM, transformers.AutoModelForCausalLM):
+        with pytest.raises(ValueError, match="load with l2r_cuda.integrations.hf.from_pretrained"):
+            model_class.from_pretrained(tmp_path / "l2r")
+    # Overridden, transformers loads stock gates and its load report lists the L2R weights as unexpected
+    # and the stock gate weights as missing (newly initialised).
+    plain, info = transformers.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "l2r", fusion_config={},
+                                                                   output_loading_info=True)
     assert "model.layers.0.mlp.gate.router.proj" in info["unexpected_keys"]
     assert "model.layers.0.mlp.gate.weight" in info["missing_keys"]
     assert not hf.l2r_gates(plain)

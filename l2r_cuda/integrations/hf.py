@@ -46,9 +46,12 @@ hidden dtype): the block's softmax and top-k of ``l`` are then exactly L2R's rou
 Checkpoints. ``replace_routers`` records its settings and the replaced gates in
 ``model.config.l2r_router`` (plain JSON), so ``save_pretrained`` writes them to ``config.json``;
 :func:`from_pretrained` rebuilds the model with those routers before transformers loads the weights
-(its own key conversions, dtype and device handling included). Plain ``from_pretrained`` does not
-know the entry: it builds the stock gates and transformers' load report lists the ``gate.router.*``
-weights as UNEXPECTED and ``gate.weight`` as MISSING (newly initialised).
+(its own key conversions, dtype and device handling included). Plain ``from_pretrained`` would
+build the stock gates with random weights; to stop it, ``config.fusion_config`` also gets the entry
+:data:`LOAD_GUARD`, which transformers (>= 5.2x, where fusions exist) rejects before building the model:
+``ValueError: Unknown fusion type: l2r_router: load with l2r_cuda.integrations.hf.from_pretrained``.
+``from_pretrained(path, fusion_config={})`` overrides it (stock gates, randomly initialised; the load
+report lists the ``gate.router.*`` weights as UNEXPECTED and ``gate.weight`` as MISSING).
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ except ImportError:  # transformers 4.x: outputs are returned, not hooked
     maybe_install_capturing_hooks = None
 
 __all__ = ["SUPPORTED_BLOCKS", "L2RGate", "UnsupportedGateFeature", "replace_routers", "from_pretrained",
-           "l2r_gates", "last_routes", "distill_routers", "routing_agreement", "DistillReport", "CONFIG_KEY"]
+           "l2r_gates", "last_routes", "distill_routers", "routing_agreement", "DistillReport", "CONFIG_KEY",
+           "LOAD_GUARD"]
 
 # block class name -> dtype of the top-k weights the family's gate returns ("hidden" or "float32")
 SUPPORTED_BLOCKS: Dict[str, str] = {
@@ -85,6 +89,10 @@ SUPPORTED_BLOCKS: Dict[str, str] = {
 
 CONFIG_KEY = "l2r_router"  # the model-config entry replace_routers records and from_pretrained reads
 _CONFIG_FORMAT = 1
+# transformers' from_pretrained applies config.fusion_config before it builds the model and rejects a
+# fusion it does not know, naming it: this entry makes a plain from_pretrained of an L2R checkpoint
+# stop with this sentence instead of building stock gates with random weights.
+LOAD_GUARD = "l2r_router: load with l2r_cuda.integrations.hf.from_pretrained"
 _INITS = ("random", "linear")
 
 
@@ -186,6 +194,11 @@ def _record(model: nn.Module, options: Dict[str, Any], block_types: Dict[str, st
     entry = copy.deepcopy(getattr(model.config, CONFIG_KEY, None)) or {"format": _CONFIG_FORMAT, "replacements": []}
     entry["replacements"].append(replacement)
     setattr(model.config, CONFIG_KEY, entry)
+    _guard_plain_loading(model.config)
+
+
+def _guard_plain_loading(config) -> None:
+    config.fusion_config = {**(getattr(config, "fusion_config", None) or {}), LOAD_GUARD: True}
 
 
 def replace_routers(
@@ -277,6 +290,7 @@ def _rebuild_recorded_routers(model: PreTrainedModel) -> None:
                                  "does not have") from err
             weights_dtype = replacement["block_types"][type(block).__name__]
             _install(block, attr, replacement["options"], weights_dtype, init=None)
+    _guard_plain_loading(model.config)  # from_pretrained loaded without it; saving again keeps it
 
 
 _L2R_CLASSES: Dict[type, type] = {}
@@ -300,13 +314,10 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "re
                "trust_remote_code")
 
 
-def _concrete_class(model_class: type, path, kwargs: Dict[str, Any]) -> type:
+def _concrete_class(model_class: type, config: PretrainedConfig) -> type:
     if isinstance(model_class, type) and issubclass(model_class, PreTrainedModel):
         return model_class
     if isinstance(model_class, type) and issubclass(model_class, _BaseAutoModelClass):
-        config = kwargs.get("config")
-        if not isinstance(config, PretrainedConfig):
-            config = AutoConfig.from_pretrained(config or path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
         try:
             return _get_model_class(config, model_class._model_mapping)
         except KeyError as err:
@@ -324,7 +335,14 @@ def from_pretrained(model_class: type, pretrained_model_name_or_path, *model_arg
     Returns what ``model_class.from_pretrained`` returns; the model is an instance of the plain
     model class. Raises ``ValueError`` for a checkpoint saved without L2R routers.
     """
-    concrete = _concrete_class(model_class, pretrained_model_name_or_path, kwargs)
+    config = kwargs.get("config")
+    if not isinstance(config, PretrainedConfig):
+        config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path,
+                                            **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    concrete = _concrete_class(model_class, config)
+    # Every fusion but our load guard (which transformers would reject) still applies.
+    fusions = kwargs.get("fusion_config", getattr(config, "fusion_config", None)) or {}
+    kwargs["fusion_config"] = {name: value for name, value in fusions.items() if name != LOAD_GUARD}
     loaded = _with_recorded_routers(concrete).from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     model.__class__ = concrete
