@@ -85,16 +85,16 @@ def lm_loss(model, windows: List[torch.Tensor]) -> float:
 def main(argv=None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: a few steps, one rank")
-    parser.add_argument("--train-steps", type=int, default=None, help="OLMoE training steps (default 300)")
-    parser.add_argument("--distill-steps", type=int, default=None, help="distillation steps (default 200)")
+    parser.add_argument("--train-steps", type=int, default=None, help="OLMoE training steps (default 200)")
+    parser.add_argument("--distill-steps", type=int, default=None, help="distillation steps (default 100)")
     parser.add_argument("--ranks", type=int, nargs="+", default=None, help="L2R ranks (default 2 8)")
     parser.add_argument("--num-anchors", type=int, default=4, help="anchors per expert (default 4)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/upcycle_olmoe", help="output directory")
     args = parser.parse_args(argv)
-    train_steps = args.train_steps if args.train_steps is not None else (5 if args.quick else 300)
-    distill_steps = args.distill_steps if args.distill_steps is not None else (3 if args.quick else 200)
+    train_steps = args.train_steps if args.train_steps is not None else (5 if args.quick else 200)
+    distill_steps = args.distill_steps if args.distill_steps is not None else (3 if args.quick else 100)
     ranks = args.ranks or ([2] if args.quick else [2, 8])
     eval_windows = 2 if args.quick else 8
 
