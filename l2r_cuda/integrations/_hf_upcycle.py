@@ -31,18 +31,15 @@ import itertools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, List, Mapping, Sequence, Union
+from typing import Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._hf_gate import GateContract, L2RGate, UnsupportedGateFeature, l2r_logits, original_routing
+from tqdm.auto import tqdm  # a dependency of transformers, which this integration needs anyway
 
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # transformers depends on tqdm; a bare install still distils, without a bar
-    tqdm = None
+from ._hf_gate import GateContract, L2RGate, UnsupportedGateFeature, l2r_logits, original_routing
 
 __all__ = ["init_from_linear", "routing_agreement", "distill_routers", "DistillReport"]
 
@@ -212,7 +209,7 @@ def distill_routers(
     steps: int,
     lr: float = 1e-2,
     *,
-    eval_batches: Sequence[Batch] = None,
+    eval_batches: Optional[Sequence[Batch]] = None,
     progress: bool = True,
 ) -> DistillReport:
     """Train only the L2R routers of ``model`` to route like the gates they replaced.
@@ -251,7 +248,7 @@ def distill_routers(
 
     was_training = model.training
     model.eval()
-    bar = tqdm(total=steps, desc="distilling L2R routers", disable=not progress) if tqdm is not None else None
+    bar = tqdm(total=steps, desc="distilling L2R routers", disable=not progress)
     try:
         with _probing(gates, probe):
             for batch in itertools.islice(itertools.cycle(batches), steps):
@@ -263,12 +260,10 @@ def distill_routers(
                 loss.backward()
                 optimizer.step()
                 report.kl.append(loss.item())
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(kl=f"{report.kl[-1]:.4f}")
+                bar.update(1)
+                bar.set_postfix(kl=f"{report.kl[-1]:.4f}")
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
     report.agreement_after = routing_agreement(model, eval_batches)
