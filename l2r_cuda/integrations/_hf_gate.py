@@ -15,11 +15,9 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .. import reference
 from ..routers import L2RRouter, RouteRecorder
 
-__all__ = ["GateContract", "L2RGate", "UnsupportedGateFeature", "read_gate", "l2r_logits", "original_routing",
-           "GATE_ATTRIBUTES"]
+__all__ = ["GateContract", "L2RGate", "UnsupportedGateFeature", "read_gate", "original_routing", "GATE_ATTRIBUTES"]
 
 # Where a block keeps its gate: transformers' MoE blocks call it `gate`, GPT-OSS's MLP `router`.
 GATE_ATTRIBUTES = ("gate", "router")
@@ -27,17 +25,6 @@ GATE_ATTRIBUTES = ("gate", "router")
 
 class UnsupportedGateFeature(ValueError):
     """The original gate has a routing feature the L2R drop-in cannot carry (the message names it)."""
-
-
-def l2r_logits(x: Tensor, proj: Tensor, anchors: Tensor, scale: Tensor, *, beta: float, norm: Optional[str],
-               norm_weight: Optional[Tensor], eps_norm: float, eps: float, tau: float) -> Tensor:
-    """L2R per-expert logits ``l [T, E]`` float32 (SPEC.md, before softmax/sigmoid), differentiable.
-
-    Every L2R logit of the Hugging Face integration (the gates' ``router_logits``, the linear
-    initialisation's fit, distillation) goes through here.
-    """
-    return reference.route_logits(x, proj, anchors, scale, beta=beta, norm=norm, norm_weight=norm_weight,
-                                  eps_norm=eps_norm, eps=eps, tau=tau)
 
 
 @dataclass(frozen=True)
@@ -190,10 +177,9 @@ class L2RGate(RouteRecorder):
         self.__dict__["_probe"] = probe
 
     def router_logits(self, hidden_states: Tensor) -> Tensor:
-        """L2R logits ``l [T, E]`` float32 (SPEC.md, before softmax), differentiable."""
-        r = self.router
-        return l2r_logits(hidden_states, r.proj, r.anchors, r.scale, beta=r.beta, norm=r.norm,
-                          norm_weight=r.norm_weight, eps_norm=r.eps_norm, eps=r.eps, tau=r.tau)
+        """L2R logits ``l [T, E]`` float32 (SPEC.md, before softmax/sigmoid), differentiable: the
+        native ``route_logits``, the logits :meth:`route` selects from."""
+        return self.router.logits(hidden_states)
 
     def route(self, tokens: Tensor):
         """What the gate returns for ``tokens [T, d]`` under L2R routing (the contract of ``mode``)."""

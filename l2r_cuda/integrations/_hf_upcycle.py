@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from tqdm.auto import tqdm  # a dependency of transformers, which this integration needs anyway
 
-from ._hf_gate import GateContract, L2RGate, UnsupportedGateFeature, l2r_logits, original_routing
+from ..ops import route_logits
+from ._hf_gate import GateContract, L2RGate, UnsupportedGateFeature, original_routing
 
 __all__ = ["init_from_linear", "routing_agreement", "distill_routers", "DistillReport"]
 
@@ -107,9 +108,9 @@ def _fit_scale(coords: Tensor, anchors: Tensor, router, score: str) -> float:
     gen = torch.Generator(device="cpu").manual_seed(0)
     q = torch.randn(FIT_SAMPLES, rank, generator=gen, dtype=torch.float64).to(coords.device)
     target = q @ coords.t()  # [N, E]
-    unit = l2r_logits(q.float(), torch.eye(rank, device=q.device), anchors.float(),
-                      torch.ones((), device=q.device), beta=router.beta, norm=None, norm_weight=None,
-                      eps_norm=router.eps_norm, eps=router.eps, tau=router.tau).double()
+    unit = route_logits(q.float(), torch.eye(rank, device=q.device), anchors.float(),
+                        torch.ones((), device=q.device), beta=router.beta, norm=None, norm_weight=None,
+                        eps_norm=router.eps_norm, eps=router.eps, tau=router.tau).double()
     offset = router.tau * math.log(router.num_anchors)  # the log-sum-exp of H equal anchors
     if score == "softmax":
         unit = unit - unit.mean(-1, keepdim=True)
