@@ -5,19 +5,33 @@ What a gate does is read off the original gate (:func:`read_gate`): its geometry
 renormalises the top-k weights, its score function, and every routing feature it has beyond a
 plain linear score. Features the L2R router carries are mapped; any other one raises
 :class:`UnsupportedGateFeature` naming it, so nothing is dropped silently.
+
+Mapped routing policies (DeepSeek-V2/V3 and the gates written after V3's):
+
+* ``num_group``/``n_group`` and ``topk_group`` -> ``num_groups``/``topk_groups`` (group-limited
+  top-k; a single group is no limit), with ``group_score="max"`` for DeepSeek-V2's
+  ``topk_method="group_limited_greedy"`` (a group scores its best expert) and ``"top2_sum"``
+  otherwise (DeepSeek-V3: the sum of its two best);
+* ``routed_scaling_factor`` -> ``routed_scaling_factor`` (multiplies the weights after the
+  renormalisation);
+* ``e_score_correction_bias`` -> the router's ``expert_bias`` (float32, selection only, counted in
+  the group scores as V3 does); its presence marks a sigmoid gate unless ``scoring_func`` says;
+* ``norm_topk_prob`` -> ``normalize``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..routers import L2RRouter, RouteRecorder
+from ..types import DEFAULTS
 
-__all__ = ["GateContract", "L2RGate", "UnsupportedGateFeature", "read_gate", "original_routing", "GATE_ATTRIBUTES"]
+__all__ = ["GateContract", "L2RGate", "UnsupportedGateFeature", "read_gate", "original_routing", "GATE_ATTRIBUTES",
+           "POLICY_OPTIONS"]
 
 # Where a block keeps its gate: transformers' MoE blocks call it `gate`, GPT-OSS's MLP `router`.
 GATE_ATTRIBUTES = ("gate", "router")
@@ -35,6 +49,8 @@ class GateContract:
     ``"logits"`` (transformers 4.x ``nn.Linear``: the block does softmax and top-k). ``normalize``:
     whether the gate renormalises its top-k weights (``None``: the gate does not say).
     ``expert_bias``: the selection-only bias to copy into the router (``None``: zero).
+    ``num_groups``/``topk_groups``/``group_score``/``routed_scaling_factor``: the gate's routing
+    policy, as :class:`l2r_cuda.L2RRouter` takes it (:attr:`policy`).
     """
 
     hidden_dim: int
@@ -45,6 +61,19 @@ class GateContract:
     normalize: Optional[bool]
     expert_bias: Optional[Tensor] = None
     logit_bias: Optional[Tensor] = None  # a per-expert additive logit term (GPT-OSS), which L2R has no slot for
+    num_groups: Optional[int] = DEFAULTS.num_groups
+    topk_groups: Optional[int] = DEFAULTS.topk_groups
+    group_score: str = DEFAULTS.group_score
+    routed_scaling_factor: float = DEFAULTS.routed_scaling_factor
+
+    @property
+    def policy(self) -> Dict[str, Any]:
+        """The routing policy as :class:`l2r_cuda.L2RRouter` keyword arguments (:data:`POLICY_OPTIONS`)."""
+        return {name: getattr(self, name) for name in POLICY_OPTIONS}
+
+
+# The router options read off each gate (the model's routing policy), never given to replace_routers.
+POLICY_OPTIONS = ("num_groups", "topk_groups", "group_score", "routed_scaling_factor")
 
 
 def _reject(gate: nn.Module, feature: str, why: str) -> None:
@@ -90,20 +119,7 @@ def read_gate(block: nn.Module, gate: nn.Module) -> GateContract:
     if any(True for _ in gate.children()):
         _reject(gate, "children", "a gate with submodules is not a linear score the L2R drop-in can replace")
 
-    # Routing policies beyond softmax top-k (DeepSeek: num_group / topk_group / routed_scaling_factor;
-    # DeepSeek-V2 selects by groups only with topk_method="group_limited_greedy").
-    method = getattr(gate, "topk_method", None)
-    if method not in (None, "greedy", "group_limited_greedy", "noaux_tc"):
-        _reject(gate, "topk_method", f"topk_method={method!r} is a selection rule the L2R drop-in does not know")
-    num_groups = getattr(gate, "num_group", getattr(gate, "n_group", None))
-    if method != "greedy" and num_groups is not None and int(num_groups) > 1:
-        _reject(gate, "num_group", f"group-limited top-k (num_group={num_groups}, topk_group="
-                f"{getattr(gate, 'topk_group', None)}) needs l2r_cuda.route's group policy, which this build lacks")
-    scaling = getattr(gate, "routed_scaling_factor", None)
-    if scaling is not None and float(scaling) != 1.0:
-        _reject(gate, "routed_scaling_factor", f"routed_scaling_factor={scaling} needs l2r_cuda.route's scaling "
-                "policy, which this build lacks")
-
+    policy = _read_policy(gate, num_experts, top_k)
     correction = getattr(gate, "e_score_correction_bias", None)
     score = getattr(gate, "scoring_func", None)
     if score is None:  # transformers' sigmoid gates are those with a score-correction bias (DeepSeek-V3 family)
@@ -115,8 +131,43 @@ def read_gate(block: nn.Module, gate: nn.Module) -> GateContract:
     return GateContract(
         hidden_dim, num_experts, top_k, "top_k", score, None if normalize is None else bool(normalize),
         expert_bias=correction.detach() if correction is not None else None,
-        logit_bias=bias.detach() if isinstance(bias, Tensor) else None,
+        logit_bias=bias.detach() if isinstance(bias, Tensor) else None, **policy,
     )
+
+
+# DeepSeek-V2's topk_method values ("greedy": plain top-k; "group_limited_greedy": groups scored by
+# their best expert) and the old remote-code DeepSeek-V3's ("noaux_tc": groups scored by the sum of
+# their two best, with the correction bias). None: a gate without the attribute (transformers'
+# DeepSeek-V3 and the gates written after it group whenever they have more than one group, by the
+# top-2 sum).
+_GROUP_SCORE = {None: "top2_sum", "noaux_tc": "top2_sum", "group_limited_greedy": "max", "greedy": None}
+
+
+def _read_policy(gate: nn.Module, num_experts: int, top_k: int) -> Dict[str, Any]:
+    """The gate's group-limited top-k and routed scaling factor as L2RRouter options."""
+    method = getattr(gate, "topk_method", None)
+    if method not in _GROUP_SCORE:
+        _reject(gate, "topk_method", f"topk_method={method!r} is a selection rule the L2R drop-in does not know "
+                f"(it carries {sorted(m for m in _GROUP_SCORE if m)})")
+    policy: Dict[str, Any] = {}
+    num_groups = getattr(gate, "num_group", getattr(gate, "n_group", None))
+    if _GROUP_SCORE[method] is not None and num_groups is not None and int(num_groups) > 1:
+        num_groups, topk_groups = int(num_groups), getattr(gate, "topk_group", None)
+        if topk_groups is None:
+            _reject(gate, "topk_group", f"num_group={num_groups} but no topk_group: how many groups to keep")
+        topk_groups = int(topk_groups)
+        if num_experts % num_groups or not 1 <= topk_groups <= num_groups:
+            _reject(gate, "num_group", f"{num_experts} experts do not split into num_group={num_groups} equal "
+                    f"groups with topk_group={topk_groups} of them kept")
+        if top_k > topk_groups * (num_experts // num_groups):
+            _reject(gate, "topk_group", f"top_k={top_k} exceeds the {topk_groups * (num_experts // num_groups)} "
+                    f"experts of the topk_group={topk_groups} kept groups: the gate would pick masked experts, "
+                    "which L2R's group-limited top-k never does")
+        policy.update(num_groups=num_groups, topk_groups=topk_groups, group_score=_GROUP_SCORE[method])
+    scaling = getattr(gate, "routed_scaling_factor", None)
+    if scaling is not None:
+        policy["routed_scaling_factor"] = float(scaling)
+    return policy
 
 
 class L2RGate(RouteRecorder):

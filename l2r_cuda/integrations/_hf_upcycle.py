@@ -19,7 +19,11 @@ Linear initialisation (``replace_routers(..., init="linear")``), for a gate ``z 
 * ``scale``: least squares between the L2R logits and the rank-``r`` gate logits (centred per
   token for softmax, which is shift-invariant) over tokens of unit RMS isotropic in the
   ``r``-subspace (the gate's input is an RMSNorm output). Real hidden states are not isotropic:
-  :func:`distill_routers` fits the rest on them.
+  :func:`distill_routers` fits the rest on them. For a sigmoid gate (DeepSeek-V3) the logits are
+  not centred: the L2R logits (with the ``tau log H`` offset) are fitted to the gate's values, on
+  which its group scores, correction bias and weights depend. The gate's routing policy (group
+  limit, scaling factor, correction bias as ``expert_bias``) is carried by the router whatever
+  the initialisation (:mod:`._hf_gate`).
 
 Nothing silently dropped: a logit bias (GPT-OSS) has no counterpart in L2R's logits, so the
 linear initialisation refuses it (``init="random"`` plus distillation still can learn to mimic it).

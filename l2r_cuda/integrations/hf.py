@@ -11,8 +11,9 @@
     model = hf.from_pretrained(OlmoeForCausalLM, path)   # or an AutoModel* class
 
 Supported blocks (:data:`SUPPORTED_BLOCKS`): OLMoE, Qwen3-MoE, Qwen2-MoE (its shared expert and
-shared-expert gate stay as they are), Mixtral and GPT-OSS; others with the same ``gate`` contract
-can be named with ``block_types``. Tested with transformers 5.24.
+shared-expert gate stay as they are), Mixtral, GPT-OSS, DeepSeek-V3 and DeepSeek-V2 (their shared
+experts stay; their routing policies are carried, see below); others with the same ``gate``
+contract can be named with ``block_types``. Tested with transformers 5.24.
 
 How it plugs in. In transformers 5 each block owns ``self.gate`` (GPT-OSS: ``self.router``), a
 ``*TopKRouter`` whose ``forward(hidden_states [T, d])`` returns ``(router_logits [T, E],
@@ -24,19 +25,25 @@ model's loss code run unchanged:
 
 * ``top_k_weights``: the L2R routing weights, renormalised over the top-k when the original gate
   did (``norm_topk_prob``; Mixtral and GPT-OSS always do: GPT-OSS's softmax over the top-k logits is
-  exactly that), in the dtype the family returns (OLMoE, Qwen-MoE, GPT-OSS: the hidden states'
-  dtype; Mixtral: float32);
-* ``top_k_index``: the L2R top-k (int64, scores plus the router's ``expert_bias``);
-* ``router_logits``: L2R's per-expert logits ``l [T, E]`` (float32), whose softmax is the L2R
-  routing distribution, so the model's own ``load_balancing_loss_func`` (``output_router_logits``)
-  balances the L2R router. They cost one extra unfused routing-logit pass (``[T, E]`` memory, which
-  that loss needs anyway); ``return_logits=False`` skips it and returns ``None`` there (then do not
-  ask the model for ``output_router_logits``; use ``l2r_cuda.losses`` on :func:`last_routes`).
+  exactly that), times the gate's ``routed_scaling_factor`` (DeepSeek), in the dtype the family
+  returns (OLMoE, Qwen-MoE, GPT-OSS: the hidden states' dtype; Mixtral, DeepSeek: float32);
+* ``top_k_index``: the L2R top-k (int64, scores plus the router's ``expert_bias``), limited to the
+  best expert groups when the gate is (DeepSeek's ``n_group``/``topk_group``);
+* ``router_logits``: L2R's per-expert logits ``l [T, E]`` (float32; the native ``route_logits``),
+  whose softmax (sigmoid for a sigmoid gate) is the L2R routing distribution, so the model's own
+  ``load_balancing_loss_func`` (``output_router_logits``) balances the L2R router. They cost one
+  extra routing-logit pass (``[T, E]`` memory, which that loss needs anyway);
+  ``return_logits=False`` skips it and returns ``None`` there (then do not ask the model for
+  ``output_router_logits``; use ``l2r_cuda.losses`` on :func:`last_routes`).
 
-Nothing is dropped silently: a gate feature the L2R router cannot carry (a gate tensor other than
-the linear score's ``weight``/``bias``, group-limited top-k, a routed scaling factor) raises
-:class:`UnsupportedGateFeature` naming it. A sigmoid gate's ``e_score_correction_bias`` becomes the
-router's selection-only ``expert_bias``.
+Routing policies are read off each gate and carried by the router (:mod:`._hf_gate`): DeepSeek's
+group-limited top-k (V3: groups ranked by the sum of their two best ``sigmoid + correction bias``;
+V2 ``topk_method="group_limited_greedy"``: by their best softmax probability), its
+``routed_scaling_factor``, ``norm_topk_prob`` and sigmoid scores; ``e_score_correction_bias``
+becomes the router's selection-only, float32 ``expert_bias``. Nothing is dropped silently: a gate
+feature the L2R router cannot carry (a gate tensor other than the linear score's
+``weight``/``bias``, an unknown ``topk_method`` or ``scoring_func``, a group limit that would leave
+fewer than ``top_k`` experts) raises :class:`UnsupportedGateFeature` naming it.
 
 Older transformers (4.x) used a plain ``nn.Linear`` gate and did softmax/top-k in the block. Such a
 gate is replaced by an :class:`L2RGate` in ``"logits"`` mode returning only ``l [T, E]`` (in the
@@ -66,7 +73,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_model_class
 
 from ..types import RouteOutput
-from ._hf_gate import GATE_ATTRIBUTES, GateContract, L2RGate, UnsupportedGateFeature, read_gate
+from ._hf_gate import GATE_ATTRIBUTES, POLICY_OPTIONS, GateContract, L2RGate, UnsupportedGateFeature, read_gate
 from ._hf_upcycle import DistillReport, distill_routers, init_from_linear, routing_agreement
 
 try:
@@ -85,6 +92,8 @@ SUPPORTED_BLOCKS: Dict[str, str] = {
     "Qwen2MoeSparseMoeBlock": "hidden",
     "MixtralSparseMoeBlock": "float32",
     "GptOssMLP": "hidden",
+    "DeepseekV3MoE": "float32",
+    "DeepseekV2Moe": "float32",
 }
 
 CONFIG_KEY = "l2r_router"  # the model-config entry replace_routers records and from_pretrained reads
@@ -154,13 +163,13 @@ def _install(block: nn.Module, attr: str, options: Dict[str, Any], weights_dtype
     options = dict(options)
     normalize = _normalize_for(old_gate, contract, options.pop("normalize"))
     score = options.pop("score")
-    reference_param = next(old_gate.parameters(), None)
+    gate_param = next(old_gate.parameters(), None)
     new_gate = L2RGate(
         contract.hidden_dim, contract.num_experts, contract.top_k,
         normalize=normalize,
         score=contract.score if score is None else score,
         mode=contract.mode, weights_dtype=weights_dtype, dtype=torch.float32,
-        device=reference_param.device if reference_param is not None else None, **options,
+        device=gate_param.device if gate_param is not None else None, **contract.policy, **options,
     )
     if contract.expert_bias is not None:
         new_gate.router.expert_bias.copy_(contract.expert_bias)
@@ -221,11 +230,12 @@ def replace_routers(
     ``eps_norm``, ``eps``) configure each :class:`l2r_cuda.L2RRouter` (``norm="rms"``: the router
     applies its own RMSNorm, as in the L2R LM). ``score=None`` and ``normalize=None`` keep what the
     model did (softmax, or sigmoid for a gate with a score-correction bias; ``norm_topk_prob``,
-    always for Mixtral and GPT-OSS); a value overrides. ``init="random"``: L2R's own initialisation;
-    ``"linear"``: upcycle each router from the gate it replaces (truncated SVD, see
-    :mod:`l2r_cuda.integrations._hf_upcycle`). ``block_types``: class names of the blocks to
-    convert (default :data:`SUPPORTED_BLOCKS`; a dict also gives each one's weights dtype,
-    ``"hidden"`` or ``"float32"``). New routers are float32, on the device of the gate they
+    always for Mixtral and GPT-OSS); a value overrides. The routing policy (group-limited top-k,
+    routed scaling factor) is the model's, read off each gate: it is not an option.
+    ``init="random"``: L2R's own initialisation; ``"linear"``: upcycle each router from the gate
+    it replaces (truncated SVD, see :mod:`l2r_cuda.integrations._hf_upcycle`). ``block_types``:
+    class names of the blocks to convert (default :data:`SUPPORTED_BLOCKS`; a dict also gives each
+    one's weights dtype, ``"hidden"`` or ``"float32"``). New routers are float32, on the device of the gate they
     replace; each replaced gate is kept (frozen, unsaved) as ``original_gate`` for
     :func:`distill_routers` and :func:`routing_agreement`.
 
@@ -240,6 +250,10 @@ def replace_routers(
         if name in router_kwargs:
             raise TypeError(f"replace_routers: {name} is not an option: routers are created in float32 on the "
                             "replaced gate's device; move or cast the model afterwards")
+    for name in POLICY_OPTIONS:
+        if name in router_kwargs:
+            raise TypeError(f"replace_routers: {name} is not an option: each router takes the routing policy of "
+                            "the gate it replaces (DeepSeek's n_group, topk_group, routed_scaling_factor)")
     if block_types is None:
         targets = dict(SUPPORTED_BLOCKS)
     elif isinstance(block_types, dict):
