@@ -18,11 +18,13 @@ from __future__ import annotations
 import glob
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py as _build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -87,16 +89,36 @@ def decide_cuda() -> tuple[bool, str | None, str]:
     return True, cuda_home, f"CUDA toolkit {cuda_home}, torch CUDA {torch.version.cuda}"
 
 
-def is_cuda_source(path: str) -> bool:
-    """CUDA kernels and their ATen glue live in csrc/<op>/cuda/ (torchvision's layout)."""
-    return "cuda" in os.path.normpath(path).split(os.sep)[:-1]
-
-
 def sources(with_cuda: bool) -> list[str]:
-    found = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    cpp = [s for s in found if with_cuda or not is_cuda_source(s)]
+    """Every .cpp, and the .cu kernels in a CUDA build. The CUDA ops' ATen glue (csrc/<op>/cuda/*.cpp)
+    is in every build: it runs launch plans through whichever executor serves CUDA tensors, the
+    nvcc kernels or l2r_cuda.jit's NVRTC build of the same .cu files."""
+    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)) if with_cuda else []
     return cpp + cu
+
+
+# The device compiler flags shared with tests/test_cuda_compile.py and l2r_cuda.jit (NVRTC); read
+# from the file itself, since neither torch nor l2r_cuda may be importable yet.
+_FLAGS = runpy.run_path(os.path.join(ROOT, "l2r_cuda", "jit", "flags.py"))
+DEVICE_FLAGS = list(_FLAGS["NVCC_ONLY"]) + list(_FLAGS["FP_CONTRACT"])
+
+
+def kernel_source_files() -> list[str]:
+    """What l2r_cuda.jit compiles at run time: the .cu kernels and every header under csrc/."""
+    return sorted(p for ext in ("cu", "cuh", "h") for p in glob.glob(os.path.join("csrc", "**", f"*.{ext}"), recursive=True))
+
+
+class build_py(_build_py):
+    """Ships the kernel sources inside the package (l2r_cuda/csrc/...), so that l2r_cuda.jit can
+    compile them with NVRTC where the installed build has no CUDA kernels."""
+
+    def run(self):
+        super().run()
+        for src in kernel_source_files():
+            dst = os.path.join(self.build_lib, "l2r_cuda", src)
+            self.mkpath(os.path.dirname(dst))
+            self.copy_file(src, dst)
 
 
 def extensions():
@@ -111,8 +133,8 @@ def extensions():
     debug = os.environ.get("L2R_DEBUG") == "1"
     sanitize = os.environ.get("L2R_SANITIZE") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    # -ffp-contract=off / --fmad=false: no a*b+c is fused behind our back, so the route math rounds
-    # the same operations the same way on every backend (csrc/common/hd.h).
+    # -ffp-contract=off / --fmad=false (DEVICE_FLAGS): no a*b+c is fused behind our back, so the
+    # route math rounds the same operations the same way on every backend (csrc/common/hd.h).
     cxx += ["-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas", "-ffp-contract=off"]
     # at::parallel_for is a header template: without OpenMP in this extension it runs serially.
     # torch's own libgomp (same soname) is the one loaded at run time.
@@ -131,7 +153,7 @@ def extensions():
         cpp_extension.CUDA_HOME = cuda_home
         _log(f"building with CUDA ({why}); archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
-        nvcc += ["--expt-relaxed-constexpr", "-DL2R_WITH_CUDA", "--fmad=false"]
+        nvcc += DEVICE_FLAGS + ["-DL2R_WITH_CUDA"]
         ext = cpp_extension.CUDAExtension(
             "l2r_cuda._C", srcs,
             extra_compile_args={"cxx": cxx + ["-DL2R_WITH_CUDA"], "nvcc": nvcc},
@@ -147,4 +169,4 @@ def extensions():
 
 
 ext_modules, build_ext = extensions()
-setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext, "build_py": build_py})

@@ -1,14 +1,16 @@
 // Every op of the l2r_cuda library, declared once. Kernels register per backend in their own
 // files (route_cpu.cpp, route_ops_cuda.cpp, ...); fake (meta) kernels and autograd live in Python.
-#include <Python.h>
+#include "launch/python_executor.h"  // (first: it includes Python.h)
+
 #include <torch/library.h>
 
 #include <string>
 
-// The extension is loaded by `import l2r_cuda._C` only so that the static initializers below run;
-// it exposes no Python functions (this also keeps it free of pybind11).
+// The extension is loaded by `import l2r_cuda._C` so that the static initializers below run. Its
+// only Python functions are l2r_cuda.jit's (launch/python_executor.cpp), written against the
+// Python C API (no pybind11).
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, l2r::python_methods()};
   return PyModule_Create(&module_def);
 }
 

@@ -1,8 +1,10 @@
 """Loads the native extension and answers what it was built with."""
 
+from typing import Optional
+
 import torch
 
-from . import _C  # noqa: F401  (registers the l2r_cuda ops with the dispatcher)
+from . import _C  # (registers the l2r_cuda ops with the dispatcher)
 
 
 def library_op(name: str):
@@ -13,6 +15,13 @@ def library_op(name: str):
 def cuda_built() -> bool:
     """True when this build compiled the CUDA kernels (decided when it was built, not by a GPU probe)."""
     return bool(torch.ops.l2r_cuda.cuda_built())
+
+
+def cuda_backend() -> Optional[str]:
+    """Which kernels serve CUDA tensors: ``"nvcc"`` (compiled into this build), ``"nvrtc"``
+    (l2r_cuda.jit: the same sources compiled at run time, for builds without CUDA kernels), or
+    ``None`` (CUDA tensors raise; ``l2r_cuda.jit.status()`` says why)."""
+    return _C.plan_executor_name()
 
 
 def has_kernel(op: str, device_type: str) -> bool:

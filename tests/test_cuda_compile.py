@@ -1,17 +1,21 @@
 """Compile proof of the CUDA kernels without a GPU: every csrc/**/*.cu builds standalone with nvcc
-for sm_80 and sm_90 (-Xptxas -v), no kernel spills registers, and the per-kernel resource usage
-is written to benchmarks/results/ptxas_<arch>.md. Skipped when nvcc is missing. Reports are cached
-by a hash of the sources and the compiler, so reruns without changes are instant."""
+for sm_80 and sm_90 (-Xptxas -v) with the extension build's device flags (l2r_cuda/jit/flags.py), no
+kernel spills registers, and the per-kernel resource usage is written to
+benchmarks/results/ptxas_<arch>.md. Skipped when nvcc is missing. Reports are cached by a hash of
+the sources and the compiler, so reruns without changes are instant. (test_jit.py compares these
+reports with NVRTC's.)"""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import pathlib
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -20,8 +24,22 @@ CSRC = ROOT / "csrc"
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "build" / "ptxas_cache"
 ARCHS = ("80", "90")
-# The device flags of setup.py's release build.
-FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-DL2R_WITH_CUDA", "--fmad=false", "-Xptxas", "-v"]
+
+
+def load_jit_file(name: str):
+    """l2r_cuda/jit/<name>.py alone (standard library only), without importing the built extension."""
+    spec = importlib.util.spec_from_file_location(f"_l2r_jit_{name}", ROOT / "l2r_cuda" / "jit" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_flags = load_jit_file("flags")
+parse_ptxas = load_jit_file("ptxas").parse_ptxas
+# The device flags of setup.py's release build (torch adds the half defines and the C++ standard).
+FLAGS = [_flags.CXX_STANDARD, "-O3", *_flags.NVCC_ONLY, "-DL2R_WITH_CUDA", *_flags.FP_CONTRACT,
+         *_flags.TORCH_HALF_DEFINES, "-Xptxas", "-v"]
 
 
 def find_nvcc() -> str | None:
@@ -56,32 +74,6 @@ def demangle(names: list[str]) -> dict[str, str]:
     out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True).stdout
     pretty = [re.sub(r"\(anonymous namespace\)::|l2r::route::", "", s) for s in out.splitlines()]
     return dict(zip(names, pretty)) if len(pretty) == len(names) else {n: n for n in names}
-
-
-def parse_ptxas(text: str) -> list[dict]:
-    """One record per kernel from an `-Xptxas -v` report."""
-    kernels: dict[str, dict] = {}
-    current = None
-    for line in text.splitlines():
-        m = re.search(r"Compiling entry function '([^']+)'", line)
-        if m:
-            current = kernels.setdefault(m.group(1), {"name": m.group(1)})
-            continue
-        m = re.search(r"Function properties for (\S+)", line)
-        if m:
-            current = kernels.setdefault(m.group(1), {"name": m.group(1)})
-            continue
-        if current is None:
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
-            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            current["registers"] = int(m.group(1))
-            s = re.search(r"(\d+) bytes smem", line)
-            current["smem"] = int(s.group(1)) if s else 0
-    return [k for k in kernels.values() if "registers" in k]
 
 
 def compile_report(arch: str, key: str) -> list[dict]:

@@ -16,6 +16,7 @@ enum class Status : int {
   kSharedMemoryTooSmall,   // the per-warp scratch alone exceeds the device's shared memory
   kInvalidShape,           // sizes the kernel cannot index (caller bug: the adapters check first)
   kCudaError,              // a CUDA runtime call failed: see the accompanying cudaError_t
+  kPlanOverflow,           // a launch plan needs more than kMaxPlanSteps steps (a planner bug)
 };
 
 L2R_HD const char* status_message(Status s) {
@@ -27,6 +28,7 @@ L2R_HD const char* status_message(Status s) {
       return "the per-warp scratch (about 3 E + k + 3 r floats per warp) exceeds this GPU's shared memory";
     case Status::kInvalidShape: return "sizes out of the kernel's index range";
     case Status::kCudaError: return "CUDA runtime error";
+    case Status::kPlanOverflow: return "launch plan too long (a planner bug)";
   }
   return "unknown status";
 }

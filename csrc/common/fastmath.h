@@ -35,7 +35,11 @@ constexpr float kL0 = 0.3333333134651184f, kL1 = -0.2500081956386566f, kL2 = 0.2
                 kL6 = 0.12760508060455322f, kL7 = -0.07633548229932785f;
 constexpr float kSqrt2 = 1.41421353816986084f;
 constexpr float kMinNormal = 1.17549435e-38f;
+#if defined(__CUDACC_RTC__)  // NVRTC has neither __builtin_huge_valf nor a constexpr overflow
+constexpr float kInf = __builtin_bit_cast(float, 0x7f800000u);
+#else
 constexpr float kInf = __builtin_huge_valf();
+#endif
 // tanh(x) = x + x^3 * (t0 + t1 x^2 + ... + t4 x^8) for |x| < 0.625 (Cephes tanhf)
 constexpr float kTanhSmall = 0.625f;
 constexpr float kT0 = -3.33332819422e-1f, kT1 = 1.33314422036e-1f, kT2 = -5.37397155531e-2f,

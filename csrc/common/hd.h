@@ -7,15 +7,24 @@
 #pragma once
 
 #if defined(__CUDACC_RTC__)
+// The host's <cstdint> types, spelled as the host spells them (LP64: 64-bit long; Windows: long
+// long), so that a kernel instantiated on int64_t has the same (mangled) name under NVRTC as under
+// nvcc.
 typedef signed char int8_t;
 typedef short int16_t;
 typedef int int32_t;
-typedef long long int64_t;
 typedef unsigned char uint8_t;
 typedef unsigned short uint16_t;
 typedef unsigned int uint32_t;
+#if defined(_WIN32)
+typedef long long int64_t;
 typedef unsigned long long uint64_t;
 typedef unsigned long long uintptr_t;
+#else
+typedef long int64_t;
+typedef unsigned long uint64_t;
+typedef unsigned long uintptr_t;
+#endif
 #else
 #include <cstdint>
 #endif
@@ -40,3 +49,25 @@ typedef unsigned long long uintptr_t;
 #endif
 #define L2R_ISA_BEGIN inline namespace L2R_ISA {
 #define L2R_ISA_END }
+
+// A bit cast through memory (the compilers turn it into a register move): NVRTC has a device
+// memcpy but no __builtin_memcpy.
+#if defined(__CUDACC_RTC__)
+#define L2R_MEMCPY memcpy
+#else
+#define L2R_MEMCPY __builtin_memcpy
+#endif
+
+// Pins the offset of a field of a kernel parameter struct: the host compiler fills these structs and
+// NVRTC-compiled kernels read their bytes, so every compiler must lay them out alike. g++ and nvcc
+// (host and device passes) check the offsets; NVRTC has no constant offsetof, so there the struct
+// sizes (static_assert(sizeof ...)) and the sizes of the field types below stand guard: with the
+// same field sizes and alignments, the ABI's layout rules give the same offsets.
+#if defined(__CUDACC_RTC__)
+#define L2R_FIELD_AT(T, field, offset) static_assert(true, "")
+#else
+#define L2R_FIELD_AT(T, field, offset) static_assert(__builtin_offsetof(T, field) == (offset), #T "." #field)
+#endif
+static_assert(sizeof(void*) == 8 && sizeof(int64_t) == 8 && sizeof(int) == 4 && sizeof(float) == 4 &&
+                  sizeof(bool) == 1 && alignof(int64_t) == 8,
+              "kernel parameter structs assume a 64-bit data model (LP64 / LLP64)");

@@ -47,7 +47,7 @@ L2R_HD WideOrderKey order_key(double key, uint32_t index) {
   if (!(key != key)) {
     const double k = key + 0.0;  // -0 -> +0
     uint64_t u;
-    __builtin_memcpy(&u, &k, sizeof(u));
+    L2R_MEMCPY(&u, &k, sizeof(u));
     ordered = (u >> 63) ? ~u : (u | (uint64_t(1) << 63));
   }
   return WideOrderKey{ordered, 0xffffffffu - index};
@@ -59,7 +59,7 @@ L2R_HD double order_key_value_wide(WideOrderKey key) {
   const uint64_t u = key.ordered == 0 ? uint64_t(0x7ff8000000000000ull)  // NaN
                      : (key.ordered >> 63) ? (key.ordered & ~(uint64_t(1) << 63)) : ~key.ordered;
   double v;
-  __builtin_memcpy(&v, &u, sizeof(v));
+  L2R_MEMCPY(&v, &u, sizeof(v));
   return v;
 }
 

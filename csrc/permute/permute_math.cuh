@@ -2,8 +2,6 @@
 // (permute_cpu.cpp) and the CUDA kernels (permute_kernels.cu). Every row/offset is int64.
 #pragma once
 
-#include <cstdint>
-
 #include "../common/hd.h"
 #include "../common/order.h"
 

@@ -8,25 +8,13 @@
 // fixed order (no floating-point atomics), so every output is bitwise deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
-#include <cstdint>
-
-#include "permute_launch.h"
 #include "../permute_math.cuh"
+#include "permute_kernel_params.h"
 
 namespace l2r {
 namespace permute {
 namespace {
-
-constexpr int kChunk = 256;         // rows per block of the counting sort (= its block size)
-constexpr int kScanThreads = 1024;  // the single-block scan
-constexpr int kSelectThreads = 256;
-constexpr int kRowThreads = 256;    // row copy / gather blocks
-constexpr int kMaxGrid = 65535 * 16;
-
-size_t align_bytes(size_t b) { return (b + 255) / 256 * 256; }
-__host__ __device__ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- dispatch plan -------------------------------------------------------------------------------
 
@@ -34,9 +22,13 @@ __host__ __device__ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 
 // rows of the same expert, and the chunk's per-expert count (written by the expert's last row;
 // the histogram is zeroed before). in may alias expert_out (pass 2 re-ranks the kept rows).
 template <typename index_t>
-__global__ void chunk_rank_kernel(const index_t* in, int64_t n, int64_t experts, int32_t* expert_out,
-                                  int32_t* __restrict__ local, int64_t* __restrict__ hist,
-                                  int32_t* error_flag) {
+__global__ void chunk_rank_kernel(const ChunkRankParams args) {
+  const index_t* in = static_cast<const index_t*>(args.in);
+  const int64_t n = args.n, experts = args.experts;
+  int32_t* expert_out = args.expert_out;
+  int32_t* __restrict__ local = args.local;
+  int64_t* __restrict__ hist = args.hist;
+  int32_t* error_flag = args.error_flag;
   __shared__ int32_t s_expert[kChunk];
   const int tid = threadIdx.x;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kChunk + tid;
@@ -70,9 +62,13 @@ __device__ __forceinline__ int64_t kept_rows(int64_t count, int64_t capacity) {
 // (in place, one warp per expert, 32 chunks per step) and its total -> counts. Phase B: offsets =
 // exclusive scan over experts of round_up(min(count, capacity), align); dropped = (counts_all or
 // counts) - kept.
-__global__ void scan_kernel(int64_t* hist, int64_t chunks, int64_t experts, int64_t align,
-                            int64_t capacity, const int64_t* counts_all, int64_t* counts,
-                            int64_t* offsets, int64_t* dropped) {
+__global__ void scan_kernel(const ScanParams args) {
+  int64_t* hist = args.hist;
+  const int64_t chunks = args.chunks, experts = args.experts, align = args.align, capacity = args.capacity;
+  const int64_t* counts_all = args.counts_all;
+  int64_t* counts = args.counts;
+  int64_t* offsets = args.offsets;
+  int64_t* dropped = args.dropped;
   __shared__ int64_t s_sum[kScanThreads];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
   for (int64_t e = warp; e < experts; e += warps) {
@@ -115,10 +111,13 @@ __global__ void scan_kernel(int64_t* hist, int64_t chunks, int64_t experts, int6
 }
 
 // row_map[r] = offsets[e] + chunk base + rank in chunk; -1 when dropped (or past capacity).
-__global__ void finalize_kernel(const int32_t* __restrict__ expert, const int32_t* __restrict__ local,
-                                const int64_t* __restrict__ hist, int64_t n, int64_t experts,
-                                int64_t capacity, const int64_t* __restrict__ offsets,
-                                int64_t* __restrict__ row_map) {
+__global__ void finalize_kernel(const FinalizeParams args) {
+  const int32_t* __restrict__ expert = args.expert;
+  const int32_t* __restrict__ local = args.local;
+  const int64_t* __restrict__ hist = args.hist;
+  const int64_t n = args.n, experts = args.experts, capacity = args.capacity;
+  const int64_t* __restrict__ offsets = args.offsets;
+  int64_t* __restrict__ row_map = args.row_map;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kChunk + threadIdx.x;
   if (r >= n) return;
   const int32_t e = expert[r];
@@ -132,8 +131,10 @@ __global__ void finalize_kernel(const int32_t* __restrict__ expert, const int32_
 
 // grouped[row_map[r]] = r for kept rows. Pass 1 places rows in [0, n) (unpadded, no capacity);
 // the bound keeps a corrupt row_map from writing outside `grouped` all the same.
-__global__ void group_kernel(const int64_t* __restrict__ row_map, int64_t n,
-                             int64_t* __restrict__ grouped) {
+__global__ void group_kernel(const GroupParams args) {
+  const int64_t* __restrict__ row_map = args.row_map;
+  const int64_t n = args.n;
+  int64_t* __restrict__ grouped = args.grouped;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < n;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = row_map[r];
@@ -143,9 +144,13 @@ __global__ void group_kernel(const int64_t* __restrict__ row_map, int64_t n,
 
 // One block per expert over more than `capacity` rows: keep the `capacity` largest capacity_key
 // (radix select of the capacity-th largest key, bit by bit), mark the others dropped.
-__global__ void select_kernel(const int64_t* __restrict__ grouped, const int64_t* __restrict__ starts,
-                              const int64_t* __restrict__ counts, int64_t capacity,
-                              const float* __restrict__ w, int32_t* __restrict__ expert) {
+__global__ void select_kernel(const SelectParams args) {
+  const int64_t* __restrict__ grouped = args.grouped;
+  const int64_t* __restrict__ starts = args.starts;
+  const int64_t* __restrict__ counts = args.counts;
+  const int64_t capacity = args.capacity;
+  const float* __restrict__ w = args.w;
+  int32_t* __restrict__ expert = args.expert;
   __shared__ int64_t s_red[kSelectThreads];
   const int tid = threadIdx.x;
   const int64_t count = counts[blockIdx.x];
@@ -179,8 +184,10 @@ __global__ void select_kernel(const int64_t* __restrict__ grouped, const int64_t
 // ---- rows ----------------------------------------------------------------------------------------
 
 // src[row_map[r]] = r / divisor for rows in [0, num_rows); src was filled with -1.
-__global__ void inverse_kernel(const int64_t* __restrict__ row_map, int64_t n, int64_t divisor,
-                               int64_t num_rows, int64_t* __restrict__ src) {
+__global__ void inverse_kernel(const InverseParams args) {
+  const int64_t* __restrict__ row_map = args.row_map;
+  const int64_t n = args.n, divisor = args.divisor, num_rows = args.num_rows;
+  int64_t* __restrict__ src = args.src;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < n;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = row_map[r];
@@ -188,25 +195,13 @@ __global__ void inverse_kernel(const int64_t* __restrict__ row_map, int64_t n, i
   }
 }
 
-// Rows are spread over blocks as groups of `tpr` threads (a power of two <= kRowThreads).
-struct RowLayout {
-  int tpr;
-  int64_t grid;
-};
-
-RowLayout row_layout(int64_t rows, int64_t units_per_row) {
-  int tpr = 1;
-  while (tpr < kRowThreads && tpr < units_per_row) tpr <<= 1;
-  const int64_t per_block = kRowThreads / tpr;
-  int64_t grid = cdiv(rows, per_block);
-  if (grid > kMaxGrid) grid = kMaxGrid;
-  return {tpr, grid < 1 ? 1 : grid};
-}
-
 template <typename V>
-__global__ void copy_rows_kernel(const char* __restrict__ x, int64_t x_stride_bytes,
-                                 const int64_t* __restrict__ src, int64_t num_rows, int64_t vecs,
-                                 int tpr, char* __restrict__ out) {
+__global__ void copy_rows_kernel(const CopyRowsParams args) {
+  const char* __restrict__ x = static_cast<const char*>(args.x);
+  const int64_t x_stride_bytes = args.x_stride_bytes, num_rows = args.num_rows, vecs = args.vecs;
+  const int64_t* __restrict__ src = args.src;
+  const int tpr = args.tpr;
+  char* __restrict__ out = static_cast<char*>(args.out);
   const int64_t per_block = blockDim.x / tpr;
   const int lane = threadIdx.x % tpr;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * per_block + threadIdx.x / tpr;
@@ -221,16 +216,6 @@ __global__ void copy_rows_kernel(const char* __restrict__ x, int64_t x_stride_by
       for (int64_t i = lane; i < vecs; i += tpr) dst[i] = zero;
     }
   }
-}
-
-template <typename V>
-void copy_rows(const void* x, int64_t x_stride_bytes, const int64_t* src, int64_t num_rows,
-               int64_t row_bytes, void* out, cudaStream_t stream) {
-  const int64_t vecs = row_bytes / static_cast<int64_t>(sizeof(V));
-  const RowLayout l = row_layout(num_rows, vecs);
-  copy_rows_kernel<V><<<static_cast<unsigned>(l.grid), kRowThreads, 0, stream>>>(
-      static_cast<const char*>(x), x_stride_bytes, src, num_rows, vecs, l.tpr,
-      static_cast<char*>(out));
 }
 
 // ---- gather-reduce and unpermute backward --------------------------------------------------------
@@ -276,11 +261,14 @@ struct alignas(sizeof(scalar_t) * N) Pack {
 
 // out[t] = sum_j w[t, j] * y[row_map[t, j]]; tpr threads per token, N elements per load.
 template <typename scalar_t, int N>
-__global__ void gather_reduce_kernel(const scalar_t* __restrict__ y, int64_t y_stride, int64_t y_rows,
-                                     const int64_t* __restrict__ row_map,
-                                     const typename Acc<scalar_t>::type* __restrict__ w, int64_t T,
-                                     int64_t k, int64_t d, int tpr, scalar_t* __restrict__ out) {
+__global__ void gather_reduce_kernel(const GatherReduceParams args) {
   using acc_t = typename Acc<scalar_t>::type;
+  const scalar_t* __restrict__ y = static_cast<const scalar_t*>(args.y);
+  const int64_t y_stride = args.y_stride, y_rows = args.y_rows, T = args.T, k = args.k, d = args.d;
+  const int64_t* __restrict__ row_map = args.row_map;
+  const acc_t* __restrict__ w = static_cast<const acc_t*>(args.w);
+  const int tpr = args.tpr;
+  scalar_t* __restrict__ out = static_cast<scalar_t*>(args.out);
   using P = Pack<scalar_t, N>;
   const int64_t per_block = blockDim.x / tpr;
   const int lane = threadIdx.x % tpr;
@@ -306,10 +294,14 @@ __global__ void gather_reduce_kernel(const scalar_t* __restrict__ y, int64_t y_s
 
 // grad_y[row] = w[r] * grad_out[r / k] with r = src[row] (flat slot), zero where src < 0.
 template <typename scalar_t, int N>
-__global__ void grad_rows_kernel(const scalar_t* __restrict__ grad_out, const int64_t* __restrict__ src,
-                                 const typename Acc<scalar_t>::type* __restrict__ w, int64_t rows,
-                                 int64_t k, int64_t d, int tpr, scalar_t* __restrict__ grad_y) {
+__global__ void grad_rows_kernel(const GradRowsParams args) {
   using acc_t = typename Acc<scalar_t>::type;
+  const scalar_t* __restrict__ grad_out = static_cast<const scalar_t*>(args.grad_out);
+  const int64_t* __restrict__ src = args.src;
+  const acc_t* __restrict__ w = static_cast<const acc_t*>(args.w);
+  const int64_t rows = args.rows, k = args.k, d = args.d;
+  const int tpr = args.tpr;
+  scalar_t* __restrict__ grad_y = static_cast<scalar_t*>(args.grad_y);
   using P = Pack<scalar_t, N>;
   const int64_t per_block = blockDim.x / tpr;
   const int lane = threadIdx.x % tpr;
@@ -337,11 +329,13 @@ __global__ void grad_rows_kernel(const scalar_t* __restrict__ grad_out, const in
 
 // grad_w[r] = <y[row_map[r]], grad_out[r / k]>: one warp per slot, fixed shuffle tree.
 template <typename scalar_t>
-__global__ void grad_weights_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ y,
-                                    int64_t y_stride, int64_t y_rows,
-                                    const int64_t* __restrict__ row_map, int64_t n, int64_t k,
-                                    int64_t d, typename Acc<scalar_t>::type* __restrict__ grad_w) {
+__global__ void grad_weights_kernel(const GradWeightsParams args) {
   using acc_t = typename Acc<scalar_t>::type;
+  const scalar_t* __restrict__ grad_out = static_cast<const scalar_t*>(args.grad_out);
+  const scalar_t* __restrict__ y = static_cast<const scalar_t*>(args.y);
+  const int64_t y_stride = args.y_stride, y_rows = args.y_rows, n = args.n, k = args.k, d = args.d;
+  const int64_t* __restrict__ row_map = args.row_map;
+  acc_t* __restrict__ grad_w = static_cast<acc_t*>(args.grad_w);
   const int lane = threadIdx.x & 31;
   const int64_t warps = blockDim.x / 32;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / 32; r < n;
@@ -358,149 +352,116 @@ __global__ void grad_weights_kernel(const scalar_t* __restrict__ grad_out, const
   }
 }
 
-template <typename scalar_t>
-int pack_width(const void* a, const void* b, int64_t stride, int64_t d) {
-  constexpr int kWide = 16 / sizeof(scalar_t);
-  const bool ok = d % kWide == 0 && stride % kWide == 0 &&
-                  reinterpret_cast<uintptr_t>(a) % 16 == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0;
-  return ok ? kWide : 1;
+}  // namespace
+}  // namespace permute
+}  // namespace l2r
+
+#if !defined(__CUDACC_RTC__)
+// =============================================================================================
+// Host: the nvcc executor of the permute launch plans (permute_launch_plan.h decides everything;
+// this part maps each planned instantiation to its <<<>>> launch). NVRTC compiles the kernels above
+// from this same file and launches them from l2r_cuda/jit.
+// =============================================================================================
+#include "../../common/static_switch.h"
+#include "../../launch/cuda/execute_plan.h"
+#include "permute_launch.h"
+
+namespace l2r {
+namespace permute {
+namespace {
+
+template <typename V>
+cudaError_t launch_copy_rows(const LaunchStep& s, cudaStream_t stream) {
+  copy_rows_kernel<V><<<grid_of(s), block_of(s), s.smem_bytes, stream>>>(s.params_as<CopyRowsParams>());
+  return cudaGetLastError();
 }
 
 template <typename scalar_t>
-void gather_reduce_typed(const void* y, int64_t y_stride, int64_t y_rows, const int64_t* row_map,
-                         const void* w, int64_t T, int64_t k, int64_t d, void* out,
-                         cudaStream_t stream) {
-  using acc_t = typename Acc<scalar_t>::type;
+cudaError_t launch_row_kernel(const LaunchStep& s, cudaStream_t stream) {
   constexpr int kWide = 16 / sizeof(scalar_t);
-  const int n = pack_width<scalar_t>(y, out, y_stride, d);
-  const RowLayout l = row_layout(T, d / n);
-  const auto* yp = static_cast<const scalar_t*>(y);
-  const auto* wp = static_cast<const acc_t*>(w);
-  auto* op = static_cast<scalar_t*>(out);
-  if (n == kWide) {
-    gather_reduce_kernel<scalar_t, kWide><<<static_cast<unsigned>(l.grid), kRowThreads, 0, stream>>>(
-        yp, y_stride, y_rows, row_map, wp, T, k, d, l.tpr, op);
-  } else {
-    gather_reduce_kernel<scalar_t, 1><<<static_cast<unsigned>(l.grid), kRowThreads, 0, stream>>>(
-        yp, y_stride, y_rows, row_map, wp, T, k, d, l.tpr, op);
+  const dim3 grid = grid_of(s), block = block_of(s);
+  const bool wide = s.kernel.arg1 == kWide;
+  if (!wide && s.kernel.arg1 != 1) return cudaErrorInvalidValue;
+  switch (static_cast<PermuteKernel>(s.kernel.kernel)) {
+    case PermuteKernel::kGatherReduce:
+      if (wide) {
+        gather_reduce_kernel<scalar_t, kWide><<<grid, block, s.smem_bytes, stream>>>(s.params_as<GatherReduceParams>());
+      } else {
+        gather_reduce_kernel<scalar_t, 1><<<grid, block, s.smem_bytes, stream>>>(s.params_as<GatherReduceParams>());
+      }
+      break;
+    case PermuteKernel::kGradRows:
+      if (wide) {
+        grad_rows_kernel<scalar_t, kWide><<<grid, block, s.smem_bytes, stream>>>(s.params_as<GradRowsParams>());
+      } else {
+        grad_rows_kernel<scalar_t, 1><<<grid, block, s.smem_bytes, stream>>>(s.params_as<GradRowsParams>());
+      }
+      break;
+    default: return cudaErrorInvalidValue;
   }
+  return cudaGetLastError();
 }
 
 template <typename scalar_t>
-void unpermute_backward_typed(const void* grad_out, const void* y, int64_t y_stride, int64_t y_rows,
-                              const int64_t* row_map, const void* w, int64_t T, int64_t k, int64_t d,
-                              int64_t* src, void* grad_y, void* grad_w, cudaStream_t stream) {
-  using acc_t = typename Acc<scalar_t>::type;
-  constexpr int kWide = 16 / sizeof(scalar_t);
-  const int64_t n = T * k;
-  if (y_rows > 0) {
-    cudaMemsetAsync(src, 0xff, y_rows * sizeof(int64_t), stream);
-    if (n > 0) {
-      const int64_t grid = cdiv(n, 256) < kMaxGrid ? cdiv(n, 256) : kMaxGrid;
-      inverse_kernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(row_map, n, 1, y_rows, src);
-    }
-    const int pw = pack_width<scalar_t>(grad_out, grad_y, d, d);
-    const RowLayout l = row_layout(y_rows, d / pw);
-    const auto* gp = static_cast<const scalar_t*>(grad_out);
-    const auto* wp = static_cast<const acc_t*>(w);
-    auto* gy = static_cast<scalar_t*>(grad_y);
-    if (pw == kWide) {
-      grad_rows_kernel<scalar_t, kWide><<<static_cast<unsigned>(l.grid), kRowThreads, 0, stream>>>(
-          gp, src, wp, y_rows, k, d, l.tpr, gy);
-    } else {
-      grad_rows_kernel<scalar_t, 1><<<static_cast<unsigned>(l.grid), kRowThreads, 0, stream>>>(
-          gp, src, wp, y_rows, k, d, l.tpr, gy);
-    }
-  }
-  if (n > 0) {
-    const int64_t grid = cdiv(n, kRowThreads / 32) < kMaxGrid ? cdiv(n, kRowThreads / 32) : kMaxGrid;
-    grad_weights_kernel<scalar_t><<<static_cast<unsigned>(grid), kRowThreads, 0, stream>>>(
-        static_cast<const scalar_t*>(grad_out), static_cast<const scalar_t*>(y), y_stride, y_rows,
-        row_map, n, k, d, static_cast<acc_t*>(grad_w));
-  }
+cudaError_t launch_grad_weights(const LaunchStep& s, cudaStream_t stream) {
+  grad_weights_kernel<scalar_t><<<grid_of(s), block_of(s), s.smem_bytes, stream>>>(s.params_as<GradWeightsParams>());
+  return cudaGetLastError();
 }
 
-struct PlanScratch {
-  int32_t* expert;
-  int32_t* local;
-  int64_t* hist;
-  int64_t* counts;
-  int64_t* starts;
-  int64_t* grouped;
-};
-
-PlanScratch carve(void* workspace, int64_t n, int64_t experts, bool with_weights) {
-  char* p = static_cast<char*>(workspace);
-  const int64_t chunks = cdiv(n, kChunk);
-  PlanScratch s{};
-  s.expert = reinterpret_cast<int32_t*>(p);
-  p += align_bytes(n * sizeof(int32_t));
-  s.local = reinterpret_cast<int32_t*>(p);
-  p += align_bytes(n * sizeof(int32_t));
-  s.hist = reinterpret_cast<int64_t*>(p);
-  p += align_bytes(chunks * experts * sizeof(int64_t));
-  s.counts = reinterpret_cast<int64_t*>(p);
-  p += align_bytes(experts * sizeof(int64_t));
-  s.starts = reinterpret_cast<int64_t*>(p);
-  p += align_bytes((experts + 1) * sizeof(int64_t));
-  s.grouped = with_weights ? reinterpret_cast<int64_t*>(p) : nullptr;
-  return s;
+cudaError_t launch_permute_step(const LaunchStep& s, cudaStream_t stream) {
+  const dim3 grid = grid_of(s), block = block_of(s);
+  const KernelRef& k = s.kernel;
+  cudaError_t err = cudaErrorInvalidValue;  // an instantiation no plan asks for
+  switch (static_cast<PermuteKernel>(k.kernel)) {
+    case PermuteKernel::kChunkRank:
+      if (k.arg0 == 8) {
+        chunk_rank_kernel<int64_t><<<grid, block, s.smem_bytes, stream>>>(s.params_as<ChunkRankParams>());
+      } else {
+        chunk_rank_kernel<int32_t><<<grid, block, s.smem_bytes, stream>>>(s.params_as<ChunkRankParams>());
+      }
+      return cudaGetLastError();
+    case PermuteKernel::kScan:
+      scan_kernel<<<grid, block, s.smem_bytes, stream>>>(s.params_as<ScanParams>());
+      return cudaGetLastError();
+    case PermuteKernel::kFinalize:
+      finalize_kernel<<<grid, block, s.smem_bytes, stream>>>(s.params_as<FinalizeParams>());
+      return cudaGetLastError();
+    case PermuteKernel::kGroup:
+      group_kernel<<<grid, block, s.smem_bytes, stream>>>(s.params_as<GroupParams>());
+      return cudaGetLastError();
+    case PermuteKernel::kSelect:
+      select_kernel<<<grid, block, s.smem_bytes, stream>>>(s.params_as<SelectParams>());
+      return cudaGetLastError();
+    case PermuteKernel::kInverse:
+      inverse_kernel<<<grid, block, s.smem_bytes, stream>>>(s.params_as<InverseParams>());
+      return cudaGetLastError();
+    case PermuteKernel::kCopyRows:
+      switch (k.arg0) {
+        case 16: return launch_copy_rows<uint4>(s, stream);
+        case 8: return launch_copy_rows<uint2>(s, stream);
+        case 4: return launch_copy_rows<unsigned int>(s, stream);
+        case 2: return launch_copy_rows<unsigned short>(s, stream);
+        default: return err;
+      }
+    case PermuteKernel::kGatherReduce:
+    case PermuteKernel::kGradRows:
+      L2R_DTYPE_SWITCH(static_cast<DType>(k.arg0), scalar_t, return err, { err = launch_row_kernel<scalar_t>(s, stream); });
+      return err;
+    case PermuteKernel::kGradWeights:
+      L2R_DTYPE_SWITCH(static_cast<DType>(k.arg0), scalar_t, return err, { err = launch_grad_weights<scalar_t>(s, stream); });
+      return err;
+  }
+  return err;
 }
 
-// Histogram + scan + finalize over the rows of `in` (indices on pass 1, the masked experts after).
-template <typename index_t>
-void counting_pass(const index_t* in, int64_t n, int64_t experts, int64_t align, int64_t capacity,
-                   const int64_t* counts_all, const PlanScratch& s, int64_t* counts,
-                   int64_t* offsets, int64_t* dropped, int64_t* row_map, int32_t* error_flag,
-                   cudaStream_t stream) {
-  const int64_t chunks = cdiv(n, kChunk);
-  if (chunks > 0) {
-    cudaMemsetAsync(s.hist, 0, chunks * experts * sizeof(int64_t), stream);
-    chunk_rank_kernel<index_t><<<static_cast<unsigned>(chunks), kChunk, 0, stream>>>(
-        in, n, experts, s.expert, s.local, s.hist, error_flag);
-  }
-  scan_kernel<<<1, kScanThreads, 0, stream>>>(s.hist, chunks, experts, align, capacity, counts_all,
-                                              counts, offsets, dropped);
-  if (chunks > 0) {
-    finalize_kernel<<<static_cast<unsigned>(chunks), kChunk, 0, stream>>>(
-        s.expert, s.local, s.hist, n, experts, capacity, offsets, row_map);
-  }
-}
-
-template <typename index_t>
-void plan_typed(const index_t* indices, int64_t n, int64_t experts, int64_t align, int64_t capacity,
-                const float* weights, int64_t* row_map, int64_t* offsets, int64_t* dropped,
-                void* workspace, int32_t* error_flag, cudaStream_t stream) {
-  const bool weighted = capacity >= 0 && weights != nullptr;
-  const PlanScratch s = carve(workspace, n, experts, weighted);
-  if (!weighted) {
-    counting_pass<index_t>(indices, n, experts, align, capacity, nullptr, s, s.counts, offsets,
-                           dropped, row_map, error_flag, stream);
-    return;
-  }
-  // Pass 1: group every row by expert (unpadded), select the kept rows of full experts.
-  counting_pass<index_t>(indices, n, experts, 1, -1, nullptr, s, s.counts, s.starts, nullptr,
-                         row_map, error_flag, stream);
-  if (n > 0) {
-    const int64_t grid = cdiv(n, 256) < kMaxGrid ? cdiv(n, 256) : kMaxGrid;
-    group_kernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(row_map, n, s.grouped);
-  }
-  select_kernel<<<static_cast<unsigned>(experts), kSelectThreads, 0, stream>>>(
-      s.grouped, s.starts, s.counts, capacity, weights, s.expert);
-  // Pass 2: rank the kept rows again, padded; dropped = all rows - kept rows.
-  // (s.starts is free again and receives the kept counts.)
-  counting_pass<int32_t>(s.expert, n, experts, align, -1, s.counts, s, s.starts, offsets, dropped,
-                         row_map, nullptr, stream);
+cudaError_t run(const LaunchPlan& plan, cudaStream_t stream) {
+  return plan.ok() ? execute_permute_plan(plan, stream) : cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-size_t plan_workspace_bytes(int64_t n, int64_t experts, bool with_weights) {
-  const int64_t chunks = cdiv(n, kChunk);
-  size_t b = 2 * align_bytes(n * sizeof(int32_t)) + align_bytes(chunks * experts * sizeof(int64_t)) +
-             align_bytes(experts * sizeof(int64_t)) + align_bytes((experts + 1) * sizeof(int64_t));
-  if (with_weights) b += align_bytes(n * sizeof(int64_t));
-  return b;
+cudaError_t execute_permute_plan(const LaunchPlan& plan, cudaStream_t stream) {
+  return execute_plan(plan, stream, launch_permute_step);
 }
 
 cudaError_t launch_permute_plan(const void* indices, bool indices_int64, int64_t T, int64_t k,
@@ -508,61 +469,22 @@ cudaError_t launch_permute_plan(const void* indices, bool indices_int64, int64_t
                                 const float* weights, int64_t* row_map, int64_t* offsets,
                                 int64_t* dropped, void* workspace, int32_t* error_flag,
                                 cudaStream_t stream) {
-  const int64_t n = T * k;
-  if (indices_int64) {
-    plan_typed<int64_t>(static_cast<const int64_t*>(indices), n, experts, align, capacity, weights,
-                        row_map, offsets, dropped, workspace, error_flag, stream);
-  } else {
-    plan_typed<int32_t>(static_cast<const int32_t*>(indices), n, experts, align, capacity, weights,
-                        row_map, offsets, dropped, workspace, error_flag, stream);
-  }
-  return cudaGetLastError();
+  return run(permute_plan_launches(indices, indices_int64, T, k, experts, align, capacity, weights, row_map,
+                                   offsets, dropped, workspace, error_flag),
+             stream);
 }
 
 cudaError_t launch_permute_rows(const void* x, int64_t x_row_stride_bytes, int64_t row_bytes,
                                 const int64_t* row_map, int64_t T, int64_t k, int64_t num_rows,
                                 int64_t* src_scratch, void* out, cudaStream_t stream) {
-  const int64_t n = T * k;
-  if (num_rows == 0 || row_bytes == 0) return cudaGetLastError();
-  cudaMemsetAsync(src_scratch, 0xff, num_rows * sizeof(int64_t), stream);
-  if (n > 0) {
-    const int64_t grid = cdiv(n, 256) < kMaxGrid ? cdiv(n, 256) : kMaxGrid;
-    inverse_kernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(row_map, n, k, num_rows,
-                                                                    src_scratch);
-  }
-  const uintptr_t a = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out) |
-                      static_cast<uintptr_t>(x_row_stride_bytes) | static_cast<uintptr_t>(row_bytes);
-  if (a % 16 == 0) {
-    copy_rows<uint4>(x, x_row_stride_bytes, src_scratch, num_rows, row_bytes, out, stream);
-  } else if (a % 8 == 0) {
-    copy_rows<uint2>(x, x_row_stride_bytes, src_scratch, num_rows, row_bytes, out, stream);
-  } else if (a % 4 == 0) {
-    copy_rows<unsigned int>(x, x_row_stride_bytes, src_scratch, num_rows, row_bytes, out, stream);
-  } else {
-    copy_rows<unsigned short>(x, x_row_stride_bytes, src_scratch, num_rows, row_bytes, out, stream);
-  }
-  return cudaGetLastError();
+  return run(permute_rows_launches(x, x_row_stride_bytes, row_bytes, row_map, T, k, num_rows, src_scratch, out),
+             stream);
 }
 
 cudaError_t launch_gather_reduce(DType dtype, const void* y, int64_t y_row_stride, int64_t y_rows,
                                  const int64_t* row_map, const void* w, int64_t T, int64_t k,
                                  int64_t d, void* out, cudaStream_t stream) {
-  if (T == 0 || d == 0) return cudaGetLastError();
-  switch (dtype) {
-    case DType::kFloat32:
-      gather_reduce_typed<float>(y, y_row_stride, y_rows, row_map, w, T, k, d, out, stream);
-      break;
-    case DType::kFloat64:
-      gather_reduce_typed<double>(y, y_row_stride, y_rows, row_map, w, T, k, d, out, stream);
-      break;
-    case DType::kFloat16:
-      gather_reduce_typed<__half>(y, y_row_stride, y_rows, row_map, w, T, k, d, out, stream);
-      break;
-    case DType::kBFloat16:
-      gather_reduce_typed<__nv_bfloat16>(y, y_row_stride, y_rows, row_map, w, T, k, d, out, stream);
-      break;
-  }
-  return cudaGetLastError();
+  return run(gather_reduce_launches(dtype, y, y_row_stride, y_rows, row_map, w, T, k, d, out), stream);
 }
 
 cudaError_t launch_unpermute_backward(DType dtype, const void* grad_out, const void* y,
@@ -570,30 +492,11 @@ cudaError_t launch_unpermute_backward(DType dtype, const void* grad_out, const v
                                       const void* w, int64_t T, int64_t k, int64_t d,
                                       int64_t* src_scratch, void* grad_y, void* grad_w,
                                       cudaStream_t stream) {
-  if (d == 0) {
-    if (T * k > 0) cudaMemsetAsync(grad_w, 0, T * k * (dtype == DType::kFloat64 ? 8 : 4), stream);
-    return cudaGetLastError();
-  }
-  switch (dtype) {
-    case DType::kFloat32:
-      unpermute_backward_typed<float>(grad_out, y, y_row_stride, y_rows, row_map, w, T, k, d,
-                                      src_scratch, grad_y, grad_w, stream);
-      break;
-    case DType::kFloat64:
-      unpermute_backward_typed<double>(grad_out, y, y_row_stride, y_rows, row_map, w, T, k, d,
-                                       src_scratch, grad_y, grad_w, stream);
-      break;
-    case DType::kFloat16:
-      unpermute_backward_typed<__half>(grad_out, y, y_row_stride, y_rows, row_map, w, T, k, d,
-                                       src_scratch, grad_y, grad_w, stream);
-      break;
-    case DType::kBFloat16:
-      unpermute_backward_typed<__nv_bfloat16>(grad_out, y, y_row_stride, y_rows, row_map, w, T, k,
-                                              d, src_scratch, grad_y, grad_w, stream);
-      break;
-  }
-  return cudaGetLastError();
+  return run(unpermute_backward_launches(dtype, grad_out, y, y_row_stride, y_rows, row_map, w, T, k, d,
+                                         src_scratch, grad_y, grad_w),
+             stream);
 }
 
 }  // namespace permute
 }  // namespace l2r
+#endif  // !__CUDACC_RTC__

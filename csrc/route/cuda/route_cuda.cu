@@ -16,16 +16,9 @@
 // finalize kernel. No floating-point atomics: every result is bitwise reproducible run to run.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
-#include <algorithm>
-#include <cstdint>
-#include <initializer_list>
-#include <utility>
-
-#include "../../common/static_switch.h"
 #include "../math/all.h"
-#include "route_cuda.h"
+#include "route_kernel_params.h"
 
 namespace l2r {
 namespace route {
@@ -33,27 +26,7 @@ namespace {
 
 namespace rm = ::l2r::route::math;
 
-constexpr int kWarp = 32;
-constexpr int kWarpsPerBlock = 4;
-constexpr int kThreads = kWarp * kWarpsPerBlock;
-constexpr int kMaxForwardBlocks = 1024;
-constexpr int kMaxBackwardBlocks = 256;
-constexpr int kColumnThreads = 256;
-constexpr int kMaxColumnChunks = 64;
-constexpr int kMinColumnChunk = 64;
-constexpr int kGenericChunk = 8;  // rank chunk of the generic (r > 32) kernels
 constexpr unsigned kFullMask = 0xffffffffu;
-
-// Minimum resident blocks per SM for __launch_bounds__ (R: the template rank, 0 = generic).
-// Stating it matters: with a thread bound alone ptxas picks a register budget by its own occupancy
-// heuristic and spills to reach it. Four blocks (a 128-register budget) fit rank 1 and the
-// backward's small ranks; the forward at ranks 2-8 (projection, scoring and group-limited selection
-// state) just exceeds 128 and gets three (168); large ranks keep all their accumulators in
-// registers with two. The launchers also keep the optional
-// shared-memory arrays within 1 / min-blocks of the SM's shared memory.
-constexpr int forward_min_blocks(int R) { return (R == 0 || R >= 16) ? 2 : (R >= 2 ? 3 : 4); }
-constexpr int backward_min_blocks(int R) { return (R == 0 || R >= 16) ? 2 : 4; }
-constexpr int template_rank(int rp) { return rp > 32 ? 0 : rp; }
 
 // =============================================================================================
 // Device helpers: element conversion, vector loads, warp reductions
@@ -279,10 +252,15 @@ __device__ __forceinline__ float warp_total(const float* v, int E, int lane) {
 
 // proj_w[k, i] = proj[k, i] * g[i] (0 for padded rows k >= r); anchor_hat[(i * H + h) * E + e] =
 // coef(|a|) a[e, h, i] (0 for padded i >= r).
-__global__ void route_prepare_kernel(const float* __restrict__ proj, const float* __restrict__ g,
-                                     const float* __restrict__ anchors, int rank, int rp, int64_t d,
-                                     int experts, int anchors_per_expert, float beta, float eps,
-                                     float* __restrict__ proj_w, float* __restrict__ anchor_hat) {
+__global__ void route_prepare_kernel(const PrepareParams p) {
+  const float* __restrict__ proj = p.proj;
+  const float* __restrict__ g = p.g;
+  const float* __restrict__ anchors = p.anchors;
+  float* __restrict__ proj_w = p.proj_w;
+  float* __restrict__ anchor_hat = p.anchor_hat;
+  const int64_t d = p.d;
+  const int rank = p.rank, rp = p.rp, experts = p.experts, anchors_per_expert = p.anchors_per_expert;
+  const float beta = p.beta, eps = p.eps;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int64_t n = start; n < rp * d; n += stride) {
@@ -299,41 +277,6 @@ __global__ void route_prepare_kernel(const float* __restrict__ proj, const float
     anchor_hat[(i * anchors_per_expert + h) * experts + e] = i < rank ? c.coef * row[i] : 0.f;
   }
 }
-
-// Sizes and options every route kernel reads (from RouteShape and RouteOptions, in float).
-struct KernelConfig {
-  int64_t tokens, d, seq_len;
-  int rank, rp, experts, anchors, top_k;
-  float beta, eps_norm, eps, tau, scaling;
-  bool use_norm, sigmoid, normalize;
-  int num_groups, topk_groups;
-  GroupScore group_score;
-};
-
-struct ForwardParams {
-  const void* x;
-  const float* proj_w;      // [rp, d]
-  const float* anchor_hat;  // [rp, H, E]
-  const float* bias;        // [E] or nullptr
-  const float* scale;       // [1]
-  const float* logits_in;   // [T, E] (kSelect)
-  const bool* padding;      // [T] or nullptr
-  float* weights;
-  int64_t* indices;
-  float* lse;
-  float* q_out;
-  float* rstd_out;
-  float* logits_out;        // [T, E] (kLogits)
-  float* prob_partials;     // [chunks, E]
-  int* count_partials;      // [chunks, E]
-  int* token_partials;      // [chunks]: counted tokens
-  TokenChunks chunks;
-  KernelConfig c;
-  bool vec;
-  int64_t proj_smem, anchor_smem;  // offsets (floats) into shared memory, -1: read from global
-  int64_t warp_smem, warp_stride;  // per-warp scratch: logits/probs [E] | exps [E] | prob sums [E]
-                                   // | counts [E] | selected [k] | q [rp]
-};
 
 // Group-limited top-k: the kept groups as a bit mask, the same set as math::kept_groups (the
 // topk_groups largest order keys of (group score, group)) computed without per-thread arrays: lane
@@ -510,11 +453,14 @@ __global__ void __launch_bounds__(kThreads, forward_min_blocks(R))
 }
 
 // mean_probs[s, e] and tokens_per_expert[s, e] from the chunk partials of group s, in chunk order.
-__global__ void route_forward_finalize_kernel(const float* __restrict__ prob_partials,
-                                              const int* __restrict__ count_partials,
-                                              const int* __restrict__ token_partials, TokenChunks chunks,
-                                              int experts, float* __restrict__ mean_probs,
-                                              int64_t* __restrict__ tokens_per_expert) {
+__global__ void route_forward_finalize_kernel(const ForwardFinalizeParams p) {
+  const float* __restrict__ prob_partials = p.prob_partials;
+  const int* __restrict__ count_partials = p.count_partials;
+  const int* __restrict__ token_partials = p.token_partials;
+  float* __restrict__ mean_probs = p.mean_probs;
+  int64_t* __restrict__ tokens_per_expert = p.tokens_per_expert;
+  const TokenChunks chunks = p.chunks;
+  const int experts = p.experts;
   const int64_t groups = chunks.count / chunks.per_seq;
   const int64_t items = groups * experts;
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < items;
@@ -531,34 +477,6 @@ __global__ void route_forward_finalize_kernel(const float* __restrict__ prob_par
     tokens_per_expert[n] = count;
   }
 }
-
-struct BackwardParams {
-  const float* grad_weights;     // [T, k] or nullptr
-  const float* grad_mean_probs;  // [groups, E] pre-divided, or nullptr
-  const float* grad_lse;         // [T] or nullptr
-  const float* grad_logits;      // [T, E] (kLogits)
-  const void* x;
-  const float* proj_w;
-  const float* anchor_hat;
-  const float* scale;
-  const float* logits_in;        // kSelect
-  const bool* padding;
-  const int64_t* indices;
-  const float* q_saved;  // [T, r]
-  const float* rstd_saved;
-  void* grad_x;
-  float* grad_logits_out;  // kSelect
-  float* grad_q;           // [T, rp] for the column kernel
-  float* anchor_slots;     // [slots, rp * H * E], one slot per warp
-  float* scale_slots;      // [slots]
-  int32_t* bad_index;
-  KernelConfig c;
-  bool vec, need_grad_x, need_param_grads;
-  int64_t proj_smem, anchor_smem, acc_smem;  // shared-memory offsets (floats) or -1
-  int64_t warp_smem, warp_stride;  // per-warp scratch: logits [E] | probs [E] | dL/dp [E] |
-                                   // lsum [E] | shift [E] | q [rp] | grad_q [rp] |
-                                   // sum dL/ds a_hat [rp] | lane partials [rp, 32] (generic rank)
-};
 
 // dL/dl of every expert of token t into dl[] (= grad_probs storage), from its probabilities.
 __device__ __forceinline__ void token_logit_grads(const BackwardParams& p, int64_t t, int lane,
@@ -834,9 +752,14 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
 // (columns / kColumnThreads, chunks, rank chunks of RC).
 template <int RC, typename T>
 __global__ void __launch_bounds__(kColumnThreads)
-    route_backward_column_kernel(const T* __restrict__ x, const float* __restrict__ rstd,
-                                 const float* __restrict__ grad_q, int64_t tokens, int64_t d,
-                                 int rp, int64_t chunk, bool use_norm, float* __restrict__ partials) {
+    route_backward_column_kernel(const ColumnParams p) {
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const float* __restrict__ rstd = p.rstd;
+  const float* __restrict__ grad_q = p.grad_q;
+  float* __restrict__ partials = p.partials;
+  const int64_t tokens = p.tokens, d = p.d, chunk = p.chunk;
+  const int rp = p.rp;
+  const bool use_norm = p.use_norm;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kColumnThreads + threadIdx.x;
   if (i >= d) return;
   const int k0 = blockIdx.z * RC;
@@ -856,13 +779,22 @@ __global__ void __launch_bounds__(kColumnThreads)
 
 // Parameter gradients from the partials, each added in a fixed order. Items: d columns
 // (grad_proj, grad_norm_weight), E * H anchors, 1 scale.
-__global__ void route_backward_finalize_kernel(
-    const float* __restrict__ column_partials, int chunks, const float* __restrict__ anchor_slots,
-    const float* __restrict__ scale_slots, int64_t slots, const float* __restrict__ proj,
-    const float* __restrict__ g, const float* __restrict__ anchors, int rank, int rp, int64_t d,
-    int experts, int anchors_per_expert, float beta, float eps, float* __restrict__ acc_total,
-    float* __restrict__ grad_proj, float* __restrict__ grad_norm_weight,
-    float* __restrict__ grad_anchors, float* __restrict__ grad_scale) {
+__global__ void route_backward_finalize_kernel(const BackwardFinalizeParams p) {
+  const float* __restrict__ column_partials = p.column_partials;
+  const float* __restrict__ anchor_slots = p.anchor_slots;
+  const float* __restrict__ scale_slots = p.scale_slots;
+  const float* __restrict__ proj = p.proj;
+  const float* __restrict__ g = p.g;
+  const float* __restrict__ anchors = p.anchors;
+  float* __restrict__ acc_total = p.acc_total;
+  float* __restrict__ grad_proj = p.grad_proj;
+  float* __restrict__ grad_norm_weight = p.grad_norm_weight;
+  float* __restrict__ grad_anchors = p.grad_anchors;
+  float* __restrict__ grad_scale = p.grad_scale;
+  const int64_t slots = p.slots, d = p.d;
+  const int chunks = p.chunks, rank = p.rank, rp = p.rp, experts = p.experts;
+  const int anchors_per_expert = p.anchors_per_expert;
+  const float beta = p.beta, eps = p.eps;
   const int64_t rows = static_cast<int64_t>(experts) * anchors_per_expert;
   const int64_t items = d + rows + 1;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -899,383 +831,130 @@ __global__ void route_backward_finalize_kernel(
   }
 }
 
+}  // namespace
+}  // namespace route
+}  // namespace l2r
+
+#if !defined(__CUDACC_RTC__)
 // =============================================================================================
-// Launchers
+// Host: the nvcc executor of the route launch plans (route_launch_plan.h decides everything; this
+// part only maps each planned instantiation to its <<<>>> launch). NVRTC compiles the kernels
+// above from this same file and launches them from l2r_cuda/jit.
 // =============================================================================================
+#include "../../common/static_switch.h"
+#include "../../launch/cuda/execute_plan.h"
+#include "route_cuda.h"
 
-int64_t align4(int64_t n) { return (n + 3) / 4 * 4; }
-
-KernelConfig kernel_config(const RouteShape& s, const RouteOptions& o, int rp) {
-  KernelConfig c;
-  c.tokens = s.tokens;
-  c.d = s.d;
-  c.seq_len = s.seq_len > 0 ? s.seq_len : s.tokens;
-  c.rank = s.rank;
-  c.rp = rp;
-  c.experts = s.experts;
-  c.anchors = s.anchors;
-  c.top_k = s.top_k;
-  c.beta = static_cast<float>(o.beta);
-  c.eps_norm = static_cast<float>(o.eps_norm);
-  c.eps = static_cast<float>(o.eps);
-  c.tau = static_cast<float>(o.tau);
-  c.scaling = static_cast<float>(o.routed_scaling_factor);
-  c.use_norm = o.use_norm();
-  c.sigmoid = o.sigmoid();
-  c.normalize = o.normalize;
-  c.num_groups = o.num_groups;
-  c.topk_groups = o.topk_groups;
-  c.group_score = o.group_score;
-  return c;
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// At least a warp's round of tokens per chunk, at most kMaxForwardBlocks chunks per T.
-TokenChunks forward_chunks(const RouteShape& s) {
-  const int64_t size = std::max<int64_t>(kWarpsPerBlock, ceil_div(s.tokens, kMaxForwardBlocks));
-  return make_token_chunks(s, size);
-}
-
-int backward_blocks(int64_t tokens) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(tokens, kWarpsPerBlock), kMaxBackwardBlocks)));
-}
-
-struct ColumnChunks {
-  int64_t size;
-  int count;
-};
-
-ColumnChunks column_chunks(int64_t tokens) {
-  const int64_t count = std::max<int64_t>(1, std::min<int64_t>(kMaxColumnChunks, ceil_div(tokens, kMinColumnChunk)));
-  return {ceil_div(tokens, count), static_cast<int>(count)};
-}
-
-// Workspace regions (floats, each 16-byte aligned).
-struct ForwardWorkspace {
-  int64_t proj_w, anchor_hat, prob_partials, count_partials, token_partials, total;
-};
-
-ForwardWorkspace forward_workspace(RouteMode mode, const RouteShape& s) {
-  const int rp = route_padded_rank(s.rank);
-  const int64_t chunks = forward_chunks(s).count;
-  const bool scores = mode != RouteMode::kSelect;
-  ForwardWorkspace w;
-  w.proj_w = 0;
-  w.anchor_hat = w.proj_w + (scores ? align4(rp * s.d) : 0);
-  w.prob_partials = w.anchor_hat + (scores ? align4(static_cast<int64_t>(s.experts) * s.anchors * rp) : 0);
-  w.count_partials = w.prob_partials + align4(chunks * s.experts);
-  w.token_partials = w.count_partials + align4(chunks * s.experts);
-  w.total = w.token_partials + align4(chunks);
-  return w;
-}
-
-struct BackwardWorkspace {
-  int64_t proj_w, anchor_hat, grad_q, column_partials, anchor_slots, scale_slots, acc_total, total;
-};
-
-BackwardWorkspace backward_workspace(RouteMode mode, const RouteShape& s) {
-  const int rp = route_padded_rank(s.rank);
-  const int64_t slots = static_cast<int64_t>(backward_blocks(s.tokens)) * kWarpsPerBlock;
-  const int64_t acc = static_cast<int64_t>(s.experts) * s.anchors * rp;
-  BackwardWorkspace w{};
-  if (mode == RouteMode::kSelect) return w;
-  w.proj_w = 0;
-  w.anchor_hat = w.proj_w + align4(rp * s.d);
-  w.grad_q = w.anchor_hat + align4(acc);
-  w.column_partials = w.grad_q + align4(s.tokens * rp);
-  w.anchor_slots = w.column_partials + align4(static_cast<int64_t>(column_chunks(s.tokens).count) * rp * s.d);
-  w.scale_slots = w.anchor_slots + align4(slots * acc);
-  w.acc_total = w.scale_slots + align4(slots);
-  w.total = w.acc_total + align4(acc);
-  return w;
-}
-
-// The most dynamic shared memory one block may use, and the SM's total.
-cudaError_t smem_limits(int64_t* per_block, int64_t* per_sm) {
-  int device = 0, block = 0, sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
-  if (err != cudaSuccess) return err;
-  *per_block = block;
-  *per_sm = sm;
-  return cudaSuccess;
-}
-
-// Optional shared memory per block: what leaves room for min_blocks blocks per SM (1 KiB of each
-// block's share is reserved by the hardware).
-int64_t smem_budget(int64_t per_block, int64_t per_sm, int min_blocks) {
-  const int64_t share = per_sm / min_blocks - 1024;
-  return share < per_block ? share : per_block;
-}
-
-// Places the optional shared-memory arrays after the mandatory per-warp scratch (plus `extra`
-// floats), in priority order, while the total stays within budget_bytes. Returns the total bytes,
-// or -1 when the mandatory part alone exceeds limit_bytes.
-int64_t place_smem(int64_t limit_bytes, int64_t budget_bytes, int64_t warp_floats, int64_t extra,
-                   int64_t* warp_off, std::initializer_list<std::pair<int64_t, int64_t*>> optional) {
-  *warp_off = 0;
-  int64_t used = align4(warp_floats) * kWarpsPerBlock + align4(extra);
-  if (used * 4 > limit_bytes) return -1;
-  for (const auto& item : optional) {
-    const int64_t n = align4(item.first);
-    if (item.first > 0 && (used + n) * 4 <= budget_bytes) {
-      *item.second = used;
-      used += n;
-    } else {
-      *item.second = -1;
-    }
-  }
-  return used * 4;
-}
-
-template <typename Kernel>
-cudaError_t prepare_launch(Kernel kernel, int64_t smem_bytes) {
-  if (smem_bytes > 48 * 1024) {
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
-  }
-  return cudaSuccess;
-}
-
-int elementwise_blocks(int64_t n) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, 256), 1024)));
-}
-
-bool rows_aligned(const void* x, int64_t d, DType type) {
-  const int64_t elem = type == DType::kFloat32 ? 4 : 2;
-  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && (d * elem) % 16 == 0;
-}
-
-// The forward/backward kernel instantiation of (mode, padded rank, x type), launched.
-template <template <int, typename, RouteMode> class Launch, typename Params>
-Status dispatch_kernel(RouteMode mode, int rp, DType x_type, const Params& p, int blocks, int64_t smem,
-                       cudaStream_t stream, cudaError_t* err) {
-  if (mode == RouteMode::kSelect) {  // no x, no rank: one instantiation
-    *err = Launch<1, float, RouteMode::kSelect>::run(p, blocks, smem, stream);
-    return *err == cudaSuccess ? Status::kOk : Status::kCudaError;
-  }
-  L2R_RANK_SWITCH(template_rank(rp), kRank, return Status::kUnsupportedRank, {
-    L2R_FLOAT_DTYPE_SWITCH(x_type, scalar_t, return Status::kUnsupportedDType, {
-      L2R_BOOL_SWITCH(mode == RouteMode::kLogits, kLogits, {
-        constexpr RouteMode kMode = kLogits ? RouteMode::kLogits : RouteMode::kRoute;
-        *err = Launch<kRank, scalar_t, kMode>::run(p, blocks, smem, stream);
-      });
-    });
-  });
-  return *err == cudaSuccess ? Status::kOk : Status::kCudaError;
-}
+namespace l2r {
+namespace route {
+namespace {
 
 template <int R, typename T, RouteMode M>
 struct ForwardLaunch {
-  static cudaError_t run(const ForwardParams& p, int blocks, int64_t smem, cudaStream_t stream) {
-    cudaError_t err = prepare_launch(route_forward_kernel<R, T, M>, smem);
+  static cudaError_t run(const LaunchStep& s, cudaStream_t stream) {
+    const cudaError_t err = allow_dynamic_smem(route_forward_kernel<R, T, M>, s.smem_bytes);
     if (err != cudaSuccess) return err;
-    route_forward_kernel<R, T, M><<<blocks, kThreads, smem, stream>>>(p);
+    route_forward_kernel<R, T, M><<<grid_of(s), block_of(s), s.smem_bytes, stream>>>(s.params_as<ForwardParams>());
     return cudaGetLastError();
   }
 };
 
 template <int R, typename T, RouteMode M>
 struct BackwardLaunch {
-  static cudaError_t run(const BackwardParams& p, int blocks, int64_t smem, cudaStream_t stream) {
-    cudaError_t err = prepare_launch(route_backward_token_kernel<R, T, M>, smem);
+  static cudaError_t run(const LaunchStep& s, cudaStream_t stream) {
+    const cudaError_t err = allow_dynamic_smem(route_backward_token_kernel<R, T, M>, s.smem_bytes);
     if (err != cudaSuccess) return err;
-    route_backward_token_kernel<R, T, M><<<blocks, kThreads, smem, stream>>>(p);
+    route_backward_token_kernel<R, T, M><<<grid_of(s), block_of(s), s.smem_bytes, stream>>>(
+        s.params_as<BackwardParams>());
     return cudaGetLastError();
   }
 };
 
-template <typename T>
-cudaError_t launch_column(const void* x, const float* rstd, const float* grad_q, int64_t tokens, int64_t d,
-                          int rp, const ColumnChunks& chunks, bool use_norm, float* partials,
-                          cudaStream_t stream) {
-  const int rc = rp < kGenericChunk ? rp : kGenericChunk;
-  const dim3 grid(static_cast<unsigned>(ceil_div(d, kColumnThreads)), static_cast<unsigned>(chunks.count),
-                  static_cast<unsigned>(rp / rc));
-  const T* xt = static_cast<const T*>(x);
-  switch (rc) {
-    case 1:
-      route_backward_column_kernel<1, T><<<grid, kColumnThreads, 0, stream>>>(xt, rstd, grad_q, tokens, d, rp, chunks.size, use_norm, partials);
-      break;
-    case 2:
-      route_backward_column_kernel<2, T><<<grid, kColumnThreads, 0, stream>>>(xt, rstd, grad_q, tokens, d, rp, chunks.size, use_norm, partials);
-      break;
-    case 4:
-      route_backward_column_kernel<4, T><<<grid, kColumnThreads, 0, stream>>>(xt, rstd, grad_q, tokens, d, rp, chunks.size, use_norm, partials);
-      break;
-    default:
-      route_backward_column_kernel<kGenericChunk, T><<<grid, kColumnThreads, 0, stream>>>(xt, rstd, grad_q, tokens, d, rp, chunks.size, use_norm, partials);
-      break;
-  }
+// The token kernel instantiation of (rank, x type, mode) (route_kernels() lists the same set).
+template <template <int, typename, RouteMode> class Launch>
+cudaError_t launch_token_kernel(const LaunchStep& s, cudaStream_t stream) {
+  const KernelRef& k = s.kernel;
+  const RouteMode mode = static_cast<RouteMode>(k.arg2);
+  if (mode == RouteMode::kSelect) return Launch<1, float, RouteMode::kSelect>::run(s, stream);
+  cudaError_t err = cudaErrorInvalidValue;  // an instantiation no plan asks for
+  L2R_RANK_SWITCH(k.arg0, kRank, return err, {
+    L2R_FLOAT_DTYPE_SWITCH(static_cast<DType>(k.arg1), scalar_t, return err, {
+      L2R_BOOL_SWITCH(mode == RouteMode::kLogits, kLogits, {
+        constexpr RouteMode kMode = kLogits ? RouteMode::kLogits : RouteMode::kRoute;
+        err = Launch<kRank, scalar_t, kMode>::run(s, stream);
+      });
+    });
+  });
+  return err;
+}
+
+template <int RC, typename T>
+cudaError_t launch_column(const LaunchStep& s, cudaStream_t stream) {
+  route_backward_column_kernel<RC, T><<<grid_of(s), block_of(s), s.smem_bytes, stream>>>(s.params_as<ColumnParams>());
   return cudaGetLastError();
 }
 
-Status checked(cudaError_t e, cudaError_t* err) {
-  *err = e;
-  return e == cudaSuccess ? Status::kOk : Status::kCudaError;
+cudaError_t launch_column_kernel(const LaunchStep& s, cudaStream_t stream) {
+  cudaError_t err = cudaErrorInvalidValue;
+  L2R_FLOAT_DTYPE_SWITCH(static_cast<DType>(s.kernel.arg1), scalar_t, return err, {
+    switch (s.kernel.arg0) {
+      case 1: err = launch_column<1, scalar_t>(s, stream); break;
+      case 2: err = launch_column<2, scalar_t>(s, stream); break;
+      case 4: err = launch_column<4, scalar_t>(s, stream); break;
+      case kGenericChunk: err = launch_column<kGenericChunk, scalar_t>(s, stream); break;
+      default: break;
+    }
+  });
+  return err;
+}
+
+cudaError_t launch_route_step(const LaunchStep& s, cudaStream_t stream) {
+  const dim3 grid = grid_of(s), block = block_of(s);
+  switch (static_cast<RouteKernel>(s.kernel.kernel)) {
+    case RouteKernel::kPrepare:
+      route_prepare_kernel<<<grid, block, s.smem_bytes, stream>>>(s.params_as<PrepareParams>());
+      return cudaGetLastError();
+    case RouteKernel::kForward: return launch_token_kernel<ForwardLaunch>(s, stream);
+    case RouteKernel::kForwardFinalize:
+      route_forward_finalize_kernel<<<grid, block, s.smem_bytes, stream>>>(s.params_as<ForwardFinalizeParams>());
+      return cudaGetLastError();
+    case RouteKernel::kBackwardToken: return launch_token_kernel<BackwardLaunch>(s, stream);
+    case RouteKernel::kBackwardColumn: return launch_column_kernel(s, stream);
+    case RouteKernel::kBackwardFinalize:
+      route_backward_finalize_kernel<<<grid, block, s.smem_bytes, stream>>>(s.params_as<BackwardFinalizeParams>());
+      return cudaGetLastError();
+  }
+  return cudaErrorInvalidValue;
+}
+
+Status run(const LaunchPlan& plan, cudaStream_t stream, cudaError_t* err) {
+  if (!plan.ok()) return plan.status;
+  *err = execute_route_plan(plan, stream);
+  return *err == cudaSuccess ? Status::kOk : Status::kCudaError;
 }
 
 }  // namespace
 
-int route_padded_rank(int rank) {
-  if (rank <= 32) {
-    int rp = 1;
-    while (rp < rank) rp *= 2;
-    return rp;
-  }
-  return (rank + kGenericChunk - 1) / kGenericChunk * kGenericChunk;
+cudaError_t execute_route_plan(const LaunchPlan& plan, cudaStream_t stream) {
+  return execute_plan(plan, stream, launch_route_step);
 }
-
-int64_t route_forward_workspace_floats(RouteMode mode, const RouteShape& s) { return forward_workspace(mode, s).total; }
-
-int64_t route_backward_workspace_floats(RouteMode mode, const RouteShape& s) { return backward_workspace(mode, s).total; }
 
 Status launch_route_forward(RouteMode mode, const RouteShape& shape, const RouteOptions& opt,
                             const RouteForwardBuffers& buf, cudaStream_t stream, cudaError_t* err) {
-  *err = cudaSuccess;
-  if (shape.tokens == 0) {  // no tokens: one statistics group of zeros
-    if (mode == RouteMode::kLogits) return Status::kOk;
-    cudaMemsetAsync(buf.mean_probs, 0, sizeof(float) * shape.experts, stream);
-    cudaMemsetAsync(buf.tokens_per_expert, 0, sizeof(int64_t) * shape.experts, stream);
-    return checked(cudaGetLastError(), err);
-  }
-  const int rp = route_padded_rank(shape.rank);
-  const ForwardWorkspace ws = forward_workspace(mode, shape);
-  const bool scores = mode != RouteMode::kSelect;
-  ForwardParams p{};
-  p.x = buf.x;
-  p.proj_w = buf.workspace + ws.proj_w;
-  p.anchor_hat = buf.workspace + ws.anchor_hat;
-  p.bias = buf.expert_bias;
-  p.scale = buf.scale;
-  p.logits_in = buf.logits_in;
-  p.padding = buf.padding;
-  p.weights = buf.weights;
-  p.indices = buf.indices;
-  p.lse = buf.lse;
-  p.q_out = buf.q;
-  p.rstd_out = buf.rstd;
-  p.logits_out = buf.logits_out;
-  p.prob_partials = buf.workspace + ws.prob_partials;
-  p.count_partials = reinterpret_cast<int*>(buf.workspace + ws.count_partials);
-  p.token_partials = reinterpret_cast<int*>(buf.workspace + ws.token_partials);
-  p.chunks = forward_chunks(shape);
-  p.c = kernel_config(shape, opt, rp);
-  if (mode == RouteMode::kLogits) p.c.top_k = 0;
-  p.vec = scores && rows_aligned(buf.x, shape.d, buf.x_type);
-  p.warp_stride = align4(4LL * shape.experts + p.c.top_k + rp);
-
-  int64_t limit = 0, per_sm = 0;
-  const cudaError_t limits = smem_limits(&limit, &per_sm);
-  if (limits != cudaSuccess) return checked(limits, err);
-  const int64_t budget = smem_budget(limit, per_sm, forward_min_blocks(template_rank(rp)));
-  const int64_t num_anchor_rows = static_cast<int64_t>(shape.experts) * shape.anchors;
-  const int64_t smem = place_smem(limit, budget, p.warp_stride, kWarpsPerBlock, &p.warp_smem,
-                                  {{scores ? num_anchor_rows * rp : 0, &p.anchor_smem},
-                                   {scores ? rp * shape.d : 0, &p.proj_smem}});
-  if (smem < 0) return Status::kSharedMemoryTooSmall;
-
-  if (scores) {
-    const int64_t prep_items = std::max<int64_t>(rp * shape.d, num_anchor_rows * rp);
-    route_prepare_kernel<<<elementwise_blocks(prep_items), 256, 0, stream>>>(
-        buf.proj, opt.use_norm() ? buf.norm_weight : nullptr, buf.anchors, shape.rank, rp, shape.d,
-        shape.experts, shape.anchors, p.c.beta, p.c.eps, buf.workspace + ws.proj_w, buf.workspace + ws.anchor_hat);
-    if (checked(cudaGetLastError(), err) != Status::kOk) return Status::kCudaError;
-  }
-  const Status st = dispatch_kernel<ForwardLaunch>(mode, rp, buf.x_type, p, static_cast<int>(p.chunks.count),
-                                                   smem, stream, err);
-  if (st != Status::kOk || mode == RouteMode::kLogits) return st;
-  const int64_t items = (p.chunks.count / p.chunks.per_seq) * shape.experts;
-  route_forward_finalize_kernel<<<elementwise_blocks(items), 256, 0, stream>>>(
-      p.prob_partials, p.count_partials, p.token_partials, p.chunks, shape.experts, buf.mean_probs,
-      buf.tokens_per_expert);
-  return checked(cudaGetLastError(), err);
+  DeviceLimits limits;
+  *err = current_device_limits(&limits);
+  if (*err != cudaSuccess) return Status::kCudaError;
+  return run(route_forward_launches(mode, shape, opt, buf, limits), stream, err);
 }
 
 Status launch_route_backward(RouteMode mode, const RouteShape& shape, const RouteOptions& opt,
                              const RouteBackwardBuffers& buf, cudaStream_t stream, cudaError_t* err) {
-  *err = cudaSuccess;
-  if (shape.tokens == 0) {  // no tokens: zero parameter gradients
-    if (mode != RouteMode::kSelect && buf.need_param_grads) {
-      cudaMemsetAsync(buf.grad_proj, 0, sizeof(float) * shape.rank * shape.d, stream);
-      cudaMemsetAsync(buf.grad_anchors, 0, sizeof(float) * shape.experts * shape.anchors * shape.rank, stream);
-      cudaMemsetAsync(buf.grad_scale, 0, sizeof(float), stream);
-      if (opt.use_norm() && buf.norm_weight) cudaMemsetAsync(buf.grad_norm_weight, 0, sizeof(float) * shape.d, stream);
-    }
-    return checked(cudaGetLastError(), err);
-  }
-  const int rp = route_padded_rank(shape.rank);
-  const bool scores = mode != RouteMode::kSelect;
-  const BackwardWorkspace ws = backward_workspace(mode, shape);
-  const float* g = opt.use_norm() ? buf.norm_weight : nullptr;
-  BackwardParams p{};
-  p.grad_weights = buf.grad_weights;
-  p.grad_mean_probs = buf.grad_mean_probs;
-  p.grad_lse = buf.grad_lse;
-  p.grad_logits = buf.grad_logits;
-  p.x = buf.x;
-  p.proj_w = buf.workspace + ws.proj_w;
-  p.anchor_hat = buf.workspace + ws.anchor_hat;
-  p.scale = buf.scale;
-  p.logits_in = buf.logits_in;
-  p.padding = buf.padding;
-  p.indices = buf.indices;
-  p.q_saved = buf.q;
-  p.rstd_saved = buf.rstd;
-  p.grad_x = buf.grad_x;
-  p.grad_logits_out = buf.grad_logits_out;
-  p.grad_q = buf.workspace + ws.grad_q;
-  p.anchor_slots = buf.workspace + ws.anchor_slots;
-  p.scale_slots = buf.workspace + ws.scale_slots;
-  p.bad_index = buf.bad_index;
-  p.c = kernel_config(shape, opt, rp);
-  p.need_grad_x = scores && buf.need_grad_x;
-  p.need_param_grads = scores && buf.need_param_grads;
-  p.vec = scores && rows_aligned(buf.x, shape.d, buf.x_type) &&
-          (!p.need_grad_x || rows_aligned(buf.grad_x, shape.d, buf.x_type));
-  const bool generic = rp > 32;
-  p.warp_stride = align4(5LL * shape.experts + 3LL * rp + (generic ? kWarp * rp : 0));
-
-  int64_t limit = 0, per_sm = 0;
-  const cudaError_t limits = smem_limits(&limit, &per_sm);
-  if (limits != cudaSuccess) return checked(limits, err);
-  const int64_t budget = smem_budget(limit, per_sm, backward_min_blocks(template_rank(rp)));
-  const int64_t acc_size = static_cast<int64_t>(shape.experts) * shape.anchors * rp;
-  const int64_t smem = place_smem(limit, budget, p.warp_stride, 0, &p.warp_smem,
-                                  {{p.need_param_grads ? acc_size * kWarpsPerBlock : 0, &p.acc_smem},
-                                   {scores ? acc_size : 0, &p.anchor_smem},
-                                   {scores ? rp * shape.d : 0, &p.proj_smem}});
-  if (smem < 0) return Status::kSharedMemoryTooSmall;
-
-  if (scores) {
-    const int64_t prep_items = std::max<int64_t>(rp * shape.d, acc_size);
-    route_prepare_kernel<<<elementwise_blocks(prep_items), 256, 0, stream>>>(
-        buf.proj, g, buf.anchors, shape.rank, rp, shape.d, shape.experts, shape.anchors, p.c.beta, p.c.eps,
-        buf.workspace + ws.proj_w, buf.workspace + ws.anchor_hat);
-    if (checked(cudaGetLastError(), err) != Status::kOk) return Status::kCudaError;
-  }
-  const int blocks = backward_blocks(shape.tokens);
-  Status st = dispatch_kernel<BackwardLaunch>(mode, rp, buf.x_type, p, blocks, smem, stream, err);
-  if (st != Status::kOk || !p.need_param_grads) return st;
-
-  const ColumnChunks chunks = column_chunks(shape.tokens);
-  float* column_partials = buf.workspace + ws.column_partials;
-  cudaError_t e = cudaSuccess;
-  L2R_FLOAT_DTYPE_SWITCH(buf.x_type, scalar_t, return Status::kUnsupportedDType, {
-    e = launch_column<scalar_t>(buf.x, buf.rstd, p.grad_q, shape.tokens, shape.d, rp, chunks, opt.use_norm(),
-                                column_partials, stream);
-  });
-  if (checked(e, err) != Status::kOk) return Status::kCudaError;
-  const int64_t items = shape.d + static_cast<int64_t>(shape.experts) * shape.anchors + 1;
-  route_backward_finalize_kernel<<<elementwise_blocks(items), 256, 0, stream>>>(
-      column_partials, chunks.count, p.anchor_slots, p.scale_slots, static_cast<int64_t>(blocks) * kWarpsPerBlock,
-      buf.proj, g, buf.anchors, shape.rank, rp, shape.d, shape.experts, shape.anchors, p.c.beta, p.c.eps,
-      buf.workspace + ws.acc_total, buf.grad_proj, buf.grad_norm_weight, buf.grad_anchors, buf.grad_scale);
-  return checked(cudaGetLastError(), err);
+  DeviceLimits limits;
+  *err = current_device_limits(&limits);
+  if (*err != cudaSuccess) return Status::kCudaError;
+  return run(route_backward_launches(mode, shape, opt, buf, limits), stream, err);
 }
 
 }  // namespace route
 }  // namespace l2r
+#endif  // !__CUDACC_RTC__

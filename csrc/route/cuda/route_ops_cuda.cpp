@@ -1,23 +1,24 @@
 // ATen glue of the CUDA route kernels (route_cuda.cu; this file is not route_cuda.cpp because both
 // would compile to route_cuda.o): argument checks shared with the CPU op (route_checks.h), fp32
-// copies of the parameters, output and workspace allocation, launch on the current stream. No host
-// synchronization and no data-dependent host control flow, so every op can be captured in a CUDA
-// graph (scale stays on the device; an out-of-range backward index is reported by an asynchronous
-// device-side assertion). Only c10/cuda headers: ATen/cuda/CUDAContext.h would pull in
-// cuSPARSE/cuBLAS headers that a minimal toolkit lacks.
+// copies of the parameters, output and workspace allocation, a launch plan (route_launch_plan.h)
+// run on the current stream by whichever executor serves CUDA tensors (the nvcc kernels, or
+// l2r_cuda.jit's NVRTC build in a CPU-only build). No CUDA headers: compiled in every build. No
+// host synchronization and no data-dependent host control flow, so every op can be captured in a
+// CUDA graph (scale stays on the device; an out-of-range backward index is reported by an
+// asynchronous device-side assertion).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <array>
 #include <string>
 
 #include "../../common/aten_dtype.h"
+#include "../../launch/cuda_op_registration.h"
+#include "../../launch/cuda_plan.h"
 #include "../route_checks.h"
 #include "../route_outputs.h"
-#include "route_cuda.h"
+#include "route_launch_plan.h"
 
 namespace l2r {
 namespace route {
@@ -73,13 +74,23 @@ void fill_routing(RouteForwardBuffers& b, const RoutingOutputs& out, const at::T
   b.lse = out.lse.data_ptr<float>();
 }
 
-void check_launch(Status status, cudaError_t err, const char* op, const RouteShape& s) {
-  TORCH_CHECK(status != Status::kSharedMemoryTooSmall, "l2r_cuda.", op, ": E = ", s.experts, ", k = ", s.top_k,
-              ", r = ", s.rank, ": ", status_message(status));
-  TORCH_CHECK(status != Status::kCudaError, "l2r_cuda.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
-  TORCH_CHECK(status == Status::kOk, "l2r_cuda.", op, ": ", status_message(status));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+// The executor serving CUDA tensors and its device's limits, for one op call.
+struct Launcher {
+  PlanExecutor& executor;
+  c10::Device device;
+  DeviceLimits limits;
+  const char* op;
+
+  Launcher(const at::Tensor& t, const char* op_name)
+      : executor(cuda_plan_executor(op_name)), device(t.device()), limits(cuda_device_limits(executor, device, op_name)),
+        op(op_name) {}
+
+  void run(const LaunchPlan& plan, const RouteShape& s) const {
+    TORCH_CHECK(plan.status != Status::kSharedMemoryTooSmall, "l2r_cuda.", op, ": E = ", s.experts, ", k = ",
+                s.top_k, ", r = ", s.rank, ": ", status_message(plan.status));
+    run_cuda_plan(executor, plan, device, op);
+  }
+};
 
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
@@ -95,7 +106,7 @@ ForwardResult route_forward_cuda(const at::Tensor& x_in, const at::Tensor& proj,
       score, normalize, num_groups, topk_groups, group_score, routed_scaling_factor, seq_len);
   check_cuda_input(x_in, "route");
   const RouteShape& s = call.shape;
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::DeviceGuard guard(x_in.device());
   const auto f = x_in.options().dtype(at::kFloat);
   const int64_t T = s.tokens;
   const RoutingOutputs out(s, seq_len, x_in, at::kFloat);
@@ -112,10 +123,8 @@ ForwardResult route_forward_cuda(const at::Tensor& x_in, const at::Tensor& proj,
   b.q = q.data_ptr<float>();
   b.rstd = rstd.data_ptr<float>();
   b.workspace = workspace.data_ptr<float>();
-  cudaError_t err = cudaSuccess;
-  const Status st = launch_route_forward(RouteMode::kRoute, s, call.opt, b,
-                                         c10::cuda::getCurrentCUDAStream().stream(), &err);
-  check_launch(st, err, "route", s);
+  const Launcher launcher(x_in, "route");
+  launcher.run(route_forward_launches(RouteMode::kRoute, s, call.opt, b, launcher.limits), s);
   return result();
 }
 
@@ -133,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_logits_cuda(
   o.eps = eps;
   o.tau = tau;
   o.norm = parse_norm(norm, op);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::DeviceGuard guard(x_in.device());
   const auto f = x_in.options().dtype(at::kFloat);
   at::Tensor logits = at::empty({s.tokens, s.experts}, f);
   at::Tensor q = at::empty({s.tokens, s.rank}, f);
@@ -147,9 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_logits_cuda(
   b.rstd = rstd.data_ptr<float>();
   b.logits_out = logits.data_ptr<float>();
   b.workspace = workspace.data_ptr<float>();
-  cudaError_t err = cudaSuccess;
-  const Status st = launch_route_forward(RouteMode::kLogits, s, o, b, c10::cuda::getCurrentCUDAStream().stream(), &err);
-  check_launch(st, err, op, s);
+  const Launcher launcher(x_in, op);
+  launcher.run(route_forward_launches(RouteMode::kLogits, s, o, b, launcher.limits), s);
   return {logits, q, rstd};
 }
 
@@ -164,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_sel
                                                  seq_len);
   check_cuda_input(logits_in, op);
   const RouteShape& s = call.shape;
-  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const c10::DeviceGuard guard(logits_in.device());
   const auto f = logits_in.options().dtype(at::kFloat);
   const RoutingOutputs out(s, seq_len, logits_in, at::kFloat);
   if (s.tokens == 0) return out.tuple();
@@ -174,9 +182,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_sel
   b.logits_in = logits.data_ptr<float>();
   fill_routing(b, out, bias32, padding);
   b.workspace = workspace.data_ptr<float>();
-  cudaError_t err = cudaSuccess;
-  const Status st = launch_route_forward(RouteMode::kSelect, s, call.opt, b, c10::cuda::getCurrentCUDAStream().stream(), &err);
-  check_launch(st, err, op, s);
+  const Launcher launcher(logits_in, op);
+  launcher.run(route_forward_launches(RouteMode::kSelect, s, call.opt, b, launcher.limits), s);
   return out.tuple();
 }
 
@@ -216,9 +223,8 @@ BackwardResult run_scoring_backward(RouteMode mode, const RouteCall& call, Route
     b.grad_norm_weight = has_norm_weight ? grad_norm_weight.data_ptr<float>() : nullptr;
     b.bad_index = bad_index.data_ptr<int32_t>();
     b.workspace = workspace.data_ptr<float>();
-    cudaError_t err = cudaSuccess;
-    const Status st = launch_route_backward(mode, s, call.opt, b, c10::cuda::getCurrentCUDAStream().stream(), &err);
-    check_launch(st, err, op, s);
+    const Launcher launcher(x_in, op);
+    launcher.run(route_backward_launches(mode, s, call.opt, b, launcher.limits), s);
     at::_assert_async(bad_index.eq(0).squeeze(0), "l2r_cuda.route_backward: indices has a value outside [0, E)");
   }
   return scoring_grads_as_inputs(grad_x, grad_proj, grad_anchors, grad_scale, grad_norm_weight, proj, anchors, scale,
@@ -237,7 +243,7 @@ BackwardResult route_backward_cuda(
       grad_weights, grad_mean_probs, grad_lse, x_in, proj, anchors, scale, norm_weight, padding_mask, indices_in,
       q_in, rstd_in, beta, norm, eps, tau, score, normalize, routed_scaling_factor, seq_len);
   check_cuda_input(x_in, "route_backward");
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::DeviceGuard guard(x_in.device());
   const at::Tensor gw = as_f32(grad_weights), gl = as_f32(grad_lse);
   const at::Tensor gm = grad_mean_probs.has_value() && call.shape.tokens > 0
                             ? mean_grad_per_token(*grad_mean_probs, call.shape, padding_mask, at::kFloat)
@@ -267,7 +273,7 @@ BackwardResult route_logits_backward_cuda(const at::Tensor& grad_logits, const a
   call.opt.tau = tau;
   call.opt.norm = parse_norm(norm, op);
   check_cuda_input(x_in, op);
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  const c10::DeviceGuard guard(x_in.device());
   const at::Tensor gl = as_f32(grad_logits);
   RouteBackwardBuffers b;
   b.grad_logits = gl.data_ptr<float>();
@@ -287,7 +293,7 @@ at::Tensor route_select_backward_cuda(const c10::optional<at::Tensor>& grad_weig
                                                           routed_scaling_factor, seq_len);
   check_cuda_input(logits_in, op);
   const RouteShape& s = call.shape;
-  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const c10::DeviceGuard guard(logits_in.device());
   at::Tensor grad_logits = at::zeros({s.tokens, s.experts}, logits_in.options().dtype(at::kFloat));
   if (s.tokens == 0) return grad_logits;
   const at::Tensor logits = as_f32(logits_in), gw = as_f32(grad_weights), gl = as_f32(grad_lse);
@@ -307,16 +313,15 @@ at::Tensor route_select_backward_cuda(const c10::optional<at::Tensor>& grad_weig
   b.grad_logits_out = grad_logits.data_ptr<float>();
   b.bad_index = bad_index.data_ptr<int32_t>();
   b.workspace = workspace.data_ptr<float>();
-  cudaError_t err = cudaSuccess;
-  const Status st = launch_route_backward(RouteMode::kSelect, s, call.opt, b, c10::cuda::getCurrentCUDAStream().stream(), &err);
-  check_launch(st, err, op, s);
+  const Launcher launcher(logits_in, op);
+  launcher.run(route_backward_launches(RouteMode::kSelect, s, call.opt, b, launcher.limits), s);
   at::_assert_async(bad_index.eq(0).squeeze(0), "l2r_cuda.route_from_logits backward: indices has a value outside [0, E)");
   return grad_logits;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(l2r_cuda, CUDA, m) {
+void register_route_cuda_ops(torch::Library& m) {
   m.impl("route_forward", &route_forward_cuda);
   m.impl("route_backward", &route_backward_cuda);
   m.impl("route_logits", &route_logits_cuda);
@@ -327,3 +332,7 @@ TORCH_LIBRARY_IMPL(l2r_cuda, CUDA, m) {
 
 }  // namespace route
 }  // namespace l2r
+
+#if defined(L2R_WITH_CUDA)
+TORCH_LIBRARY_IMPL(l2r_cuda, CUDA, m) { l2r::route::register_route_cuda_ops(m); }
+#endif

@@ -1,0 +1,141 @@
+// What the CUDA permute kernels (permute_kernels.cu) and their launch plans
+// (permute_launch_plan.h) share: block sizes and each kernel's parameter struct. Every kernel takes
+// one struct by value, passed with <<<>>> (nvcc) or as raw bytes through cuLaunchKernel (NVRTC,
+// l2r_cuda/jit): fixed-width fields, offsets pinned below for every compiler.
+//
+// Included by nvcc, NVRTC and g++: no host-only headers.
+#pragma once
+
+#include "../../common/hd.h"
+
+namespace l2r {
+namespace permute {
+
+constexpr int kChunk = 256;         // rows per block of the counting sort (= its block size)
+constexpr int kScanThreads = 1024;  // the single-block scan
+constexpr int kSelectThreads = 256;
+constexpr int kRowThreads = 256;    // row copy / gather blocks
+constexpr int kIndexThreads = 256;  // group / inverse blocks
+constexpr int64_t kMaxGrid = 65535 * 16;
+
+L2R_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// chunk_rank_kernel<index_t>: expert, rank in chunk and chunk histogram of rows [0, n) of `in`.
+struct ChunkRankParams {
+  const void* in;  // index_t [n]
+  int32_t* expert_out;
+  int32_t* local;
+  int64_t* hist;
+  int32_t* error_flag;  // or null
+  int64_t n, experts;
+};
+
+// scan_kernel (one block): per-expert chunk prefixes, counts, offsets, dropped.
+struct ScanParams {
+  int64_t* hist;
+  const int64_t* counts_all;  // or null
+  int64_t* counts;
+  int64_t* offsets;
+  int64_t* dropped;  // or null
+  int64_t chunks, experts, align, capacity;
+};
+
+// finalize_kernel: row_map from chunk prefixes and ranks.
+struct FinalizeParams {
+  const int32_t* expert;
+  const int32_t* local;
+  const int64_t* hist;
+  const int64_t* offsets;
+  int64_t* row_map;
+  int64_t n, experts, capacity;
+};
+
+// group_kernel: grouped[row_map[r]] = r.
+struct GroupParams {
+  const int64_t* row_map;
+  int64_t* grouped;
+  int64_t n;
+};
+
+// select_kernel (one block per expert): the kept rows of experts over capacity.
+struct SelectParams {
+  const int64_t* grouped;
+  const int64_t* starts;
+  const int64_t* counts;
+  const float* w;
+  int32_t* expert;
+  int64_t capacity;
+};
+
+// inverse_kernel: src[row_map[r]] = r / divisor.
+struct InverseParams {
+  const int64_t* row_map;
+  int64_t* src;
+  int64_t n, divisor, num_rows;
+};
+
+// copy_rows_kernel<V>: out rows from x rows through src.
+struct CopyRowsParams {
+  const void* x;
+  const int64_t* src;
+  void* out;
+  int64_t x_stride_bytes, num_rows, vecs;
+  int32_t tpr;
+};
+
+// gather_reduce_kernel<scalar_t, N>: out[t] = sum_j w[t, j] * y[row_map[t, j]].
+struct GatherReduceParams {
+  const void* y;
+  const int64_t* row_map;
+  const void* w;  // accumulation type [T*k], or null (1)
+  void* out;
+  int64_t y_stride, y_rows, T, k, d;
+  int32_t tpr;
+};
+
+// grad_rows_kernel<scalar_t, N>: grad_y[row] = w[r] * grad_out[r / k].
+struct GradRowsParams {
+  const void* grad_out;
+  const int64_t* src;
+  const void* w;  // accumulation type
+  void* grad_y;
+  int64_t rows, k, d;
+  int32_t tpr;
+};
+
+// grad_weights_kernel<scalar_t>: grad_w[r] = <y[row_map[r]], grad_out[r / k]>.
+struct GradWeightsParams {
+  const void* grad_out;
+  const void* y;
+  const int64_t* row_map;
+  void* grad_w;  // accumulation type
+  int64_t y_stride, y_rows, n, k, d;
+};
+
+// The layout every compiler must agree on (LP64 host and 64-bit device).
+L2R_FIELD_AT(ChunkRankParams, n, 40);
+static_assert(sizeof(ChunkRankParams) == 56, "ChunkRankParams");
+L2R_FIELD_AT(ScanParams, chunks, 40);
+static_assert(sizeof(ScanParams) == 72, "ScanParams");
+L2R_FIELD_AT(FinalizeParams, n, 40);
+static_assert(sizeof(FinalizeParams) == 64, "FinalizeParams");
+L2R_FIELD_AT(GroupParams, n, 16);
+static_assert(sizeof(GroupParams) == 24, "GroupParams");
+L2R_FIELD_AT(SelectParams, capacity, 40);
+static_assert(sizeof(SelectParams) == 48, "SelectParams");
+L2R_FIELD_AT(InverseParams, n, 16);
+static_assert(sizeof(InverseParams) == 40, "InverseParams");
+L2R_FIELD_AT(CopyRowsParams, x_stride_bytes, 24);
+L2R_FIELD_AT(CopyRowsParams, tpr, 48);
+static_assert(sizeof(CopyRowsParams) == 56, "CopyRowsParams");
+L2R_FIELD_AT(GatherReduceParams, y_stride, 32);
+L2R_FIELD_AT(GatherReduceParams, tpr, 72);
+static_assert(sizeof(GatherReduceParams) == 80, "GatherReduceParams");
+L2R_FIELD_AT(GradRowsParams, rows, 32);
+L2R_FIELD_AT(GradRowsParams, tpr, 56);
+static_assert(sizeof(GradRowsParams) == 64, "GradRowsParams");
+L2R_FIELD_AT(GradWeightsParams, y_stride, 32);
+static_assert(sizeof(GradWeightsParams) == 72, "GradWeightsParams");
+
+}  // namespace permute
+}  // namespace l2r

@@ -1,0 +1,506 @@
+// The launch plans of the CUDA route kernels (route_cuda.cu): which instantiations run, grids,
+// shared-memory budgets and placement, parameter structs and workspace layout, decided once for
+// both executors (common/launch_plan.h): the nvcc-built kernels and l2r_cuda.jit's NVRTC build.
+// Raw pointers, the framework-free shape and options of route_options.h and the device's limits
+// only: no torch, no CUDA headers. Header-only so that the SIMT emulator builds route_cuda.cu alone.
+//
+// Every float buffer is float32 and contiguous.
+#pragma once
+
+#include <algorithm>
+#include <initializer_list>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "../../common/dtype.h"
+#include "../../common/launch_plan.h"
+#include "../route_options.h"
+#include "route_kernel_params.h"
+
+namespace l2r {
+namespace route {
+
+struct RouteForwardBuffers {
+  // inputs
+  const void* x = nullptr;             // [T, d] (kRoute, kLogits)
+  DType x_type = DType::kFloat32;
+  const float* proj = nullptr;         // [r, d]
+  const float* anchors = nullptr;      // [E, H, r]
+  const float* norm_weight = nullptr;  // [d] or null
+  const float* scale = nullptr;        // [1] (device: no host read, CUDA-graph safe)
+  const float* logits_in = nullptr;    // [T, E] (kSelect)
+  const float* expert_bias = nullptr;  // [E] or null
+  const bool* padding = nullptr;       // [T] or null (true: out of the statistics)
+  // outputs
+  float* weights = nullptr;            // [T, k]
+  int64_t* indices = nullptr;          // [T, k]
+  int64_t* tokens_per_expert = nullptr;// [groups, E]
+  float* mean_probs = nullptr;         // [groups, E]
+  float* lse = nullptr;                // [T]
+  float* q = nullptr;                  // [T, r]
+  float* rstd = nullptr;               // [T]
+  float* logits_out = nullptr;         // [T, E] (kLogits)
+  float* workspace = nullptr;          // route_forward_workspace_floats()
+};
+
+struct RouteBackwardBuffers {
+  const float* grad_weights = nullptr;     // [T, k] or null
+  const float* grad_mean_probs = nullptr;  // [groups, E] already divided by each group's token
+                                           // count (route_checks.h mean_grad_per_token), or null
+  const float* grad_lse = nullptr;         // [T] or null
+  const float* grad_logits = nullptr;      // [T, E] (kLogits: dL/dl given)
+  const void* x = nullptr;
+  DType x_type = DType::kFloat32;
+  const float* proj = nullptr;
+  const float* anchors = nullptr;
+  const float* norm_weight = nullptr;
+  const float* scale = nullptr;
+  const float* logits_in = nullptr;        // kSelect
+  const bool* padding = nullptr;
+  const int64_t* indices = nullptr;        // [T, k]
+  const float* q = nullptr;                // [T, r]
+  const float* rstd = nullptr;             // [T]
+  bool need_grad_x = true;
+  bool need_param_grads = true;
+  // outputs
+  void* grad_x = nullptr;                  // [T, d] in x's type
+  float* grad_proj = nullptr;              // [r, d]
+  float* grad_anchors = nullptr;           // [E, H, r]
+  float* grad_scale = nullptr;             // [1]
+  float* grad_norm_weight = nullptr;       // [d] (when norm_weight and norm)
+  float* grad_logits_out = nullptr;        // [T, E] (kSelect)
+  int32_t* bad_index = nullptr;            // set to 1 when indices has a value outside [0, E)
+  float* workspace = nullptr;              // route_backward_workspace_floats()
+};
+
+// ---- kernel instantiations -----------------------------------------------------------------------
+
+// KernelRef.kernel of route_cuda.cu; arg0: template rank (R, or RC of the column kernel), arg1: x's
+// DType, arg2: RouteMode. Kernels without template arguments leave them 0.
+enum class RouteKernel : int32_t {
+  kPrepare = 0,
+  kForward = 1,
+  kForwardFinalize = 2,
+  kBackwardToken = 3,
+  kBackwardColumn = 4,
+  kBackwardFinalize = 5,
+};
+
+// Template ranks of the forward/backward token kernels (L2R_RANK_SWITCH) and of the column kernel,
+// and the x types of the scoring kernels (L2R_FLOAT_DTYPE_SWITCH).
+constexpr int kTemplateRanks[] = {1, 2, 4, 8, 16, 32, 0};
+constexpr int kColumnRanks[] = {1, 2, 4, kGenericChunk};
+constexpr DType kScoreTypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+
+inline KernelRef route_kernel(RouteKernel k, int rank = 0, DType type = DType::kFloat32,
+                              RouteMode mode = RouteMode::kRoute) {
+  return KernelRef{static_cast<int32_t>(k), rank, static_cast<int32_t>(type), static_cast<int32_t>(mode)};
+}
+
+// The forward/backward token kernel of (mode, padded rank, x type): kSelect has no x and no rank.
+inline KernelRef token_kernel(RouteKernel k, RouteMode mode, int rp, DType x_type) {
+  if (mode == RouteMode::kSelect) return route_kernel(k, 1, DType::kFloat32, RouteMode::kSelect);
+  return route_kernel(k, template_rank(rp), x_type, mode);
+}
+
+// Every instantiation route_cuda.cu's executor can launch (what NVRTC compiles).
+inline std::vector<KernelRef> route_kernels() {
+  std::vector<KernelRef> all = {route_kernel(RouteKernel::kPrepare), route_kernel(RouteKernel::kForwardFinalize),
+                                route_kernel(RouteKernel::kBackwardFinalize)};
+  for (RouteKernel k : {RouteKernel::kForward, RouteKernel::kBackwardToken}) {
+    all.push_back(token_kernel(k, RouteMode::kSelect, 1, DType::kFloat32));
+    for (int rank : kTemplateRanks) {
+      for (DType type : kScoreTypes) {
+        for (RouteMode mode : {RouteMode::kRoute, RouteMode::kLogits}) all.push_back(route_kernel(k, rank, type, mode));
+      }
+    }
+  }
+  for (int rc : kColumnRanks) {
+    for (DType type : kScoreTypes) all.push_back(route_kernel(RouteKernel::kBackwardColumn, rc, type));
+  }
+  return all;
+}
+
+inline const char* device_type_name(DType t) {
+  switch (t) {
+    case DType::kFloat32: return "float";
+    case DType::kFloat64: return "double";
+    case DType::kFloat16: return "__half";
+    case DType::kBFloat16: return "__nv_bfloat16";
+  }
+  return "?";
+}
+
+// The C++ name of an instantiation (an NVRTC name expression), e.g.
+// "l2r::route::route_forward_kernel<4, __half, l2r::route::RouteMode::kRoute>".
+inline std::string route_kernel_name(const KernelRef& ref) {
+  static const char* const modes[] = {"kRoute", "kLogits", "kSelect"};
+  const std::string ns = "l2r::route::";
+  const std::string type = device_type_name(static_cast<DType>(ref.arg1));
+  const std::string mode = ns + "RouteMode::" + modes[ref.arg2 >= 0 && ref.arg2 < 3 ? ref.arg2 : 0];
+  const std::string rank = std::to_string(ref.arg0);
+  switch (static_cast<RouteKernel>(ref.kernel)) {
+    case RouteKernel::kPrepare: return ns + "route_prepare_kernel";
+    case RouteKernel::kForward: return ns + "route_forward_kernel<" + rank + ", " + type + ", " + mode + ">";
+    case RouteKernel::kForwardFinalize: return ns + "route_forward_finalize_kernel";
+    case RouteKernel::kBackwardToken:
+      return ns + "route_backward_token_kernel<" + rank + ", " + type + ", " + mode + ">";
+    case RouteKernel::kBackwardColumn: return ns + "route_backward_column_kernel<" + rank + ", " + type + ">";
+    case RouteKernel::kBackwardFinalize: return ns + "route_backward_finalize_kernel";
+  }
+  return "";
+}
+
+// ---- sizes and workspace -------------------------------------------------------------------------
+
+inline int64_t align4(int64_t n) { return (n + 3) / 4 * 4; }
+
+// The sizes and options every route kernel reads, in the kernels' types.
+inline KernelConfig kernel_config(const RouteShape& s, const RouteOptions& o, int rp) {
+  KernelConfig c;
+  c.tokens = s.tokens;
+  c.d = s.d;
+  c.seq_len = s.seq_len > 0 ? s.seq_len : s.tokens;
+  c.rank = s.rank;
+  c.rp = rp;
+  c.experts = s.experts;
+  c.anchors = s.anchors;
+  c.top_k = s.top_k;
+  c.beta = static_cast<float>(o.beta);
+  c.eps_norm = static_cast<float>(o.eps_norm);
+  c.eps = static_cast<float>(o.eps);
+  c.tau = static_cast<float>(o.tau);
+  c.scaling = static_cast<float>(o.routed_scaling_factor);
+  c.use_norm = o.use_norm();
+  c.sigmoid = o.sigmoid();
+  c.normalize = o.normalize;
+  c.num_groups = o.num_groups;
+  c.topk_groups = o.topk_groups;
+  c.group_score = o.group_score;
+  return c;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Rank the kernels use: r rounded up to 1, 2, 4, 8, 16 or 32 (templated kernels), beyond 32 to a
+// multiple of 8 (generic kernel). proj/anchor rows are zero-padded to it, which changes no result.
+inline int route_padded_rank(int rank) {
+  if (rank <= 32) {
+    int rp = 1;
+    while (rp < rank) rp *= 2;
+    return rp;
+  }
+  return (rank + kGenericChunk - 1) / kGenericChunk * kGenericChunk;
+}
+
+// At least a warp's round of tokens per chunk, at most kMaxForwardBlocks chunks per T.
+inline TokenChunks forward_chunks(const RouteShape& s) {
+  const int64_t size = std::max<int64_t>(kWarpsPerBlock, ceil_div(s.tokens, kMaxForwardBlocks));
+  return make_token_chunks(s, size);
+}
+
+inline int backward_blocks(int64_t tokens) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(tokens, kWarpsPerBlock), kMaxBackwardBlocks)));
+}
+
+struct ColumnChunks {
+  int64_t size;
+  int count;
+};
+
+inline ColumnChunks column_chunks(int64_t tokens) {
+  const int64_t count = std::max<int64_t>(1, std::min<int64_t>(kMaxColumnChunks, ceil_div(tokens, kMinColumnChunk)));
+  return {ceil_div(tokens, count), static_cast<int>(count)};
+}
+
+// Workspace regions (floats, each 16-byte aligned).
+struct ForwardWorkspace {
+  int64_t proj_w, anchor_hat, prob_partials, count_partials, token_partials, total;
+};
+
+inline ForwardWorkspace forward_workspace(RouteMode mode, const RouteShape& s) {
+  const int rp = route_padded_rank(s.rank);
+  const int64_t chunks = forward_chunks(s).count;
+  const bool scores = mode != RouteMode::kSelect;
+  ForwardWorkspace w;
+  w.proj_w = 0;
+  w.anchor_hat = w.proj_w + (scores ? align4(rp * s.d) : 0);
+  w.prob_partials = w.anchor_hat + (scores ? align4(static_cast<int64_t>(s.experts) * s.anchors * rp) : 0);
+  w.count_partials = w.prob_partials + align4(chunks * s.experts);
+  w.token_partials = w.count_partials + align4(chunks * s.experts);
+  w.total = w.token_partials + align4(chunks);
+  return w;
+}
+
+struct BackwardWorkspace {
+  int64_t proj_w, anchor_hat, grad_q, column_partials, anchor_slots, scale_slots, acc_total, total;
+};
+
+inline BackwardWorkspace backward_workspace(RouteMode mode, const RouteShape& s) {
+  const int rp = route_padded_rank(s.rank);
+  const int64_t slots = static_cast<int64_t>(backward_blocks(s.tokens)) * kWarpsPerBlock;
+  const int64_t acc = static_cast<int64_t>(s.experts) * s.anchors * rp;
+  BackwardWorkspace w{};
+  if (mode == RouteMode::kSelect) return w;
+  w.proj_w = 0;
+  w.anchor_hat = w.proj_w + align4(rp * s.d);
+  w.grad_q = w.anchor_hat + align4(acc);
+  w.column_partials = w.grad_q + align4(s.tokens * rp);
+  w.anchor_slots = w.column_partials + align4(static_cast<int64_t>(column_chunks(s.tokens).count) * rp * s.d);
+  w.scale_slots = w.anchor_slots + align4(slots * acc);
+  w.acc_total = w.scale_slots + align4(slots);
+  w.total = w.acc_total + align4(acc);
+  return w;
+}
+
+// Scratch (in floats) the plans need; the caller allocates it (any contents).
+inline int64_t route_forward_workspace_floats(RouteMode mode, const RouteShape& s) {
+  return forward_workspace(mode, s).total;
+}
+inline int64_t route_backward_workspace_floats(RouteMode mode, const RouteShape& s) {
+  return backward_workspace(mode, s).total;
+}
+
+// ---- shared memory -------------------------------------------------------------------------------
+
+// Optional shared memory per block: what leaves room for min_blocks blocks per SM (1 KiB of each
+// block's share is reserved by the hardware).
+inline int64_t smem_budget(const DeviceLimits& limits, int min_blocks) {
+  const int64_t share = limits.smem_per_sm / min_blocks - 1024;
+  return share < limits.smem_per_block_optin ? share : limits.smem_per_block_optin;
+}
+
+// Places the optional shared-memory arrays after the mandatory per-warp scratch (plus `extra`
+// floats), in priority order, while the total stays within budget_bytes. Returns the total bytes,
+// or -1 when the mandatory part alone exceeds limit_bytes.
+inline int64_t place_smem(int64_t limit_bytes, int64_t budget_bytes, int64_t warp_floats, int64_t extra,
+                          int64_t* warp_off, std::initializer_list<std::pair<int64_t, int64_t*>> optional) {
+  *warp_off = 0;
+  int64_t used = align4(warp_floats) * kWarpsPerBlock + align4(extra);
+  if (used * 4 > limit_bytes) return -1;
+  for (const auto& item : optional) {
+    const int64_t n = align4(item.first);
+    if (item.first > 0 && (used + n) * 4 <= budget_bytes) {
+      *item.second = used;
+      used += n;
+    } else {
+      *item.second = -1;
+    }
+  }
+  return used * 4;
+}
+
+inline int elementwise_blocks(int64_t n) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kElementwiseThreads), kMaxElementwiseBlocks)));
+}
+
+inline bool rows_aligned(const void* x, int64_t d, DType type) {
+  const int64_t elem = type == DType::kFloat32 ? 4 : 2;
+  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && (d * elem) % 16 == 0;
+}
+
+inline bool supported_score_type(DType t) {
+  return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
+}
+
+inline void plan_prepare(LaunchPlan& plan, const float* proj, const float* g, const float* anchors,
+                         const RouteShape& s, int rp, float beta, float eps, float* proj_w, float* anchor_hat) {
+  PrepareParams pp{};
+  pp.proj = proj;
+  pp.g = g;
+  pp.anchors = anchors;
+  pp.proj_w = proj_w;
+  pp.anchor_hat = anchor_hat;
+  pp.d = s.d;
+  pp.rank = s.rank;
+  pp.rp = rp;
+  pp.experts = s.experts;
+  pp.anchors_per_expert = s.anchors;
+  pp.beta = beta;
+  pp.eps = eps;
+  const int64_t items = std::max<int64_t>(rp * s.d, static_cast<int64_t>(s.experts) * s.anchors * rp);
+  plan.kernel(route_kernel(RouteKernel::kPrepare), elementwise_blocks(items), kElementwiseThreads, 0, pp);
+}
+
+// ---- plans ---------------------------------------------------------------------------------------
+
+inline LaunchPlan route_forward_launches(RouteMode mode, const RouteShape& shape, const RouteOptions& opt,
+                                     const RouteForwardBuffers& buf, const DeviceLimits& limits) {
+  LaunchPlan plan(KernelSource::kRoute);
+  if (shape.tokens == 0) {  // no tokens: one statistics group of zeros
+    if (mode == RouteMode::kLogits) return plan;
+    plan.memset(buf.mean_probs, 0, static_cast<int64_t>(sizeof(float)) * shape.experts);
+    plan.memset(buf.tokens_per_expert, 0, static_cast<int64_t>(sizeof(int64_t)) * shape.experts);
+    return plan;
+  }
+  const bool scores = mode != RouteMode::kSelect;
+  if (scores && !supported_score_type(buf.x_type)) {
+    plan.status = Status::kUnsupportedDType;
+    return plan;
+  }
+  const int rp = route_padded_rank(shape.rank);
+  const ForwardWorkspace ws = forward_workspace(mode, shape);
+  ForwardParams p{};
+  p.x = buf.x;
+  p.proj_w = buf.workspace + ws.proj_w;
+  p.anchor_hat = buf.workspace + ws.anchor_hat;
+  p.bias = buf.expert_bias;
+  p.scale = buf.scale;
+  p.logits_in = buf.logits_in;
+  p.padding = buf.padding;
+  p.weights = buf.weights;
+  p.indices = buf.indices;
+  p.lse = buf.lse;
+  p.q_out = buf.q;
+  p.rstd_out = buf.rstd;
+  p.logits_out = buf.logits_out;
+  p.prob_partials = buf.workspace + ws.prob_partials;
+  p.count_partials = reinterpret_cast<int*>(buf.workspace + ws.count_partials);
+  p.token_partials = reinterpret_cast<int*>(buf.workspace + ws.token_partials);
+  p.chunks = forward_chunks(shape);
+  p.c = kernel_config(shape, opt, rp);
+  if (mode == RouteMode::kLogits) p.c.top_k = 0;
+  p.vec = scores && rows_aligned(buf.x, shape.d, buf.x_type);
+  p.warp_stride = align4(4LL * shape.experts + p.c.top_k + rp);
+
+  const int64_t budget = smem_budget(limits, forward_min_blocks(template_rank(rp)));
+  const int64_t num_anchor_rows = static_cast<int64_t>(shape.experts) * shape.anchors;
+  const int64_t smem = place_smem(limits.smem_per_block_optin, budget, p.warp_stride, kWarpsPerBlock, &p.warp_smem,
+                                  {{scores ? num_anchor_rows * rp : 0, &p.anchor_smem},
+                                   {scores ? rp * shape.d : 0, &p.proj_smem}});
+  if (smem < 0) {
+    plan.status = Status::kSharedMemoryTooSmall;
+    return plan;
+  }
+  if (scores) {
+    plan_prepare(plan, buf.proj, opt.use_norm() ? buf.norm_weight : nullptr, buf.anchors, shape, rp, p.c.beta,
+                 p.c.eps, buf.workspace + ws.proj_w, buf.workspace + ws.anchor_hat);
+  }
+  plan.kernel(token_kernel(RouteKernel::kForward, mode, rp, buf.x_type), p.chunks.count, kThreads, smem, p);
+  if (mode == RouteMode::kLogits) return plan;
+  ForwardFinalizeParams f{};
+  f.prob_partials = p.prob_partials;
+  f.count_partials = p.count_partials;
+  f.token_partials = p.token_partials;
+  f.mean_probs = buf.mean_probs;
+  f.tokens_per_expert = buf.tokens_per_expert;
+  f.chunks = p.chunks;
+  f.experts = shape.experts;
+  const int64_t items = (p.chunks.count / p.chunks.per_seq) * shape.experts;
+  plan.kernel(route_kernel(RouteKernel::kForwardFinalize), elementwise_blocks(items), kElementwiseThreads, 0, f);
+  return plan;
+}
+
+inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shape, const RouteOptions& opt,
+                                      const RouteBackwardBuffers& buf, const DeviceLimits& limits) {
+  LaunchPlan plan(KernelSource::kRoute);
+  if (shape.tokens == 0) {  // no tokens: zero parameter gradients
+    if (mode != RouteMode::kSelect && buf.need_param_grads) {
+      plan.memset(buf.grad_proj, 0, static_cast<int64_t>(sizeof(float)) * shape.rank * shape.d);
+      plan.memset(buf.grad_anchors, 0, static_cast<int64_t>(sizeof(float)) * shape.experts * shape.anchors * shape.rank);
+      plan.memset(buf.grad_scale, 0, static_cast<int64_t>(sizeof(float)));
+      if (opt.use_norm() && buf.norm_weight) {
+        plan.memset(buf.grad_norm_weight, 0, static_cast<int64_t>(sizeof(float)) * shape.d);
+      }
+    }
+    return plan;
+  }
+  const bool scores = mode != RouteMode::kSelect;
+  if (scores && !supported_score_type(buf.x_type)) {
+    plan.status = Status::kUnsupportedDType;
+    return plan;
+  }
+  const int rp = route_padded_rank(shape.rank);
+  const BackwardWorkspace ws = backward_workspace(mode, shape);
+  const float* g = opt.use_norm() ? buf.norm_weight : nullptr;
+  BackwardParams p{};
+  p.grad_weights = buf.grad_weights;
+  p.grad_mean_probs = buf.grad_mean_probs;
+  p.grad_lse = buf.grad_lse;
+  p.grad_logits = buf.grad_logits;
+  p.x = buf.x;
+  p.proj_w = buf.workspace + ws.proj_w;
+  p.anchor_hat = buf.workspace + ws.anchor_hat;
+  p.scale = buf.scale;
+  p.logits_in = buf.logits_in;
+  p.padding = buf.padding;
+  p.indices = buf.indices;
+  p.q_saved = buf.q;
+  p.rstd_saved = buf.rstd;
+  p.grad_x = buf.grad_x;
+  p.grad_logits_out = buf.grad_logits_out;
+  p.grad_q = buf.workspace + ws.grad_q;
+  p.anchor_slots = buf.workspace + ws.anchor_slots;
+  p.scale_slots = buf.workspace + ws.scale_slots;
+  p.bad_index = buf.bad_index;
+  p.c = kernel_config(shape, opt, rp);
+  p.need_grad_x = scores && buf.need_grad_x;
+  p.need_param_grads = scores && buf.need_param_grads;
+  p.vec = scores && rows_aligned(buf.x, shape.d, buf.x_type) &&
+          (!p.need_grad_x || rows_aligned(buf.grad_x, shape.d, buf.x_type));
+  const bool generic = rp > 32;
+  p.warp_stride = align4(5LL * shape.experts + 3LL * rp + (generic ? kWarp * rp : 0));
+
+  const int64_t budget = smem_budget(limits, backward_min_blocks(template_rank(rp)));
+  const int64_t acc_size = static_cast<int64_t>(shape.experts) * shape.anchors * rp;
+  const int64_t smem = place_smem(limits.smem_per_block_optin, budget, p.warp_stride, 0, &p.warp_smem,
+                                  {{p.need_param_grads ? acc_size * kWarpsPerBlock : 0, &p.acc_smem},
+                                   {scores ? acc_size : 0, &p.anchor_smem},
+                                   {scores ? rp * shape.d : 0, &p.proj_smem}});
+  if (smem < 0) {
+    plan.status = Status::kSharedMemoryTooSmall;
+    return plan;
+  }
+  if (scores) {
+    plan_prepare(plan, buf.proj, g, buf.anchors, shape, rp, p.c.beta, p.c.eps, buf.workspace + ws.proj_w,
+                 buf.workspace + ws.anchor_hat);
+  }
+  const int blocks = backward_blocks(shape.tokens);
+  plan.kernel(token_kernel(RouteKernel::kBackwardToken, mode, rp, buf.x_type), blocks, kThreads, smem, p);
+  if (!p.need_param_grads) return plan;
+
+  const ColumnChunks chunks = column_chunks(shape.tokens);
+  ColumnParams c{};
+  c.x = buf.x;
+  c.rstd = buf.rstd;
+  c.grad_q = p.grad_q;
+  c.partials = buf.workspace + ws.column_partials;
+  c.tokens = shape.tokens;
+  c.d = shape.d;
+  c.chunk = chunks.size;
+  c.rp = rp;
+  c.use_norm = opt.use_norm();
+  const int rc = rp < kGenericChunk ? rp : kGenericChunk;
+  plan.kernel(route_kernel(RouteKernel::kBackwardColumn, rc, buf.x_type),
+              static_cast<uint32_t>(ceil_div(shape.d, kColumnThreads)), static_cast<uint32_t>(chunks.count),
+              static_cast<uint32_t>(rp / rc), kColumnThreads, 0, c);
+
+  BackwardFinalizeParams f{};
+  f.column_partials = c.partials;
+  f.anchor_slots = p.anchor_slots;
+  f.scale_slots = p.scale_slots;
+  f.proj = buf.proj;
+  f.g = g;
+  f.anchors = buf.anchors;
+  f.acc_total = buf.workspace + ws.acc_total;
+  f.grad_proj = buf.grad_proj;
+  f.grad_norm_weight = buf.grad_norm_weight;
+  f.grad_anchors = buf.grad_anchors;
+  f.grad_scale = buf.grad_scale;
+  f.slots = static_cast<int64_t>(blocks) * kWarpsPerBlock;
+  f.d = shape.d;
+  f.chunks = chunks.count;
+  f.rank = shape.rank;
+  f.rp = rp;
+  f.experts = shape.experts;
+  f.anchors_per_expert = shape.anchors;
+  f.beta = p.c.beta;
+  f.eps = p.c.eps;
+  const int64_t items = shape.d + static_cast<int64_t>(shape.experts) * shape.anchors + 1;
+  plan.kernel(route_kernel(RouteKernel::kBackwardFinalize), elementwise_blocks(items), kElementwiseThreads, 0, f);
+  return plan;
+}
+
+}  // namespace route
+}  // namespace l2r
