@@ -18,7 +18,7 @@ import torch as _torch
 from . import _library  # noqa: F401  (loads the native ops first)
 from . import _autograd, _meta  # noqa: F401  (register autograd and fake kernels)
 from . import losses, metrics, reference
-from ._library import cuda_built
+from ._library import cuda_backend, cuda_built
 from .experts import SwiGLUExperts
 from .moe import MoE
 from .ops import dropped_counts, expert_capacity, permute, route, routing_map, unpermute
@@ -29,12 +29,18 @@ __version__ = "0.1.0"
 
 __all__ = ["RouteOutput", "RouteConfig", "DEFAULTS", "route", "Permutation", "permute", "unpermute",
            "dropped_counts", "routing_map", "expert_capacity", "L2RRouter", "MoE", "LinearRouter", "SwiGLUExperts", "losses",
-           "metrics", "reference", "cuda_built", "__version__"]
+           "metrics", "reference", "cuda_built", "cuda_backend", "__version__"]
 
 if not cuda_built():
-    _msg = ("l2r_cuda: CPU-only build (no CUDA kernels compiled); every op runs on CPU, CUDA tensors "
-            "raise. Rebuild with torch+CUDA and a CUDA toolkit for GPU kernels.")
-    if _torch.version.cuda is not None:
-        _warnings.warn(_msg, stacklevel=2)
-    else:
-        _logging.getLogger(__name__).info(_msg)
+    # No nvcc kernels: the same kernels compiled by NVRTC serve CUDA tensors when cupy and a GPU are
+    # there (l2r_cuda.jit).
+    from .jit import backend as _jit_backend
+
+    if not _jit_backend.install_if_possible():
+        _msg = ("l2r_cuda: CPU-only build (no CUDA kernels compiled); every op runs on CPU, CUDA tensors "
+                f"raise ({_jit_backend.status()}). Install cupy for NVRTC-compiled kernels, or rebuild with "
+                "a CUDA toolkit.")
+        if _torch.version.cuda is not None:
+            _warnings.warn(_msg, stacklevel=2)
+        else:
+            _logging.getLogger(__name__).info(_msg)

@@ -7,7 +7,8 @@ A backend offers ``route``, ``route_logits`` and ``route_from_logits`` with the 
   instruction set (``torch.ops.l2r_cuda.cpu_isa``), where this CPU has it;
 * ``simt``: the CUDA kernels (csrc/route/cuda/route_cuda.cu, unchanged) in the SIMT CPU emulator,
   through ctypes; autograd through a ``torch.autograd.Function`` calling the emulated backward;
-* ``cuda``: the native op on a real GPU (only where one exists).
+* ``cuda``: the native op on a real GPU (only where one exists), with the kernels nvcc built;
+* ``nvrtc``: the same op and kernels compiled at run time by NVRTC (l2r_cuda.jit), on a real GPU.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def native_backend(name: str) -> Backend:
     if name == "cuda":
         return Backend("cuda", "cuda", l2r_cuda.route, l2r_cuda.ops.route_logits, l2r_cuda.ops.route_from_logits,
                        opcheck=True, float64=False)
+    if name == "nvrtc":
+        return Backend("nvrtc", "cuda", l2r_cuda.route, l2r_cuda.ops.route_logits, l2r_cuda.ops.route_from_logits,
+                       opcheck=True, float64=False, select=l2r_cuda.jit.use_nvrtc)
     isa = name.split("-", 1)[1]
 
     @contextlib.contextmanager
@@ -321,7 +325,8 @@ def simt_backend() -> Backend:
 
 # ---- the list the fixture walks ----------------------------------------------------------------------
 
-BACKEND_NAMES = ["cpu-portable", "cpu-avx2", "cpu-avx512", "simt", "cuda"]
+BACKEND_NAMES = ["cpu-portable", "cpu-avx2", "cpu-avx512", "simt", "cuda", "nvrtc"]
+GPU_BACKENDS = ("cuda", "nvrtc")
 
 
 def available(name: str) -> Optional[str]:
@@ -338,6 +343,11 @@ def available(name: str) -> Optional[str]:
         if not l2r_cuda.cuda_built():
             return "CPU-only build"
         return None
+    if name == "nvrtc":
+        import l2r_cuda.jit
+
+        reasons = l2r_cuda.jit.unavailable_reasons()
+        return "; ".join(reasons) if reasons else None
     raise ValueError(name)
 
 

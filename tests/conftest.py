@@ -7,7 +7,7 @@ import pytest
 import backends
 
 
-@pytest.fixture(params=[pytest.param(name, marks=[pytest.mark.cuda] if name == "cuda" else [])
+@pytest.fixture(params=[pytest.param(name, marks=[pytest.mark.cuda] if name in backends.GPU_BACKENDS else [])
                         for name in backends.BACKEND_NAMES])
 def backend(request):
     why = backends.available(request.param)
