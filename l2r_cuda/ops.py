@@ -17,6 +17,8 @@ Permutation design:
   keeps working and torch.compile sees a plain tuple of tensors. Dropped slots under ``capacity``
   are marked ``row_map < 0``; :func:`dropped_counts` turns that into per-expert counts (pure tensor
   ops, no sync, traceable).
+* Arrays of other libraries: every function here takes cupy (any ``__dlpack__``) arrays without
+  copies and then returns arrays of that library (interop.py; no autograd through them).
 * Gradients: permute's backward is the unweighted gather-sum ``grad_x[t] = sum_j
   grad_permuted[row_map[t, j]]``; unpermute's backward gives ``grad_y`` (one writer per row) and
   ``grad_weights``. All are token-major gather-reduces without floating-point atomics, so results
@@ -33,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ._library import cuda_built, has_kernel
+from .interop import dlpack_io
 from .types import DEFAULTS, NORMS, SCORES, Permutation, RouteOutput, group_args
 
 __all__ = ["route", "route_logits", "route_from_logits", "permute", "unpermute", "dropped_counts",
@@ -44,8 +47,9 @@ def _check_device(t: Tensor, op: str, name: str) -> None:
     if t.device.type == "cuda" and not has_kernel(op, "cuda"):
         raise RuntimeError(
             f"l2r_cuda.{op}: {name} is on {t.device} but this build of l2r_cuda has no CUDA kernel "
-            f"for it (cuda_built() = {cuda_built()}); rebuild with a CUDA toolkit (see README) or "
-            "use l2r_cuda.reference"
+            f"for it (cuda_built() = {cuda_built()}): install cupy for NVRTC-compiled kernels "
+            "(l2r_cuda.jit.status() says what else is missing), rebuild with a CUDA toolkit (see "
+            "README), or use l2r_cuda.reference"
         )
 
 
@@ -76,6 +80,7 @@ def _seq_len_arg(seq_len: Optional[int], op: str) -> int:
     return seq_len
 
 
+@dlpack_io
 def route(
     x: Tensor,
     proj: Tensor,
@@ -143,6 +148,7 @@ def route(
     return RouteOutput(weights, indices, tokens_per_expert, mean_probs, lse)
 
 
+@dlpack_io
 def route_logits(
     x: Tensor,
     proj: Tensor,
@@ -172,6 +178,7 @@ def route_logits(
     return logits
 
 
+@dlpack_io
 def route_from_logits(
     logits: Tensor,
     top_k: int,
@@ -205,6 +212,7 @@ def route_from_logits(
     return RouteOutput(*out)
 
 
+@dlpack_io
 def permute(
     x: Tensor,
     indices: Tensor,
@@ -269,6 +277,7 @@ def _pad_groups_to_capacity(row_map: Tensor, offsets: Tensor, indices: Tensor, c
     return torch.where(row_map >= 0, moved, row_map), padded_offsets, num_experts * group_rows
 
 
+@dlpack_io
 def unpermute(y: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
     """``out[t] = sum_j weights[t, j] * y[row_map[t, j]]`` ``[T, d]`` in ``y``'s dtype (accumulated
     in float32, float64 for float64 ``y``). Slots with ``row_map < 0`` add exactly zero.
@@ -277,6 +286,7 @@ def unpermute(y: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
     return torch.ops.l2r_cuda.unpermute(y, row_map, weights)
 
 
+@dlpack_io
 def dropped_counts(row_map: Tensor, indices: Tensor, num_experts: int) -> Tensor:
     """Slots dropped by ``capacity`` per expert, ``[E]`` int64 (no host sync, traceable)."""
     dropped = (row_map.reshape(-1) < 0).long()
@@ -284,6 +294,7 @@ def dropped_counts(row_map: Tensor, indices: Tensor, num_experts: int) -> Tensor
         0, indices.reshape(-1).long(), dropped)
 
 
+@dlpack_io
 def routing_map(indices: Tensor, num_experts: int, row_map: Optional[Tensor] = None) -> Tensor:
     """The ``[T, E]`` boolean routing map of ``indices [T, k]``: ``True`` where token ``t`` selected
     expert ``e`` (the mask form Megatron-Core and TransformerEngine's mask-based permutation take).
