@@ -91,7 +91,7 @@ def _nvcc_reports():
 def write_register_table(arch: str, rows: list[tuple[str, int, int]]) -> pathlib.Path:
     path = RESULTS / f"nvrtc_registers_sm{arch}.md"
     lines = [f"# Registers per kernel, sm_{arch}: nvcc vs NVRTC", "",
-             "nvcc: tests/test_cuda_compile.py (`ptxas_sm{arch}.md`); NVRTC: `python -m l2r_cuda.jit --check "
+             f"nvcc: tests/test_cuda_compile.py (`ptxas_sm{arch}.md`); NVRTC: `python -m l2r_cuda.jit --check "
              f"--arch sm_{arch}`, both with the flags of l2r_cuda/jit/flags.py. Written by tests/test_jit.py.",
              "Kernels marked * address dynamic shared memory through pointers, which nvcc keeps in 32 bits and",
              "NVRTC in 64 bits (no NVRTC option changes that): their counts may differ; all others must match.",
