@@ -32,14 +32,17 @@ __all__ = ["RouteOutput", "RouteConfig", "DEFAULTS", "route", "Permutation", "pe
            "metrics", "reference", "cuda_built", "cuda_backend", "__version__"]
 
 if not cuda_built():
-    # No nvcc kernels: the same kernels compiled by NVRTC serve CUDA tensors when cupy and a GPU are
-    # there (l2r_cuda.jit).
-    from .jit import backend as _jit_backend
+    # No nvcc kernels: on a GPU machine the same kernels compiled by NVRTC serve CUDA tensors when
+    # cupy is there (l2r_cuda.jit; imported only where a GPU could use it).
+    _nvrtc = False
+    if _torch.cuda.is_available():
+        from .jit import backend as _jit_backend
 
-    if not _jit_backend.install_if_possible():
+        _nvrtc = _jit_backend.install_if_possible()
+    if not _nvrtc:
         _msg = ("l2r_cuda: CPU-only build (no CUDA kernels compiled); every op runs on CPU, CUDA tensors "
-                f"raise ({_jit_backend.status()}). Install cupy for NVRTC-compiled kernels, or rebuild with "
-                "a CUDA toolkit.")
+                "raise. Install cupy for NVRTC-compiled kernels (l2r_cuda.jit.status() says what is "
+                "missing), or rebuild with a CUDA toolkit.")
         if _torch.version.cuda is not None:
             _warnings.warn(_msg, stacklevel=2)
         else:

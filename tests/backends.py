@@ -344,6 +344,8 @@ def available(name: str) -> Optional[str]:
             return "CPU-only build"
         return None
     if name == "nvrtc":
+        if not torch.cuda.is_available():
+            return "needs a CUDA device"
         import l2r_cuda.jit
 
         reasons = l2r_cuda.jit.unavailable_reasons()
