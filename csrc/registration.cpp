@@ -91,7 +91,7 @@ TORCH_LIBRARY(l2r_cuda, m) {
   // argument, choose it first ("auto": the best this CPU has).
   m.def("cpu_isa(str? isa=None) -> str", &l2r::route::cpu::cpu_isa_op);
 
-  // Dispatch plan (SPEC "Dispatch") of indices [T, k] (int32/int64) over num_experts experts: rows
+  // Dispatch plan (docs/SPEC.md "Dispatch") of indices [T, k] (int32/int64) over num_experts experts: rows
   // grouped by expert, stable by token, each expert's group padded to a multiple of align;
   // capacity keeps at most that many rows per expert (dropping the lowest weights first when
   // weights are given, else the highest token indices). Returns row_map [T, k] int64 (-1 =

@@ -110,7 +110,7 @@ class AngularDiversity:
 def routing_space(router: torch.nn.Module, x: Tensor) -> Tensor:
     """Tokens projected into a router's routing space: ``q = W x~`` ``[T, r]`` float32.
 
-    For :class:`l2r_cuda.L2RRouter` this is SPEC's ``q`` (RMSNorm with ``norm_weight``, then
+    For :class:`l2r_cuda.L2RRouter` this is docs/SPEC.md's ``q`` (RMSNorm with ``norm_weight``, then
     ``proj``); for a linear router (a ``weight [E, d]`` attribute) it is its logit vector ``[T, E]``.
     """
     if hasattr(router, "proj"):

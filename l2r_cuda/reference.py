@@ -1,6 +1,6 @@
 """Pure-PyTorch L2R routing: the oracle of every test and the baseline of every benchmark.
 
-Everything here follows ``SPEC.md`` line by line, runs on any device, is differentiable through
+Everything here follows ``docs/SPEC.md`` line by line, runs on any device, is differentiable through
 plain autograd and does its math in float32 whatever the input dtype. It is public API: when the
 native op and this module disagree, this module states what the answer should be.
 """
@@ -41,7 +41,7 @@ def route_logits(
     eps: float = DEFAULTS.eps,
     tau: float = DEFAULTS.tau,
 ) -> Tensor:
-    """Per-expert logits ``l [T, E]`` (float32) of SPEC's forward, before softmax/sigmoid."""
+    """Per-expert logits ``l [T, E]`` (float32) of docs/SPEC.md's forward, before softmax/sigmoid."""
     d = x.shape[-1]
     acc = acc_dtype(x)
     xf = x.reshape(-1, d).to(acc)
@@ -115,7 +115,7 @@ def route(
     seq_len: Optional[int] = None,
     padding_mask: Optional[Tensor] = None,
 ) -> RouteOutput:
-    """SPEC's L2R router, unfused. Same signature and outputs as ``l2r_cuda.route``."""
+    """docs/SPEC.md's L2R router, unfused. Same signature and outputs as ``l2r_cuda.route``."""
     if score not in SCORES:
         raise ValueError(f"route(): score must be 'softmax' or 'sigmoid', got {score!r}")
     if norm not in NORMS:
@@ -145,7 +145,7 @@ def route_from_logits(
     seq_len: Optional[int] = None,
     padding_mask: Optional[Tensor] = None,
 ) -> RouteOutput:
-    """SPEC's routing steps after the logits ``l [T, E]``, for any router (L2R or linear).
+    """docs/SPEC.md's routing steps after the logits ``l [T, E]``, for any router (L2R or linear).
 
     ``p = softmax(l)`` or ``sigmoid(l)``; ``indices`` = top-k of ``p + expert_bias`` (bias for
     selection only; ties to the lower expert index, NaN last), over the kept groups only with

@@ -74,7 +74,7 @@ def _policy_repr(config: RouteConfig) -> str:
 
 
 class L2RRouter(Fp32ExpertBias):
-    """Drop-in MoE router: ``router(x [..., d]) -> RouteOutput`` (SPEC.md), on the fused native op.
+    """Drop-in MoE router: ``router(x [..., d]) -> RouteOutput`` (docs/SPEC.md), on the fused native op.
 
     Parameters and their initialization:
 

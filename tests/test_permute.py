@@ -1,4 +1,4 @@
-"""l2r_cuda.permute / unpermute (SPEC "Dispatch"): native CPU (and real CUDA when present) against
+"""l2r_cuda.permute / unpermute (docs/SPEC.md "Dispatch"): native CPU (and real CUDA when present) against
 l2r_cuda.reference. One sample list drives correctness, gradients and opcheck."""
 
 from __future__ import annotations

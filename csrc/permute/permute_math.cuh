@@ -1,4 +1,4 @@
-// Index math of token permutation (SPEC "Dispatch"), shared verbatim by the CPU kernels
+// Index math of token permutation (docs/SPEC.md "Dispatch"), shared verbatim by the CPU kernels
 // (permute_cpu.cpp) and the CUDA kernels (permute_kernels.cu). Every row/offset is int64.
 #pragma once
 

@@ -228,7 +228,7 @@ class L2RGate(RouteRecorder):
         self.__dict__["_probe"] = probe
 
     def router_logits(self, hidden_states: Tensor) -> Tensor:
-        """L2R logits ``l [T, E]`` float32 (SPEC.md, before softmax/sigmoid), differentiable: the
+        """L2R logits ``l [T, E]`` float32 (docs/SPEC.md, before softmax/sigmoid), differentiable: the
         native ``route_logits``, the logits :meth:`route` selects from."""
         return self.router.logits(hidden_states)
 

@@ -1,4 +1,4 @@
-// CPU kernels of token permutation (SPEC "Dispatch"): a counting sort over fixed-size chunks of the
+// CPU kernels of token permutation (docs/SPEC.md "Dispatch"): a counting sort over fixed-size chunks of the
 // flat (token, slot) rows (histogram per chunk, prefix over chunks in chunk order, stable position
 // assignment), row copies, and token-major gather-reduces for unpermute and the backwards. No
 // floating-point reduction depends on the thread count; nothing uses atomics.

@@ -1,4 +1,4 @@
-// CUDA kernels of token permutation (SPEC "Dispatch"). The dispatch plan is a counting sort without
+// CUDA kernels of token permutation (docs/SPEC.md "Dispatch"). The dispatch plan is a counting sort without
 // atomics: every block ranks its chunk of 256 flat (token, slot) rows per expert (chunk histogram),
 // one block scans the histograms per expert in chunk order and the padded expert sizes into
 // offsets (our own scan: CUB cannot run in the SIMT emulator), and a last pass writes
