@@ -78,7 +78,11 @@ def plan(lib, indices, E, align=1, capacity=None, weights=None, seed=0):
     rc = simt.call(lib, "drv_plan", simt.ptr(idx), ctypes.c_int(int(idx.dtype == torch.int64)),
                    L(T), L(k), L(E), L(align), L(-1 if capacity is None else capacity),
                    simt.ptr(w) if w is not None else None, simt.ptr(row_map), simt.ptr(offsets),
-                   simt.ptr(dropped), simt.ptr(ws), simt.ptr(flag), seed=seed)
+                   simt.ptr(dropped), simt.ptr(ws),
+                   # every thread that meets a bad index stores 1 to the flag with a plain write:
+                   # the same value, benign in practice, but a race by the memory model (an atomic
+                   # store would be exact), so racecheck is off for this one word
+                   simt.ptr(flag, "error_flag", racecheck=False), seed=seed)
     assert rc == 0
     return row_map, offsets, dropped, int(flag)
 

@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,18 +27,24 @@ from typing import Iterable, Mapping, Sequence
 
 HERE = Path(__file__).resolve().parent
 INCLUDE_DIR = HERE / "include"
-CORE_SOURCE = HERE / "runtime" / "simt_core.cpp"
+RUNTIME_DIR = HERE / "runtime"
+# The emulator runtime linked into every library: scheduler, memory registry, checker front,
+# racecheck, counters, and the ThreadSanitizer ABI that sanitize=True kernels call.
+RUNTIME_SOURCES = [RUNTIME_DIR / f for f in ("simt_core.cpp", "simt_memory.cpp", "simt_checker.cpp",
+                                             "simt_race.cpp", "simt_counters.cpp", "simt_tsan.cpp")]
 
 try:
-    from .rewrite import rewrite_source
+    from .rewrite import kernel_base_name, launched_kernel_names, rewrite_source
 except ImportError:  # imported as a top-level module
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    from rewrite import rewrite_source  # noqa: E402
+    from rewrite import kernel_base_name, launched_kernel_names, rewrite_source  # noqa: E402
 
 __all__ = [
     "SimtError", "BuildError", "have_compiler", "build", "set_seed", "set_order", "set_strict",
     "set_poison", "last_error", "clear_error", "check", "call", "ptr", "stats", "DEFAULT_SEEDS",
+    "register", "unregister", "set_checks", "get_checks", "counters", "reset_counters",
+    "launched_kernels", "kernel_instantiations", "SANITIZE_FLAGS",
 ]
 
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
@@ -80,8 +87,16 @@ def _sha(*parts: bytes | str) -> str:
     return h.hexdigest()
 
 
+# Kernel translation units of sanitize=True builds: g++ instruments every load and store with a
+# call of ThreadSanitizer's ABI (__tsan_read4(addr), ...), which runtime/simt_tsan.cpp implements
+# (libtsan is never linked). No function entry/exit hooks (not needed); no scalar replacement of
+# aggregates, so that a 16-byte vector load stays one 16-byte access instead of four 4-byte ones;
+# line tables (-g1) so that checker messages name source lines (addr2line).
+SANITIZE_FLAGS = ["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-fno-tree-sra", "-g1"]
+
+
 def _runtime_hash() -> str:
-    files = sorted(INCLUDE_DIR.rglob("*.h")) + [CORE_SOURCE, HERE / "rewrite.py"]
+    files = sorted(INCLUDE_DIR.rglob("*.h")) + sorted(RUNTIME_DIR.glob("*.h")) + RUNTIME_SOURCES + [HERE / "rewrite.py"]
     return _sha(*[f.read_bytes() for f in files])
 
 
@@ -110,15 +125,19 @@ def _file_sha(p: str) -> str | None:
         return None
 
 
-def _core_object(build_dir: Path, opt: str) -> Path:
+def _runtime_objects(build_dir: Path, opt: str) -> list[Path]:
+    """The runtime's object files (never instrumented), cached by the runtime's content hash."""
     key = _sha(_runtime_hash(), opt, " ".join(BASE_FLAGS), compiler() or "")[:16]
-    obj = build_dir / f"simt_core-{key}.o"
-    if obj.exists():
-        return obj
-    tmp = build_dir / f"simt_core-{key}.{os.getpid()}.o"
-    _run([compiler(), *BASE_FLAGS, opt, f"-I{INCLUDE_DIR}", "-c", str(CORE_SOURCE), "-o", str(tmp)], build_dir)
-    os.replace(tmp, obj)
-    return obj
+    objs = []
+    for src in RUNTIME_SOURCES:
+        obj = build_dir / f"{src.stem}-{key}.o"
+        if not obj.exists():
+            tmp = build_dir / f"{src.stem}-{key}.{os.getpid()}.o"
+            _run([compiler(), *BASE_FLAGS, opt, f"-I{INCLUDE_DIR}", f"-I{RUNTIME_DIR}", "-c", str(src), "-o", str(tmp)],
+                 build_dir)
+            os.replace(tmp, obj)
+        objs.append(obj)
+    return objs
 
 
 HEADER_EXTS = {".h", ".hh", ".hpp", ".hxx", ".cuh", ".inl", ".inc", ".cu", ".ipp"}
@@ -189,6 +208,21 @@ def _make_shadow_tree(srcs, include_dirs, shadow: Path, deps: dict, exclude: Pat
     return roots, shadow_of
 
 
+def launched_names(rewritten: str) -> set[str]:
+    return launched_kernel_names(rewritten)
+
+
+def _kernel_names_in_headers(shadow: Path) -> set[str]:
+    names: set[str] = set()
+    if shadow.exists():
+        for f in shadow.rglob("*"):
+            if f.is_file() and f.suffix in HEADER_EXTS:
+                text = f.read_text(errors="replace")
+                if "::simt::launcher(" in text:
+                    names |= launched_kernel_names(text)
+    return names
+
+
 def build(
     sources: Sequence[str | os.PathLike] = (),
     include_dirs: Iterable[str | os.PathLike] = (),
@@ -200,6 +234,7 @@ def build(
     cuda_arch: int | None = 900,
     build_dir: str | os.PathLike | None = None,
     force: bool = False,
+    sanitize: bool | None = None,
 ) -> ctypes.CDLL:
     """Compile CUDA sources (+ an optional C++ driver) into a shared library
     running on the SIMT emulator and load it with ctypes.
@@ -214,6 +249,11 @@ def build(
                    with <<<>>>, call host launchers declared in headers, etc.
     defines:       {"NAME": value or None} -> -DNAME=value / -DNAME.
     cuda_arch:     value of __CUDA_ARCH__ (None: leave it undefined).
+    sanitize:      compile the sources and the driver with SANITIZE_FLAGS, so that every load
+                   and store of kernel code reaches the memory checker (memcheck, racecheck,
+                   counters; see README.md). None (default): on, unless the environment sets
+                   SIMT_SANITIZE=0. Kernels built this way may touch only registered memory
+                   (simt.call registers its simt.ptr arguments).
     The result is cached by content hash (sources, headers they include,
     flags) under build_dir (default tests/simt/.build or $SIMT_BUILD_DIR).
     """
@@ -244,6 +284,10 @@ def build(
     for k, v in (defines or {}).items():
         flags.append(f"-D{k}" if v is None else f"-D{k}={v}")
     flags += list(extra_flags)
+    if sanitize is None:
+        sanitize = os.environ.get("SIMT_SANITIZE", "1") not in ("", "0")
+    if sanitize:
+        flags += SANITIZE_FLAGS
     n_tail = len(flags) - n0
 
     texts = []
@@ -269,7 +313,7 @@ def build(
             except (ValueError, KeyError, TypeError):
                 fresh = False
         if not fresh:
-            core = _core_object(bdir, opt)
+            runtime = _runtime_objects(bdir, opt)
             all_deps: dict[str, str | None] = {}
             roots, shadow_of = _make_shadow_tree(srcs, include_dirs, out_dir / "shadow", all_deps,
                                                  bdir.resolve())
@@ -311,10 +355,17 @@ def build(
             dkey = _sha(*[f"{p}={h}" for p, h in sorted(all_deps.items())])[:12]
             lib_path = out_dir / f"lib{safe}-{dkey}.so"
             tmp = out_dir / f"lib{safe}.{os.getpid()}.tmp.so"
-            _run([cxx, "-shared", "-fPIC", "-Wl,-Bsymbolic-functions", *objs, str(core), "-o", str(tmp)], out_dir)
+            _run([cxx, "-shared", "-fPIC", "-Wl,-Bsymbolic-functions", *objs, *map(str, runtime), "-o", str(tmp)],
+                 out_dir)
             os.replace(tmp, lib_path)
-            meta_path.write_text(json.dumps({"lib": lib_path.name, "deps": all_deps}, indent=0))
-    return _load(lib_path)
+            kernels = sorted(set().union(*(launched_names(t) for _, t in texts)) |
+                             _kernel_names_in_headers(out_dir / "shadow"))
+            meta_path.write_text(json.dumps({"lib": lib_path.name, "deps": all_deps, "sources": [str(s) for s in srcs],
+                                             "sanitize": bool(sanitize), "kernels": kernels}, indent=0))
+    lib = _load(lib_path)
+    meta = json.loads(meta_path.read_text())
+    lib._simt_meta = meta
+    return lib
 
 
 _LIBS: dict[str, ctypes.CDLL] = {}
@@ -338,6 +389,16 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.simt_clear_error.restype = None
     lib.simt_stat.argtypes = [ctypes.c_int]
     lib.simt_stat.restype = ctypes.c_ulonglong
+    lib.simt_register_buffer.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_char_p, ctypes.c_int]
+    lib.simt_register_buffer.restype = ctypes.c_ulonglong
+    lib.simt_unregister_buffer.argtypes = [ctypes.c_void_p]
+    lib.simt_unregister_buffer.restype = None
+    lib.simt_set_checks.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.simt_set_checks.restype = None
+    lib.simt_get_checks.restype = ctypes.c_int
+    lib.simt_counters_json.restype = ctypes.c_char_p
+    lib.simt_counters_reset.restype = None
+    lib.simt_launched_kernels.restype = ctypes.c_char_p
     _LIBS[key] = lib
     return lib
 
@@ -372,6 +433,31 @@ def clear_error(lib: ctypes.CDLL) -> None:
     lib.simt_clear_error()
 
 
+_PC_RE = re.compile(r"pc (lib[\w.-]+\.so)\+0x([0-9a-f]+)")
+
+
+def symbolize(lib: ctypes.CDLL, msg: str) -> str:
+    """Append function and source line (addr2line) to every "pc libX.so+0x..." in a checker
+    message; unchanged where addr2line is missing."""
+    a2l = shutil.which("addr2line")
+    path = getattr(lib, "_name", None)
+    if not a2l or not path:
+        return msg
+
+    def one(m: re.Match) -> str:
+        if Path(path).name != m.group(1):
+            return m.group(0)
+        r = subprocess.run([a2l, "-f", "-C", "-e", path, "0x" + m.group(2)], capture_output=True, text=True)
+        lines = r.stdout.split("\n")
+        if r.returncode != 0 or len(lines) < 2:
+            return m.group(0)
+        func = re.sub(r"\(anonymous namespace\)::", "", lines[0].strip())
+        where_ = lines[1].strip()
+        return f"{m.group(0)} [{func} at {where_}]" if "??" not in where_ else f"{m.group(0)} [{func}]"
+
+    return _PC_RE.sub(one, msg)
+
+
 def check(lib: ctypes.CDLL, clear: bool = True) -> None:
     """Raise SimtError if a launch failed since the last clear (the error is
     sticky like a CUDA launch failure, so later launches are skipped)."""
@@ -379,26 +465,150 @@ def check(lib: ctypes.CDLL, clear: bool = True) -> None:
     if msg:
         if clear:
             clear_error(lib)
-        raise SimtError(msg)
+        raise SimtError(symbolize(lib, msg))
+
+
+class Ptr(ctypes.c_void_p):
+    """simt.ptr(t): a c_void_p that also remembers the allocation it points into (the tensor's
+    storage / the array's memory) and a name, so that call() can register it with the memory
+    checker."""
+    simt_lo: int = 0
+    simt_nbytes: int = 0
+    simt_name: str | None = None
+    simt_racecheck: bool = True
+
+
+def ptr(t, name: str | None = None, racecheck: bool = True) -> Ptr:
+    """A ctypes pointer to a CPU torch tensor / numpy array's data. call() registers the memory
+    behind it (the whole storage of a view) as a buffer the kernels may touch, named `name` (or
+    after the argument position). racecheck=False exempts the buffer from racecheck (for a known,
+    documented benign race; say why at the call)."""
+    if hasattr(t, "data_ptr"):
+        p = Ptr(t.data_ptr())
+        try:
+            st = t.untyped_storage()
+            p.simt_lo, p.simt_nbytes = st.data_ptr(), st.nbytes()
+        except (AttributeError, RuntimeError):
+            p.simt_lo, p.simt_nbytes = t.data_ptr(), t.numel() * t.element_size()
+        desc = f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
+    elif hasattr(t, "ctypes"):
+        p = Ptr(t.ctypes.data)
+        base = t
+        while getattr(base, "base", None) is not None and hasattr(base.base, "ctypes"):
+            base = base.base
+        p.simt_lo, p.simt_nbytes = base.ctypes.data, base.nbytes
+        desc = f"{t.dtype}{list(t.shape)}"
+    else:
+        raise TypeError(f"cannot take a pointer of {type(t)!r}")
+    p.simt_name = f"{name} ({desc})" if name else desc
+    p.simt_racecheck = racecheck
+    return p
+
+
+def register(lib: ctypes.CDLL, t, name: str | None = None, nbytes: int | None = None,
+             racecheck: bool = True) -> int:
+    """Register memory the kernels may touch: a tensor/array (its storage), a Ptr, or an integer
+    address with nbytes. Registrations are refcounted; undo with unregister()."""
+    if isinstance(t, int):
+        lo, n, nm = t, int(nbytes or 0), name or "buffer"
+    else:
+        p = t if isinstance(t, Ptr) else ptr(t, name, racecheck)
+        lo, n, nm = p.simt_lo, p.simt_nbytes, name or p.simt_name or "buffer"
+        racecheck = racecheck and p.simt_racecheck
+    lib.simt_register_buffer(ctypes.c_void_p(lo), n, nm.encode(), int(racecheck))
+    return lo
+
+
+def unregister(lib: ctypes.CDLL, lo: int) -> None:
+    lib.simt_unregister_buffer(ctypes.c_void_p(lo))
 
 
 def call(lib: ctypes.CDLL, fn: str, *args, seed: int | None = None):
-    """Call an extern "C" function of the library, then check()."""
+    """Call an extern "C" function of the library, then check(). Every simt.ptr() argument is
+    registered with the memory checker for the duration of the call."""
     if seed is not None:
         set_seed(lib, seed)
     clear_error(lib)
-    res = getattr(lib, fn)(*args)
+    registered = []
+    for i, a in enumerate(args):
+        if isinstance(a, Ptr) and a.simt_nbytes > 0:
+            registered.append(register(lib, a.simt_lo, f"{fn} arg {i}: {a.simt_name}", a.simt_nbytes,
+                                       a.simt_racecheck))
+    try:
+        res = getattr(lib, fn)(*args)
+    finally:
+        for lo in registered:
+            unregister(lib, lo)
     check(lib)
     return res
 
 
-def ptr(t) -> ctypes.c_void_p:
-    """A ctypes pointer to a CPU torch tensor / numpy array's data."""
-    if hasattr(t, "data_ptr"):
-        return ctypes.c_void_p(t.data_ptr())
-    if hasattr(t, "ctypes"):
-        return ctypes.c_void_p(t.ctypes.data)
-    raise TypeError(f"cannot take a pointer of {type(t)!r}")
+def set_checks(lib: ctypes.CDLL, memcheck: bool | None = None, racecheck: bool | None = None,
+               counters: bool | None = None) -> None:
+    """Switch the memory checks of sanitize=True kernels (None: unchanged). Defaults: memcheck and
+    racecheck on, counters off (also SIMT_MEMCHECK / SIMT_RACECHECK / SIMT_COUNTERS)."""
+    conv = lambda v: -1 if v is None else int(bool(v))  # noqa: E731
+    lib.simt_set_checks(conv(memcheck), conv(racecheck), conv(counters))
+
+
+def get_checks(lib: ctypes.CDLL) -> dict:
+    v = lib.simt_get_checks()
+    return {"memcheck": bool(v & 1), "racecheck": bool(v & 2), "counters": bool(v & 4)}
+
+
+def counters(lib: ctypes.CDLL, reset: bool = True) -> list[dict]:
+    """Per-launch counter records since the last reset (see runtime/simt_counters.cpp and
+    benchmarks/gpu_model.py): requests, sectors, wavefronts, first-touch DRAM bytes, ..."""
+    data = json.loads(lib.simt_counters_json().decode())
+    if reset:
+        lib.simt_counters_reset()
+    return data
+
+
+def reset_counters(lib: ctypes.CDLL) -> None:
+    lib.simt_counters_reset()
+
+
+def _symbols(lib: ctypes.CDLL) -> dict[int, str]:
+    """Function symbols of the library (offset -> demangled name), from nm."""
+    cached = getattr(lib, "_simt_symbols", None)
+    if cached is not None:
+        return cached
+    nm = shutil.which("nm")
+    if nm is None:
+        raise BuildError("nm (binutils) not found")
+    out = subprocess.run([nm, "-C", "--defined-only", lib._name], capture_output=True, text=True, check=True).stdout
+    syms = {}
+    for line in out.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[1] in "tTwW":
+            syms.setdefault(int(parts[0], 16), parts[2])
+    lib._simt_symbols = syms
+    return syms
+
+
+def _pretty(sym: str) -> str:
+    return re.sub(r"\(anonymous namespace\)::", "", sym)
+
+
+def kernel_instantiations(lib: ctypes.CDLL) -> set[str]:
+    """Every kernel instantiation the launchers of this library can dispatch to: the functions in
+    its symbol table whose name is one of the kernels launched in its sources (a template kernel is
+    instantiated exactly where a launch site names it)."""
+    kernels = set(lib._simt_meta.get("kernels", []))
+    return {_pretty(sym) for sym in _symbols(lib).values()
+            if "[clone" not in sym and kernel_base_name(sym) in kernels}
+
+
+def launched_kernels(lib: ctypes.CDLL) -> dict[str, int]:
+    """Kernel instantiations launched since the library was loaded -> launch count."""
+    syms = _symbols(lib)
+    out: dict[str, int] = {}
+    for line in lib.simt_launched_kernels().decode().splitlines():
+        off, count, expr = line.split("\t", 2)
+        name = _pretty(syms.get(int(off), f"{expr} @0x{int(off):x}"))
+        out[name] = out.get(name, 0) + int(count)
+    return out
 
 
 def stats(lib: ctypes.CDLL) -> dict:

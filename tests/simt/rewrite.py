@@ -10,13 +10,14 @@ Rewrites (comments and string literals are left alone, line numbers kept):
     scope (all dynamic shared arrays alias one 16-byte aligned per-launch buffer)
   * ``static __shared__`` -> ``__shared__`` (``__shared__`` expands to ``static``)
   * after a function-scope ``__shared__ T a[N], b;`` a call poisoning a and b
-    (0xff bytes) when the first thread of each block reaches the declaration
+    (0xff bytes) when the first thread of each block reaches the declaration, and
+    registering them (by name) with the memory checker
 """
 from __future__ import annotations
 
 import re
 
-__all__ = ["rewrite_source", "mask_source"]
+__all__ = ["rewrite_source", "mask_source", "launched_kernel_names", "kernel_base_name"]
 
 
 def mask_source(src: str) -> str:
@@ -250,12 +251,39 @@ def _rewrite_static_shared(src: str) -> str:
         for nm in names:
             counter += 1
             g = f"simt_sg_{counter}_"
-            extra.append(f"static unsigned long long {g}; ::simt::shared_poison(&{nm}, sizeof({nm}), &{g});")
+            extra.append(f"static unsigned long long {g}; ::simt::shared_poison(&{nm}, sizeof({nm}), &{g}, \"{nm}\");")
         out.append(src[pos : mt.end()])
         out.append(" " + " ".join(extra))
         pos = mt.end()
     out.append(src[pos:])
     return "".join(out)
+
+
+def kernel_base_name(expr: str) -> str:
+    """The function name of a kernel expression or of a demangled symbol: template arguments,
+    parameter lists and namespace qualifiers removed (``ns::k<R, T>`` -> ``k``)."""
+    text = expr.strip()
+    if text.endswith(")") and not text.startswith("("):  # a demangled symbol's parameter list
+        depth = 0
+        for i in range(len(text) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(text[i], 0)
+            if depth == 0:
+                text = text[:i]
+                break
+    prev = None
+    while prev != text:  # innermost <...> first
+        prev = text
+        text = re.sub(r"<[^<>]*>", "", text)
+    text = text.replace("(", " ").replace(")", " ").strip()
+    return text.split("::")[-1].strip()
+
+
+def launched_kernel_names(rewritten: str) -> set[str]:
+    """Base names of the kernels launched in source text already passed through rewrite_source."""
+    names = set()
+    for m in re.finditer(r'::simt::launcher\((?:.*?), "((?:[^"\\]|\\.)*)"', rewritten, re.S):
+        names.add(kernel_base_name(m.group(1).replace('\\"', '"')))
+    return names
 
 
 def rewrite_source(src: str, filename: str | None = None) -> str:

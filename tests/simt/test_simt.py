@@ -36,7 +36,10 @@ extern "C" int st_block_sum(const float* x, float* out, int n, int block, int br
 
 @pytest.fixture(scope="module")
 def lib():
-    lib = simt.build(sources=[HERE / "kernels" / "selftest.cu"], driver_source=DRIVER, name="selftest")
+    # The emulator's own semantics, without the memory checker: some kernels here are deliberately
+    # racy to show what the scheduler alone exposes (test_sanitizer.py checks them with it).
+    lib = simt.build(sources=[HERE / "kernels" / "selftest.cu"], driver_source=DRIVER, name="selftest",
+                     sanitize=False)
     simt.clear_error(lib)
     simt.set_order(lib, "random")
     yield lib
@@ -188,7 +191,8 @@ def test_deadlock_in_subprocess_does_not_hang(lib, tmp_path):
         import ctypes, sys
         sys.path.insert(0, {str(HERE)!r})
         import harness as simt
-        lib = simt.build(sources=[{str(HERE / 'kernels' / 'selftest.cu')!r}], driver_source={DRIVER!r}, name="selftest")
+        lib = simt.build(sources=[{str(HERE / 'kernels' / 'selftest.cu')!r}], driver_source={DRIVER!r}, name="selftest",
+                         sanitize=False)
         buf = (ctypes.c_int * 128)()
         rc = lib.st_divergent_barrier(buf)
         sys.exit(3 if rc else 0)
@@ -362,16 +366,19 @@ inline void launch_k(int* p) {{ k<1><<<1, 4, 4 * sizeof(int)>>>(p); }}
     hdr.write_text(hdr_text.format(k=2))
     src = tmp_path / "src" / "k.cu"
     src.write_text('#include "../inc/k.cuh"\nextern "C" void run(int* p){ launch_k(p); }\n')
-    lib1 = simt.build(sources=[src], include_dirs=[tmp_path / "inc"], name="cachetest", build_dir=tmp_path / "b")
+    lib1 = simt.build(sources=[src], include_dirs=[tmp_path / "inc"], name="cachetest", build_dir=tmp_path / "b",
+                      sanitize=False)
     out = np.zeros(4, np.int32)
     lib1.run(P(out))
     simt.check(lib1)
     assert out.tolist() == [2] * 4
     t = time.time()
-    lib2 = simt.build(sources=[src], include_dirs=[tmp_path / "inc"], name="cachetest", build_dir=tmp_path / "b")
+    lib2 = simt.build(sources=[src], include_dirs=[tmp_path / "inc"], name="cachetest", build_dir=tmp_path / "b",
+                      sanitize=False)
     assert lib2 is lib1 and time.time() - t < 1.0
     hdr.write_text(hdr_text.format(k=7))  # header change -> rebuild
-    lib3 = simt.build(sources=[src], include_dirs=[tmp_path / "inc"], name="cachetest", build_dir=tmp_path / "b")
+    lib3 = simt.build(sources=[src], include_dirs=[tmp_path / "inc"], name="cachetest", build_dir=tmp_path / "b",
+                      sanitize=False)
     lib3.run(P(out))
     simt.check(lib3)
     assert out.tolist() == [7] * 4
@@ -393,7 +400,7 @@ def test_namespace_scope_extern_shared_and_rewrite(tmp_path):
           return (int)cudaGetLastError();
         }
     """))
-    lib = simt.build(sources=[src], name="nstest", build_dir=tmp_path / "b")
+    lib = simt.build(sources=[src], name="nstest", build_dir=tmp_path / "b", sanitize=False)
     out = np.zeros(40, np.float32)
     assert simt.call(lib, "run", P(out), I(40)) == 0
     np.testing.assert_array_equal(out, 2 * (39 - np.arange(40, dtype=np.float32)))

@@ -3,6 +3,7 @@
 // tests/simt/harness.py.  Must be compiled with -U_FORTIFY_SOURCE (longjmp
 // between fiber stacks) and -fno-threadsafe-statics is recommended for kernels.
 #include "simt/simt.h"
+#include "simt_internal.h"
 
 #include <assert.h>
 #include <setjmp.h>
@@ -16,10 +17,13 @@
 #include <string>
 #include <vector>
 
-uint3 threadIdx = {0, 0, 0};
-uint3 blockIdx = {0, 0, 0};
-dim3 blockDim = dim3(1, 1, 1);
-dim3 gridDim = dim3(1, 1, 1);
+// The built-in variables live in their own section so that the memory checker can tell their
+// reads (registers on a GPU) from memory accesses with one range compare (simt_tsan.cpp).
+#define SIMT_SPECIAL __attribute__((section("simt_special"), used))
+SIMT_SPECIAL uint3 threadIdx = {0, 0, 0};
+SIMT_SPECIAL uint3 blockIdx = {0, 0, 0};
+SIMT_SPECIAL dim3 blockDim = dim3(1, 1, 1);
+SIMT_SPECIAL dim3 gridDim = dim3(1, 1, 1);
 
 namespace simt {
 namespace {
@@ -94,6 +98,13 @@ struct State {
   size_t dyn_cap = 0;
   unsigned char* dyn_ptr = nullptr;
   std::map<const void*, int> max_dyn;
+  // every kernel launched since the library was loaded (coverage of instantiations)
+  struct Launched {
+    std::string name;
+    unsigned long long count = 0;
+  };
+  std::map<const void*, Launched> launched;
+  std::string launched_text;
   // stats
   unsigned long long n_launch = 0, n_blocks = 0, n_barriers = 0, n_warpops = 0, n_switches = 0;
   long long ticks = 0;
@@ -314,6 +325,9 @@ bool run_block() {
       Fiber* f = pick_runnable();
       st.cur = f;
       threadIdx = f->tid;
+      rt::g_exec.tid = f->linear;
+      rt::g_exec.stack_lo = reinterpret_cast<uintptr_t>(f->mem);
+      rt::g_exec.stack_size = f->mem_size;
       switch_to(f);
       st.n_switches++;
       st.cur = nullptr;
@@ -368,6 +382,7 @@ bool run_block() {
       return false;
     }
     st.n_barriers++;
+    rt::on_barrier();
     for (unsigned t = 0; t < st.nthreads; ++t) {
       Fiber* f = st.pool[t];
       if (f->state != F_BAR) continue;
@@ -398,6 +413,7 @@ void resolve_warp(unsigned wbase, unsigned mask) {
     }
   }
   st.n_warpops++;
+  rt::on_warp_sync(wbase, mask);
   const unsigned long long poison = ~0ull;
   switch (kind) {
     case kSync: for (auto* g : lanes) if (g) g->res = 0; break;
@@ -545,10 +561,19 @@ void trap(const char* what, const char* file, unsigned line) {
 }
 
 unsigned char* dyn_smem_base() { return S().dyn_ptr; }
-void shared_poison(void* p, size_t n, unsigned long long* gen) {
+
+namespace rt {
+void fail_kernel(cudaError_t code, const std::string& msg) {
+  S().abort_code = code;
+  fail_in_fiber(msg);
+}
+std::string where_now() { return where(); }
+}  // namespace rt
+void shared_poison(void* p, size_t n, unsigned long long* gen, const char* name) {
   State& st = S();
   if (!st.cur || *gen == st.block_gen) return;
   *gen = st.block_gen;
+  rt::register_static_shared(p, n, name);
   if (st.poison) memset(p, 0xff, n);
 }
 long long clock_tick() { return ++S().ticks; }
@@ -607,6 +632,8 @@ cudaError_t launch(const LaunchDesc& d) {
                             "%d (raise it with cudaFuncSetAttribute(kernel, "
                             "cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); hardware max %zu)",
                             d.name, d.smem, limit, kDynMax));
+  st.launched[d.fn].name = d.name;
+  st.launched[d.fn].count++;
   st.rng.s = st.seed * 0x2545f4914f6cdd1dull + 0x632be59bd9b4e019ull * (++st.launch_counter);
   st.rng.next();
   st.n_launch++;
@@ -632,6 +659,8 @@ cudaError_t launch(const LaunchDesc& d) {
   st.in_launch = true;
   gridDim = g;
   blockDim = b;
+  rt::g_exec.launch = st.launch_counter;
+  rt::on_launch_begin(d, st.nthreads, st.dyn_ptr, d.smem);
   unsigned long long nblocks = (unsigned long long)g.x * g.y * g.z;
   // block order: a random affine permutation i -> (a*i + c) mod n
   unsigned long long pa = 1, pc = 0;
@@ -655,6 +684,8 @@ cudaError_t launch(const LaunchDesc& d) {
     blockIdx.z = (unsigned)(bid / ((unsigned long long)g.x * g.y));
     if (st.poison && d.smem) memset(st.dyn_ptr, 0xff, d.smem);
     st.block_gen++;
+    rt::g_exec.block = bid;
+    rt::on_block_begin();
     st.runnable.clear();
     st.run_head = 0;
     for (unsigned t = 0; t < st.nthreads; ++t) {
@@ -670,6 +701,7 @@ cudaError_t launch(const LaunchDesc& d) {
     st.abort_code = cudaErrorLaunchFailure;
     bool ok = run_block();
     st.n_blocks++;
+    if (ok) rt::on_block_end();
     if (!ok) {
       for (unsigned t = 0; t < st.nthreads; ++t)
         if (st.pool[t]->state != F_DONE) st.pool[t]->fresh = true;
@@ -685,6 +717,7 @@ cudaError_t launch(const LaunchDesc& d) {
     }
   }
   threadIdx = uint3{0, 0, 0};
+  rt::on_launch_end(result == cudaSuccess);
   st.in_launch = false;
   st.launch = nullptr;
   st.cur = nullptr;
@@ -698,9 +731,14 @@ cudaError_t cudaMalloc(void** p, size_t n) {
   if (n == 0) { *p = nullptr; return cudaSuccess; }
   size_t r = (n + 255) & ~(size_t)255;
   *p = aligned_alloc(256, r);
-  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+  if (!*p) return cudaErrorMemoryAllocation;
+  char name[64];
+  snprintf(name, sizeof name, "cudaMalloc(%zu)", n);
+  simt::rt::register_region(*p, n, simt::rt::kGlobal, name);
+  return cudaSuccess;
 }
 cudaError_t cudaFree(void* p) {
+  if (p) simt::rt::unregister_region(p);
   free(p);
   return cudaSuccess;
 }
@@ -711,7 +749,7 @@ const char* cudaGetErrorName(cudaError_t e) {
     C(cudaErrorInvalidConfiguration) C(cudaErrorInvalidDevicePointer) C(cudaErrorInvalidMemcpyDirection)
     C(cudaErrorInvalidDeviceFunction) C(cudaErrorNoDevice) C(cudaErrorInvalidDevice) C(cudaErrorNoKernelImageForDevice)
     C(cudaErrorInvalidResourceHandle) C(cudaErrorNotReady) C(cudaErrorIllegalAddress) C(cudaErrorLaunchOutOfResources)
-    C(cudaErrorLaunchTimeout) C(cudaErrorAssert) C(cudaErrorLaunchFailure) C(cudaErrorNotSupported) C(cudaErrorUnknown)
+    C(cudaErrorLaunchTimeout) C(cudaErrorMisalignedAddress) C(cudaErrorAssert) C(cudaErrorLaunchFailure) C(cudaErrorNotSupported) C(cudaErrorUnknown)
 #undef C
   }
   return "cudaErrorUnknown";
@@ -725,6 +763,7 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorLaunchFailure: return "unspecified launch failure (SIMT emulator: see simt_last_error())";
     case cudaErrorAssert: return "device-side assert triggered";
     case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
+    case cudaErrorMisalignedAddress: return "misaligned address";
     default: return cudaGetErrorName(e);
   }
 }
@@ -819,6 +858,18 @@ void simt_clear_error() {
   st.sticky_msg.clear();
   st.last_code = cudaSuccess;
   st.last_msg.clear();
+}
+// Every kernel that started (past the launch-configuration checks) since the library was loaded,
+// one line each: "<function offset in the library>\t<launch count>\t<kernel expression as written>". The
+// offsets name the template instantiations (harness.launched_kernels maps them with nm).
+const char* simt_launched_kernels() {
+  auto& st = simt::S();
+  st.launched_text.clear();
+  for (const auto& [fn, l] : st.launched) {
+    st.launched_text += simt::fmt("%llu\t%llu\t", (unsigned long long)simt::rt::module_offset(fn), l.count) +
+                        l.name + "\n";
+  }
+  return st.launched_text.c_str();
 }
 // 0 launches, 1 blocks, 2 barriers, 3 warp collectives, 4 fiber switches
 unsigned long long simt_stat(int which) {

@@ -126,6 +126,7 @@ enum cudaError {
   cudaErrorIllegalAddress = 700,
   cudaErrorLaunchOutOfResources = 701,
   cudaErrorLaunchTimeout = 702,
+  cudaErrorMisalignedAddress = 716,
   cudaErrorAssert = 710,
   cudaErrorLaunchFailure = 719,
   cudaErrorNotSupported = 801,
@@ -229,6 +230,7 @@ struct LaunchDesc {
   cudaStream_t stream;
   void (*invoke)(void*);
   void* data;
+  size_t data_size;  // the argument block `data` points to (kernel parameter space)
 };
 cudaError_t launch(const LaunchDesc& d);
 int syncthreads(int mode, int pred, const char* file, unsigned line);  // mode 0 plain,1 count,2 and,3 or
@@ -238,7 +240,9 @@ unsigned activemask(const char* file, unsigned line);
 void yield_now();
 [[noreturn]] void trap(const char* what, const char* file, unsigned line);
 unsigned char* dyn_smem_base();
-void shared_poison(void* p, size_t n, unsigned long long* gen);  // inserted by rewrite.py
+// Inserted by rewrite.py after each function-scope __shared__ declaration: poisons the variable
+// once per block and registers it with the memory checker under `name`.
+void shared_poison(void* p, size_t n, unsigned long long* gen, const char* name);
 long long clock_tick();
 void record_error(cudaError_t e, const char* msg);
 cudaError_t sticky_error();
@@ -721,10 +725,24 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
 inline long long atomicAdd(long long* p, long long v) { return ::simt::atomic_rmw_add(p, v); }
 inline float atomicAdd(float* p, float v) { return ::simt::atomic_rmw_add(p, v); }
 inline double atomicAdd(double* p, double v) { return ::simt::atomic_rmw_add(p, v); }
-inline __half atomicAdd(__half* p, __half v) { __half old = *p; *p = old + v; return old; }
-inline __nv_bfloat16 atomicAdd(__nv_bfloat16* p, __nv_bfloat16 v) { __nv_bfloat16 old = *p; *p = old + v; return old; }
-inline __half2 atomicAdd(__half2* p, __half2 v) { __half2 old = *p; *p = __hadd2(old, v); return old; }
-inline __nv_bfloat162 atomicAdd(__nv_bfloat162* p, __nv_bfloat162 v) { __nv_bfloat162 old = *p; *p = __hadd2(old, v); return old; }
+// 16-bit float atomics: a compare-and-swap loop on the raw bits (an atomic access for the memory
+// checker too, like every atomic here).
+namespace simt {
+template <class T, class Bits, class F>
+inline T atomic_bits_rmw(T* p, F f) {
+  static_assert(sizeof(T) == sizeof(Bits));
+  Bits old = atomic_rmw(reinterpret_cast<Bits*>(p), [&](Bits o) { return simt_bitcast<Bits>(f(simt_bitcast<T>(o))); });
+  return simt_bitcast<T>(old);
+}
+}  // namespace simt
+inline __half atomicAdd(__half* p, __half v) {
+  return ::simt::atomic_bits_rmw<__half, unsigned short>(p, [v](__half o) { return __half(o + v); }); }
+inline __nv_bfloat16 atomicAdd(__nv_bfloat16* p, __nv_bfloat16 v) {
+  return ::simt::atomic_bits_rmw<__nv_bfloat16, unsigned short>(p, [v](__nv_bfloat16 o) { return __nv_bfloat16(o + v); }); }
+inline __half2 atomicAdd(__half2* p, __half2 v) {
+  return ::simt::atomic_bits_rmw<__half2, unsigned int>(p, [v](__half2 o) { return __hadd2(o, v); }); }
+inline __nv_bfloat162 atomicAdd(__nv_bfloat162* p, __nv_bfloat162 v) {
+  return ::simt::atomic_bits_rmw<__nv_bfloat162, unsigned int>(p, [v](__nv_bfloat162 o) { return __hadd2(o, v); }); }
 inline int atomicSub(int* p, int v) { return std::atomic_ref<int>(*p).fetch_sub(v, std::memory_order_relaxed); }
 inline unsigned int atomicSub(unsigned int* p, unsigned int v) { return std::atomic_ref<unsigned>(*p).fetch_sub(v, std::memory_order_relaxed); }
 #define SIMT_ATOMIC_MINMAX(T)                                                                          \
@@ -861,7 +879,8 @@ struct Launcher {
       std::tuple<std::decay_t<P>...> args;
     } data{fn, std::tuple<std::decay_t<P>...>(static_cast<std::decay_t<P>>(std::forward<A>(a))...)};
     LaunchDesc d{name, reinterpret_cast<const void*>(fn), grid, block, smem, stream,
-                 [](void* p) { Data* dd = static_cast<Data*>(p); std::apply(dd->fn, dd->args); }, &data};
+                 [](void* p) { Data* dd = static_cast<Data*>(p); std::apply(dd->fn, dd->args); }, &data,
+                 sizeof(Data)};
     return launch(d);
   }
 };

@@ -1,0 +1,90 @@
+// Kernels with planted GPU bugs, for tests/simt/test_sanitizer.py: each one must be reported by the
+// emulator's memory checker (built with sanitize=True) by kind, kernel, block, thread, address,
+// size and the buffer involved. Each comes with a correct twin that must pass the same checks.
+// Written as ordinary CUDA (they also compile with nvcc).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace defects {
+
+// Out-of-bounds write: thread n writes out[n] (one past the end) when the guard is off by one.
+__global__ void fill_kernel(float* out, int n, int off_by_one) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (off_by_one ? i <= n : i < n) out[i] = 1.0f;
+}
+
+// 16-byte vector loads of float rows that start at `offset` floats: misaligned unless
+// offset % 4 == 0 (x86 would not mind; the GPU raises "misaligned address").
+__global__ void vec_copy_kernel(const float* x, int offset, int vecs, float4* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < vecs) out[i] = reinterpret_cast<const float4*>(x + offset)[i];
+}
+
+// Per-block histogram. Lost update: every thread adds into the shared counts with a plain +=
+// (fibers switch only at barriers, so the emulator alone computes the right sum). Correct twin:
+// atomicAdd.
+__global__ void histogram_kernel(const int* keys, int n, int bins, int use_atomic, int* hist) {
+  __shared__ int counts[64];
+  for (int b = threadIdx.x; b < bins; b += blockDim.x) counts[b] = 0;
+  __syncthreads();
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    if (use_atomic) {
+      atomicAdd(&counts[keys[i]], 1);
+    } else {
+      counts[keys[i]] += 1;
+    }
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < bins; b += blockDim.x) hist[blockIdx.x * bins + b] = counts[b];
+}
+
+// Two blocks write the same global word: every block stores its sum to total[0] (a race across
+// blocks); correct twin: total[blockIdx.x].
+__global__ void block_total_kernel(const float* x, int per_block, int shared_slot, float* total) {
+  __shared__ float s[32];
+  const int lane = threadIdx.x;
+  float v = 0.f;
+  for (int i = lane; i < per_block; i += 32) v += x[blockIdx.x * per_block + i];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  s[lane] = v;
+  __syncwarp();
+  if (lane == 0) total[shared_slot ? 0 : blockIdx.x] = s[31];
+}
+
+// Intra-warp exchange through shared memory; without the __syncwarp, lane l reads s[l + 1]
+// which lane l + 1 wrote with no ordering between them.
+__global__ void warp_rotate_kernel(int* out, int with_syncwarp) {
+  __shared__ int s[32];
+  const int lane = threadIdx.x & 31;
+  s[lane] = lane * 10;
+  if (with_syncwarp) __syncwarp();
+  out[lane] = s[(lane + 1) & 31];
+}
+
+}  // namespace defects
+
+extern "C" int df_fill(float* out, int n, int off_by_one) {
+  defects::fill_kernel<<<(n + 64) / 64, 64>>>(out, n, off_by_one);
+  return static_cast<int>(cudaDeviceSynchronize());
+}
+
+extern "C" int df_vec_copy(const float* x, int offset, int vecs, float* out) {
+  defects::vec_copy_kernel<<<(vecs + 31) / 32, 32>>>(x, offset, vecs, reinterpret_cast<float4*>(out));
+  return static_cast<int>(cudaDeviceSynchronize());
+}
+
+extern "C" int df_histogram(const int* keys, int n, int bins, int use_atomic, int* hist, int blocks) {
+  defects::histogram_kernel<<<blocks, 128>>>(keys, n, bins, use_atomic, hist);
+  return static_cast<int>(cudaDeviceSynchronize());
+}
+
+extern "C" int df_block_total(const float* x, int per_block, int blocks, int shared_slot, float* total) {
+  defects::block_total_kernel<<<blocks, 32>>>(x, per_block, shared_slot, total);
+  return static_cast<int>(cudaDeviceSynchronize());
+}
+
+extern "C" int df_warp_rotate(int* out, int with_syncwarp) {
+  defects::warp_rotate_kernel<<<1, 32>>>(out, with_syncwarp);
+  return static_cast<int>(cudaDeviceSynchronize());
+}

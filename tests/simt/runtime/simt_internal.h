@@ -1,0 +1,119 @@
+// Interface between the emulator's scheduler (simt_core.cpp) and its memory checker
+// (simt_memory.cpp, simt_race.cpp, simt_counters.cpp, simt_tsan.cpp). Not included by kernel code.
+//
+// Kernel translation units built with `sanitize=True` (harness.build) are compiled with
+// -fsanitize=thread, but linked against simt_tsan.cpp instead of libtsan: every load and store of
+// kernel code calls __tsan_readN / __tsan_writeN, which land in simt::rt::on_access below.
+#pragma once
+
+#include "simt/simt.h"
+
+#include <cstdint>
+#include <string>
+
+namespace simt {
+namespace rt {
+
+// What the checker needs to know about the running CUDA thread. The scheduler updates it at every
+// fiber switch, so on_access reads plain fields instead of calling into the scheduler.
+struct Exec {
+  bool in_kernel = false;      // a kernel launch is running (false on the host side)
+  bool checking = false;       // in_kernel and some check or counter is on
+  uintptr_t stack_lo = 0;      // current fiber's stack: accesses there are local memory
+  uintptr_t stack_size = 0;
+  unsigned tid = 0;            // linear thread id in the block
+  unsigned nthreads = 0;       // threads per block
+  unsigned long long block = 0;  // linear block id (x + y * gx + z * gx * gy)
+  unsigned long long launch = 0;  // launch number since the library was loaded
+  const LaunchDesc* desc = nullptr;
+};
+extern Exec g_exec;
+
+// Which checks run (runtime switches; only kernels built with sanitize=True report accesses).
+struct Checks {
+  bool memcheck = true;
+  bool racecheck = true;
+  bool counters = false;
+};
+extern Checks g_checks;
+
+enum AccessFlags : unsigned {
+  kRead = 0,
+  kWrite = 1u << 0,
+  kAtomic = 1u << 1,     // atomic read-modify-write (exempt from racecheck)
+  kUnaligned = 1u << 2,  // the compiler knows the access may be unaligned: no alignment fault
+};
+
+// Memory spaces an access can fall in.
+enum Space : int { kGlobal = 0, kSharedDynamic = 1, kSharedStatic = 2, kParam = 3, kIgnored = 4 };
+
+// One address range the running kernel may touch.
+struct Region {
+  uintptr_t lo = 0, hi = 0;  // [lo, hi)
+  Space space = kGlobal;
+  std::string name;
+  unsigned long long id = 0;  // registration number (stable across launches)
+  bool racecheck = true;      // false: a buffer the test exempts from racecheck (say why there)
+  // racecheck shadow (one cell per byte) and counter bitmaps (one bit per 32-byte sector);
+  // allocated on first use, owned by the checker modules.
+  void* race_shadow = nullptr;
+  size_t race_cap = 0;  // bytes covered by race_shadow
+  uint64_t* sector_touched = nullptr;
+  uint64_t* sector_written = nullptr;
+  unsigned long long sector_gen = 0;
+};
+
+// ---- instrumented code -> checker (simt_checker.cpp): one load or store of kernel code.
+void on_access(const void* addr, unsigned size, unsigned flags, const void* pc);
+
+// ---- scheduler -> checker (no-ops unless the launch checks anything)
+void on_launch_begin(const LaunchDesc& d, unsigned nthreads, void* dyn_smem, size_t dyn_bytes);
+void on_block_begin();
+void on_barrier();                                  // a __syncthreads completed
+void on_warp_sync(unsigned warp_base, unsigned mask);  // a warp collective completed for mask
+void on_block_end();
+void on_launch_end(bool ok);
+
+// ---- checker -> scheduler
+// Aborts the running kernel like a device fault (sticky error `code`, message printed).
+[[noreturn]] void fail_kernel(cudaError_t code, const std::string& msg);
+// "kernel 'k' block (x,y,z) [grid ... block ...]"
+std::string where_now();
+
+// ---- registry (simt_memory.cpp)
+unsigned long long register_region(const void* p, size_t n, Space space, const char* name,
+                                   bool racecheck = true);
+void unregister_region(const void* p);
+void register_static_shared(const void* p, size_t n, const char* name);
+// Per launch: the dynamic shared memory and the kernel's argument block.
+void set_launch_regions(void* dyn, size_t dyn_bytes, const void* param, size_t param_bytes);
+void clear_launch_regions();
+// The region holding address p or, when there is none, nullptr.
+Region* find_region(uintptr_t p);
+// p lies in this library's own loaded segments (static data, literals): ignored by the checks.
+bool in_module(uintptr_t p);
+std::string describe_address(uintptr_t p, size_t n);  // nearest buffer, offsets
+std::string describe_thread();                        // block, thread, warp, lane of the running thread
+std::string describe_thread_id(unsigned tid);         // thread of the running block
+std::string describe_pc(const void* pc);              // "pc lib.so+0x1234" (addr2line-able)
+uintptr_t module_offset(const void* pc);              // pc relative to its library's load address
+const void* pc_from_offset(const void* like, uintptr_t offset);  // inverse, in like's library
+
+// ---- racecheck (simt_race.cpp)
+void race_access(Region& r, uintptr_t p, unsigned size, unsigned flags, const void* pc);
+void race_launch_begin();
+void race_block_begin();
+void race_barrier();
+void race_warp_sync(unsigned warp_base, unsigned mask);
+void race_region_freed(Region& r);
+
+// ---- counters (simt_counters.cpp)
+void count_access(Region& r, uintptr_t p, unsigned size, unsigned flags, const void* pc);
+void counters_launch_begin(const LaunchDesc& d, unsigned nthreads, size_t dyn_bytes);
+void counters_block_end();
+void counters_launch_end(bool ok);
+void counters_region_freed(Region& r);
+void counters_static_shared(size_t bytes);
+
+}  // namespace rt
+}  // namespace simt

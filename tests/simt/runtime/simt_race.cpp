@@ -1,0 +1,235 @@
+// racecheck: two threads touching the same byte without a synchronisation between them, at least
+// one of them with a plain (non-atomic) write, is a data race, whatever order the emulator happened
+// to run them in. Fibers switch only at barriers and collectives, so a read-modify-write is
+// accidentally atomic in the emulator; this check finds the lost update anyway.
+//
+// Happens-before, per block:
+//  * a completed __syncthreads orders everything before it against everything after it (every
+//    barrier starts a new epoch; epochs are unique across blocks and launches);
+//  * inside a warp, a completed warp collective (__syncwarp, shuffles, votes, reductions) orders
+//    the accesses of the lanes in its mask before it against theirs after it (a 32-entry vector
+//    clock per thread, reset at every barrier);
+//  * nothing orders two blocks of a launch: a global byte written by one block and read or written
+//    by another is a race.
+// Atomic accesses are exempt (they never reach this file).
+//
+// Shadow: one Cell per byte of every region touched, allocated on first use. A cell remembers the
+// last plain write and a summary of the reads since then in the current epoch (which warps read,
+// which lanes, the latest reader clock), enough to decide whether a later write is ordered after
+// every one of them.
+#include "simt_internal.h"
+
+#include <stdarg.h>
+#include <stdlib.h>
+
+#include <string>
+#include <vector>
+
+namespace simt {
+namespace rt {
+namespace {
+
+constexpr uint16_t kNone = 0xffff;
+
+struct Cell {
+  uint32_t gen;      // launch number (global memory) or block generation (shared memory)
+  uint32_t w_epoch;  // last plain write
+  uint32_t w_block;
+  uint32_t w_pc;
+  uint16_t w_tid;
+  uint16_t w_clk;
+  uint32_t r_epoch;  // reads since the last write, all in r_epoch of block r_block
+  uint32_t r_block;
+  uint32_t r_warps;  // bit w: warp w read
+  uint32_t r_lanes;  // bit l: lane l (of some reading warp) read
+  uint32_t r_pc;     // first reader's instruction
+  uint16_t r_tid;    // first reader, kNone: no read
+  uint16_t r_clk;    // the latest reader clock
+};
+
+struct RaceState {
+  uint32_t epoch = 0;      // current epoch of the running block (unique, increasing)
+  uint32_t block_gen = 0;  // generation of the running block (for shared-memory cells)
+  std::vector<uint32_t> vc_epoch;  // epoch each thread's clock row belongs to
+  std::vector<uint16_t> vc;        // [thread][32] warp-local vector clocks
+};
+
+RaceState& RS() {
+  static RaceState* s = new RaceState();
+  return *s;
+}
+
+std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
+std::string fmt(const char* f, ...) {
+  char buf[512];
+  va_list ap;
+  va_start(ap, f);
+  vsnprintf(buf, sizeof buf, f, ap);
+  va_end(ap);
+  return buf;
+}
+
+// This thread's clock row, zeroed first when it belongs to an older epoch.
+uint16_t* clock_row(unsigned tid) {
+  RaceState& s = RS();
+  uint16_t* row = &s.vc[static_cast<size_t>(tid) * 32];
+  if (s.vc_epoch[tid] != s.epoch) {
+    s.vc_epoch[tid] = s.epoch;
+    for (int l = 0; l < 32; ++l) row[l] = 0;
+  }
+  return row;
+}
+
+Cell* shadow(Region& r) {
+  const size_t n = r.hi - r.lo;
+  if (r.race_cap < n) {
+    free(r.race_shadow);
+    r.race_shadow = calloc(n, sizeof(Cell));  // gen 0: never touched
+    if (!r.race_shadow) {
+      fprintf(stderr, "simt: racecheck cannot allocate a shadow of %zu bytes\n", n * sizeof(Cell));
+      abort();
+    }
+    r.race_cap = n;
+  }
+  return static_cast<Cell*>(r.race_shadow);
+}
+
+std::string who(unsigned tid, uint32_t block, bool same_block) {
+  if (same_block) return describe_thread_id(tid);
+  const unsigned gx = gridDim.x, gy = gridDim.y;
+  return fmt("block (%u,%u,%u) ", block % gx, (block / gx) % gy, block / (gx * gy)) + describe_thread_id(tid);
+}
+
+[[noreturn]] void report(const Region& r, uintptr_t p, unsigned size, bool write, const void* pc,
+                         const std::string& other, const char* other_kind, uint32_t other_pc, const char* why) {
+  const char* space = r.space == kGlobal ? "global" : "shared";
+  fail_kernel(cudaErrorLaunchFailure,
+              fmt("SIMT racecheck: %s-%s hazard on %s memory in kernel '%s': ", other_kind, write ? "write" : "read",
+                  space, g_exec.desc ? g_exec.desc->name : "?") +
+                  fmt("%s of %u bytes by ", write ? "write" : "read", size) + describe_thread() + " (" +
+                  describe_pc(pc) + ") races with a " + other_kind + " by " + other + " (" +
+                  describe_pc(pc_from_offset(pc, other_pc)) + "): " + why + "; " + describe_address(p, size) +
+                  "\n  in " + where_now());
+}
+
+}  // namespace
+
+void race_launch_begin() {
+  RaceState& s = RS();
+  const unsigned n = g_exec.nthreads;
+  if (s.vc_epoch.size() < n) {
+    s.vc_epoch.assign(n, 0);
+    s.vc.assign(static_cast<size_t>(n) * 32, 0);
+  }
+}
+
+void race_block_begin() {
+  RaceState& s = RS();
+  s.epoch++;
+  s.block_gen++;
+}
+
+void race_barrier() { RS().epoch++; }
+
+void race_warp_sync(unsigned warp_base, unsigned mask) {
+  uint16_t join[32] = {};
+  uint16_t* rows[32];
+  for (unsigned l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    uint16_t* row = clock_row(warp_base + l);
+    row[l]++;
+    rows[l] = row;
+    for (int k = 0; k < 32; ++k) join[k] = row[k] > join[k] ? row[k] : join[k];
+  }
+  for (unsigned l = 0; l < 32; ++l) {
+    if (!(mask >> l & 1u)) continue;
+    for (int k = 0; k < 32; ++k) rows[l][k] = join[k];
+  }
+}
+
+void race_region_freed(Region& r) {
+  free(r.race_shadow);
+  r.race_shadow = nullptr;
+  r.race_cap = 0;
+}
+
+void race_access(Region& r, uintptr_t p, unsigned size, unsigned flags, const void* pc) {
+  RaceState& s = RS();
+  const bool write = flags & kWrite;
+  const bool global = r.space == kGlobal;
+  const uint32_t gen = global ? static_cast<uint32_t>(g_exec.launch) : s.block_gen;
+  const uint32_t block = static_cast<uint32_t>(g_exec.block);
+  const unsigned tid = g_exec.tid, lane = tid & 31u, warp = tid >> 5;
+  const uint16_t* row = clock_row(tid);
+  const uint16_t clk = row[lane];
+  const uint32_t epoch = s.epoch;
+  const uint32_t pc32 = static_cast<uint32_t>(module_offset(pc));
+  // ordered(t, e, c): the access of thread t (this block) at epoch e and clock c happens before now
+  auto ordered = [&](unsigned t, uint32_t e, uint16_t c) {
+    if (e != epoch) return true;
+    if ((t >> 5) != warp) return false;
+    return row[t & 31u] > c;
+  };
+  Cell* cells = shadow(r) + (p - r.lo);
+  const unsigned n = p + size <= r.hi ? size : static_cast<unsigned>(r.hi - p);
+  for (unsigned i = 0; i < n; ++i) {
+    Cell& c = cells[i];
+    if (c.gen != gen) {
+      c.gen = gen;
+      c.w_tid = kNone;
+      c.r_tid = kNone;
+    }
+    if (c.w_tid != kNone && !(c.w_block == block && c.w_tid == tid)) {
+      if (c.w_block != block)
+        report(r, p + i, size, write, pc, who(c.w_tid, c.w_block, false), "write", c.w_pc,
+               "two blocks of one launch are never ordered");
+      if (!ordered(c.w_tid, c.w_epoch, c.w_clk))
+        report(r, p + i, size, write, pc, who(c.w_tid, block, true), "write", c.w_pc,
+               "no __syncthreads (or, inside a warp, no warp collective of both lanes) between them");
+    }
+    if (write) {
+      if (c.r_tid != kNone) {
+        if (c.r_block != block) {
+          report(r, p + i, size, write, pc, who(c.r_tid, c.r_block, false), "read", c.r_pc,
+                 "two blocks of one launch are never ordered");
+        } else if (c.r_epoch == epoch) {
+          const uint32_t other_warps = c.r_warps & ~(1u << warp);
+          if (other_warps)
+            report(r, p + i, size, write, pc,
+                   fmt("a thread of warp(s) mask 0x%08x (first reader: ", other_warps) +
+                       describe_thread_id(c.r_tid) + ")",
+                   "read", c.r_pc, "no __syncthreads between them");
+          const uint32_t other_lanes = c.r_lanes & ~(1u << lane);
+          for (unsigned l = 0; l < 32; ++l) {
+            if ((other_lanes >> l & 1u) && !(row[l] > c.r_clk))
+              report(r, p + i, size, write, pc, describe_thread_id(warp * 32 + l), "read", c.r_pc,
+                     "no warp collective of both lanes between them");
+          }
+        }
+      }
+      c.w_tid = static_cast<uint16_t>(tid);
+      c.w_block = block;
+      c.w_epoch = epoch;
+      c.w_clk = clk;
+      c.w_pc = pc32;
+      c.r_tid = kNone;
+    } else {
+      if (c.r_tid == kNone || c.r_block != block || c.r_epoch != epoch) {
+        c.r_tid = static_cast<uint16_t>(tid);
+        c.r_block = block;
+        c.r_epoch = epoch;
+        c.r_warps = 1u << warp;
+        c.r_lanes = 1u << lane;
+        c.r_clk = clk;
+        c.r_pc = pc32;
+      } else {
+        c.r_warps |= 1u << warp;
+        c.r_lanes |= 1u << lane;
+        if (clk > c.r_clk) c.r_clk = clk;
+      }
+    }
+  }
+}
+
+}  // namespace rt
+}  // namespace simt
