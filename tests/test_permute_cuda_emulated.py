@@ -4,7 +4,6 @@ result the same under several thread/block schedules. Small T only (the emulator
 
 from __future__ import annotations
 
-import ctypes
 import pathlib
 import sys
 
@@ -13,106 +12,20 @@ import torch
 
 from l2r_cuda import reference
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "simt"))
-import harness as simt  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from tests.simt import harness as simt  # noqa: E402
+from tests.simt.drivers import permute as emu  # noqa: E402
+from tests.simt.drivers.permute import gather, permute_rows, plan  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from test_permute import SAMPLES, Sample, kwargs_of, make_inputs  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-
-DRIVER = r'''
-#include "permute/cuda/permute_launch.h"
-using namespace l2r::permute;
-extern "C" long drv_plan_ws(long n, long experts, int weighted) {
-  return (long)plan_workspace_bytes(n, experts, weighted != 0);
-}
-extern "C" int drv_plan(const void* idx, int is64, long T, long k, long E, long align, long cap,
-                        const float* w, long* row_map, long* offsets, long* dropped, void* ws,
-                        int* flag) {
-  return (int)launch_permute_plan(idx, is64 != 0, T, k, E, align, cap, w, (int64_t*)row_map,
-                                  (int64_t*)offsets, (int64_t*)dropped, ws, flag, nullptr);
-}
-extern "C" int drv_rows(const void* x, long stride_bytes, long row_bytes, const long* row_map,
-                        long T, long k, long num_rows, long* src, void* out) {
-  return (int)launch_permute_rows(x, stride_bytes, row_bytes, (const int64_t*)row_map, T, k,
-                                  num_rows, (int64_t*)src, out, nullptr);
-}
-extern "C" int drv_gather(int dtype, const void* y, long stride, long rows, const long* row_map,
-                          const void* w, long T, long k, long d, void* out) {
-  return (int)launch_gather_reduce((DType)dtype, y, stride, rows, (const int64_t*)row_map, w, T, k,
-                                   d, out, nullptr);
-}
-extern "C" int drv_unpermute_bwd(int dtype, const void* g, const void* y, long stride, long rows,
-                                 const long* row_map, const void* w, long T, long k, long d,
-                                 long* src, void* grad_y, void* grad_w) {
-  return (int)launch_unpermute_backward((DType)dtype, g, y, stride, rows, (const int64_t*)row_map,
-                                        w, T, k, d, (int64_t*)src, grad_y, grad_w, nullptr);
-}
-'''
-
-L = ctypes.c_long
 
 
 @pytest.fixture(scope="module")
 def lib():
     if not simt.have_compiler():
         pytest.skip("g++ missing")
-    return simt.build(sources=[ROOT / "csrc/permute/cuda/permute_kernels.cu"], include_dirs=[ROOT / "csrc"],
-                      driver_source=DRIVER, name="permute")
-
-
-def plan(lib, indices, E, align=1, capacity=None, weights=None, seed=0):
-    T, k = indices.shape
-    n = T * k
-    weighted = capacity is not None and weights is not None
-    ws = torch.empty(max(1, lib.drv_plan_ws(L(n), L(E), ctypes.c_int(int(weighted)))),
-                     dtype=torch.uint8)
-    row_map = torch.full((T, k), -7, dtype=torch.int64)
-    offsets = torch.full((E + 1,), -7, dtype=torch.int64)
-    dropped = torch.full((E,), -7, dtype=torch.int64)
-    flag = torch.zeros(1, dtype=torch.int32)
-    w = weights.float().contiguous() if weighted else None
-    idx = indices.contiguous()
-    rc = simt.call(lib, "drv_plan", simt.ptr(idx), ctypes.c_int(int(idx.dtype == torch.int64)),
-                   L(T), L(k), L(E), L(align), L(-1 if capacity is None else capacity),
-                   simt.ptr(w) if w is not None else None, simt.ptr(row_map), simt.ptr(offsets),
-                   simt.ptr(dropped), simt.ptr(ws),
-                   # every thread that meets a bad index stores 1 to the flag with a plain write:
-                   # the same value, benign in practice, but a race by the memory model (an atomic
-                   # store would be exact), so racecheck is off for this one word
-                   simt.ptr(flag, "error_flag", racecheck=False), seed=seed)
-    assert rc == 0
-    return row_map, offsets, dropped, int(flag)
-
-
-def permute_rows(lib, x, row_map, num_rows, seed=0):
-    d = x.shape[1]
-    if x.stride(1) != 1 and x.shape[0] > 0:  # the launcher takes a row stride: pad the rows instead
-        buf = torch.zeros(x.shape[0], d + 8, dtype=x.dtype)
-        buf[:, :d] = x
-        x = buf[:, :d]
-    out = torch.full((num_rows, d), float("nan")).to(x.dtype)
-    src = torch.empty(max(1, num_rows), dtype=torch.int64)
-    es = x.element_size()
-    rc = simt.call(lib, "drv_rows", simt.ptr(x), L(x.stride(0) * es), L(d * es),
-                   simt.ptr(row_map), L(row_map.shape[0]), L(row_map.shape[1]), L(num_rows),
-                   simt.ptr(src), simt.ptr(out), seed=seed)
-    assert rc == 0
-    return out
-
-
-def gather(lib, y, row_map, w, seed=0):
-    T, k = row_map.shape
-    out = torch.full((T, y.shape[1]), float("nan")).to(y.dtype)
-    wa = None if w is None else w.to(torch.float64 if y.dtype == torch.float64 else torch.float32).contiguous()
-    rc = simt.call(lib, "drv_gather", ctypes.c_int(DTYPE_CODE[y.dtype]), simt.ptr(y),
-                   L(y.stride(0)), L(y.shape[0]), simt.ptr(row_map),
-                   simt.ptr(wa) if wa is not None else None, L(T), L(k), L(y.shape[1]),
-                   simt.ptr(out), seed=seed)
-    assert rc == 0
-    return out
+    return emu.build()
 
 
 EMU_SAMPLES = [s for s in SAMPLES if s.T <= 33] + [
@@ -157,14 +70,7 @@ def test_emulated_unpermute_backward(lib, s):
     w = weights.clone().requires_grad_(True)
     g = torch.randn(s.T, s.d, generator=torch.Generator().manual_seed(2)).to(s.dtype)
     reference.unpermute(y, row_map, w).backward(g)
-    N, d = y.shape
-    grad_y = torch.full((N, d), float("nan")).to(s.dtype)
-    grad_w = torch.full((s.T, s.k), float("nan"))
-    src = torch.empty(max(1, N), dtype=torch.int64)
-    rc = simt.call(lib, "drv_unpermute_bwd", ctypes.c_int(DTYPE_CODE[s.dtype]), simt.ptr(g),
-                   simt.ptr(y0), L(d), L(N), simt.ptr(row_map), simt.ptr(weights.contiguous()),
-                   L(s.T), L(s.k), L(d), simt.ptr(src), simt.ptr(grad_y), simt.ptr(grad_w), seed=1)
-    assert rc == 0
+    grad_y, grad_w = emu.unpermute_backward(lib, g, y0, row_map, weights)
     tol = {} if s.dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     zero_if_none = lambda g, like: torch.zeros_like(like) if g is None else g  # noqa: E731 (T = 0)
     torch.testing.assert_close(grad_y, zero_if_none(y.grad, grad_y), **tol)

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -110,6 +111,7 @@ struct Counters {
   std::vector<Launch> done;
   std::vector<Ev> events;
   std::vector<PcCounter> threads;
+  std::set<uintptr_t> static_vars;  // static __shared__ variables seen in this launch
   uint32_t block_gen = 0;
   std::string json;
 };
@@ -227,12 +229,13 @@ void counters_launch_begin(const LaunchDesc& d, unsigned nthreads, size_t dyn_by
   c.cur.dyn_smem = dyn_bytes;
   if (c.threads.size() < nthreads) c.threads.resize(nthreads);
   c.events.clear();
+  c.static_vars.clear();
   c.block_gen++;  // (a block aborted by an error never reached counters_block_end)
 }
 
-void counters_static_shared(size_t bytes) {
+void counters_static_shared(uintptr_t p, size_t bytes) {
   Counters& c = C();
-  if (c.active) c.cur.static_smem += bytes;
+  if (c.active && c.static_vars.insert(p).second) c.cur.static_smem += bytes;
 }
 
 void count_access(Region& r, uintptr_t p, unsigned size, unsigned flags, const void* pc) {

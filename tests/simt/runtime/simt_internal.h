@@ -113,7 +113,7 @@ void counters_launch_begin(const LaunchDesc& d, unsigned nthreads, size_t dyn_by
 void counters_block_end();
 void counters_launch_end(bool ok);
 void counters_region_freed(Region& r);
-void counters_static_shared(size_t bytes);
+void counters_static_shared(uintptr_t p, size_t bytes);  // a static __shared__ variable of the launch
 
 }  // namespace rt
 }  // namespace simt

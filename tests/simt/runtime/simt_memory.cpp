@@ -173,6 +173,7 @@ void unregister_region(const void* p) {
 void register_static_shared(const void* p, size_t n, const char* name) {
   Registry& g = R();
   const uintptr_t lo = reinterpret_cast<uintptr_t>(p);
+  counters_static_shared(lo, n);
   auto it = g.regions.find(lo);
   if (it != g.regions.end()) return;
   auto r = std::make_unique<Region>();
@@ -183,7 +184,6 @@ void register_static_shared(const void* p, size_t n, const char* name) {
   r->id = g.next_id++;
   g.regions.emplace(lo, std::move(r));
   g.cache = nullptr;
-  counters_static_shared(n);
 }
 
 void set_launch_regions(void* dyn, size_t dyn_bytes, const void* param, size_t param_bytes) {

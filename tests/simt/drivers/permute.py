@@ -1,0 +1,95 @@
+"""Python side of permute_driver.cpp: builds the CUDA permute kernels
+(csrc/permute/cuda/permute_kernels.cu) for the SIMT emulator and runs their launchers on CPU tensors.
+Shared by tests/test_permute_cuda_emulated.py and the GPU cost model (benchmarks/gpu_model.py)."""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from .. import harness as simt
+
+ROOT = Path(__file__).resolve().parents[3]
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+L = ctypes.c_long
+
+
+def build(sanitize: bool | None = None, root: Path = ROOT) -> ctypes.CDLL:
+    lib = simt.build(sources=[root / "csrc/permute/cuda/permute_kernels.cu"], include_dirs=[root / "csrc"],
+                     driver_source=root / "tests/simt/drivers/permute_driver.cpp", name="permute",
+                     sanitize=sanitize)
+    lib.drv_plan_ws.restype = L
+    return lib
+
+
+def plan(lib, indices, E, align=1, capacity=None, weights=None, seed=0):
+    """launch_permute_plan -> (row_map [T, k], offsets [E + 1], dropped [E], error flag)."""
+    T, k = indices.shape
+    n = T * k
+    weighted = capacity is not None and weights is not None
+    ws = torch.empty(max(1, lib.drv_plan_ws(L(n), L(E), ctypes.c_int(int(weighted)))), dtype=torch.uint8)
+    row_map = torch.full((T, k), -7, dtype=torch.int64)
+    offsets = torch.full((E + 1,), -7, dtype=torch.int64)
+    dropped = torch.full((E,), -7, dtype=torch.int64)
+    flag = torch.zeros(1, dtype=torch.int32)
+    w = weights.float().contiguous() if weighted else None
+    idx = indices.contiguous()
+    rc = simt.call(lib, "drv_plan", simt.ptr(idx, "indices"), ctypes.c_int(int(idx.dtype == torch.int64)),
+                   L(T), L(k), L(E), L(align), L(-1 if capacity is None else capacity),
+                   simt.ptr(w, "weights") if w is not None else None, simt.ptr(row_map, "row_map"),
+                   simt.ptr(offsets, "offsets"), simt.ptr(dropped, "dropped"), simt.ptr(ws, "workspace"),
+                   # every thread that meets a bad index stores 1 to the flag with a plain write:
+                   # the same value, benign in practice, but a race by the memory model (an atomic
+                   # store would be exact), so racecheck is off for this one word
+                   simt.ptr(flag, "error_flag", racecheck=False), seed=seed)
+    assert rc == 0
+    return row_map, offsets, dropped, int(flag)
+
+
+def permute_rows(lib, x, row_map, num_rows, seed=0, pad=8):
+    """launch_permute_rows: out [num_rows, d] in x's dtype (rows NaN-filled first). A
+    non-contiguous x is passed as rows of a padded buffer (`pad` extra elements per row)."""
+    d = x.shape[1]
+    if x.stride(1) != 1 and x.shape[0] > 0:  # the launcher takes a row stride: pad the rows instead
+        buf = torch.zeros(x.shape[0], d + pad, dtype=x.dtype)
+        buf[:, :d] = x
+        x = buf[:, :d]
+    out = torch.full((num_rows, d), float("nan")).to(x.dtype)
+    src = torch.empty(max(1, num_rows), dtype=torch.int64)
+    es = x.element_size()
+    rc = simt.call(lib, "drv_rows", simt.ptr(x, "x"), L(x.stride(0) * es), L(d * es),
+                   simt.ptr(row_map, "row_map"), L(row_map.shape[0]), L(row_map.shape[1]), L(num_rows),
+                   simt.ptr(src, "src_scratch"), simt.ptr(out, "out"), seed=seed)
+    assert rc == 0
+    return out
+
+
+def gather(lib, y, row_map, w, seed=0):
+    """launch_gather_reduce: out [T, d] = sum_j w[t, j] y[row_map[t, j]] (w None: 1). y may be a
+    row-strided view."""
+    T, k = row_map.shape
+    out = torch.full((T, y.shape[1]), float("nan")).to(y.dtype)
+    wa = None if w is None else w.to(torch.float64 if y.dtype == torch.float64 else torch.float32).contiguous()
+    rc = simt.call(lib, "drv_gather", ctypes.c_int(DTYPE_CODE[y.dtype]), simt.ptr(y, "y"),
+                   L(y.stride(0)), L(y.shape[0]), simt.ptr(row_map, "row_map"),
+                   simt.ptr(wa, "w") if wa is not None else None, L(T), L(k), L(y.shape[1]),
+                   simt.ptr(out, "out"), seed=seed)
+    assert rc == 0
+    return out
+
+
+def unpermute_backward(lib, g, y, row_map, w, seed=1):
+    """launch_unpermute_backward -> (grad_y [N, d], grad_w [T, k] in the accumulation type)."""
+    T, k = row_map.shape
+    N, d = y.shape
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    grad_y = torch.full((N, d), float("nan")).to(y.dtype)
+    grad_w = torch.full((T, k), float("nan"), dtype=acc)
+    src = torch.empty(max(1, N), dtype=torch.int64)
+    rc = simt.call(lib, "drv_unpermute_bwd", ctypes.c_int(DTYPE_CODE[y.dtype]), simt.ptr(g, "grad_out"),
+                   simt.ptr(y, "y"), L(y.stride(0)), L(N), simt.ptr(row_map, "row_map"),
+                   simt.ptr(w.to(acc).contiguous(), "w"), L(T), L(k), L(d), simt.ptr(src, "src_scratch"),
+                   simt.ptr(grad_y, "grad_y"), simt.ptr(grad_w, "grad_w"), seed=seed)
+    assert rc == 0
+    return grad_y, grad_w
