@@ -11,8 +11,9 @@
 //    any one bank must serve), and the ideal (one per phase that has accesses).
 // Per launch: unique DRAM bytes by first touch of each 32-byte sector (a read of a sector not yet
 // touched in this launch is a DRAM read; the first write of a sector is a DRAM write), the busiest
-// warp's request counts (the latency-bound path), and per instruction the request, sector and
-// wavefront totals (to name bank conflicts and uncoalesced accesses by source line).
+// warp's global load requests split into L1 misses (a sector its block had not touched before, in
+// execution order) and L1 hits (the latency-bound path), and per instruction the request, sector
+// and wavefront totals (to name bank conflicts and uncoalesced accesses by source line).
 #include "simt_internal.h"
 
 #include <stdarg.h>
@@ -22,6 +23,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 namespace simt {
@@ -38,6 +40,7 @@ struct Ev {
   uint8_t lane;
   uint8_t kind;
   uint32_t size;
+  bool l1_miss;    // touched a sector its block had not touched before
 };
 
 struct PcStats {
@@ -56,6 +59,7 @@ struct Launch {
            bytes[6] = {};
   uint64_t dram_read = 0, dram_write = 0;
   uint64_t max_warp_global_loads = 0, max_warp_global = 0, max_warp_shared = 0;
+  uint64_t max_warp_load_misses = 0, max_warp_load_hits = 0;  // the warp with the longest load chain
   uint64_t max_block_global_loads = 0;  // busiest block: sum of its warps' global load requests
   std::map<uintptr_t, PcStats> pcs;
   bool ok = true;
@@ -112,6 +116,7 @@ struct Counters {
   std::vector<Ev> events;
   std::vector<PcCounter> threads;
   std::set<uintptr_t> static_vars;  // static __shared__ variables seen in this launch
+  std::unordered_set<uintptr_t> block_sectors;  // global sectors the running block touched
   uint32_t block_gen = 0;
   std::string json;
 };
@@ -230,6 +235,7 @@ void counters_launch_begin(const LaunchDesc& d, unsigned nthreads, size_t dyn_by
   if (c.threads.size() < nthreads) c.threads.resize(nthreads);
   c.events.clear();
   c.static_vars.clear();
+  c.block_sectors.clear();
   c.block_gen++;  // (a block aborted by an error never reached counters_block_end)
 }
 
@@ -255,6 +261,10 @@ void count_access(Region& r, uintptr_t p, unsigned size, unsigned flags, const v
   e.lane = static_cast<uint8_t>(tid & 31u);
   e.kind = kind;
   e.size = size;
+  e.l1_miss = false;
+  if (!shared) {
+    for (uintptr_t s = p >> 5; s <= (p + size - 1) >> 5; ++s) e.l1_miss |= c.block_sectors.insert(s).second;
+  }
   c.events.push_back(e);
   if (!shared) {
     if (atomic) {
@@ -279,14 +289,21 @@ void counters_block_end() {
     if (a.pc != b.pc) return a.pc < b.pc;
     return a.n < b.n;
   });
-  uint64_t warp_gl = 0, warp_g = 0, warp_s = 0, block_gl = 0;
+  uint64_t warp_gl = 0, warp_g = 0, warp_s = 0, block_gl = 0, warp_miss = 0;
   int cur_warp = -1;
   auto close_warp = [&]() {
     L.max_warp_global_loads = std::max(L.max_warp_global_loads, warp_gl);
     L.max_warp_global = std::max(L.max_warp_global, warp_g);
     L.max_warp_shared = std::max(L.max_warp_shared, warp_s);
+    // the longest chain: misses cost far more than hits, so rank warps by misses, then hits
+    const uint64_t hits = warp_gl - warp_miss;
+    if (warp_miss > L.max_warp_load_misses ||
+        (warp_miss == L.max_warp_load_misses && hits > L.max_warp_load_hits)) {
+      L.max_warp_load_misses = warp_miss;
+      L.max_warp_load_hits = hits;
+    }
     block_gl += warp_gl;
-    warp_gl = warp_g = warp_s = 0;
+    warp_gl = warp_g = warp_s = warp_miss = 0;
   };
   for (size_t i = 0; i < ev.size();) {
     size_t j = i + 1;
@@ -322,7 +339,12 @@ void counters_block_end() {
       ps.ideal_sectors += ideal;
       ps.bytes += bytes;
       warp_g++;
-      if (is_load(k)) warp_gl++;
+      if (is_load(k)) {
+        warp_gl++;
+        bool miss = false;
+        for (size_t m = i; m < j; ++m) miss |= ev[m].l1_miss;
+        warp_miss += miss;
+      }
     }
     ps.size = std::max(ps.size, ev[i].size);
     i = j;
@@ -330,6 +352,7 @@ void counters_block_end() {
   if (cur_warp >= 0) close_warp();
   L.max_block_global_loads = std::max(L.max_block_global_loads, block_gl);
   ev.clear();
+  c.block_sectors.clear();
 }
 
 void counters_launch_end(bool ok) {
@@ -365,7 +388,8 @@ std::string counters_json() {
     out += fmt("\n{\"name\": \"%s\", \"fn_offset\": %llu, \"ok\": %s, \"grid\": [%u, %u, %u], \"block\": [%u, %u, %u], "
                "\"dyn_smem\": %zu, \"static_smem\": %zu, \"blocks\": %llu, \"warps\": %llu, \"dram_read\": %llu, "
                "\"dram_write\": %llu, \"max_warp_global_loads\": %llu, \"max_warp_global\": %llu, "
-               "\"max_warp_shared\": %llu, \"max_block_global_loads\": %llu",
+               "\"max_warp_shared\": %llu, \"max_block_global_loads\": %llu, \"max_warp_load_misses\": %llu, "
+               "\"max_warp_load_hits\": %llu",
                name.c_str(), static_cast<unsigned long long>(L.fn_offset), L.ok ? "true" : "false", L.grid.x,
                L.grid.y, L.grid.z, L.block.x, L.block.y, L.block.z, L.dyn_smem, L.static_smem,
                static_cast<unsigned long long>(L.blocks), static_cast<unsigned long long>(L.warps),
@@ -373,7 +397,9 @@ std::string counters_json() {
                static_cast<unsigned long long>(L.max_warp_global_loads),
                static_cast<unsigned long long>(L.max_warp_global),
                static_cast<unsigned long long>(L.max_warp_shared),
-               static_cast<unsigned long long>(L.max_block_global_loads));
+               static_cast<unsigned long long>(L.max_block_global_loads),
+               static_cast<unsigned long long>(L.max_warp_load_misses),
+               static_cast<unsigned long long>(L.max_warp_load_hits));
     for (int k = 0; k < 6; ++k) {
       out += fmt(", \"%s\": {\"requests\": %llu, \"bytes\": %llu, \"sectors\": %llu, \"ideal_sectors\": %llu, "
                  "\"wavefronts\": %llu, \"ideal_wavefronts\": %llu}",

@@ -1,0 +1,112 @@
+"""The ops of the GPU cost model, run by the SIMT emulator with its counters on: route forward,
+route backward, permute (plan + row copy) and unpermute (weighted gather), on random bf16 inputs.
+Each run returns the per-launch counter records (kernel instantiation named from the library's
+symbols), the op's analytic FLOPs per kernel and its minimum DRAM traffic."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tests.simt import harness as simt
+from tests.simt.drivers import permute as permute_emu
+from tests.simt.drivers import route as route_emu
+
+
+@dataclass(frozen=True)
+class Shape:
+    model: str
+    d: int
+    E: int
+    k: int
+    r: int
+    H: int
+    T: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.model} d={self.d} E={self.E} k={self.k} r={self.r} H={self.H} T={self.T}"
+
+
+def padded_rank(r: int) -> int:
+    if r <= 32:
+        return 1 << max(0, math.ceil(math.log2(max(r, 1))))
+    return (r + 7) // 8 * 8
+
+
+def _records(lib) -> list[dict]:
+    syms = simt._symbols(lib)
+    recs = simt.counters(lib, reset=True)
+    for r in recs:
+        r["kernel"] = simt._pretty(syms.get(r["fn_offset"], r["name"]))
+    return recs
+
+
+def route_flops(s: Shape) -> dict[str, dict[str, float]]:
+    """Analytic FLOPs per kernel (base name -> FLOPs) of the forward and the backward."""
+    rp = padded_rank(s.r)
+    scoring = 2.0 * s.T * s.E * s.H * rp * (2 if s.H > 1 else 1)  # expert_logit: two passes when H > 1
+    fwd = {"route_forward_kernel": 2.0 * s.T * s.d * rp + 2.0 * s.T * s.d + scoring}
+    bwd = {
+        # recompute the logits, then per anchor: u, dah and acc updates
+        "route_backward_token_kernel": scoring + 6.0 * s.T * s.E * s.H * rp + 2.0 * 2.0 * s.T * s.d * rp,
+        "route_backward_column_kernel": 2.0 * s.T * s.d * rp,
+    }
+    return {"forward": fwd, "backward": bwd}
+
+
+def run_route(lib, s: Shape, seed: int = 0) -> dict[str, dict]:
+    g = torch.Generator().manual_seed(seed)
+    cfg = dict(T=s.T, d=s.d, r=s.r, E=s.E, H=s.H, k=s.k, beta=1.0, norm="rms")
+    x = torch.randn(s.T, s.d, generator=g).to(torch.bfloat16)
+    proj = torch.randn(s.r, s.d, generator=g) / math.sqrt(s.d)
+    anchors = torch.randn(s.E, s.H, s.r, generator=g)
+    scale = torch.tensor(4.0)
+    norm_weight = 1.0 + 0.1 * torch.randn(s.d, generator=g)
+    simt.reset_counters(lib)
+    fwd = route_emu.forward(lib, cfg, x, proj, anchors, scale, norm_weight, None, seed=seed)
+    fwd_recs = _records(lib)
+    grads = (torch.randn(s.T, s.k, generator=g), torch.randn(s.E, generator=g), None)
+    route_emu.backward(lib, cfg, x, proj, anchors, scale, norm_weight, fwd, grads, seed=seed)
+    bwd_recs = _records(lib)
+    flops = route_flops(s)
+    xb = s.T * s.d * 2
+    return {
+        "route forward": dict(records=fwd_recs, flops=flops["forward"], min_bytes=xb,
+                              min_what="read x once"),
+        "route backward": dict(records=bwd_recs, flops=flops["backward"], min_bytes=2 * xb,
+                               min_what="read x, write grad_x"),
+    }
+
+
+def run_permute(lib, s: Shape, seed: int = 0) -> dict[str, dict]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(s.T, s.d, generator=g).to(torch.bfloat16)
+    indices = torch.rand(s.T, s.E, generator=g).topk(s.k, dim=1).indices
+    weights = torch.rand(s.T, s.k, generator=g)
+    simt.reset_counters(lib)
+    row_map, offsets, _, flag = permute_emu.plan(lib, indices, s.E, seed=seed)
+    assert flag == 0
+    num_rows = int(offsets[-1])
+    y = permute_emu.permute_rows(lib, x, row_map, num_rows, seed=seed)
+    perm_recs = _records(lib)
+    permute_emu.gather(lib, y, row_map, weights, seed=seed)
+    unperm_recs = _records(lib)
+    rows = s.T * s.k * s.d * 2
+    return {
+        "permute": dict(records=perm_recs, flops={}, min_bytes=s.T * s.d * 2 + rows,
+                        min_what="read x, write T*k rows"),
+        "unpermute": dict(records=unperm_recs, flops={"gather_reduce_kernel": 2.0 * s.T * s.k * s.d},
+                          min_bytes=rows + s.T * s.d * 2, min_what="read T*k rows, write T rows"),
+    }
+
+
+def build_libs():
+    """The emulator libraries with the memory checker compiled in; racecheck off (the model needs
+    counters, not race detection), memcheck on (cheap, and an out-of-bounds access would make
+    the counts meaningless)."""
+    libs = {"route": route_emu.build(sanitize=True), "permute": permute_emu.build(sanitize=True)}
+    for lib in libs.values():
+        simt.set_checks(lib, memcheck=True, racecheck=False, counters=True)
+    return libs

@@ -1,0 +1,324 @@
+"""Catalogue of realistic GPU-bug mutations of the CUDA kernel sources, for tests/simt/mutate.py.
+
+Each mutation is one or more exact text replacements (anchored on source text: an anchor that no
+longer occurs exactly `count` times is an error, so the catalogue fails loudly when the sources
+change and must be re-targeted). A mutant is killed when the emulated kernel tests fail on it:
+wrong results, a memcheck / racecheck report, a deadlock, a build error does NOT count (that is a
+broken catalogue entry). Equivalent mutants (no observable change by construction) carry the
+reason and are excluded from the kill rate.
+
+Classes: barrier (deleted __syncthreads), syncwarp (deleted __syncwarp), shuffle (wrong mask,
+lane, direction or step), tail (off-by-one loop bounds / guards), stride (wrong stride or index),
+race (racy shared or global counters), lost-update (a plain += where partials were), state (state
+carried across tokens / chunks replaced by the last value), dispatch (wrong kernel chosen),
+alignment (vector path on rows that are not aligned for it), nan-order (NaN ranked above
+numbers), init (missing initialisation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PERMUTE = "csrc/permute/permute_kernels.cu"
+PERMUTE_MATH = "csrc/permute/permute_math.cuh"
+ROUTE = "csrc/route/route_cuda.cu"
+ROUTE_MATH = "csrc/route/route_math.cuh"
+
+# The emulated test files that exercise each source (the mutation runner runs these).
+TESTS = {
+    PERMUTE: ["tests/test_permute_cuda_emulated_paths.py", "tests/test_permute_cuda_emulated.py"],
+    PERMUTE_MATH: ["tests/test_permute_cuda_emulated_paths.py", "tests/test_permute_cuda_emulated.py"],
+    ROUTE: ["tests/test_route_cuda_emulated.py", "tests/test_route_cuda_emulated_paths.py"],
+    ROUTE_MATH: ["tests/test_route_cuda_emulated.py", "tests/test_route_cuda_emulated_paths.py"],
+}
+
+
+@dataclass(frozen=True)
+class Mutation:
+    id: str
+    file: str
+    edits: tuple  # ((anchor, replacement), ...), applied in order
+    klass: str
+    why: str
+    count: int = 1  # how many times each anchor must occur (all occurrences are replaced)
+    equivalent: str | None = None
+
+
+def M(id, file, find, replace, klass, why, count=1, equivalent=None, more=()):
+    return Mutation(id, file, ((find, replace),) + tuple(more), klass, why, count, equivalent)
+
+
+CATALOGUE: list[Mutation] = [
+    # ------------------------------------------------------------------ permute: dispatch plan
+    M("permute.rank.no_barrier", PERMUTE,
+      "  s_expert[tid] = e;\n  __syncthreads();\n", "  s_expert[tid] = e;\n",
+      "barrier", "chunk ranks read s_expert before every thread of the chunk stored its expert"),
+    M("permute.rank.last_row_skipped", PERMUTE,
+      "  for (int i = 0; i < kChunk; ++i) {\n    if (s_expert[i] == e) {",
+      "  for (int i = 0; i < kChunk - 1; ++i) {\n    if (s_expert[i] == e) {",
+      "tail", "off-by-one: the chunk's last row never counts as an earlier or a later row"),
+    M("permute.rank.self_counted", PERMUTE,
+      "      if (i < tid) ++before;", "      if (i <= tid) ++before;",
+      "tail", "off-by-one: a row counts itself among the earlier rows of its expert"),
+    M("permute.rank.hist_plus_eq", PERMUTE,
+      "  if (last) hist[static_cast<int64_t>(blockIdx.x) * experts + e] = before + 1;",
+      "  hist[static_cast<int64_t>(blockIdx.x) * experts + e] += 1;",
+      "lost-update", "every row of a chunk adds 1 to the chunk histogram with a plain += (the issue's "
+      "shortcut: right in an emulator that never interleaves a read-modify-write, a lost update on a GPU)"),
+    M("permute.rank.flag_not_set", PERMUTE,
+      "    if (v < 0 && error_flag != nullptr) *error_flag = 1;\n", "",
+      "init", "an out-of-range index is dropped silently"),
+    M("permute.rank.block_dim_index", PERMUTE,
+      "  const int64_t r = static_cast<int64_t>(blockIdx.x) * kChunk + tid;\n  int32_t e = -1;",
+      "  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + tid;\n  int32_t e = -1;",
+      "stride", "row index from blockDim.x instead of the chunk size",
+      equivalent="the launch uses kChunk threads per block, so blockDim.x == kChunk at every launch"),
+    M("permute.scan.shfl_down", PERMUTE,
+      "const int64_t u = __shfl_up_sync(0xffffffffu, incl, o);",
+      "const int64_t u = __shfl_down_sync(0xffffffffu, incl, o);",
+      "shuffle", "inclusive scan shuffles the wrong way"),
+    M("permute.scan.no_lane_guard", PERMUTE,
+      "        if (lane >= o) incl += u;", "        incl += u;",
+      "shuffle", "shfl_up returns a lane's own value below the offset: adding it double counts"),
+    M("permute.scan.carry_lane30", PERMUTE,
+      "      carry += __shfl_sync(0xffffffffu, incl, 31);", "      carry += __shfl_sync(0xffffffffu, incl, 30);",
+      "shuffle", "the running carry takes lane 30's inclusive sum: a step of 32 chunks loses its last one"),
+    M("permute.scan.tail_unguarded", PERMUTE,
+      "      const int64_t v = b < chunks ? hist[b * experts + e] : 0;",
+      "      const int64_t v = hist[b * experts + e];",
+      "tail", "the last step of 32 chunks reads past the histogram"),
+    M("permute.scan.expert_split_floor", PERMUTE,
+      "  const int64_t per = cdiv(experts, blockDim.x);", "  const int64_t per = experts / blockDim.x;",
+      "tail", "experts split over the scan threads with a floor: the remainder is never scanned"),
+    M("permute.scan.no_barrier_before_scan", PERMUTE,
+      "  s_sum[tid] = mine;\n  __syncthreads();\n", "  s_sum[tid] = mine;\n",
+      "barrier", "the block scan reads s_sum before every thread stored its share"),
+    M("permute.scan.no_barrier_in_scan", PERMUTE,
+      "    const int64_t u = tid >= o ? s_sum[tid - o] : 0;\n    __syncthreads();\n",
+      "    const int64_t u = tid >= o ? s_sum[tid - o] : 0;\n",
+      "barrier", "Hillis-Steele step writes s_sum while other threads still read the previous step"),
+    M("permute.scan.total_by_thread0", PERMUTE,
+      "  if (tid == static_cast<int>(blockDim.x) - 1) offsets[experts] = s_sum[tid];",
+      "  if (tid == 0) offsets[experts] = s_sum[tid];",
+      "stride", "the grand total is taken from the first thread's inclusive sum"),
+    M("permute.finalize.capacity_off_by_one", PERMUTE,
+      "  row_map[r] = (capacity >= 0 && p >= capacity) ? -1 : offsets[e] + p;",
+      "  row_map[r] = (capacity >= 0 && p > capacity) ? -1 : offsets[e] + p;",
+      "tail", "one row too many is kept per expert under a capacity"),
+    M("permute.group.block_stride", PERMUTE,
+      "    if (row_map[r] >= 0) grouped[row_map[r]] = r;\n  }",
+      "    if (row_map[r] >= 0) grouped[row_map[r]] = r;\n    r -= static_cast<int64_t>(gridDim.x - 1) * blockDim.x;\n  }",
+      "stride", "grid-stride loop advancing by one block: blocks write the same rows"),
+    M("permute.select.no_barrier_after_total", PERMUTE,
+      "      const int64_t total = s_red[0];\n      __syncthreads();\n",
+      "      const int64_t total = s_red[0];\n",
+      "barrier", "the next bit's partial counts overwrite s_red[0] before every thread read the total"),
+    M("permute.select.no_barrier_in_reduce", PERMUTE,
+      "        if (tid < s) s_red[tid] += s_red[tid + s];\n        __syncthreads();\n",
+      "        if (tid < s) s_red[tid] += s_red[tid + s];\n",
+      "barrier", "tree reduction without a barrier between levels"),
+    M("permute.select.tie_kept", PERMUTE,
+      "    if (capacity == 0 || capacity_key(w[r], r) < threshold) expert[r] = -1;",
+      "    if (capacity == 0 || capacity_key(w[r], r) <= threshold) expert[r] = -1;",
+      "tail", "the capacity-th row itself is dropped"),
+    M("permute.capacity_key.nan_first", PERMUTE_MATH,
+      "  if (w != w) {\n    bits = 0u;", "  if (w != w) {\n    bits = 0xFFFFFFFFu;",
+      "nan-order", "NaN router weights ranked above every number under a capacity"),
+    # ------------------------------------------------------------------ permute: rows
+    M("permute.rows.8_byte_to_vec16", PERMUTE,
+      "  if (a % 16 == 0) {\n    copy_rows<uint4>", "  if (a % 8 == 0) {\n    copy_rows<uint4>",
+      "alignment", "8-byte aligned rows sent to the 16-byte copy kernel (x86 does not fault; a GPU raises "
+      "misaligned address)"),
+    M("permute.rows.2_byte_to_vec4", PERMUTE,
+      "  } else if (a % 4 == 0) {\n    copy_rows<unsigned int>", "  } else if (a % 2 == 0) {\n    copy_rows<unsigned int>",
+      "alignment", "2-byte aligned rows sent to the 4-byte copy kernel"),
+    M("permute.rows.padding_not_zeroed", PERMUTE,
+      "      const V zero{};\n      for (int64_t i = lane; i < vecs; i += tpr) dst[i] = zero;\n",
+      "      const V zero{};\n",
+      "init", "padding rows keep whatever the output buffer held"),
+    M("permute.rows.tail_vector", PERMUTE,
+      "      for (int64_t i = lane; i < vecs; i += tpr) dst[i] = s[i];",
+      "      for (int64_t i = lane; i < vecs - 1; i += tpr) dst[i] = s[i];",
+      "tail", "the last vector of every copied row is skipped"),
+    M("permute.rows.token_divisor", PERMUTE,
+      "    inverse_kernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(row_map, n, k, num_rows,",
+      "    inverse_kernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(row_map, n, 1, num_rows,",
+      "stride", "flat (token, slot) index used as the token"),
+    M("permute.rows.layout_wider", PERMUTE,
+      "  while (tpr < kRowThreads && tpr < units_per_row) tpr <<= 1;",
+      "  while (tpr < kRowThreads && tpr <= units_per_row) tpr <<= 1;",
+      "stride", "threads per row rounded one power of two too far",
+      equivalent="only leaves more lanes of a row idle: every row is still copied / reduced by the same "
+                 "per-lane loops, in the same order"),
+    # ------------------------------------------------------------------ permute: gather / backward
+    M("permute.gather.stride_d", PERMUTE,
+      "        const P p = reinterpret_cast<const P*>(y + row * y_stride)[i];",
+      "        const P p = reinterpret_cast<const P*>(y + row * d)[i];",
+      "stride", "gather reads y rows at stride d instead of y_stride (a strided y)"),
+    M("permute.gather.rows_unchecked", PERMUTE,
+      "        if (row < 0 || row >= y_rows) continue;\n        const acc_t wj",
+      "        if (row < 0) continue;\n        const acc_t wj",
+      "tail", "slots whose row lies past y_rows are read instead of skipped"),
+    M("permute.gather.last_slot_only", PERMUTE,
+      "        for (int m = 0; m < N; ++m) acc[m] += wj * to_acc(p.v[m]);",
+      "        for (int m = 0; m < N; ++m) acc[m] = wj * to_acc(p.v[m]);",
+      "state", "the reduction keeps only the last slot of the token"),
+    M("permute.gather.f64_as_f32", PERMUTE,
+      "      gather_reduce_typed<double>(y, y_row_stride, y_rows, row_map, w, T, k, d, out, stream);",
+      "      gather_reduce_typed<float>(y, y_row_stride, y_rows, row_map, w, T, k, d, out, stream);",
+      "dispatch", "float64 dispatched to the float kernel"),
+    M("permute.gather.stride_not_checked", PERMUTE,
+      "  const bool ok = d % kWide == 0 && stride % kWide == 0 &&",
+      "  const bool ok = d % kWide == 0 &&",
+      "alignment", "vector loads chosen without checking the row stride: rows after the first are misaligned"),
+    M("permute.grad_rows.slot_as_token", PERMUTE,
+      "    const P* g = reinterpret_cast<const P*>(grad_out + (r / k) * d);",
+      "    const P* g = reinterpret_cast<const P*>(grad_out + (r % k) * d);",
+      "stride", "grad_y rows take the slot number as the token"),
+    M("permute.grad_rows.f64_as_f32", PERMUTE,
+      "      unpermute_backward_typed<double>(grad_out, y, y_row_stride, y_rows, row_map, w, T, k, d,",
+      "      unpermute_backward_typed<float>(grad_out, y, y_row_stride, y_rows, row_map, w, T, k, d,",
+      "dispatch", "float64 backward dispatched to the float kernels"),
+    M("permute.grad_w.half_warp_tree", PERMUTE,
+      "    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);",
+      "    for (int o = 8; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);",
+      "shuffle", "the shuffle tree starts one step short: lanes 16-31 never reach lane 0"),
+    M("permute.grad_w.half_mask", PERMUTE,
+      "    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);",
+      "    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0x0000ffffu, s, o);",
+      "shuffle", "shuffle mask naming half the warp while all 32 lanes call it"),
+    M("permute.backward.src_not_reset", PERMUTE,
+      "    cudaMemsetAsync(src, 0xff, y_rows * sizeof(int64_t), stream);\n    if (n > 0) {",
+      "    if (n > 0) {",
+      "init", "the inverse map is not reset: rows nobody routes to keep stale sources"),
+    # ------------------------------------------------------------------ route: forward
+    M("route.fwd.no_syncwarp_before_topk", ROUTE,
+      "      prob_sum[e] += prob;\n    }\n    __syncwarp();\n", "      prob_sum[e] += prob;\n    }\n",
+      "syncwarp", "top-k reads probs[e] of other lanes without a __syncwarp after they were written"),
+    M("route.fwd.no_syncwarp_end_of_token", ROUTE,
+      "      counts[e] += 1;\n    }\n    __syncwarp();\n  }\n", "      counts[e] += 1;\n    }\n  }\n",
+      "syncwarp", "the next token overwrites the per-warp scratch while lanes still read this token's"),
+    M("route.fwd.no_barrier_before_partials", ROUTE,
+      "  // Block partials: the warps' sums added in warp order.\n  __syncthreads();\n",
+      "  // Block partials: the warps' sums added in warp order.\n",
+      "barrier", "block partials read other warps' sums before they finished"),
+    M("route.fwd.block_wide_counts", ROUTE,
+      "  int* counts = reinterpret_cast<int*>(prob_sum + E);",
+      "  int* counts = reinterpret_cast<int*>(smem + p.warp_smem + 2 * E);  // one counter array per block",
+      "lost-update", "all warps of a block add into one shared counts[] with a plain += (the issue's shortcut)",
+      more=(("      n += reinterpret_cast<const int*>(wp + 2 * E)[e];",
+             "      if (w == 0) n += reinterpret_cast<const int*>(wp + 2 * E)[e];"),)),
+    M("route.fwd.prob_sum_last_token", ROUTE,
+      "      prob_sum[e] += prob;", "      prob_sum[e] = prob;",
+      "state", "mean_probs from the warp's last token only (state across tokens)"),
+    M("route.fwd.init_tail", ROUTE,
+      "  for (int e = lane; e < E; e += kWarp) {\n    prob_sum[e] = 0.f;",
+      "  for (int e = lane; e < E - 1; e += kWarp) {\n    prob_sum[e] = 0.f;",
+      "init", "the last expert's per-warp sums are never zeroed"),
+    M("route.fwd.token_stride_block", ROUTE,
+      "  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; t < p.tokens;\n       t += warps) {\n    const T* xrow",
+      "  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; t < p.tokens;\n       t += kWarpsPerBlock) {\n    const T* xrow",
+      "stride", "forward token loop strides by one block: blocks process each other's tokens"),
+    M("route.fwd.q_out_padded", ROUTE,
+      "        if (k == lane && k < p.rank) p.q_out[t * p.rank + k] = q_reg[k];",
+      "        if (k == lane) p.q_out[t * p.rank + k] = q_reg[k];",
+      "tail", "padded rank rows written to q (into the next token's q, past the end for the last)"),
+    M("route.fwd.mean_by_blocks", ROUTE,
+      "    mean_probs[e] = s / static_cast<float>(tokens);", "    mean_probs[e] = s / static_cast<float>(blocks);",
+      "stride", "mean over blocks instead of tokens"),
+    M("route.warp_best.index_shfl_down", ROUTE,
+      "    const int other_index = __shfl_xor_sync(kFullMask, index, off);",
+      "    const int other_index = __shfl_down_sync(kFullMask, index, off);",
+      "shuffle", "arg-max key and index shuffled from different lanes"),
+    M("route.warp_sum.short_tree", ROUTE,
+      "  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);",
+      "  for (int off = kWarp / 2; off > 1; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);",
+      "shuffle", "butterfly sum one step short"),
+    M("route.topk.prev_guard", ROUTE,
+      "        if (prev_index >= 0 && !ranks_before(prev_key, prev_index, key, e)) continue;",
+      "        if (!ranks_before(prev_key, prev_index, key, e)) continue;",
+      "tail", "the first top-k round compares against a sentinel as if it were a selected expert"),
+    M("route.math.nan_first", ROUTE_MATH,
+      "  if (nan_a != nan_b) return nan_b;", "  if (nan_a != nan_b) return nan_a;",
+      "nan-order", "NaN keys ranked above every number in top-k"),
+    M("route.math.anchor_tail", ROUTE_MATH,
+      "  acc_t sum = 0;\n  for (int h = 0; h < num_anchors; ++h) {",
+      "  acc_t sum = 0;\n  for (int h = 0; h < num_anchors - 1; ++h) {",
+      "tail", "the anchor log-sum-exp drops the last anchor"),
+    M("route.rows_aligned.8_bytes", ROUTE,
+      "  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && (d * elem) % 16 == 0;",
+      "  return reinterpret_cast<uintptr_t>(x) % 8 == 0 && (d * elem) % 8 == 0;",
+      "alignment", "8-byte aligned x rows sent to the 16-byte vector loads"),
+    M("route.dispatch.rank16_as_32", ROUTE,
+      "    case 16: return launch_forward_typed<16, T>(p, blocks, smem, stream);",
+      "    case 16: return launch_forward_typed<32, T>(p, blocks, smem, stream);",
+      "dispatch", "rank 16 dispatched to the rank-32 forward kernel"),
+    M("route.prepare.no_padding_zero", ROUTE,
+      "    proj_w[n] = k < rank ? (g ? proj[k * d + i] * g[i] : proj[k * d + i]) : 0.f;",
+      "    proj_w[n] = g ? proj[k * d + i] * g[i] : proj[k * d + i];",
+      "tail", "padded projection rows read past proj instead of being zero"),
+    M("route.project_width.vec8_bf16", ROUTE,
+      "  static constexpr int value = (sizeof(T) == 2 && RC >= 8) ? 4 : VecWidth<T>::value;",
+      "  static constexpr int value = VecWidth<T>::value;",
+      "dispatch", "16-bit x with rank >= 8 loaded 8 elements at a time",
+      equivalent="the 16-byte loads need the same alignment as the 8-byte ones on this path (rows_aligned "
+                 "checks 16 bytes), and every lane sums the same products in the same order: only register "
+                 "pressure changes"),
+    # ------------------------------------------------------------------ route: backward
+    M("route.bwd.no_syncwarp_after_probs", ROUTE,
+      "      grad_probs[e] = p.grad_mean_probs ? p.grad_mean_probs[e] * inv_tokens : 0.f;\n    }\n    __syncwarp();\n",
+      "      grad_probs[e] = p.grad_mean_probs ? p.grad_mean_probs[e] * inv_tokens : 0.f;\n    }\n",
+      "syncwarp", "lane 0 reads other lanes' probs and grad_probs before a __syncwarp"),
+    M("route.bwd.no_syncwarp_after_selected", ROUTE,
+      "        grad_probs[idx[j]] += selected_prob_grad(gw[j], grad_dot_weights, selected_sum, p.normalize);\n      }\n    }\n    __syncwarp();\n",
+      "        grad_probs[idx[j]] += selected_prob_grad(gw[j], grad_dot_weights, selected_sum, p.normalize);\n      }\n    }\n",
+      "syncwarp", "lanes read grad_probs lane 0 just updated without a __syncwarp"),
+    M("route.bwd.grad_scale_last_token", ROUTE,
+      "    if (lane == 0) grad_scale += qc.coef * ds_u_sum;", "    if (lane == 0) grad_scale = qc.coef * ds_u_sum;",
+      "state", "grad_scale keeps only the warp's last token (state across tokens)"),
+    M("route.bwd.acc_last_token", ROUTE,
+      "          acc_eh[i] += ds_q * q[i];", "          acc_eh[i] = ds_q * q[i];",
+      "state", "anchor accumulators keep only the warp's last token"),
+    M("route.bwd.scalar_tail", ROUTE,
+      "        const float gh = hat_grad<R>(proj_w, d, i, gq, rp);\n        mean_dot += gh",
+      "        const float gh = i + 1 < d ? hat_grad<R>(proj_w, d, i, gq, rp) : 0.f;\n        mean_dot += gh",
+      "tail", "scalar path drops the row's last column from mean(dL/dx_hat * x_hat)"),
+    M("route.column.tail_unclamped", ROUTE,
+      "  const int64_t t1 = t0 + chunk < tokens ? t0 + chunk : tokens;",
+      "  const int64_t t1 = t0 + chunk;",
+      "tail", "the last column chunk runs past the last token"),
+    M("route.column.chunk_size_fixed", ROUTE,
+      "  const int64_t t0 = blockIdx.y * chunk;", "  const int64_t t0 = blockIdx.y * kMinColumnChunk;",
+      "stride", "column chunks assumed to be kMinColumnChunk tokens"),
+    M("route.finalize.last_chunk_only", ROUTE,
+      "        for (int c = 0; c < chunks; ++c) m += column_partials[(static_cast<int64_t>(c) * rp + k) * d + n];",
+      "        m = column_partials[(static_cast<int64_t>(chunks - 1) * rp + k) * d + n];",
+      "state", "the finalize keeps only the last column chunk"),
+    M("route.finalize.last_slot_dropped", ROUTE,
+      "        for (int64_t sl = 0; sl < slots; ++sl) s += anchor_slots[sl * acc_size + a * rp + j];",
+      "        for (int64_t sl = 0; sl < slots - 1; ++sl) s += anchor_slots[sl * acc_size + a * rp + j];",
+      "tail", "the anchor gradient drops the last warp's slot"),
+]
+
+
+def by_id() -> dict[str, Mutation]:
+    out = {}
+    for m in CATALOGUE:
+        assert m.id not in out, f"duplicate mutation id {m.id}"
+        out[m.id] = m
+    return out
+
+
+# A fixed sample for CI (within 5 minutes on a 2-core machine): one of each class the issue saw
+# survive (lost update, state across tokens, paths never run: stride, misaligned vector, float64
+# dispatch; NaN ordering) plus a deleted barrier and a deleted __syncwarp.
+CI_SAMPLE = [
+    "permute.rank.hist_plus_eq",
+    "permute.gather.stride_d",
+    "permute.rows.8_byte_to_vec16",
+    "permute.gather.f64_as_f32",
+    "permute.scan.no_barrier_in_scan",
+    "route.fwd.block_wide_counts",
+    "route.bwd.grad_scale_last_token",
+    "route.math.nan_first",
+    "route.fwd.no_syncwarp_before_topk",
+]
