@@ -393,7 +393,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.simt_register_buffer.restype = ctypes.c_ulonglong
     lib.simt_unregister_buffer.argtypes = [ctypes.c_void_p]
     lib.simt_unregister_buffer.restype = None
-    lib.simt_set_checks.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.simt_set_checks.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.simt_set_checks.restype = None
     lib.simt_get_checks.restype = ctypes.c_int
     lib.simt_counters_json.restype = ctypes.c_char_p
@@ -544,16 +544,18 @@ def call(lib: ctypes.CDLL, fn: str, *args, seed: int | None = None):
 
 
 def set_checks(lib: ctypes.CDLL, memcheck: bool | None = None, racecheck: bool | None = None,
-               counters: bool | None = None) -> None:
+               counters: bool | None = None, any_collective_orders: bool | None = None) -> None:
     """Switch the memory checks of sanitize=True kernels (None: unchanged). Defaults: memcheck and
-    racecheck on, counters off (also SIMT_MEMCHECK / SIMT_RACECHECK / SIMT_COUNTERS)."""
+    racecheck on, counters off, only __syncwarp orders memory inside a warp (also SIMT_MEMCHECK /
+    SIMT_RACECHECK / SIMT_COUNTERS / SIMT_RACE_ANY_COLLECTIVE)."""
     conv = lambda v: -1 if v is None else int(bool(v))  # noqa: E731
-    lib.simt_set_checks(conv(memcheck), conv(racecheck), conv(counters))
+    lib.simt_set_checks(conv(memcheck), conv(racecheck), conv(counters), conv(any_collective_orders))
 
 
 def get_checks(lib: ctypes.CDLL) -> dict:
     v = lib.simt_get_checks()
-    return {"memcheck": bool(v & 1), "racecheck": bool(v & 2), "counters": bool(v & 4)}
+    return {"memcheck": bool(v & 1), "racecheck": bool(v & 2), "counters": bool(v & 4),
+            "any_collective_orders": bool(v & 8)}
 
 
 def counters(lib: ctypes.CDLL, reset: bool = True) -> list[dict]:

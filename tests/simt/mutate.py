@@ -129,14 +129,14 @@ def run(muts: list[Mutation], timeout: float, log=print) -> list[Outcome]:
                              "\n  ".join(problems))
     work = prepare_workspace()
     outcomes = []
-    files = sorted({m.file for m in muts if not m.equivalent})
+    suites = sorted({tuple(TESTS[m.file]) for m in muts if not m.equivalent})
     baseline_s = {}
-    for f in files:  # the unmutated sources must pass (and warm the build cache)
-        rc, out, secs = run_tests(work, TESTS[f], timeout=max(timeout, 1800))
+    for suite in suites:  # the unmutated sources must pass (and warm the build cache)
+        rc, out, secs = run_tests(work, list(suite), timeout=max(timeout, 1800))
         if rc != 0:
-            raise CatalogueError(f"tests fail on the unmutated {f}:\n{out[-3000:]}")
-        baseline_s[f] = secs
-        log(f"baseline {f}: passed in {secs:.0f} s")
+            raise CatalogueError(f"tests fail on the unmutated sources ({' '.join(suite)}):\n{out[-3000:]}")
+        baseline_s[suite] = secs
+        log(f"baseline {' '.join(suite)}: passed in {secs:.0f} s")
     for m in muts:
         if m.equivalent:
             outcomes.append(Outcome(m.id, "equivalent", m.equivalent))
@@ -146,7 +146,7 @@ def run(muts: list[Mutation], timeout: float, log=print) -> list[Outcome]:
         target = work / m.file
         target.write_text(apply(m, pristine))
         try:
-            limit = min(timeout, 3 * baseline_s[m.file] + 120)
+            limit = min(timeout, 3 * baseline_s[tuple(TESTS[m.file])] + 120)
             rc, out, secs = run_tests(work, TESTS[m.file], timeout=limit)
         finally:
             target.write_text(pristine)

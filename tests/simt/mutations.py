@@ -23,12 +23,14 @@ PERMUTE_MATH = "csrc/permute/permute_math.cuh"
 ROUTE = "csrc/route/route_cuda.cu"
 ROUTE_MATH = "csrc/route/route_math.cuh"
 
-# The emulated test files that exercise each source (the mutation runner runs these).
+# The emulated test files that exercise each source, in the order the mutation runner runs them
+# (it stops at the first failure: the path tests, quick and aimed at what the basic tests miss,
+# go first).
 TESTS = {
     PERMUTE: ["tests/test_permute_cuda_emulated_paths.py", "tests/test_permute_cuda_emulated.py"],
     PERMUTE_MATH: ["tests/test_permute_cuda_emulated_paths.py", "tests/test_permute_cuda_emulated.py"],
-    ROUTE: ["tests/test_route_cuda_emulated.py", "tests/test_route_cuda_emulated_paths.py"],
-    ROUTE_MATH: ["tests/test_route_cuda_emulated.py", "tests/test_route_cuda_emulated_paths.py"],
+    ROUTE: ["tests/test_route_cuda_emulated_paths.py", "tests/test_route_cuda_emulated.py"],
+    ROUTE_MATH: ["tests/test_route_cuda_emulated_paths.py", "tests/test_route_cuda_emulated.py"],
 }
 
 

@@ -135,7 +135,19 @@ def test_missing_syncwarp_is_a_race(defects):
     np.testing.assert_array_equal(out, (np.arange(32) + 1) % 32 * 10)
     msg = raises(defects, "df_warp_rotate", P(out, "out"), I(0))
     assert "hazard on shared memory in kernel 'defects::warp_rotate_kernel'" in msg
-    assert "no warp collective of both lanes between them" in msg
+    assert "no __syncwarp of both lanes between them" in msg
+
+
+def test_a_shuffle_does_not_order_memory(defects):
+    out = np.zeros(32, np.int32)
+    msg = raises(defects, "df_shuffle_ordered", P(out, "out"))
+    assert "hazard on shared memory in kernel 'defects::shuffle_ordered_kernel'" in msg
+    simt.set_checks(defects, any_collective_orders=True)  # the looser reading: every collective orders
+    try:
+        assert simt.call(defects, "df_shuffle_ordered", P(out, "out")) == 0
+    finally:
+        simt.set_checks(defects, any_collective_orders=False)
+    np.testing.assert_array_equal(out, (np.arange(32) + 1) % 32 * 10)
 
 
 def test_racecheck_can_be_switched_off(defects):
@@ -251,4 +263,4 @@ def test_launched_kernels_name_instantiations(defects):
     launched = simt.launched_kernels(defects)
     assert any(name.startswith("defects::fill_kernel(") for name in launched)
     assert set(launched) <= simt.kernel_instantiations(defects)
-    assert len(simt.kernel_instantiations(defects)) == 5
+    assert len(simt.kernel_instantiations(defects)) == 6

@@ -62,6 +62,16 @@ __global__ void warp_rotate_kernel(int* out, int with_syncwarp) {
   out[lane] = s[(lane + 1) & 31];
 }
 
+// The same exchange ordered by a shuffle instead of a __syncwarp: the shuffle waits for every lane,
+// but it does not order memory (PTX: only bar.warp.sync does), so this is still a race.
+__global__ void shuffle_ordered_kernel(int* out) {
+  __shared__ int s[32];
+  const int lane = threadIdx.x & 31;
+  s[lane] = lane * 10;
+  const int v = __shfl_xor_sync(0xffffffffu, lane, 1);
+  out[lane] = s[(lane + 1) & 31] + 0 * v;
+}
+
 }  // namespace defects
 
 extern "C" int df_fill(float* out, int n, int off_by_one) {
@@ -81,6 +91,11 @@ extern "C" int df_histogram(const int* keys, int n, int bins, int use_atomic, in
 
 extern "C" int df_block_total(const float* x, int per_block, int blocks, int shared_slot, float* total) {
   defects::block_total_kernel<<<blocks, 32>>>(x, per_block, shared_slot, total);
+  return static_cast<int>(cudaDeviceSynchronize());
+}
+
+extern "C" int df_shuffle_ordered(int* out) {
+  defects::shuffle_ordered_kernel<<<1, 32>>>(out);
   return static_cast<int>(cudaDeviceSynchronize());
 }
 

@@ -54,6 +54,7 @@ struct LoadEnv {
     g_checks.memcheck = env_flag("SIMT_MEMCHECK", true);
     g_checks.racecheck = env_flag("SIMT_RACECHECK", true);
     g_checks.counters = env_flag("SIMT_COUNTERS", false);
+    g_checks.any_collective_orders = env_flag("SIMT_RACE_ANY_COLLECTIVE", false);
   }
 } load_env;
 
@@ -112,8 +113,8 @@ void on_barrier() {
   if (g_checks.racecheck) race_barrier();
 }
 
-void on_warp_sync(unsigned warp_base, unsigned mask) {
-  if (g_checks.racecheck) race_warp_sync(warp_base, mask);
+void on_warp_sync(unsigned warp_base, unsigned mask, bool syncwarp) {
+  if (g_checks.racecheck && (syncwarp || g_checks.any_collective_orders)) race_warp_sync(warp_base, mask);
 }
 
 void on_block_end() {
@@ -135,15 +136,16 @@ void on_launch_end(bool ok) {
 // ------------------------------------------------------------------ C API for Python (ctypes)
 extern "C" {
 // Each argument: 1 on, 0 off, -1 unchanged. Takes effect at the next launch.
-void simt_set_checks(int memcheck, int racecheck, int counters) {
+void simt_set_checks(int memcheck, int racecheck, int counters, int any_collective_orders) {
   auto& c = simt::rt::g_checks;
   if (memcheck >= 0) c.memcheck = memcheck != 0;
   if (racecheck >= 0) c.racecheck = racecheck != 0;
   if (counters >= 0) c.counters = counters != 0;
+  if (any_collective_orders >= 0) c.any_collective_orders = any_collective_orders != 0;
 }
-// Bit 0 memcheck, bit 1 racecheck, bit 2 counters.
+// Bit 0 memcheck, bit 1 racecheck, bit 2 counters, bit 3 any collective orders memory.
 int simt_get_checks() {
   const auto& c = simt::rt::g_checks;
-  return (c.memcheck ? 1 : 0) | (c.racecheck ? 2 : 0) | (c.counters ? 4 : 0);
+  return (c.memcheck ? 1 : 0) | (c.racecheck ? 2 : 0) | (c.counters ? 4 : 0) | (c.any_collective_orders ? 8 : 0);
 }
 }

@@ -413,7 +413,7 @@ void resolve_warp(unsigned wbase, unsigned mask) {
     }
   }
   st.n_warpops++;
-  rt::on_warp_sync(wbase, mask);
+  rt::on_warp_sync(wbase, mask, kind == kSync);
   const unsigned long long poison = ~0ull;
   switch (kind) {
     case kSync: for (auto* g : lanes) if (g) g->res = 0; break;

@@ -34,6 +34,9 @@ struct Checks {
   bool memcheck = true;
   bool racecheck = true;
   bool counters = false;
+  // Which warp collectives order memory between their lanes for racecheck: only __syncwarp (the
+  // PTX memory model: bar.warp.sync orders memory, shfl/vote/redux do not), or every collective.
+  bool any_collective_orders = false;
 };
 extern Checks g_checks;
 
@@ -70,7 +73,8 @@ void on_access(const void* addr, unsigned size, unsigned flags, const void* pc);
 void on_launch_begin(const LaunchDesc& d, unsigned nthreads, void* dyn_smem, size_t dyn_bytes);
 void on_block_begin();
 void on_barrier();                                  // a __syncthreads completed
-void on_warp_sync(unsigned warp_base, unsigned mask);  // a warp collective completed for mask
+// A warp collective completed for the lanes of mask; syncwarp: it was a __syncwarp.
+void on_warp_sync(unsigned warp_base, unsigned mask, bool syncwarp);
 void on_block_end();
 void on_launch_end(bool ok);
 

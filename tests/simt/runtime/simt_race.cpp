@@ -6,9 +6,11 @@
 // Happens-before, per block:
 //  * a completed __syncthreads orders everything before it against everything after it (every
 //    barrier starts a new epoch; epochs are unique across blocks and launches);
-//  * inside a warp, a completed warp collective (__syncwarp, shuffles, votes, reductions) orders
-//    the accesses of the lanes in its mask before it against theirs after it (a 32-entry vector
-//    clock per thread, reset at every barrier);
+//  * inside a warp, a completed __syncwarp orders the accesses of the lanes in its mask before it
+//    against theirs after it (a 32-entry vector clock per thread, reset at every barrier). Shuffles,
+//    votes and reductions exchange values but do not order memory (PTX: bar.warp.sync has memory
+//    ordering semantics, shfl.sync does not), unless SIMT_RACE_ANY_COLLECTIVE=1 /
+//    set_checks(any_collective_orders=True) makes every collective count;
 //  * nothing orders two blocks of a launch: a global byte written by one block and read or written
 //    by another is a race.
 // Atomic accesses are exempt (they never reach this file).
@@ -185,7 +187,7 @@ void race_access(Region& r, uintptr_t p, unsigned size, unsigned flags, const vo
                "two blocks of one launch are never ordered");
       if (!ordered(c.w_tid, c.w_epoch, c.w_clk))
         report(r, p + i, size, write, pc, who(c.w_tid, block, true), "write", c.w_pc,
-               "no __syncthreads (or, inside a warp, no warp collective of both lanes) between them");
+               "no __syncthreads (or, inside a warp, no __syncwarp of both lanes) between them");
     }
     if (write) {
       if (c.r_tid != kNone) {
@@ -203,7 +205,7 @@ void race_access(Region& r, uintptr_t p, unsigned size, unsigned flags, const vo
           for (unsigned l = 0; l < 32; ++l) {
             if ((other_lanes >> l & 1u) && !(row[l] > c.r_clk))
               report(r, p + i, size, write, pc, describe_thread_id(warp * 32 + l), "read", c.r_pc,
-                     "no warp collective of both lanes between them");
+                     "no __syncwarp of both lanes between them");
           }
         }
       }
