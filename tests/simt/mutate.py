@@ -109,17 +109,22 @@ def run_tests(work: Path, tests: list[str], timeout: float) -> tuple[int, str, f
 
 
 def first_failure(output: str) -> str:
-    m = re.search(r"^(?:FAILED|ERROR) (\S+)(?: - (.*))?$", output, re.M)
+    """The first failing test and what failed in it (a checker report or an assertion)."""
+    m = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
     if not m:
         return output.strip().splitlines()[-1] if output.strip() else "?"
     test = m.group(1).split("/")[-1]
-    reason = (m.group(2) or "").strip()
-    for tag in ("SIMT memcheck", "SIMT racecheck", "SIMT deadlock", "SIMT error", "AssertionError",
-                "Mismatched elements", "not close"):
-        if tag in output:
+    section = output
+    sm = re.search(r"^_{3,} .*? _{3,}$(.*?)(?=^_{3,} |^=+ short test summary)", output, re.M | re.S)
+    if sm:
+        section = sm.group(1)
+    reason = "failed"
+    for tag in ("SIMT memcheck", "SIMT racecheck", "SIMT deadlock", "SIMT error", "Mismatched elements",
+                "not close", "AssertionError", "Error"):
+        if tag in section:
             reason = tag
             break
-    return f"{test} ({reason[:60]})"
+    return f"{test} ({reason})"
 
 
 def run(muts: list[Mutation], timeout: float, log=print) -> list[Outcome]:

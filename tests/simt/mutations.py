@@ -195,7 +195,9 @@ CATALOGUE: list[Mutation] = [
     # ------------------------------------------------------------------ route: forward
     M("route.fwd.no_syncwarp_before_topk", ROUTE,
       "      prob_sum[e] += prob;\n    }\n    __syncwarp();\n", "      prob_sum[e] += prob;\n    }\n",
-      "syncwarp", "top-k reads probs[e] of other lanes without a __syncwarp after they were written"),
+      "syncwarp", "top-k reads probs[e] of other lanes without a __syncwarp after they were written",
+      equivalent="the top-k rounds read only the lane's own probs[e] (expert e on lane e % 32); the first "
+                 "reads of other lanes' probs come after the __syncwarp that follows the top-k loop"),
     M("route.fwd.no_syncwarp_end_of_token", ROUTE,
       "      counts[e] += 1;\n    }\n    __syncwarp();\n  }\n", "      counts[e] += 1;\n    }\n  }\n",
       "syncwarp", "the next token overwrites the per-warp scratch while lanes still read this token's"),
@@ -322,5 +324,5 @@ CI_SAMPLE = [
     "route.fwd.block_wide_counts",
     "route.bwd.grad_scale_last_token",
     "route.math.nan_first",
-    "route.fwd.no_syncwarp_before_topk",
+    "route.fwd.no_syncwarp_end_of_token",
 ]

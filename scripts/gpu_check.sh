@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One command for a machine with an NVIDIA GPU (H100/H200 class: under 8 minutes). It
+#   1. builds l2r_cuda in place for this GPU's architecture only (MAX_JOBS = all cores),
+#   2. runs the CUDA tests (pytest -m cuda: CUDA vs CPU results, opcheck, CUDA-graph capture),
+#   3. times route forward / forward+backward, permute and unpermute at the cost model's shapes
+#      (benchmarks/results/gpu_model.json) against linear gating and the compiled reference, with
+#      CUDA events: measured next to modelled time, achieved GB/s, % of the device's bandwidth,
+# and writes everything (environment, build log, test log, timing.md/json, summary.md) to the results
+# folder it names. Without an NVIDIA GPU it exits at once with status 3 and says why.
+#
+#   L2R_VENV=path          Python environment to use (default: .venv when it has torch, else the
+#                          machine's python3; nothing is downloaded)
+#   L2R_GPU_CHECK_OUT=dir  results folder (default benchmarks/results/gpu_check/<UTC time>-<GPU>)
+#   L2R_GPU_CHECK_BUDGET=s seconds after which the timing stops compiling the reference (default 240)
+#   NVIDIA_SMI=path        the nvidia-smi to ask (default: nvidia-smi on PATH)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+SMI="${NVIDIA_SMI:-nvidia-smi}"
+if ! command -v "$SMI" >/dev/null 2>&1; then
+  echo "gpu_check.sh: no NVIDIA GPU: '$SMI' not found. This script builds and times the CUDA kernels on a GPU;" \
+       "without one, run scripts/test.sh (emulated kernels) and python -m benchmarks.gpu_model (cost model)." >&2
+  exit 3
+fi
+if ! "$SMI" -L 2>/dev/null | grep -q '^GPU '; then
+  echo "gpu_check.sh: no NVIDIA GPU: '$SMI -L' lists no device." >&2
+  exit 3
+fi
+
+START=$(date +%s)
+GPU_NAME=$("$SMI" --query-gpu=name --format=csv,noheader | head -n1)
+ARCH=$("$SMI" --query-gpu=compute_cap --format=csv,noheader | head -n1 | tr -d ' ')  # e.g. 9.0
+SAFE_NAME=$(printf '%s' "$GPU_NAME" | tr -c 'A-Za-z0-9' '_')
+OUT="${L2R_GPU_CHECK_OUT:-benchmarks/results/gpu_check/$(date -u +%Y%m%dT%H%M%SZ)-${SAFE_NAME}}"
+mkdir -p "$OUT"
+echo "gpu_check.sh: $GPU_NAME (sm_${ARCH/./}); results in $OUT"
+
+if [ -n "${L2R_VENV:-}" ]; then
+  PY="$L2R_VENV/bin/python"
+elif [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  PY=.venv/bin/python
+else
+  PY=$(command -v python3)
+fi
+STATUS=0
+step() {  # step NAME LOGFILE CMD...: runs CMD, logs it, remembers a failure
+  local name=$1 log=$2
+  shift 2
+  local t0=$(date +%s)
+  echo "gpu_check.sh: $name ..."
+  "$@" >"$log" 2>&1
+  local rc=$?
+  echo "gpu_check.sh: $name: exit $rc after $(( $(date +%s) - t0 )) s (log: $log)"
+  [ "$rc" -eq 0 ] || STATUS=1
+  return "$rc"
+}
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "git: $(git rev-parse HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
+  echo "python: $PY ($("$PY" --version 2>&1))"
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu visible', torch.cuda.is_available())"
+  command -v nvcc >/dev/null && nvcc --version | tail -n2
+  echo "cores: $(nproc)"
+  "$SMI"
+} >"$OUT/environment.txt" 2>&1
+
+export TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$(nproc)" L2R_CUDA=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! step "build (sm_${ARCH/./} only, MAX_JOBS=$MAX_JOBS)" "$OUT/build.log" "$PY" setup.py build_ext --inplace; then
+  echo "gpu_check.sh: the build failed; see $OUT/build.log" >&2
+  exit 1
+fi
+step "CUDA tests" "$OUT/tests.log" "$PY" -m pytest tests -m cuda -q -ra -p no:cacheprovider
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -n1
+step "timing" "$OUT/timing.log" "$PY" -m benchmarks.gpu_check --out "$OUT" --budget-s "${L2R_GPU_CHECK_BUDGET:-240}"
+
+{
+  echo "# gpu_check.sh on $GPU_NAME"
+  echo
+  echo "$(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null), $(( $(date +%s) - START )) s in all."
+  echo "Build: TORCH_CUDA_ARCH_LIST=$ARCH, MAX_JOBS=$MAX_JOBS. Tests: $(grep -E 'passed|failed|error' "$OUT/tests.log" | tail -n1)"
+  echo
+  [ -f "$OUT/timing.md" ] && cat "$OUT/timing.md"
+} >"$OUT/summary.md"
+echo "gpu_check.sh: done in $(( $(date +%s) - START )) s, status $STATUS; summary: $OUT/summary.md"
+exit "$STATUS"
