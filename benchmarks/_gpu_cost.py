@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.simt.rewrite import strip_parameters
+
 
 @dataclass(frozen=True)
 class Device:
@@ -74,15 +76,8 @@ ASSUMPTIONS = [
 
 def normalize_kernel(name: str) -> str:
     """A kernel instantiation name comparable between nm (emulator) and ptxas tables."""
-    n = re.sub(r"\(anonymous namespace\)::", "", name)
+    n = strip_parameters(re.sub(r"\(anonymous namespace\)::", "", name))
     n = re.sub(r"^void ", "", n)
-    if n.endswith(")"):
-        depth = 0
-        for i in range(len(n) - 1, -1, -1):
-            depth += {")": 1, "(": -1}.get(n[i], 0)
-            if depth == 0:
-                n = n[:i]
-                break
     n = re.sub(r"\bl2r::\w+::", "", n)
     return n.replace(" ", "")
 

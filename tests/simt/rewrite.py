@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["rewrite_source", "mask_source", "launched_kernel_names", "kernel_base_name"]
+__all__ = ["rewrite_source", "mask_source", "launched_kernel_names", "kernel_base_name", "strip_parameters"]
 
 
 def mask_source(src: str) -> str:
@@ -259,17 +259,22 @@ def _rewrite_static_shared(src: str) -> str:
     return "".join(out)
 
 
-def kernel_base_name(expr: str) -> str:
-    """The function name of a kernel expression or of a demangled symbol: template arguments,
-    parameter lists and namespace qualifiers removed (``ns::k<R, T>`` -> ``k``)."""
-    text = expr.strip()
-    if text.endswith(")") and not text.startswith("("):  # a demangled symbol's parameter list
+def strip_parameters(symbol: str) -> str:
+    """A demangled function symbol without its trailing parameter list (``k<1>(int*)`` -> ``k<1>``)."""
+    text = symbol.strip()
+    if text.endswith(")") and not text.startswith("("):
         depth = 0
         for i in range(len(text) - 1, -1, -1):
             depth += {")": 1, "(": -1}.get(text[i], 0)
             if depth == 0:
-                text = text[:i]
-                break
+                return text[:i]
+    return text
+
+
+def kernel_base_name(expr: str) -> str:
+    """The function name of a kernel expression or of a demangled symbol: template arguments,
+    parameter lists and namespace qualifiers removed (``ns::k<R, T>`` -> ``k``)."""
+    text = strip_parameters(expr)
     prev = None
     while prev != text:  # innermost <...> first
         prev = text

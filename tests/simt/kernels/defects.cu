@@ -52,18 +52,9 @@ __global__ void block_total_kernel(const float* x, int per_block, int shared_slo
   if (lane == 0) total[shared_slot ? 0 : blockIdx.x] = s[31];
 }
 
-// Intra-warp exchange through shared memory; without the __syncwarp, lane l reads s[l + 1]
-// which lane l + 1 wrote with no ordering between them.
-__global__ void warp_rotate_kernel(int* out, int with_syncwarp) {
-  __shared__ int s[32];
-  const int lane = threadIdx.x & 31;
-  s[lane] = lane * 10;
-  if (with_syncwarp) __syncwarp();
-  out[lane] = s[(lane + 1) & 31];
-}
-
-// The same exchange ordered by a shuffle instead of a __syncwarp: the shuffle waits for every lane,
-// but it does not order memory (PTX: only bar.warp.sync does), so this is still a race.
+// Lanes exchange values through shared memory, ordered by a shuffle instead of a __syncwarp: the
+// shuffle waits for every lane, but it does not order memory (PTX: only bar.warp.sync does), so
+// this is a race (the selftest's warp_exchange_kernel is the same exchange with no order at all).
 __global__ void shuffle_ordered_kernel(int* out) {
   __shared__ int s[32];
   const int lane = threadIdx.x & 31;
@@ -99,7 +90,3 @@ extern "C" int df_shuffle_ordered(int* out) {
   return static_cast<int>(cudaDeviceSynchronize());
 }
 
-extern "C" int df_warp_rotate(int* out, int with_syncwarp) {
-  defects::warp_rotate_kernel<<<1, 32>>>(out, with_syncwarp);
-  return static_cast<int>(cudaDeviceSynchronize());
-}

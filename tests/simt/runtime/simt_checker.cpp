@@ -5,7 +5,6 @@
 // (8- and 16-byte vector accesses fault otherwise), then goes to racecheck and the counters.
 #include "simt_internal.h"
 
-#include <stdarg.h>
 #include <stdlib.h>
 
 #include <string>
@@ -24,16 +23,6 @@ namespace {
 const uintptr_t g_special_lo = reinterpret_cast<uintptr_t>(__start_simt_special);
 const uintptr_t g_special_size =
     reinterpret_cast<uintptr_t>(__stop_simt_special) - reinterpret_cast<uintptr_t>(__start_simt_special);
-
-std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
-std::string fmt(const char* f, ...) {
-  char buf[512];
-  va_list ap;
-  va_start(ap, f);
-  vsnprintf(buf, sizeof buf, f, ap);
-  va_end(ap);
-  return buf;
-}
 
 const char* space_word(Space s) { return s == kGlobal ? "global" : (s == kParam ? "parameter" : "shared"); }
 

@@ -161,15 +161,7 @@ const char* kind_name(int k) {
   return "?";
 }
 
-std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
-std::string fmt(const char* f, ...) {
-  char buf[1024];
-  va_list ap;
-  va_start(ap, f);
-  vsnprintf(buf, sizeof buf, f, ap);
-  va_end(ap);
-  return buf;
-}
+using rt::fmt;
 
 std::string ranges(const std::vector<unsigned>& ids) {
   std::string out;
@@ -563,6 +555,15 @@ void trap(const char* what, const char* file, unsigned line) {
 unsigned char* dyn_smem_base() { return S().dyn_ptr; }
 
 namespace rt {
+std::string fmt(const char* f, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, f);
+  vsnprintf(buf, sizeof buf, f, ap);
+  va_end(ap);
+  return buf;
+}
+
 void fail_kernel(cudaError_t code, const std::string& msg) {
   S().abort_code = code;
   fail_in_fiber(msg);

@@ -16,7 +16,6 @@
 // and wavefront totals (to name bank conflicts and uncoalesced accesses by source line).
 #include "simt_internal.h"
 
-#include <stdarg.h>
 #include <stdlib.h>
 
 #include <algorithm>
@@ -124,16 +123,6 @@ struct Counters {
 Counters& C() {
   static Counters* c = new Counters();
   return *c;
-}
-
-std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
-std::string fmt(const char* f, ...) {
-  char buf[1024];
-  va_list ap;
-  va_start(ap, f);
-  vsnprintf(buf, sizeof buf, f, ap);
-  va_end(ap);
-  return buf;
 }
 
 bool is_shared(uint8_t k) { return k >= kSLoad; }

@@ -78,6 +78,9 @@ void on_warp_sync(unsigned warp_base, unsigned mask, bool syncwarp);
 void on_block_end();
 void on_launch_end(bool ok);
 
+// printf into a std::string (messages; at most 1023 characters)
+std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
+
 // ---- checker -> scheduler
 // Aborts the running kernel like a device fault (sticky error `code`, message printed).
 [[noreturn]] void fail_kernel(cudaError_t code, const std::string& msg);

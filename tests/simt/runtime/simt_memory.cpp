@@ -5,7 +5,6 @@
 // (system headers first: simt.h defines CUDA's __noinline__, which glibc headers also use)
 #include <dlfcn.h>
 #include <link.h>
-#include <stdarg.h>
 
 #include <algorithm>
 #include <map>
@@ -42,16 +41,6 @@ struct Registry {
 Registry& R() {
   static Registry* r = new Registry();  // never destroyed: fibers may outlive static destruction
   return *r;
-}
-
-std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
-std::string fmt(const char* f, ...) {
-  char buf[1024];
-  va_list ap;
-  va_start(ap, f);
-  vsnprintf(buf, sizeof buf, f, ap);
-  va_end(ap);
-  return buf;
 }
 
 void free_region_data(Region& r) {

@@ -21,7 +21,6 @@
 // every one of them.
 #include "simt_internal.h"
 
-#include <stdarg.h>
 #include <stdlib.h>
 
 #include <string>
@@ -59,16 +58,6 @@ struct RaceState {
 RaceState& RS() {
   static RaceState* s = new RaceState();
   return *s;
-}
-
-std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
-std::string fmt(const char* f, ...) {
-  char buf[512];
-  va_list ap;
-  va_start(ap, f);
-  vsnprintf(buf, sizeof buf, f, ap);
-  va_end(ap);
-  return buf;
 }
 
 // This thread's clock row, zeroed first when it belongs to an older epoch.
