@@ -13,7 +13,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from l2r_cuda import reference  # noqa: E402
+from tests.oracle import reference  # noqa: E402  (plain PyTorch: no built extension needed)
 from tests.simt import harness as simt  # noqa: E402
 from tests.simt.drivers import permute as emu  # noqa: E402
 

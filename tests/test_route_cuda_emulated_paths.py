@@ -6,7 +6,6 @@ not 16-byte aligned, and top-k keys that mix NaN with numbers. Forward outputs a
 gradients against the pure-PyTorch reference (+ autograd)."""
 from __future__ import annotations
 
-import importlib.util
 import math
 import pathlib
 import sys
@@ -16,13 +15,9 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tests.oracle import reference  # noqa: E402  (plain PyTorch: no built extension needed)
 from tests.simt import harness as simt  # noqa: E402
 from tests.simt.drivers import route as emu  # noqa: E402
-
-# The reference is plain PyTorch: loaded by path so that these tests need no built extension.
-_spec = importlib.util.spec_from_file_location("l2r_reference_paths", ROOT / "l2r_cuda" / "reference.py")
-reference = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(reference)
 
 
 @pytest.fixture(scope="module")
