@@ -175,7 +175,7 @@ def test_selftest_races_are_caught_for_every_seed():
         np.testing.assert_array_equal(out2, (np.arange(32) + 1) % 32 * 10)
         msg = raises(lib, "st_warp_exchange", P(out2), I(0), seed=seed)
         assert "hazard on shared memory in kernel 'warp_exchange_kernel'" in msg
-        assert "no __syncwarp of both lanes between them" in msg
+        assert "two lanes of one warp with no __syncthreads or __syncwarp of both between them" in msg
 
 
 # ---------------------------------------------------------------- counters

@@ -31,6 +31,8 @@ namespace rt {
 namespace {
 
 constexpr uint16_t kNone = 0xffff;
+constexpr const char* kNoBarrier = "two warps with no __syncthreads between them";
+constexpr const char* kNoSyncwarp = "two lanes of one warp with no __syncthreads or __syncwarp of both between them";
 
 struct Cell {
   uint32_t gen;      // launch number (global memory) or block generation (shared memory)
@@ -176,7 +178,7 @@ void race_access(Region& r, uintptr_t p, unsigned size, unsigned flags, const vo
                "two blocks of one launch are never ordered");
       if (!ordered(c.w_tid, c.w_epoch, c.w_clk))
         report(r, p + i, size, write, pc, who(c.w_tid, block, true), "write", c.w_pc,
-               "no __syncthreads (or, inside a warp, no __syncwarp of both lanes) between them");
+               (c.w_tid >> 5) == warp ? kNoSyncwarp : kNoBarrier);
     }
     if (write) {
       if (c.r_tid != kNone) {
@@ -189,12 +191,11 @@ void race_access(Region& r, uintptr_t p, unsigned size, unsigned flags, const vo
             report(r, p + i, size, write, pc,
                    fmt("a thread of warp(s) mask 0x%08x (first reader: ", other_warps) +
                        describe_thread_id(c.r_tid) + ")",
-                   "read", c.r_pc, "no __syncthreads between them");
+                   "read", c.r_pc, kNoBarrier);
           const uint32_t other_lanes = c.r_lanes & ~(1u << lane);
           for (unsigned l = 0; l < 32; ++l) {
             if ((other_lanes >> l & 1u) && !(row[l] > c.r_clk))
-              report(r, p + i, size, write, pc, describe_thread_id(warp * 32 + l), "read", c.r_pc,
-                     "no __syncwarp of both lanes between them");
+              report(r, p + i, size, write, pc, describe_thread_id(warp * 32 + l), "read", c.r_pc, kNoSyncwarp);
           }
         }
       }
