@@ -7,6 +7,7 @@ kernel tests of the mutated file on it, and reports which mutants the tests kill
     python -m tests.simt.mutate --only ID [ID ...]
     python -m tests.simt.mutate --list           # the catalogue
     python -m tests.simt.mutate --check-anchors  # only check that every anchor still matches
+    python -m tests.simt.mutate --without-path-tests --no-sanitize   # what the basic tests alone kill
 
 A mutant is killed when a test fails on it (wrong result, memcheck/racecheck report, deadlock,
 hang past the timeout). Equivalent mutants (listed with their reason) are not run and not counted.
@@ -20,6 +21,7 @@ tests/simt/.mutants/build keeps the unmutated libraries between mutants).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -93,11 +95,11 @@ def prepare_workspace() -> Path:
     return work
 
 
-def run_tests(work: Path, tests: list[str], timeout: float) -> tuple[int, str, float]:
+def run_tests(work: Path, tests: list[str], timeout: float, sanitize: bool = True) -> tuple[int, str, float]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(work) + os.pathsep + env.get("PYTHONPATH", "")
     env["SIMT_BUILD_DIR"] = str(MUTANTS / "build")
-    env.pop("SIMT_SANITIZE", None)  # the kernel tests' default: memory checker on
+    env["SIMT_SANITIZE"] = "1" if sanitize else "0"  # the kernel tests' default: memory checker on
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
     t0 = time.time()
     try:
@@ -127,17 +129,29 @@ def first_failure(output: str) -> str:
     return f"{test} ({reason})"
 
 
-def run(muts: list[Mutation], timeout: float, log=print) -> list[Outcome]:
+def run(muts: list[Mutation], timeout: float, log=print, path_tests: bool = True,
+        sanitize: bool = True) -> list[Outcome]:
+    """path_tests=False: without the *_paths.py tests, sanitize=False: without the memory checker
+    (both to measure what each adds)."""
+    def suite_of(m: Mutation) -> list[str]:
+        return [t for t in TESTS[m.file] if path_tests or not t.endswith("_paths.py")]
     problems = check_anchors(muts)
     if problems:
         raise CatalogueError("anchors no longer match the sources (re-target the catalogue):\n  " +
                              "\n  ".join(problems))
+    MUTANTS.mkdir(parents=True, exist_ok=True)
+    with open(MUTANTS / "lock", "w") as lock:  # one run at a time: the workspace path is fixed
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _run_locked(muts, timeout, log, suite_of, sanitize)
+
+
+def _run_locked(muts, timeout, log, suite_of, sanitize) -> list[Outcome]:
     work = prepare_workspace()
     outcomes = []
-    suites = sorted({tuple(TESTS[m.file]) for m in muts if not m.equivalent})
+    suites = sorted({tuple(suite_of(m)) for m in muts if not m.equivalent})
     baseline_s = {}
     for suite in suites:  # the unmutated sources must pass (and warm the build cache)
-        rc, out, secs = run_tests(work, list(suite), timeout=max(timeout, 1800))
+        rc, out, secs = run_tests(work, list(suite), timeout=max(timeout, 1800), sanitize=sanitize)
         if rc != 0:
             raise CatalogueError(f"tests fail on the unmutated sources ({' '.join(suite)}):\n{out[-3000:]}")
         baseline_s[suite] = secs
@@ -151,8 +165,8 @@ def run(muts: list[Mutation], timeout: float, log=print) -> list[Outcome]:
         target = work / m.file
         target.write_text(apply(m, pristine))
         try:
-            limit = min(timeout, 3 * baseline_s[tuple(TESTS[m.file])] + 120)
-            rc, out, secs = run_tests(work, TESTS[m.file], timeout=limit)
+            limit = min(timeout, 3 * baseline_s[tuple(suite_of(m))] + 120)
+            rc, out, secs = run_tests(work, suite_of(m), timeout=limit, sanitize=sanitize)
         finally:
             target.write_text(pristine)
         if rc == 0:
@@ -202,6 +216,10 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant at most")
     p.add_argument("--min-kill-rate", type=float, default=100.0, help="exit 0 at or above this kill rate (%%)")
     p.add_argument("--json", help="write the outcomes to this file")
+    p.add_argument("--without-path-tests", action="store_true",
+                   help="leave out the *_paths.py tests (to measure what they add)")
+    p.add_argument("--no-sanitize", action="store_true",
+                   help="run the kernel tests without the memory checker (to measure what it adds)")
     args = p.parse_args(argv)
     table = by_id()
     if args.sample == "ci":
@@ -225,7 +243,8 @@ def main(argv=None) -> int:
         return 2 if problems else 0
     t0 = time.time()
     try:
-        outcomes = run(muts, args.timeout, log=lambda s: print(s, flush=True))
+        outcomes = run(muts, args.timeout, log=lambda s: print(s, flush=True),
+                       path_tests=not args.without_path_tests, sanitize=not args.no_sanitize)
     except CatalogueError as e:
         print(f"catalogue error: {e}", file=sys.stderr)
         return 2
