@@ -112,6 +112,9 @@ def run_tests(work: Path, tests: list[str], timeout: float, sanitize: bool = Tru
 
 def first_failure(output: str) -> str:
     """The first failing test and what failed in it (a checker report or an assertion)."""
+    crash = re.search(r"Fatal Python error: (\w[\w ]*)", output)
+    if crash:
+        return f"crash ({crash.group(1).strip()})"
     m = re.search(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
     if not m:
         return output.strip().splitlines()[-1] if output.strip() else "?"
