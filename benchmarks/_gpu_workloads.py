@@ -5,13 +5,17 @@ symbols), the op's analytic FLOPs per kernel and its minimum DRAM traffic."""
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from tests.simt import harness as simt
 from tests.simt.drivers import permute as permute_emu
-from tests.simt.drivers import route as route_emu
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import backends  # noqa: E402  (tests/backends.py: the route kernels' emulator driver)
 
 
 @dataclass(frozen=True)
@@ -58,17 +62,18 @@ def route_flops(s: Shape) -> dict[str, dict[str, float]]:
 
 def run_route(lib, s: Shape, seed: int = 0) -> dict[str, dict]:
     g = torch.Generator().manual_seed(seed)
-    cfg = dict(T=s.T, d=s.d, r=s.r, E=s.E, H=s.H, k=s.k, beta=1.0, norm="rms")
+    call = backends._call("route", s.T, s.d, s.r, s.E, s.H, s.k, None, beta=1.0, norm="rms")
     x = torch.randn(s.T, s.d, generator=g).to(torch.bfloat16)
     proj = torch.randn(s.r, s.d, generator=g) / math.sqrt(s.d)
     anchors = torch.randn(s.E, s.H, s.r, generator=g)
-    scale = torch.tensor(4.0)
+    scale = torch.tensor([4.0])
     norm_weight = 1.0 + 0.1 * torch.randn(s.d, generator=g)
     simt.reset_counters(lib)
-    fwd = route_emu.forward(lib, cfg, x, proj, anchors, scale, norm_weight, None, seed=seed)
+    fwd = backends._forward(call, x, proj, anchors, scale, norm_weight, None, None, None, seed=seed)
     fwd_recs = _records(lib)
-    grads = (torch.randn(s.T, s.k, generator=g), torch.randn(s.E, generator=g), None)
-    route_emu.backward(lib, cfg, x, proj, anchors, scale, norm_weight, fwd, grads, seed=seed)
+    grads = (torch.randn(s.T, s.k, generator=g), torch.randn(s.E, generator=g), None, None)
+    saved = (x, proj, anchors, scale, norm_weight, None, None, fwd["indices"], fwd["q"], fwd["rstd"])
+    backends._backward(call, grads, saved, seed=seed)
     bwd_recs = _records(lib)
     flops = route_flops(s)
     xb = s.T * s.d * 2
@@ -103,10 +108,10 @@ def run_permute(lib, s: Shape, seed: int = 0) -> dict[str, dict]:
 
 
 def build_libs():
-    """The emulator libraries with the memory checker compiled in; racecheck off (the model needs
+    """The emulator libraries (the memory checker is compiled in by default); racecheck off (the model needs
     counters, not race detection), memcheck on (cheap, and an out-of-bounds access would make
     the counts meaningless)."""
-    libs = {"route": route_emu.build(sanitize=True), "permute": permute_emu.build(sanitize=True)}
+    libs = {"route": backends.simt_library(), "permute": permute_emu.build(sanitize=True)}
     for lib in libs.values():
         simt.set_checks(lib, memcheck=True, racecheck=False, counters=True)
     return libs

@@ -1,38 +1,27 @@
-"""The CUDA route kernels on the SIMT emulator (memory checker on), on the paths the basic emulated
-tests (test_route_cuda_emulated.py) leave out: every rank instantiation in every x dtype on both
-the 16-byte vector and the scalar x path, warps that loop over several tokens (the forward's and the
-backward's block-count caps), several column chunks with a ragged last one, x rows that are 8- but
-not 16-byte aligned, and top-k keys that mix NaN with numbers. Forward outputs and backward
-gradients against the pure-PyTorch reference (+ autograd)."""
+"""The CUDA route kernels on the SIMT emulator (tests/backends.py's simt backend, memory checker on),
+on the paths the sample-driven route tests leave out: every rank instantiation in every x dtype on
+both the 16-byte vector and the scalar x path, for route and route_logits; warps that loop over
+several tokens (the forward's token chunks, the backward's block-count cap); several column
+chunks with a ragged last one; x rows that are 8- but not 16-byte aligned; top-k keys that mix
+NaN with numbers. Forward outputs and gradients against the pure-PyTorch reference (+ autograd)."""
 from __future__ import annotations
 
 import math
-import pathlib
-import sys
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tests.oracle import reference  # noqa: E402  (plain PyTorch: no built extension needed)
-from tests.simt import harness as simt  # noqa: E402
-from tests.simt.drivers import route as emu  # noqa: E402
+import backends
+from oracle import reference
 
-
-@pytest.fixture(scope="module")
-def lib():
-    if not simt.have_compiler():
-        pytest.skip("g++ missing")
-    return emu.build()
+pytestmark = pytest.mark.skipif(backends.available("simt") is not None, reason="g++ missing")
 
 
 def inputs(cfg, seed):
     g = torch.Generator().manual_seed(7000 + seed)
     T, d, r, E, H = cfg["T"], cfg["d"], cfg["r"], cfg["E"], cfg["H"]
-    x = torch.randn(T, d, generator=g).to(cfg.get("dtype", torch.float32))
     return dict(
-        x=x,
+        x=torch.randn(T, d, generator=g).to(cfg.get("dtype", torch.float32)),
         proj=torch.randn(r, d, generator=g) / math.sqrt(d),
         anchors=torch.randn(E, H, r, generator=g),
         scale=torch.tensor(cfg.get("scale", 4.0)),
@@ -41,42 +30,61 @@ def inputs(cfg, seed):
     )
 
 
-def reference_route(cfg, t, leaves):
-    x, proj, anchors, scale, g = leaves
-    return reference.route(x, proj, anchors, scale, top_k=cfg["k"], beta=cfg.get("beta", 1.0),
-                           norm=cfg.get("norm", "rms"), norm_weight=g, tau=cfg.get("tau", 1.0),
-                           score=cfg.get("score", "softmax"), normalize=cfg.get("normalize", False),
-                           expert_bias=t["expert_bias"])
+def options(cfg):
+    return dict(beta=cfg.get("beta", 1.0), norm=cfg.get("norm", "rms"), tau=cfg.get("tau", 1.0))
 
 
-def check_route(lib, cfg, seed=0, t=None, x_view=None, backward=True):
-    """Forward outputs and (when every selection agrees) backward gradients against the
-    reference; returns the forward outputs."""
-    t = t or inputs(cfg, seed)
-    fwd = emu.forward(lib, cfg, t["x"], t["proj"], t["anchors"], t["scale"], t["norm_weight"], t["expert_bias"],
-                      seed=seed, x_view=x_view)
-    leaves = [t["x"].float().requires_grad_(True)] + [t[n].clone().requires_grad_(True)
-                                                       for n in ("proj", "anchors", "scale", "norm_weight")]
-    ref = reference_route(cfg, t, leaves)
-    assert torch.equal(fwd["indices"], ref.indices), "top-k selection differs from the reference"
-    torch.testing.assert_close(fwd["weights"], ref.weights.detach(), atol=1e-5, rtol=1e-5, equal_nan=True)
-    assert torch.equal(fwd["tokens_per_expert"], ref.tokens_per_expert)
-    torch.testing.assert_close(fwd["mean_probs"], ref.mean_probs.detach(), atol=1e-6, rtol=1e-5, equal_nan=True)
-    torch.testing.assert_close(fwd["lse"], ref.lse.detach(), atol=1e-5, rtol=1e-5, equal_nan=True)
-    if not backward:
-        return fwd
-    g = torch.Generator().manual_seed(8000 + seed)
-    grads = (torch.randn(cfg["T"], cfg["k"], generator=g), torch.randn(cfg["E"], generator=g),
-             torch.randn(cfg["T"], generator=g))
-    loss = (ref.weights * grads[0]).sum() + (ref.mean_probs * grads[1]).sum() + (ref.lse * grads[2]).sum()
-    expect = torch.autograd.grad(loss, leaves)
-    got = emu.backward(lib, cfg, t["x"], t["proj"], t["anchors"], t["scale"], t["norm_weight"], fwd, grads, seed=seed)
-    for name, a, b in zip(("x", "proj", "anchors", "scale", "norm_weight"), got, expect):
+def route_options(cfg):
+    return dict(top_k=cfg["k"], score=cfg.get("score", "softmax"), normalize=cfg.get("normalize", False),
+                **options(cfg))
+
+
+def close_grads(got, want, x_dtype):
+    for name, a, b in zip(("x", "proj", "anchors", "scale", "norm_weight"), got, want):
         tol = 1e-4 * max(1.0, float(b.abs().max()))
-        if name == "x" and t["x"].dtype != torch.float32:
+        if name == "x" and x_dtype != torch.float32:
             tol = max(tol, 1e-2 * float(b.abs().max()))  # grad_x is rounded to x's dtype
         torch.testing.assert_close(a.float(), b, atol=tol, rtol=1e-4, msg=lambda m: f"grad_{name}: {m}")
-    return fwd
+
+
+def leaves_of(t, x=None):
+    x = t["x"] if x is None else x
+    return [x.detach().requires_grad_()] + [t[n].clone().requires_grad_()
+                                            for n in ("proj", "anchors", "scale", "norm_weight")]
+
+
+def check_route(cfg, t, seed=0, x=None, backward=True):
+    """route() on the emulator against the reference: outputs, and gradients of every input."""
+    ours = leaves_of(t, x)
+    out = backends.simt_route(*ours[:4], norm_weight=ours[4], expert_bias=t["expert_bias"], seed=seed,
+                              **route_options(cfg))
+    refs = [t["x"].float().requires_grad_()] + [p.detach().clone().requires_grad_() for p in ours[1:]]
+    ref = reference.route(*refs[:4], norm_weight=refs[4], expert_bias=t["expert_bias"], **route_options(cfg))
+    assert torch.equal(out.indices, ref.indices), "top-k selection differs from the reference"
+    torch.testing.assert_close(out.weights, ref.weights, atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert torch.equal(out.tokens_per_expert, ref.tokens_per_expert)
+    torch.testing.assert_close(out.mean_probs, ref.mean_probs, atol=1e-6, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(out.lse, ref.lse, atol=1e-5, rtol=1e-5, equal_nan=True)
+    if backward:
+        g = torch.Generator().manual_seed(8000 + seed)
+        gw, gm, gl = (torch.randn(out.weights.shape, generator=g), torch.randn(out.mean_probs.shape, generator=g),
+                      torch.randn(out.lse.shape, generator=g))
+        got = torch.autograd.grad((out.weights * gw).sum() + (out.mean_probs * gm).sum() + (out.lse * gl).sum(), ours)
+        want = torch.autograd.grad((ref.weights * gw).sum() + (ref.mean_probs * gm).sum() + (ref.lse * gl).sum(), refs)
+        close_grads(got, want, t["x"].dtype)
+    return out
+
+
+def check_logits(cfg, t, seed=0):
+    """route_logits() on the emulator against the reference, with gradients."""
+    ours = leaves_of(t)
+    logits = backends.simt_route_logits(*ours[:4], norm_weight=ours[4], seed=seed, **options(cfg))
+    refs = [t["x"].float().requires_grad_()] + [p.detach().clone().requires_grad_() for p in ours[1:]]
+    want_logits = reference.route_logits(*refs[:4], norm_weight=refs[4], **options(cfg))
+    torch.testing.assert_close(logits, want_logits, atol=1e-5, rtol=1e-5)
+    gl = torch.randn(logits.shape, generator=torch.Generator().manual_seed(9000 + seed))
+    close_grads(torch.autograd.grad((logits * gl).sum(), ours), torch.autograd.grad((want_logits * gl).sum(), refs),
+                t["x"].dtype)
 
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
@@ -86,48 +94,51 @@ RANKS = (1, 2, 3, 8, 16, 32, 40)
 
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("r", RANKS)
-def test_every_rank_and_dtype(lib, r, dtype):
+def test_every_rank_and_dtype(r, dtype):
     # d = 64 rows are 16-byte vectors; d = 36 rows are not (scalar x loads): both paths per rank.
     for d, seed in ((64, 0), (36, 1)):
         cfg = dict(T=9, d=d, r=r, E=6, H=2, k=2, beta=0.5, dtype=DTYPES[dtype], normalize=r % 2 == 0)
-        check_route(lib, cfg, seed=seed)
+        t = inputs(cfg, seed)
+        check_route(cfg, t, seed=seed)
+        check_logits(cfg, t, seed=seed)
 
 
-def test_forward_warps_loop_over_tokens(lib):
-    # More tokens than the forward's 1024 blocks x 4 warps: warps take a second token, so per-warp
-    # sums (prob_sum, counts) carry over tokens.
+def test_forward_warps_loop_over_tokens():
+    # More tokens than 1024 chunks x 4 warps: chunks of 5 tokens, so a warp takes a second token and
+    # its per-warp sums (prob_sum, counts) carry over tokens.
     cfg = dict(T=4100, d=16, r=2, H=1, E=3, k=2, bias=True)
-    check_route(lib, cfg, backward=False)
+    check_route(cfg, inputs(cfg, 0), backward=False)
 
 
-def test_backward_warps_loop_over_tokens_and_column_chunks(lib):
-    # More tokens than the backward's 256 blocks x 4 warps (grad_scale and the anchor
-    # accumulators carry over tokens), 18 column chunks of 62 tokens, the last one ragged, and
-    # every anchor slot holding a token.
+def test_backward_warps_loop_over_tokens_and_column_chunks():
+    # More tokens than the backward's 256 blocks x 4 warps (grad_scale and the anchor accumulators
+    # carry over tokens), 18 column chunks of 62 tokens, the last one ragged, and every anchor slot
+    # holding a token.
     cfg = dict(T=1100, d=40, r=4, H=2, E=5, k=2, beta=0.5, tau=0.7)
-    check_route(lib, cfg)
+    check_route(cfg, inputs(cfg, 0))
 
 
-def test_x_rows_8_but_not_16_byte_aligned(lib):
-    # x starts 8 bytes into a 16-byte aligned buffer: the launcher must take the scalar path
-    # (16-byte loads would fault on a GPU: the memory checker faults here too).
+def test_x_rows_8_but_not_16_byte_aligned():
+    # x starts 8 bytes into a 16-byte aligned buffer: the launchers must take the scalar path
+    # (16-byte loads would fault on a GPU; the memory checker faults here too).
     cfg = dict(T=7, d=32, r=8, H=2, E=9, k=3)
     t = inputs(cfg, 0)
     buf = torch.empty(cfg["T"] * cfg["d"] + 2, dtype=torch.float32)
     assert buf.data_ptr() % 16 == 0
     view = buf[2:].view(cfg["T"], cfg["d"])
     view.copy_(t["x"])
-    check_route(lib, cfg, t=t, x_view=view, backward=False)
+    assert view.data_ptr() % 16 == 8
+    check_route(cfg, t, x=view)
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_top_k_keys_mixing_nan_and_numbers(lib, bias):
+def test_top_k_keys_mixing_nan_and_numbers(bias):
     # Sigmoid scores are per expert: NaN anchors make some experts' keys NaN for every token while
-    # the others stay numbers. NaN ranks below every number, so those experts come last.
-    # k = 38 of 40 with 3 NaN experts: the 37 numbers first, then the lowest-index NaN expert.
+    # the others stay numbers. NaN ranks below every number, so those experts come last: with
+    # k = 38 of 40 and 3 NaN experts, the 37 numbers first, then the lowest-index NaN expert.
     cfg = dict(T=6, d=64, r=4, H=1, E=40, k=38, score="sigmoid", bias=bias)
     t = inputs(cfg, 3)
     t["anchors"][[1, 5, 33]] = float("nan")
-    fwd = check_route(lib, cfg, t=t, backward=False)
-    assert not bool(torch.isin(fwd["indices"][:, :37], torch.tensor([1, 5, 33])).any())
-    assert bool((fwd["indices"][:, 37] == 1).all())
+    out = check_route(cfg, t, backward=False)
+    assert not bool(torch.isin(out.indices[:, :37], torch.tensor([1, 5, 33])).any())
+    assert bool((out.indices[:, 37] == 1).all())

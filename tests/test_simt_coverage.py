@@ -11,17 +11,19 @@ import sys
 
 import pytest
 
+import backends  # noqa: E402  (tests/: the simt route backend)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.simt import harness as simt  # noqa: E402
 from tests.simt.drivers import permute as permute_emu  # noqa: E402
-from tests.simt.drivers import route as route_emu  # noqa: E402
 
 pytestmark = [pytest.mark.simt_coverage,
               pytest.mark.skipif(not simt.have_compiler(), reason="g++ not available")]
 
 SUITES = {
-    "route": (route_emu.build, ["test_route_cuda_emulated.py", "test_route_cuda_emulated_paths.py"]),
+    "route": (backends.simt_library, ["test_route.py", "test_route_cuda_emulated.py",
+                                      "test_route_cuda_emulated_paths.py"]),
     "permute": (permute_emu.build, ["test_permute_cuda_emulated.py", "test_permute_cuda_emulated_paths.py"]),
 }
 

@@ -95,19 +95,24 @@ def prepare_workspace() -> Path:
     return work
 
 
-def run_tests(work: Path, tests: list[str], timeout: float, sanitize: bool = True) -> tuple[int, str, float]:
+def run_tests(work: Path, suite: list[list[str]], timeout: float, sanitize: bool = True) -> tuple[int, str, float]:
+    """Runs the pytest invocations of `suite` in order, stopping at the first that fails."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(work) + os.pathsep + env.get("PYTHONPATH", "")
     env["SIMT_BUILD_DIR"] = str(MUTANTS / "build")
     env["SIMT_SANITIZE"] = "1" if sanitize else "0"  # the kernel tests' default: memory checker on
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
     t0 = time.time()
-    try:
-        r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
-        return r.returncode, r.stdout + r.stderr, time.time() - t0
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return -1, out + f"\nTIMEOUT after {timeout:.0f} s", time.time() - t0
+    for args in suite:
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *args]
+        left = timeout - (time.time() - t0)
+        try:
+            r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=max(left, 1))
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            return -1, out + f"\nTIMEOUT after {timeout:.0f} s", time.time() - t0
+        if r.returncode != 0:
+            return r.returncode, r.stdout + r.stderr, time.time() - t0
+    return 0, "", time.time() - t0
 
 
 def first_failure(output: str) -> str:
@@ -136,8 +141,9 @@ def run(muts: list[Mutation], timeout: float, log=print, path_tests: bool = True
         sanitize: bool = True) -> list[Outcome]:
     """path_tests=False: without the *_paths.py tests, sanitize=False: without the memory checker
     (both to measure what each adds)."""
-    def suite_of(m: Mutation) -> list[str]:
-        return [t for t in TESTS[m.file] if path_tests or not t.endswith("_paths.py")]
+    def suite_of(m: Mutation) -> list[list[str]]:
+        suite = [[a for a in args if path_tests or not a.endswith("_paths.py")] for args in TESTS[m.file]]
+        return [args for args in suite if any(a.endswith(".py") for a in args)]
     problems = check_anchors(muts)
     if problems:
         raise CatalogueError("anchors no longer match the sources (re-target the catalogue):\n  " +
@@ -151,14 +157,18 @@ def run(muts: list[Mutation], timeout: float, log=print, path_tests: bool = True
 def _run_locked(muts, timeout, log, suite_of, sanitize) -> list[Outcome]:
     work = prepare_workspace()
     outcomes = []
-    suites = sorted({tuple(suite_of(m)) for m in muts if not m.equivalent})
+    def key(suite):
+        return tuple(tuple(args) for args in suite)
+
+    suites = {key(suite_of(m)): suite_of(m) for m in muts if not m.equivalent}
     baseline_s = {}
-    for suite in suites:  # the unmutated sources must pass (and warm the build cache)
-        rc, out, secs = run_tests(work, list(suite), timeout=max(timeout, 1800), sanitize=sanitize)
+    for k, suite in suites.items():  # the unmutated sources must pass (and warm the build cache)
+        rc, out, secs = run_tests(work, suite, timeout=max(timeout, 1800), sanitize=sanitize)
+        names = " + ".join(" ".join(args) for args in suite)
         if rc != 0:
-            raise CatalogueError(f"tests fail on the unmutated sources ({' '.join(suite)}):\n{out[-3000:]}")
-        baseline_s[suite] = secs
-        log(f"baseline {' '.join(suite)}: passed in {secs:.0f} s")
+            raise CatalogueError(f"tests fail on the unmutated sources ({names}):\n{out[-3000:]}")
+        baseline_s[k] = secs
+        log(f"baseline {names}: passed in {secs:.0f} s")
     for m in muts:
         if m.equivalent:
             outcomes.append(Outcome(m.id, "equivalent", m.equivalent))
@@ -168,7 +178,7 @@ def _run_locked(muts, timeout, log, suite_of, sanitize) -> list[Outcome]:
         target = work / m.file
         target.write_text(apply(m, pristine))
         try:
-            limit = min(timeout, 3 * baseline_s[tuple(suite_of(m))] + 120)
+            limit = min(timeout, 3 * baseline_s[key(suite_of(m))] + 120)
             rc, out, secs = run_tests(work, suite_of(m), timeout=limit, sanitize=sanitize)
         finally:
             target.write_text(pristine)

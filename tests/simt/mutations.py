@@ -1,4 +1,6 @@
-"""Catalogue of realistic GPU-bug mutations of the CUDA kernel sources, for tests/simt/mutate.py.
+"""Catalogue of realistic GPU-bug mutations of the CUDA kernel sources (csrc/permute/cuda,
+csrc/route/cuda and the headers they share: route math, the selection order, the rank switch), for
+tests/simt/mutate.py.
 
 Each mutation is one or more exact text replacements (anchored on source text: an anchor that no
 longer occurs exactly `count` times is an error, so the catalogue fails loudly when the sources
@@ -18,19 +20,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PERMUTE = "csrc/permute/permute_kernels.cu"
-PERMUTE_MATH = "csrc/permute/permute_math.cuh"
-ROUTE = "csrc/route/route_cuda.cu"
-ROUTE_MATH = "csrc/route/route_math.cuh"
+PERMUTE = "csrc/permute/cuda/permute_kernels.cu"
+ROUTE = "csrc/route/cuda/route_cuda.cu"
+ROUTE_MATH = "csrc/route/math/anchor_lse.h"
+ORDER = "csrc/common/order.h"  # selection order of route's top-k and permute's capacity
+SWITCH = "csrc/common/static_switch.h"
 
-# The emulated test files that exercise each source, in the order the mutation runner runs them
-# (it stops at the first failure: the path tests, quick and aimed at what the basic tests miss,
-# go first).
+# The emulated tests that exercise each source: pytest invocations (arguments), in the order the
+# mutation runner runs them; it stops at the first failure, so the path tests, quick and aimed at
+# what the others miss, go first. test_route.py's emulated cases are its `simt` backend's.
+PERMUTE_TESTS = [["tests/test_permute_cuda_emulated_paths.py", "tests/test_permute_cuda_emulated.py"]]
+ROUTE_TESTS = [["tests/test_route_cuda_emulated_paths.py", "tests/test_route_cuda_emulated.py"],
+               ["tests/test_route.py", "-k", "simt"]]
 TESTS = {
-    PERMUTE: ["tests/test_permute_cuda_emulated_paths.py", "tests/test_permute_cuda_emulated.py"],
-    PERMUTE_MATH: ["tests/test_permute_cuda_emulated_paths.py", "tests/test_permute_cuda_emulated.py"],
-    ROUTE: ["tests/test_route_cuda_emulated_paths.py", "tests/test_route_cuda_emulated.py"],
-    ROUTE_MATH: ["tests/test_route_cuda_emulated_paths.py", "tests/test_route_cuda_emulated.py"],
+    PERMUTE: PERMUTE_TESTS,
+    ROUTE: ROUTE_TESTS,
+    ROUTE_MATH: ROUTE_TESTS,
+    SWITCH: ROUTE_TESTS,
+    ORDER: ROUTE_TESTS + PERMUTE_TESTS,
 }
 
 
@@ -107,8 +114,8 @@ CATALOGUE: list[Mutation] = [
       "  row_map[r] = (capacity >= 0 && p > capacity) ? -1 : offsets[e] + p;",
       "tail", "one row too many is kept per expert under a capacity"),
     M("permute.group.block_stride", PERMUTE,
-      "    if (row_map[r] >= 0) grouped[row_map[r]] = r;\n  }",
-      "    if (row_map[r] >= 0) grouped[row_map[r]] = r;\n    r -= static_cast<int64_t>(gridDim.x - 1) * blockDim.x;\n  }",
+      "    if (row >= 0 && row < n) grouped[row] = r;\n  }",
+      "    if (row >= 0 && row < n) grouped[row] = r;\n    r -= static_cast<int64_t>(gridDim.x - 1) * blockDim.x;\n  }",
       "stride", "grid-stride loop advancing by one block: blocks write the same rows"),
     M("permute.select.no_barrier_after_total", PERMUTE,
       "      const int64_t total = s_red[0];\n      __syncthreads();\n",
@@ -122,9 +129,6 @@ CATALOGUE: list[Mutation] = [
       "    if (capacity == 0 || capacity_key(w[r], r) < threshold) expert[r] = -1;",
       "    if (capacity == 0 || capacity_key(w[r], r) <= threshold) expert[r] = -1;",
       "tail", "the capacity-th row itself is dropped"),
-    M("permute.capacity_key.nan_first", PERMUTE_MATH,
-      "  if (w != w) {\n    bits = 0u;", "  if (w != w) {\n    bits = 0xFFFFFFFFu;",
-      "nan-order", "NaN router weights ranked above every number under a capacity"),
     # ------------------------------------------------------------------ permute: rows
     M("permute.rows.8_byte_to_vec16", PERMUTE,
       "  if (a % 16 == 0) {\n    copy_rows<uint4>", "  if (a % 8 == 0) {\n    copy_rows<uint4>",
@@ -193,69 +197,78 @@ CATALOGUE: list[Mutation] = [
       "    if (n > 0) {",
       "init", "the inverse map is not reset: rows nobody routes to keep stale sources"),
     # ------------------------------------------------------------------ route: forward
+    M("route.fwd.no_syncwarp_before_selection", ROUTE,
+      "  for (int e = lane; e < E; e += kWarp) keys[e] = p.bias ? rm::selection_key(probs[e], __ldg(p.bias + e)) : probs[e];\n  __syncwarp();\n",
+      "  for (int e = lane; e < E; e += kWarp) keys[e] = p.bias ? rm::selection_key(probs[e], __ldg(p.bias + e)) : probs[e];\n",
+      "syncwarp", "group-limited selection reads other lanes' keys[e] without a __syncwarp after they were written"),
     M("route.fwd.no_syncwarp_before_topk", ROUTE,
-      "      prob_sum[e] += prob;\n    }\n    __syncwarp();\n", "      prob_sum[e] += prob;\n    }\n",
-      "syncwarp", "top-k reads probs[e] of other lanes without a __syncwarp after they were written",
-      equivalent="the top-k rounds read only the lane's own probs[e] (expert e on lane e % 32); the first "
-                 "reads of other lanes' probs come after the __syncwarp that follows the top-k loop"),
+      "    for (int e = lane; e < E; e += kWarp) logits[e] = rm::routing_prob(logits[e], exps[e], st.sum, p.c.sigmoid);\n    __syncwarp();\n",
+      "    for (int e = lane; e < E; e += kWarp) logits[e] = rm::routing_prob(logits[e], exps[e], st.sum, p.c.sigmoid);\n",
+      "syncwarp", "the routing reads probabilities of other lanes without a __syncwarp after they were written",
+      equivalent="finish_token reads only the lane's own probabilities (expert e on lane e % 32) until its own "
+                 "__syncwarp after the selection keys; the reads of other lanes' probabilities come after it"),
     M("route.fwd.no_syncwarp_end_of_token", ROUTE,
-      "      counts[e] += 1;\n    }\n    __syncwarp();\n  }\n", "      counts[e] += 1;\n    }\n  }\n",
+      "    if (counted) counts[e] += 1;\n  }\n  __syncwarp();\n}", "    if (counted) counts[e] += 1;\n  }\n}",
       "syncwarp", "the next token overwrites the per-warp scratch while lanes still read this token's"),
     M("route.fwd.no_barrier_before_partials", ROUTE,
-      "  // Block partials: the warps' sums added in warp order.\n  __syncthreads();\n",
-      "  // Block partials: the warps' sums added in warp order.\n",
-      "barrier", "block partials read other warps' sums before they finished"),
+      "    if (lane == 0) warp_tokens[warp] = counted_tokens;\n    __syncthreads();\n",
+      "    if (lane == 0) warp_tokens[warp] = counted_tokens;\n",
+      "barrier", "chunk partials read other warps' sums before they finished"),
     M("route.fwd.block_wide_counts", ROUTE,
       "  int* counts = reinterpret_cast<int*>(prob_sum + E);",
-      "  int* counts = reinterpret_cast<int*>(smem + p.warp_smem + 2 * E);  // one counter array per block",
+      "  int* counts = reinterpret_cast<int*>(smem + p.warp_smem + 3 * E);  // one counter array per block",
       "lost-update", "all warps of a block add into one shared counts[] with a plain += (the issue's shortcut)",
-      more=(("      n += reinterpret_cast<const int*>(wp + 2 * E)[e];",
-             "      if (w == 0) n += reinterpret_cast<const int*>(wp + 2 * E)[e];"),)),
+      more=(("        n += reinterpret_cast<const int*>(wp + 3 * E)[e];",
+             "        if (w == 0) n += reinterpret_cast<const int*>(wp + 3 * E)[e];"),)),
     M("route.fwd.prob_sum_last_token", ROUTE,
-      "      prob_sum[e] += prob;", "      prob_sum[e] = prob;",
+      "prob_sum[e] += rm::balance_prob(probs[e], total, p.c.sigmoid);",
+      "prob_sum[e] = rm::balance_prob(probs[e], total, p.c.sigmoid);",
       "state", "mean_probs from the warp's last token only (state across tokens)"),
     M("route.fwd.init_tail", ROUTE,
       "  for (int e = lane; e < E; e += kWarp) {\n    prob_sum[e] = 0.f;",
       "  for (int e = lane; e < E - 1; e += kWarp) {\n    prob_sum[e] = 0.f;",
       "init", "the last expert's per-warp sums are never zeroed"),
-    M("route.fwd.token_stride_block", ROUTE,
-      "  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; t < p.tokens;\n       t += warps) {\n    const T* xrow",
-      "  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; t < p.tokens;\n       t += kWarpsPerBlock) {\n    const T* xrow",
-      "stride", "forward token loop strides by one block: blocks process each other's tokens"),
+    M("route.fwd.token_stride_one", ROUTE,
+      "  for (int64_t t = p.chunks.begin(c) + warp; t < t_end; t += kWarpsPerBlock) {",
+      "  for (int64_t t = p.chunks.begin(c) + warp; t < t_end; t += 1) {",
+      "stride", "the chunk's token loop strides by one token: warps process each other's tokens"),
     M("route.fwd.q_out_padded", ROUTE,
-      "        if (k == lane && k < p.rank) p.q_out[t * p.rank + k] = q_reg[k];",
-      "        if (k == lane) p.q_out[t * p.rank + k] = q_reg[k];",
+      "          if (k == lane && k < p.c.rank) p.q_out[t * p.c.rank + k] = q_reg[k];",
+      "          if (k == lane) p.q_out[t * p.c.rank + k] = q_reg[k];",
       "tail", "padded rank rows written to q (into the next token's q, past the end for the last)"),
-    M("route.fwd.mean_by_blocks", ROUTE,
-      "    mean_probs[e] = s / static_cast<float>(tokens);", "    mean_probs[e] = s / static_cast<float>(blocks);",
-      "stride", "mean over blocks instead of tokens"),
-    M("route.warp_best.index_shfl_down", ROUTE,
-      "    const int other_index = __shfl_xor_sync(kFullMask, index, off);",
-      "    const int other_index = __shfl_down_sync(kFullMask, index, off);",
-      "shuffle", "arg-max key and index shuffled from different lanes"),
+    M("route.fwd.mean_over_chunks", ROUTE,
+      "      tokens += token_partials[c];", "      tokens += 1;",
+      "stride", "mean over chunks instead of tokens"),
+    M("route.warp_max_key.shfl_down", ROUTE,
+      "    const uint64_t o = __shfl_xor_sync(kFullMask, v, off);",
+      "    const uint64_t o = __shfl_down_sync(kFullMask, v, off);",
+      "shuffle", "arg-max by a down-shuffle tree: only lane 0 ends with the winner"),
     M("route.warp_sum.short_tree", ROUTE,
       "  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);",
       "  for (int off = kWarp / 2; off > 1; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);",
       "shuffle", "butterfly sum one step short"),
-    M("route.topk.prev_guard", ROUTE,
-      "        if (prev_index >= 0 && !ranks_before(prev_key, prev_index, key, e)) continue;",
-      "        if (!ranks_before(prev_key, prev_index, key, e)) continue;",
-      "tail", "the first top-k round compares against a sentinel as if it were a selected expert"),
-    M("route.math.nan_first", ROUTE_MATH,
-      "  if (nan_a != nan_b) return nan_b;", "  if (nan_a != nan_b) return nan_a;",
-      "nan-order", "NaN keys ranked above every number in top-k"),
+    M("route.topk.previous_inclusive", ROUTE,
+      "      if (key < previous && key > best) best = key;", "      if (key <= previous && key > best) best = key;",
+      "tail", "a top-k round may take the previous round's winner again"),
+    M("route.order.nan_first", ORDER,
+      "  uint32_t ordered = 0;  // NaN: below every number", "  uint32_t ordered = 0xffffffffu;  // NaN",
+      "nan-order", "NaN keys ranked above every number (route top-k and permute capacity share the order)"),
     M("route.math.anchor_tail", ROUTE_MATH,
-      "  acc_t sum = 0;\n  for (int h = 0; h < num_anchors; ++h) {",
-      "  acc_t sum = 0;\n  for (int h = 0; h < num_anchors - 1; ++h) {",
+      "  V lsum = V(0);\n  for (int h = 0; h < anchors; ++h) {",
+      "  V lsum = V(0);\n  for (int h = 0; h < anchors - 1; ++h) {",
       "tail", "the anchor log-sum-exp drops the last anchor"),
     M("route.rows_aligned.8_bytes", ROUTE,
       "  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && (d * elem) % 16 == 0;",
       "  return reinterpret_cast<uintptr_t>(x) % 8 == 0 && (d * elem) % 8 == 0;",
       "alignment", "8-byte aligned x rows sent to the 16-byte vector loads"),
-    M("route.dispatch.rank16_as_32", ROUTE,
-      "    case 16: return launch_forward_typed<16, T>(p, blocks, smem, stream);",
-      "    case 16: return launch_forward_typed<32, T>(p, blocks, smem, stream);",
-      "dispatch", "rank 16 dispatched to the rank-32 forward kernel"),
+    M("route.dispatch.logits_as_route", ROUTE,
+      "        constexpr RouteMode kMode = kLogits ? RouteMode::kLogits : RouteMode::kRoute;",
+      "        constexpr RouteMode kMode = RouteMode::kRoute;",
+      "dispatch", "route_logits dispatched to the routing kernels"),
+    M("route.dispatch.rank16_as_32", SWITCH,
+      "    case 16: { constexpr int CONST_NAME = 16; __VA_ARGS__ } break; \\",
+      "    case 16: { constexpr int CONST_NAME = 32; __VA_ARGS__ } break; \\",
+      "dispatch", "rank 16 dispatched to the rank-32 kernels"),
     M("route.prepare.no_padding_zero", ROUTE,
       "    proj_w[n] = k < rank ? (g ? proj[k * d + i] * g[i] : proj[k * d + i]) : 0.f;",
       "    proj_w[n] = g ? proj[k * d + i] * g[i] : proj[k * d + i];",
@@ -269,22 +282,25 @@ CATALOGUE: list[Mutation] = [
                  "pressure changes"),
     # ------------------------------------------------------------------ route: backward
     M("route.bwd.no_syncwarp_after_probs", ROUTE,
-      "      grad_probs[e] = p.grad_mean_probs ? p.grad_mean_probs[e] * inv_tokens : 0.f;\n    }\n    __syncwarp();\n",
-      "      grad_probs[e] = p.grad_mean_probs ? p.grad_mean_probs[e] * inv_tokens : 0.f;\n    }\n",
-      "syncwarp", "lane 0 reads other lanes' probs and grad_probs before a __syncwarp"),
+      "      for (int e = lane; e < E; e += kWarp) probs[e] = rm::routing_prob(logits[e], probs[e], st.sum, p.c.sigmoid);\n      __syncwarp();\n",
+      "      for (int e = lane; e < E; e += kWarp) probs[e] = rm::routing_prob(logits[e], probs[e], st.sum, p.c.sigmoid);\n",
+      "syncwarp", "lane 0 reads other lanes' probabilities before a __syncwarp",
+      equivalent="token_logit_grads reads only the lane's own probabilities (and writes its own dL/dp) until "
+                 "its own __syncwarp; lane 0 reads the selected experts' probabilities after it"),
     M("route.bwd.no_syncwarp_after_selected", ROUTE,
-      "        grad_probs[idx[j]] += selected_prob_grad(gw[j], grad_dot_weights, selected_sum, p.normalize);\n      }\n    }\n    __syncwarp();\n",
-      "        grad_probs[idx[j]] += selected_prob_grad(gw[j], grad_dot_weights, selected_sum, p.normalize);\n      }\n    }\n",
-      "syncwarp", "lanes read grad_probs lane 0 just updated without a __syncwarp"),
+      "                                             selected_sum, p.c.normalize);\n      }\n    }\n  }\n  __syncwarp();\n",
+      "                                             selected_sum, p.c.normalize);\n      }\n    }\n  }\n",
+      "syncwarp", "lanes read dL/dp that lane 0 just updated without a __syncwarp"),
     M("route.bwd.grad_scale_last_token", ROUTE,
-      "    if (lane == 0) grad_scale += qc.coef * ds_u_sum;", "    if (lane == 0) grad_scale = qc.coef * ds_u_sum;",
+      "      if (lane == 0) grad_scale += rm::scale_grad(ds_u_sum, qc);",
+      "      if (lane == 0) grad_scale = rm::scale_grad(ds_u_sum, qc);",
       "state", "grad_scale keeps only the warp's last token (state across tokens)"),
     M("route.bwd.acc_last_token", ROUTE,
-      "          acc_eh[i] += ds_q * q[i];", "          acc_eh[i] = ds_q * q[i];",
+      "            if (acc) acc[off] = lanes::fmadd(ds_q, q[i], acc[off]);",
+      "            if (acc) acc[off] = lanes::fmadd(ds_q, q[i], 0.f);",
       "state", "anchor accumulators keep only the warp's last token"),
     M("route.bwd.scalar_tail", ROUTE,
-      "        const float gh = hat_grad<R>(proj_w, d, i, gq, rp);\n        mean_dot += gh",
-      "        const float gh = i + 1 < d ? hat_grad<R>(proj_w, d, i, gq, rp) : 0.f;\n        mean_dot += gh",
+      "            const float gh = hat_grad(i);", "            const float gh = i + 1 < d ? hat_grad(i) : 0.f;",
       "tail", "scalar path drops the row's last column from mean(dL/dx_hat * x_hat)"),
     M("route.column.tail_unclamped", ROUTE,
       "  const int64_t t1 = t0 + chunk < tokens ? t0 + chunk : tokens;",
@@ -298,8 +314,8 @@ CATALOGUE: list[Mutation] = [
       "        m = column_partials[(static_cast<int64_t>(chunks - 1) * rp + k) * d + n];",
       "state", "the finalize keeps only the last column chunk"),
     M("route.finalize.last_slot_dropped", ROUTE,
-      "        for (int64_t sl = 0; sl < slots; ++sl) s += anchor_slots[sl * acc_size + a * rp + j];",
-      "        for (int64_t sl = 0; sl < slots - 1; ++sl) s += anchor_slots[sl * acc_size + a * rp + j];",
+      "        for (int64_t sl = 0; sl < slots; ++sl) s += anchor_slots[sl * acc_size + off];",
+      "        for (int64_t sl = 0; sl < slots - 1; ++sl) s += anchor_slots[sl * acc_size + off];",
       "tail", "the anchor gradient drops the last warp's slot"),
 ]
 
@@ -323,6 +339,6 @@ CI_SAMPLE = [
     "permute.scan.no_barrier_in_scan",
     "route.fwd.block_wide_counts",
     "route.bwd.grad_scale_last_token",
-    "route.math.nan_first",
+    "route.order.nan_first",
     "route.fwd.no_syncwarp_end_of_token",
 ]
