@@ -209,7 +209,8 @@ def report(results: list[dict], args, elapsed: float, devices: list[str]) -> str
         f"## Kernels ({dev0})",
         "",
         "global: warp-level requests, 32-byte sectors per request (ideal: the request's unique bytes packed);",
-        "shared: requests, wavefronts per request (ideal); terms in µs (the largest is the bound).",
+        "shared: requests, wavefronts per request (ideal); terms in µs (the largest is the bound). Route kernels'",
+        "last template argument is the mode: (RouteMode)0 route, 1 logits, 2 select.",
         "",
         "| op | shape | kernel | grid × block | smem B | regs | warps/SM | waves | global req | sectors/req (ideal) | "
         "shared req | wavefronts/req (ideal) | DRAM MB | dram | l2 | l1 | smem | fp32 | latency | est. µs |",
