@@ -21,7 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PERMUTE = "csrc/permute/cuda/permute_kernels.cu"
+PERMUTE_PLAN = "csrc/permute/cuda/permute_launch_plan.h"  # grids, instantiations, memsets of the launches
 ROUTE = "csrc/route/cuda/route_cuda.cu"
+ROUTE_PLAN = "csrc/route/cuda/route_launch_plan.h"
 ROUTE_MATH = "csrc/route/math/anchor_lse.h"
 ORDER = "csrc/common/order.h"  # selection order of route's top-k and permute's capacity
 SWITCH = "csrc/common/static_switch.h"
@@ -34,7 +36,9 @@ ROUTE_TESTS = [["tests/test_route_cuda_emulated_paths.py", "tests/test_route_cud
                ["tests/test_route.py", "-k", "simt"]]
 TESTS = {
     PERMUTE: PERMUTE_TESTS,
+    PERMUTE_PLAN: PERMUTE_TESTS,
     ROUTE: ROUTE_TESTS,
+    ROUTE_PLAN: ROUTE_TESTS,
     ROUTE_MATH: ROUTE_TESTS,
     SWITCH: ROUTE_TESTS,
     ORDER: ROUTE_TESTS + PERMUTE_TESTS,
@@ -130,12 +134,14 @@ CATALOGUE: list[Mutation] = [
       "    if (capacity == 0 || capacity_key(w[r], r) <= threshold) expert[r] = -1;",
       "tail", "the capacity-th row itself is dropped"),
     # ------------------------------------------------------------------ permute: rows
-    M("permute.rows.8_byte_to_vec16", PERMUTE,
-      "  if (a % 16 == 0) {\n    copy_rows<uint4>", "  if (a % 8 == 0) {\n    copy_rows<uint4>",
+    M("permute.rows.8_byte_to_vec16", PERMUTE_PLAN,
+      "  const int bytes = a % 16 == 0 ? 16 : a % 8 == 0 ? 8 : a % 4 == 0 ? 4 : 2;",
+      "  const int bytes = a % 8 == 0 ? 16 : a % 4 == 0 ? 4 : 2;",
       "alignment", "8-byte aligned rows sent to the 16-byte copy kernel (x86 does not fault; a GPU raises "
       "misaligned address)"),
-    M("permute.rows.2_byte_to_vec4", PERMUTE,
-      "  } else if (a % 4 == 0) {\n    copy_rows<unsigned int>", "  } else if (a % 2 == 0) {\n    copy_rows<unsigned int>",
+    M("permute.rows.2_byte_to_vec4", PERMUTE_PLAN,
+      "  const int bytes = a % 16 == 0 ? 16 : a % 8 == 0 ? 8 : a % 4 == 0 ? 4 : 2;",
+      "  const int bytes = a % 16 == 0 ? 16 : a % 8 == 0 ? 8 : a % 2 == 0 ? 4 : 2;",
       "alignment", "2-byte aligned rows sent to the 4-byte copy kernel"),
     M("permute.rows.padding_not_zeroed", PERMUTE,
       "      const V zero{};\n      for (int64_t i = lane; i < vecs; i += tpr) dst[i] = zero;\n",
@@ -145,17 +151,16 @@ CATALOGUE: list[Mutation] = [
       "      for (int64_t i = lane; i < vecs; i += tpr) dst[i] = s[i];",
       "      for (int64_t i = lane; i < vecs - 1; i += tpr) dst[i] = s[i];",
       "tail", "the last vector of every copied row is skipped"),
-    M("permute.rows.token_divisor", PERMUTE,
-      "    inverse_kernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(row_map, n, k, num_rows,",
-      "    inverse_kernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(row_map, n, 1, num_rows,",
+    M("permute.rows.token_divisor", PERMUTE_PLAN,
+      "                InverseParams{row_map, src_scratch, n, k, num_rows});",
+      "                InverseParams{row_map, src_scratch, n, 1, num_rows});",
       "stride", "flat (token, slot) index used as the token"),
-    M("permute.rows.layout_wider", PERMUTE,
+    M("permute.rows.layout_wider", PERMUTE_PLAN,
       "  while (tpr < kRowThreads && tpr < units_per_row) tpr <<= 1;",
       "  while (tpr < kRowThreads && tpr <= units_per_row) tpr <<= 1;",
       "stride", "threads per row rounded one power of two too far",
       equivalent="only leaves more lanes of a row idle: every row is still copied / reduced by the same "
                  "per-lane loops, in the same order"),
-    # ------------------------------------------------------------------ permute: gather / backward
     M("permute.gather.stride_d", PERMUTE,
       "        const P p = reinterpret_cast<const P*>(y + row * y_stride)[i];",
       "        const P p = reinterpret_cast<const P*>(y + row * d)[i];",
@@ -168,22 +173,22 @@ CATALOGUE: list[Mutation] = [
       "        for (int m = 0; m < N; ++m) acc[m] += wj * to_acc(p.v[m]);",
       "        for (int m = 0; m < N; ++m) acc[m] = wj * to_acc(p.v[m]);",
       "state", "the reduction keeps only the last slot of the token"),
-    M("permute.gather.f64_as_f32", PERMUTE,
-      "      gather_reduce_typed<double>(y, y_row_stride, y_rows, row_map, w, T, k, d, out, stream);",
-      "      gather_reduce_typed<float>(y, y_row_stride, y_rows, row_map, w, T, k, d, out, stream);",
+    M("permute.gather.f64_as_f32", PERMUTE_PLAN,
+      "  plan.kernel(permute_kernel(PermuteKernel::kGatherReduce, static_cast<int>(dtype), n),",
+      "  plan.kernel(permute_kernel(PermuteKernel::kGatherReduce, static_cast<int>(dtype == DType::kFloat64 ? DType::kFloat32 : dtype), n),",
       "dispatch", "float64 dispatched to the float kernel"),
-    M("permute.gather.stride_not_checked", PERMUTE,
-      "  const bool ok = d % kWide == 0 && stride % kWide == 0 &&",
-      "  const bool ok = d % kWide == 0 &&",
+    M("permute.gather.stride_not_checked", PERMUTE_PLAN,
+      "  const bool ok = d % wide == 0 && stride % wide == 0 &&",
+      "  const bool ok = d % wide == 0 &&",
       "alignment", "vector loads chosen without checking the row stride: rows after the first are misaligned"),
     M("permute.grad_rows.slot_as_token", PERMUTE,
       "    const P* g = reinterpret_cast<const P*>(grad_out + (r / k) * d);",
       "    const P* g = reinterpret_cast<const P*>(grad_out + (r % k) * d);",
       "stride", "grad_y rows take the slot number as the token"),
-    M("permute.grad_rows.f64_as_f32", PERMUTE,
-      "      unpermute_backward_typed<double>(grad_out, y, y_row_stride, y_rows, row_map, w, T, k, d,",
-      "      unpermute_backward_typed<float>(grad_out, y, y_row_stride, y_rows, row_map, w, T, k, d,",
-      "dispatch", "float64 backward dispatched to the float kernels"),
+    M("permute.grad_rows.f64_as_f32", PERMUTE_PLAN,
+      "    plan.kernel(permute_kernel(PermuteKernel::kGradRows, static_cast<int>(dtype), pw),",
+      "    plan.kernel(permute_kernel(PermuteKernel::kGradRows, static_cast<int>(dtype == DType::kFloat64 ? DType::kFloat32 : dtype), pw),",
+      "dispatch", "float64 backward rows dispatched to the float kernel"),
     M("permute.grad_w.half_warp_tree", PERMUTE,
       "    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);",
       "    for (int o = 8; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);",
@@ -192,11 +197,9 @@ CATALOGUE: list[Mutation] = [
       "    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);",
       "    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0x0000ffffu, s, o);",
       "shuffle", "shuffle mask naming half the warp while all 32 lanes call it"),
-    M("permute.backward.src_not_reset", PERMUTE,
-      "    cudaMemsetAsync(src, 0xff, y_rows * sizeof(int64_t), stream);\n    if (n > 0) {",
-      "    if (n > 0) {",
+    M("permute.backward.src_not_reset", PERMUTE_PLAN,
+      "    plan.memset(src_scratch, 0xff, y_rows * 8);\n", "",
       "init", "the inverse map is not reset: rows nobody routes to keep stale sources"),
-    # ------------------------------------------------------------------ route: forward
     M("route.fwd.no_syncwarp_before_selection", ROUTE,
       "  for (int e = lane; e < E; e += kWarp) keys[e] = p.bias ? rm::selection_key(probs[e], __ldg(p.bias + e)) : probs[e];\n  __syncwarp();\n",
       "  for (int e = lane; e < E; e += kWarp) keys[e] = p.bias ? rm::selection_key(probs[e], __ldg(p.bias + e)) : probs[e];\n",
@@ -257,7 +260,7 @@ CATALOGUE: list[Mutation] = [
       "  V lsum = V(0);\n  for (int h = 0; h < anchors; ++h) {",
       "  V lsum = V(0);\n  for (int h = 0; h < anchors - 1; ++h) {",
       "tail", "the anchor log-sum-exp drops the last anchor"),
-    M("route.rows_aligned.8_bytes", ROUTE,
+    M("route.rows_aligned.8_bytes", ROUTE_PLAN,
       "  return reinterpret_cast<uintptr_t>(x) % 16 == 0 && (d * elem) % 16 == 0;",
       "  return reinterpret_cast<uintptr_t>(x) % 8 == 0 && (d * elem) % 8 == 0;",
       "alignment", "8-byte aligned x rows sent to the 16-byte vector loads"),
