@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=300.0,
                    help="stop compiling the reference after this many seconds (the eager contenders still run)")
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds of timed calls per measurement")
+    p.add_argument("--device", default="cuda",
+                   help="cuda (default); cpu runs the same steps on the CPU: a dry run of this script's logic "
+                        "(its times say nothing about a GPU; tests/test_gpu_check_script.py uses it)")
     return p.parse_args(argv)
 
 
@@ -52,15 +55,15 @@ def model_device(name: str) -> str:
 
 
 def measure(fn, use_graph=True) -> dict:
-    m = _timing.time_cuda(fn, device=torch.device("cuda"), min_run_time=ARGS.min_run_time, min_repeats=5,
-                          use_graph=use_graph)
+    m = _timing.time_fn(fn, torch.device(ARGS.device), threads=1, min_run_time=ARGS.min_run_time, min_repeats=3,
+                        use_graph=use_graph)
     return {"us": statistics.median(m.times) * 1e6, "timer": m.timer, **m.extra}
 
 
 def route_rows(shape: dict, t0: float) -> list[dict]:
     m = MODEL_NAMES[shape["model"]]
     T, r, H = shape["T"], shape["r"], shape["H"]
-    x = C.make_x(T, m.d, torch.bfloat16, "cuda", seed=0)
+    x = C.make_x(T, m.d, torch.bfloat16, ARGS.device, seed=0)
     rows = []
     for mode, op in (("fwd", "route forward"), ("fwdbwd", "route backward")):
         for contender in ROUTE_CONTENDERS:
@@ -70,10 +73,12 @@ def route_rows(shape: dict, t0: float) -> list[dict]:
                 rows.append(row)
                 continue
             try:
-                params = C.make_params(contender, m, r, H, torch.bfloat16, "cuda", seed=1)
+                params = C.make_params(contender, m, r, H, torch.bfloat16, ARGS.device, seed=1)
                 if mode == "fwd":  # agreement with the contender's oracle, once per shape
                     ok, why = C.check_contender(contender, x, params, m.k)
-                    row["check"] = "ok" if ok else f"FAILED: {why}"
+                    # an order of summation may swap experts whose keys tie to rounding: not a failure
+                    row["check"] = "ok" if ok else (f"near-tie swaps: {why}" if "near-tie: True" in why
+                                                     else f"FAILED: {why}")
                 step, _ = C.make_step(contender, x, params, m.k, mode, seed=2)
                 row.update(measure(step, use_graph=contender in C.GRAPHABLE))
             except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
@@ -87,9 +92,9 @@ def permute_rows(shape: dict) -> list[dict]:
     m = MODEL_NAMES[shape["model"]]
     T = shape["T"]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(T, m.d, generator=g).to("cuda", torch.bfloat16)
-    indices = torch.rand(T, m.E, generator=g).topk(m.k, dim=1).indices.to("cuda")
-    weights = torch.rand(T, m.k, generator=g).to("cuda")
+    x = torch.randn(T, m.d, generator=g).to(ARGS.device, torch.bfloat16)
+    indices = torch.rand(T, m.E, generator=g).topk(m.k, dim=1).indices.to(ARGS.device)
+    weights = torch.rand(T, m.k, generator=g).to(ARGS.device)
     rows = []
     native = l2r_cuda.permute(x, indices, m.E)
     want = reference.permute(x, indices, m.E)
@@ -156,16 +161,16 @@ ARGS = None
 def main(argv=None) -> int:
     global ARGS
     ARGS = parse_args(argv)
-    if not torch.cuda.is_available():
+    if ARGS.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: torch sees no CUDA device", file=sys.stderr)
         return 3
-    if not l2r_cuda.cuda_built():
+    if ARGS.device == "cuda" and not l2r_cuda.cuda_built():
         print("gpu_check: l2r_cuda was built without its CUDA kernels", file=sys.stderr)
         return 3
     out = Path(ARGS.out)
     out.mkdir(parents=True, exist_ok=True)
     model = json.loads(Path(ARGS.model).read_text()) if Path(ARGS.model).exists() else {"results": []}
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if ARGS.device == "cuda" else "cpu (dry run)"
     dev = model_device(name)
     peak = _timing.peak_bandwidth(name)
     info = {"gpu": name, "model_device": dev, "peak_gbs": peak / 1e9 if peak else None, "torch": torch.__version__,
