@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 // The extension is loaded by `import l2r_cuda._C` so that the static initializers below run. Its
 // only Python functions are l2r_cuda.jit's (launch/python_executor.cpp), written against the
@@ -28,6 +29,8 @@ bool cuda_built() {
 namespace route {
 namespace cpu {
 std::string cpu_isa_op(c10::optional<c10::string_view> isa);  // route/cpu/route_cpu.cpp
+void clear_prepared_cache_op();                                 // route/cpu/route_cpu.cpp
+std::vector<int64_t> prepared_cache_stats_op();                 // route/cpu/route_cpu.cpp
 }  // namespace cpu
 }  // namespace route
 
@@ -90,6 +93,13 @@ TORCH_LIBRARY(l2r_cuda, m) {
   // The instruction set of the CPU float route kernels ("portable", "avx2", "avx512"); with an
   // argument, choose it first ("auto": the best this CPU has).
   m.def("cpu_isa(str? isa=None) -> str", &l2r::route::cpu::cpu_isa_op);
+
+  // The route kernels keep their parameters prepared (projection with the norm weight folded in,
+  // normalised anchors) per parameter version (csrc/route/param_version.h). Clearing is needed only
+  // after writes the version counter does not see (through `param.data` or a NumPy view).
+  m.def("clear_prepared_cache() -> ()", &l2r::route::cpu::clear_prepared_cache_op);
+  // [cached entries, hits, misses] since the library was loaded.
+  m.def("prepared_cache_stats() -> int[]", &l2r::route::cpu::prepared_cache_stats_op);
 
   // Dispatch plan (docs/SPEC.md "Dispatch") of indices [T, k] (int32/int64) over num_experts experts: rows
   // grouped by expert, stable by token, each expert's group padded to a multiple of align;

@@ -29,7 +29,7 @@ Permutation design:
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -38,15 +38,15 @@ from ._library import cuda_built, has_kernel
 from .interop import dlpack_io
 from .types import DEFAULTS, NORMS, SCORES, Permutation, RouteOutput, group_args
 
-__all__ = ["route", "route_logits", "route_from_logits", "permute", "unpermute", "dropped_counts",
-           "routing_map", "expert_capacity"]
+__all__ = ["route", "route_logits", "route_from_logits", "clear_prepared_cache", "permute", "unpermute",
+           "dropped_counts", "routing_map", "expert_capacity"]
 
 
-def _check_device(t: Tensor, op: str, name: str) -> None:
+def _check_device(device: torch.device, op: str, name: str) -> None:
     # Only for a clearer message than the dispatcher's: a CUDA tensor in a CPU-only build.
-    if t.device.type == "cuda" and not has_kernel(op, "cuda"):
+    if device.type == "cuda" and not has_kernel(op, "cuda"):
         raise RuntimeError(
-            f"l2r_cuda.{op}: {name} is on {t.device} but this build of l2r_cuda has no CUDA kernel "
+            f"l2r_cuda.{op}: {name} is on {device} but this build of l2r_cuda has no CUDA kernel "
             f"for it (cuda_built() = {cuda_built()}): install cupy for NVRTC-compiled kernels "
             "(l2r_cuda.jit.status() says what else is missing), rebuild with a CUDA toolkit (see "
             "README), or use l2r_cuda.reference"
@@ -78,6 +78,47 @@ def _seq_len_arg(seq_len: Optional[int], op: str) -> int:
     if seq_len < 1:
         raise ValueError(f"l2r_cuda.{op}: seq_len must be >= 1 or None, got {seq_len}")
     return seq_len
+
+
+def _check_same_device(device: torch.device, op: str, **tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"l2r_cuda.{op}: {name} is on {t.device} but x is on {device}; "
+                             "all inputs must be on one device")
+
+
+# Python-float scales as the 0-dim tensors the ops take, one per (value, device): no tensor (and on
+# CUDA no host-to-device copy) per call, and a tensor whose version the CPU kernels' prepared
+# parameters can key on. Made outside inference mode, so that it has a version counter.
+_SCALE_TENSORS: Dict[Tuple[float, torch.device], Tensor] = {}
+_MAX_SCALE_TENSORS = 64
+
+
+def _scale_tensor(scale, device: torch.device) -> Tensor:
+    value = float(scale)
+    if torch.compiler.is_compiling():
+        return torch.tensor(value, device=device)
+    key = (value, device)
+    t = _SCALE_TENSORS.get(key)
+    if t is None:
+        if len(_SCALE_TENSORS) >= _MAX_SCALE_TENSORS:
+            _SCALE_TENSORS.clear()
+        with torch.inference_mode(False):
+            t = torch.tensor(value, device=device)
+        _SCALE_TENSORS[key] = t
+    return t
+
+
+def _call_op(op, args: tuple, differentiable: tuple):
+    """``op(*args)``. When no gradient can flow (grad mode off, or no differentiable input requires
+    grad) the call goes straight to the backend kernel: the autograd kernel that
+    torch.library.register_autograd installs is Python and would only redispatch, at a cost that
+    dominates a one-token call. Under torch.compile the op is called as is."""
+    if not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and torch._C._any_requires_grad(*(t for t in differentiable if t is not None))):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return op(*args)
 
 
 @dlpack_io
@@ -119,33 +160,53 @@ def route(
     or ``[T / seq_len, E]`` per sequence with ``seq_len``; tokens where ``padding_mask`` (bool, like
     x's leading dims) is True are left out of them. ``mean_probs`` averages p for softmax and
     p / sum(p) for sigmoid scores (what the load-balancing losses need).
+
+    The CPU kernels keep the parameters prepared per parameter version (see
+    :func:`clear_prepared_cache`), so a decode call (one token) does only the token's work.
     """
-    if not isinstance(x, Tensor) or x.dim() < 1:
-        raise ValueError(f"l2r_cuda.route: x must be a tensor [..., d], got {type(x).__name__} "
-                         f"with shape {tuple(getattr(x, 'shape', ()))}")
+    options = checked_options(top_k, beta, norm, eps_norm, tau, score, normalize, eps, num_groups, topk_groups,
+                              group_score, routed_scaling_factor)
+    return route_with_options(x, proj, anchors, scale, norm_weight, expert_bias, options, seq_len=seq_len,
+                              padding_mask=padding_mask)
+
+
+def checked_options(top_k: int = DEFAULTS.top_k, beta: float = DEFAULTS.beta, norm: Optional[str] = DEFAULTS.norm,
+                    eps_norm: float = DEFAULTS.eps_norm, tau: float = DEFAULTS.tau, score: str = DEFAULTS.score,
+                    normalize: bool = DEFAULTS.normalize, eps: float = DEFAULTS.eps,
+                    num_groups: Optional[int] = DEFAULTS.num_groups, topk_groups: Optional[int] = DEFAULTS.topk_groups,
+                    group_score: str = DEFAULTS.group_score,
+                    routed_scaling_factor: float = DEFAULTS.routed_scaling_factor) -> tuple:
+    """:func:`route`'s options after the checks that need no tensor, as the ``route_forward`` op
+    takes them (``top_k`` to ``routed_scaling_factor`` in schema order): what
+    :func:`route_with_options` takes. A router computes them once, not per call."""
     top_k = _int_arg(top_k, "top_k", "route")
     if score not in SCORES:
         raise ValueError(f"l2r_cuda.route: score must be 'softmax' or 'sigmoid', got {score!r}")
     if norm not in NORMS:
         raise ValueError(f"l2r_cuda.route: norm must be 'rms' or None, got {norm!r}")
     groups, kept_groups, group_score = group_args(num_groups, topk_groups, group_score)
+    return (top_k, float(beta), norm, float(eps_norm), float(eps), float(tau), score, bool(normalize), groups,
+            kept_groups, group_score, float(routed_scaling_factor))
+
+
+def route_with_options(x: Tensor, proj: Tensor, anchors: Tensor, scale: Union[Tensor, float],
+                       norm_weight: Optional[Tensor], expert_bias: Optional[Tensor], options: tuple, *,
+                       seq_len: Optional[int] = None, padding_mask: Optional[Tensor] = None) -> RouteOutput:
+    """:func:`route` with its options from :func:`checked_options`."""
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise ValueError(f"l2r_cuda.route: x must be a tensor [..., d], got {type(x).__name__} "
+                         f"with shape {tuple(getattr(x, 'shape', ()))}")
+    device = x.device
     if not isinstance(scale, Tensor):
-        scale = torch.tensor(float(scale), device=x.device)
-    for name, t in (("proj", proj), ("anchors", anchors), ("scale", scale),
-                    ("norm_weight", norm_weight), ("expert_bias", expert_bias),
-                    ("padding_mask", padding_mask)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"l2r_cuda.route: {name} is on {t.device} but x is on {x.device}; "
-                             "all inputs must be on one device")
-    _check_device(x, "route_forward", "x")
-    tokens = x.reshape(-1, x.shape[-1])
-    weights, indices, tokens_per_expert, mean_probs, lse, _, _ = torch.ops.l2r_cuda.route_forward(
-        tokens, proj, anchors, scale, norm_weight, expert_bias,
-        _padding_arg(padding_mask, tokens.shape[0], "route"), top_k, float(beta), norm, float(eps_norm),
-        float(eps), float(tau), score, bool(normalize), groups, kept_groups, group_score,
-        float(routed_scaling_factor), _seq_len_arg(seq_len, "route"),
-    )
-    return RouteOutput(weights, indices, tokens_per_expert, mean_probs, lse)
+        scale = _scale_tensor(scale, device)
+    _check_same_device(device, "route", proj=proj, anchors=anchors, scale=scale, norm_weight=norm_weight,
+                       expert_bias=expert_bias, padding_mask=padding_mask)
+    _check_device(device, "route_forward", "x")
+    tokens = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    args = ((tokens, proj, anchors, scale, norm_weight, expert_bias,
+             _padding_arg(padding_mask, tokens.shape[0], "route")) + options + (_seq_len_arg(seq_len, "route"),))
+    out = _call_op(torch.ops.l2r_cuda.route_forward, args, (tokens, proj, anchors, scale, norm_weight))
+    return RouteOutput(out[0], out[1], out[2], out[3], out[4])
 
 
 @dlpack_io
@@ -170,11 +231,11 @@ def route_logits(
     if norm not in NORMS:
         raise ValueError(f"l2r_cuda.route_logits: norm must be 'rms' or None, got {norm!r}")
     if not isinstance(scale, Tensor):
-        scale = torch.tensor(float(scale), device=x.device)
-    _check_device(x, "route_logits", "x")
-    logits, _, _ = torch.ops.l2r_cuda.route_logits(
-        x.reshape(-1, x.shape[-1]), proj, anchors, scale, norm_weight, float(beta), norm,
-        float(eps_norm), float(eps), float(tau))
+        scale = _scale_tensor(scale, x.device)
+    tokens = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    args = (tokens, proj, anchors, scale, norm_weight, float(beta), norm, float(eps_norm), float(eps), float(tau))
+    _check_device(x.device, "route_logits", "x")
+    logits, _, _ = _call_op(torch.ops.l2r_cuda.route_logits, args, (tokens, proj, anchors, scale, norm_weight))
     return logits
 
 
@@ -204,12 +265,22 @@ def route_from_logits(
     if score not in SCORES:
         raise ValueError(f"l2r_cuda.route_from_logits: score must be 'softmax' or 'sigmoid', got {score!r}")
     groups, kept_groups, group_score = group_args(num_groups, topk_groups, group_score)
-    _check_device(logits, "route_select", "logits")
-    out = torch.ops.l2r_cuda.route_select(
-        logits, expert_bias, _padding_arg(padding_mask, logits.shape[0], "route_from_logits"), top_k,
-        score, bool(normalize), groups, kept_groups, group_score, float(routed_scaling_factor),
-        _seq_len_arg(seq_len, "route_from_logits"))
-    return RouteOutput(*out)
+    args = (logits, expert_bias, _padding_arg(padding_mask, logits.shape[0], "route_from_logits"), top_k,
+            score, bool(normalize), groups, kept_groups, group_score, float(routed_scaling_factor),
+            _seq_len_arg(seq_len, "route_from_logits"))
+    _check_device(logits.device, "route_select", "logits")
+    out = _call_op(torch.ops.l2r_cuda.route_select, args, (logits,))
+    return RouteOutput(out[0], out[1], out[2], out[3], out[4])
+
+
+def clear_prepared_cache() -> None:
+    """Forget the router parameters the CPU kernels prepared (projection with the RMSNorm weight
+    folded in, normalised anchors; float32 math). They are kept per parameter version and prepared
+    again whenever a parameter changes through PyTorch (an optimizer step, ``load_state_dict``, any
+    in-place op); call this only after writing parameter memory in a way PyTorch's version counter
+    does not see: through ``param.data``, another tensor over the same memory, or a NumPy/DLPack
+    view (or set ``L2R_PREPARED_CACHE=0`` before the first call to turn the cache off)."""
+    torch.ops.l2r_cuda.clear_prepared_cache()
 
 
 @dlpack_io
@@ -247,7 +318,7 @@ def permute(
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"l2r_cuda.permute: x must be a [T, d] tensor, got shape "
                          f"{tuple(getattr(x, 'shape', ()))}")
-    _check_device(x, "permute_plan", "x")
+    _check_device(x.device, "permute_plan", "x")
     if weights is not None:
         weights = weights.detach()
     if capacity is None:
@@ -282,7 +353,7 @@ def unpermute(y: Tensor, row_map: Tensor, weights: Tensor) -> Tensor:
     """``out[t] = sum_j weights[t, j] * y[row_map[t, j]]`` ``[T, d]`` in ``y``'s dtype (accumulated
     in float32, float64 for float64 ``y``). Slots with ``row_map < 0`` add exactly zero.
     Differentiable in ``y`` and ``weights``."""
-    _check_device(y, "unpermute", "y")
+    _check_device(y.device, "unpermute", "y")
     return torch.ops.l2r_cuda.unpermute(y, row_map, weights)
 
 

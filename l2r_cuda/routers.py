@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from .ops import route, route_from_logits, route_logits
+from .ops import checked_options, route_from_logits, route_logits, route_with_options
 from .types import DEFAULTS, SCORES, RouteConfig, RouteOutput
 
 __all__ = ["L2RRouter", "LinearRouter", "Fp32ExpertBias", "RouteRecorder", "router_parameters"]
@@ -73,6 +73,26 @@ def _policy_repr(config: RouteConfig) -> str:
     return text
 
 
+_L2R_TENSORS = ("proj", "anchors", "scale", "norm_weight", "expert_bias")
+
+
+def _tensor_attributes(module: nn.Module, names) -> tuple:
+    """``tuple(getattr(module, n) for n in names)`` for parameters and buffers, without
+    nn.Module.__getattr__'s failed-lookup path (a sizable share of a one-token call) where the
+    tensor is a plain registered parameter or buffer; anything else (a parametrization's property,
+    an attribute set by hand) goes through getattr."""
+    params, buffers, own = module._parameters, module._buffers, module.__dict__
+    out = []
+    for name in names:
+        if name in params and name not in own:
+            out.append(params[name])
+        elif name in buffers and name not in own:
+            out.append(buffers[name])
+        else:
+            out.append(getattr(module, name))
+    return tuple(out)
+
+
 class L2RRouter(Fp32ExpertBias):
     """Drop-in MoE router: ``router(x [..., d]) -> RouteOutput`` (docs/SPEC.md), on the fused native op.
 
@@ -123,7 +143,6 @@ class L2RRouter(Fp32ExpertBias):
         self.config = RouteConfig(top_k=top_k, beta=beta, norm=norm, eps_norm=eps_norm, tau=tau, score=score,
                                   normalize=normalize, eps=eps, num_groups=num_groups, topk_groups=topk_groups,
                                   group_score=group_score, routed_scaling_factor=routed_scaling_factor)
-        self._selection = self.config.selection_kwargs()
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.rank, self.num_anchors = rank, num_anchors
@@ -156,10 +175,20 @@ class L2RRouter(Fp32ExpertBias):
                 padding_mask: Optional[Tensor] = None) -> RouteOutput:
         """Routes ``x [..., d]``; ``seq_len``/``padding_mask`` shape the statistics (see
         :func:`l2r_cuda.route`)."""
+        proj, anchors, scale, norm_weight, expert_bias = _tensor_attributes(self, _L2R_TENSORS)
+        return route_with_options(x, proj, anchors, scale, norm_weight, expert_bias, self._op_options(),
+                                  seq_len=seq_len, padding_mask=padding_mask)
+
+    def _op_options(self) -> tuple:
+        # route()'s options as the op takes them, worked out once per config (a decode step is a
+        # few microseconds: keyword plumbing would be a sizable share of it).
         c = self.config
-        return route(x, self.proj, self.anchors, self.scale, top_k=c.top_k, beta=c.beta, norm=c.norm,
-                     norm_weight=self.norm_weight, eps_norm=c.eps_norm, tau=c.tau, expert_bias=self.expert_bias,
-                     eps=c.eps, seq_len=seq_len, padding_mask=padding_mask, **self._selection)
+        cached = self.__dict__.get("_op_options_cache")
+        if cached is None or cached[0] is not c:
+            cached = (c, checked_options(c.top_k, c.beta, c.norm, c.eps_norm, c.tau, c.score, c.normalize, c.eps,
+                                         c.num_groups, c.topk_groups, c.group_score, c.routed_scaling_factor))
+            self.__dict__["_op_options_cache"] = cached
+        return cached[1]
 
     def logits(self, x: Tensor) -> Tensor:
         """The L2R logits ``[T, E]`` (float32) of ``x`` before softmax/sigmoid, differentiable."""

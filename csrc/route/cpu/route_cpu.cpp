@@ -22,6 +22,7 @@
 #include "../route_checks.h"
 #include "../route_outputs.h"
 #include "route_cpu_args.h"
+#include "route_cpu_prepare.h"
 
 namespace l2r {
 namespace route {
@@ -87,71 +88,13 @@ Kernels<double> kernels_for<double>() { return portable_kernels_double(); }
 
 // ---- parameters -------------------------------------------------------------------------------
 
-int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
-
-// Rows of W padded to a multiple of 16 floats and away from multiples of 4 KiB (r rows read side
-// by side would otherwise share L1 sets).
-int64_t padded_stride(int64_t d) {
-  const int64_t s = round_up(d, 16);
-  return s % 1024 == 0 ? s + 16 : s;
-}
-
-template <typename A>
-struct PreparedStorage {
-  std::vector<A> proj_w, proj, norm_weight, anchors_t, anchors;
-  std::vector<math::NormCoef<A>> anchor_coef;  // [E * H]
-  Prepared<A> view;
-};
-
-template <typename A>
-void prepare_params(const at::Tensor& proj_in, const at::Tensor& anchors_in, const at::Tensor& scale,
-                    const c10::optional<at::Tensor>& norm_weight_in, bool use_norm, A beta, A eps,
-                    int width, PreparedStorage<A>& P) {
-  const auto acc = c10::CppTypeToScalarType<A>::value;
-  const at::Tensor proj = proj_in.to(acc).contiguous();
-  const at::Tensor anchors = anchors_in.to(acc).contiguous();
-  const int64_t R = proj.size(0), d = proj.size(1), E = anchors.size(0), H = anchors.size(1);
-  const int64_t stride = padded_stride(d);
-  const int64_t E8 = round_up(E, width);
-  const A* w = proj.data_ptr<A>();
-  P.proj.assign(R * stride, A(0));
-  P.proj_w.assign(R * stride, A(0));
-  const bool weighted = use_norm && norm_weight_in.has_value();
-  if (weighted) {
-    const at::Tensor g = norm_weight_in->to(acc).contiguous();
-    P.norm_weight.assign(g.data_ptr<A>(), g.data_ptr<A>() + d);
-  } else {
-    P.norm_weight.clear();
-  }
-  for (int64_t k = 0; k < R; ++k) {
-    for (int64_t i = 0; i < d; ++i) {
-      P.proj[k * stride + i] = w[k * d + i];
-      P.proj_w[k * stride + i] = weighted ? w[k * d + i] * P.norm_weight[i] : w[k * d + i];
-    }
-  }
-  P.anchors.assign(anchors.data_ptr<A>(), anchors.data_ptr<A>() + E * H * R);
-  P.anchor_coef.resize(E * H);
-  P.anchors_t.assign(R * H * E8, A(0));
-  for (int64_t e = 0; e < E; ++e) {
-    for (int64_t h = 0; h < H; ++h) {
-      const A* a = P.anchors.data() + (e * H + h) * R;
-      const math::NormCoef<A> c = math::sips_norm_coef(lanes::vsqrt(math::dot_r(a, a, int(R))), beta, eps);
-      P.anchor_coef[e * H + h] = c;
-      for (int64_t i = 0; i < R; ++i) P.anchors_t[(i * H + h) * E8 + e] = c.coef * a[i];
-    }
-  }
-  Prepared<A>& v = P.view;
-  v.d = d;
-  v.proj_stride = stride;
-  v.rank = static_cast<int>(R);
-  v.experts = static_cast<int>(E);
-  v.anchors = static_cast<int>(H);
-  v.experts_padded = static_cast<int>(E8);
-  v.proj_w = P.proj_w.data();
-  v.proj = P.proj.data();
-  v.norm_weight = weighted ? P.norm_weight.data() : nullptr;
-  v.anchors_t = P.anchors_t.data();
-  v.scale = scale.to(acc).template item<A>();
+PrepareOptions prepare_options(const RouteOptions& o, int width) {
+  PrepareOptions p;
+  p.use_norm = o.use_norm();
+  p.beta = o.beta;
+  p.eps = o.eps;
+  p.width = width;
+  return p;
 }
 
 template <typename A>
@@ -203,13 +146,20 @@ void run_chunks(const Args& args, int64_t (*scratch_size)(const Args&), Run&& ru
   });
 }
 
-// mean_probs [groups, E] and tokens_per_expert from the chunk partials, each group's chunks added
-// in chunk order.
+// Non-padding tokens of each statistics group.
+std::vector<int64_t> counted_per_group(const RouteShape& s, const bool* padding) {
+  std::vector<int64_t> counted(s.num_seqs(), s.seq_len);
+  if (padding == nullptr) return counted;
+  for (int64_t t = 0; t < s.tokens; ++t) counted[t / s.seq_len] -= padding[t] ? 1 : 0;
+  return counted;
+}
+
+// mean_probs [groups, E] and tokens_per_expert (every entry written) from the chunk partials, each
+// group's chunks added in chunk order.
 template <typename A>
 void finish_statistics(const std::vector<A>& prob_partials, const std::vector<int64_t>& count_partials,
                        const TokenChunks& chunks, int64_t groups, int E, int E8,
-                       const at::Tensor& token_counts, A* mean_probs, int64_t* tokens_per_expert) {
-  const int64_t* counted = token_counts.data_ptr<int64_t>();
+                       const std::vector<int64_t>& counted, A* mean_probs, int64_t* tokens_per_expert) {
   for (int64_t s = 0; s < groups; ++s) {
     for (int e = 0; e < E; ++e) {
       A sum = A(0);
@@ -254,9 +204,9 @@ void run_forward(ForwardArgs<A>& args, const Kernels<A>& kernels, const RouteSha
   args.indices = out.indices.data_ptr<int64_t>();
   args.lse = out.lse.data_ptr<A>();
   run_chunks<A>(args, kernels.forward_scratch, kernels.forward);
-  const at::Tensor counted = counted_tokens(s, padding_mask, out.weights.options()).contiguous();
-  finish_statistics<A>(prob_partials, count_partials, args.chunks, s.num_seqs(), s.experts, E8, counted,
-                       out.mean_probs.data_ptr<A>(), out.tokens_per_expert.data_ptr<int64_t>());
+  finish_statistics<A>(prob_partials, count_partials, args.chunks, s.num_seqs(), s.experts, E8,
+                       counted_per_group(s, args.padding), out.mean_probs.data_ptr<A>(),
+                       out.tokens_per_expert.data_ptr<int64_t>());
 }
 
 ForwardResult route_forward_cpu(const at::Tensor& x_in, const at::Tensor& proj, const at::Tensor& anchors,
@@ -283,18 +233,16 @@ ForwardResult route_forward_cpu(const at::Tensor& x_in, const at::Tensor& proj, 
   AT_DISPATCH_FLOATING_TYPES(acc, "route_forward_cpu", [&] {
     using A = scalar_t;
     const Kernels<A> kernels = kernels_for<A>();
-    PreparedStorage<A> P;
-    prepare_params<A>(proj, anchors, scale, norm_weight, call.opt.use_norm(), A(beta), A(eps),
-                      kernels.width, P);
+    const auto P = prepared_params<A>(proj, anchors, scale, norm_weight, prepare_options(call.opt, kernels.width));
     ForwardArgs<A> args;
     args.shape = s;
     args.opt = kernel_options<A>(call.opt);
-    args.params = &P.view;
+    args.params = &P->view;
     args.x = x.data_ptr();
     args.x_type = dtype_of(x);
     args.q = q.data_ptr<A>();
     args.rstd = rstd.data_ptr<A>();
-    run_forward<A>(args, kernels, s, expert_bias, padding_mask, P.view.experts_padded, out);
+    run_forward<A>(args, kernels, s, expert_bias, padding_mask, P->view.experts_padded, out);
   });
   return result();
 }
@@ -354,12 +302,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_logits_cpu(
   AT_DISPATCH_FLOATING_TYPES(acc, "route_logits_cpu", [&] {
     using A = scalar_t;
     const Kernels<A> kernels = kernels_for<A>();
-    PreparedStorage<A> P;
-    prepare_params<A>(proj, anchors, scale, norm_weight, o.use_norm(), A(beta), A(eps), kernels.width, P);
+    const auto P = prepared_params<A>(proj, anchors, scale, norm_weight, prepare_options(o, kernels.width));
     ForwardArgs<A> args;
     args.shape = s;
     args.opt = kernel_options<A>(o);
-    args.params = &P.view;
+    args.params = &P->view;
     args.x = x.data_ptr();
     args.x_type = dtype_of(x);
     args.select = false;
@@ -497,8 +444,7 @@ BackwardResult route_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(acc, "route_backward_cpu", [&] {
     using A = scalar_t;
     const Kernels<A> kernels = kernels_for<A>();
-    PreparedStorage<A> P;
-    prepare_params<A>(proj, anchors, scale, norm_weight, call.opt.use_norm(), A(beta), A(eps), kernels.width, P);
+    const auto P = prepared_params<A>(proj, anchors, scale, norm_weight, prepare_options(call.opt, kernels.width));
     const at::Tensor x = x_in.contiguous();
     const auto as_acc = [&](const c10::optional<at::Tensor>& t) {
       return t.has_value() ? t->to(acc).contiguous() : at::Tensor();
@@ -511,13 +457,13 @@ BackwardResult route_backward_cpu(
     BackwardArgs<A> args;
     args.shape = s;
     args.opt = kernel_options<A>(call.opt);
-    args.params = &P.view;
+    args.params = &P->view;
     args.x = x.data_ptr();
     args.x_type = dtype_of(x);
     args.grad_weights = gw.defined() ? gw.data_ptr<A>() : nullptr;
     args.grad_lse = gl.defined() ? gl.data_ptr<A>() : nullptr;
     if (grad_mean_probs.has_value() && s.tokens > 0) {
-      gm = padded_mean_grads<A>(*grad_mean_probs, s, padding_mask, P.view.experts_padded);
+      gm = padded_mean_grads<A>(*grad_mean_probs, s, padding_mask, P->view.experts_padded);
       args.grad_mean_probs = gm.data();
     }
     if (padding_mask.has_value()) {
@@ -527,7 +473,7 @@ BackwardResult route_backward_cpu(
     args.indices = indices.data_ptr<int64_t>();
     args.q = q.data_ptr<A>();
     args.rstd = rstd.data_ptr<A>();
-    result = run_backward<A>(args, kernels, P, x, proj, anchors, scale, norm_weight, indices,
+    result = run_backward<A>(args, kernels, *P, x, proj, anchors, scale, norm_weight, indices,
                              output_mask[0], output_mask[1]);
   });
   return result;
@@ -552,21 +498,20 @@ BackwardResult route_logits_backward_cpu(const at::Tensor& grad_logits, const at
   AT_DISPATCH_FLOATING_TYPES(acc, "route_logits_backward_cpu", [&] {
     using A = scalar_t;
     const Kernels<A> kernels = kernels_for<A>();
-    PreparedStorage<A> P;
-    prepare_params<A>(proj, anchors, scale, norm_weight, o.use_norm(), A(beta), A(eps), kernels.width, P);
+    const auto P = prepared_params<A>(proj, anchors, scale, norm_weight, prepare_options(o, kernels.width));
     const at::Tensor x = x_in.contiguous();
     const at::Tensor gl = grad_logits.to(acc).contiguous();
     const at::Tensor q = q_in.to(acc).contiguous(), rstd = rstd_in.to(acc).contiguous();
     BackwardArgs<A> args;
     args.shape = s;
     args.opt = kernel_options<A>(o);
-    args.params = &P.view;
+    args.params = &P->view;
     args.x = x.data_ptr();
     args.x_type = dtype_of(x);
     args.grad_logits = gl.data_ptr<A>();
     args.q = q.data_ptr<A>();
     args.rstd = rstd.data_ptr<A>();
-    result = run_backward<A>(args, kernels, P, x, proj, anchors, scale, norm_weight, at::Tensor(),
+    result = run_backward<A>(args, kernels, *P, x, proj, anchors, scale, norm_weight, at::Tensor(),
                              output_mask[0], output_mask[1]);
   });
   return result;
@@ -641,6 +586,13 @@ std::string cpu_isa_op(c10::optional<c10::string_view> set) {
   }
   std::lock_guard<std::mutex> lock(isa_mutex);
   return current_isa();
+}
+
+void clear_prepared_cache_op() { clear_prepared_cache(); }
+
+std::vector<int64_t> prepared_cache_stats_op() {
+  const PreparedCacheStats s = prepared_cache_stats();
+  return {s.entries, s.hits, s.misses};
 }
 
 TORCH_LIBRARY_IMPL(l2r_cuda, CPU, m) {
