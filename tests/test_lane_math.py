@@ -1,6 +1,7 @@
 """Every SIMD lane width computes the route math bit for bit like the scalar lane (what the portable
 CPU path and every CUDA thread use): tests/cpp/lane_math_check.cpp, helper by helper, on random and
-edge inputs, plus the in-register bf16/fp16 conversions."""
+edge inputs, plus the in-register bf16/fp16 conversions. And the AVX-512 top-k network chooses what
+the generic top-k search chooses (tests/cpp/top_k_network_check.cpp)."""
 
 import os
 import shutil
@@ -22,18 +23,26 @@ def _cpu_flags() -> str:
 NEEDS = {8: ("avx2", "fma", "f16c"), 16: ("avx512f", "avx512dq", "avx512bw", "avx512vl")}
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
-@pytest.mark.parametrize("lanes", [8, 16])
-def test_lane_widths_match_scalar_lane_bitwise(lanes, tmp_path):
+def _build_and_run(source: str, exe, lanes: int, defines=()) -> None:
     flags = _cpu_flags()
     if not all(f" {flag}" in flags for flag in NEEDS[lanes]):
         pytest.skip(f"this CPU lacks {NEEDS[lanes]}")
-    exe = tmp_path / f"lane_math_{lanes}"
     # The project's floating-point contract: no implicit contraction (setup.py, csrc/common/hd.h).
     subprocess.run(
-        ["g++", "-O2", "-std=c++20", "-ffp-contract=off", f"-DLANES={lanes}", f"-I{ROOT}/csrc",
-         f"{ROOT}/tests/cpp/lane_math_check.cpp", "-o", str(exe)],
+        ["g++", "-O2", "-std=c++20", "-ffp-contract=off", *defines, f"-I{ROOT}/csrc",
+         f"{ROOT}/tests/cpp/{source}", "-o", str(exe)],
         check=True, capture_output=True, text=True, timeout=300,
     )
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.startswith("OK"), run.stdout + run.stderr
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_lane_widths_match_scalar_lane_bitwise(lanes, tmp_path):
+    _build_and_run("lane_math_check.cpp", tmp_path / f"lane_math_{lanes}", lanes, [f"-DLANES={lanes}"])
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_avx512_top_k_network_chooses_what_the_search_chooses(tmp_path):
+    _build_and_run("top_k_network_check.cpp", tmp_path / "top_k_network", 16)

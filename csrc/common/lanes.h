@@ -174,6 +174,11 @@ L2R_HD int mask_bits(bool m) { return m ? 1 : 0; }
 L2R_HD float blend_from_lane(float keep, float value, int first) { return first <= 0 ? value : keep; }
 L2R_HD double blend_from_lane(double keep, double value, int first) { return first <= 0 ? value : keep; }
 
+// A value the compiler must keep in a register from here on (it may otherwise fold a load into
+// every instruction that uses it, one load per use): no code for scalar lanes.
+L2R_HD void pin_register(float&) {}
+L2R_HD void pin_register(double&) {}
+
 L2R_ISA_END
 }  // namespace lanes
 }  // namespace l2r

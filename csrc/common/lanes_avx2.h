@@ -116,6 +116,9 @@ L2R_LANE_FN Vec8f blend_from_lane(Vec8f keep, Vec8f value, int first) {
   return _mm256_blendv_ps(keep.v, value.v, m);
 }
 
+// In a register from here on (lanes.h).
+L2R_LANE_FN void pin_register(Vec8f& a) { asm("" : "+x"(a.v)); }
+
 template <>
 struct LaneIO<Vec8f> {
   // Any other element type: converted lane by lane with the scalar conversions (a new dtype works

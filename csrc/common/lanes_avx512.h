@@ -108,6 +108,9 @@ L2R_LANE_FN Vec16f blend_from_lane(Vec16f keep, Vec16f value, int first) {
   return _mm512_mask_blend_ps(m, keep.v, value.v);
 }
 
+// In a register from here on (lanes.h).
+L2R_LANE_FN void pin_register(Vec16f& a) { asm("" : "+v"(a.v)); }
+
 template <>
 struct LaneIO<Vec16f> {
   // Any other element type: converted lane by lane with the scalar conversions (a new dtype works

@@ -9,6 +9,7 @@
 
 #include "../../common/lanes_avx512.h"
 #include "route_cpu_kernel.h"
+#include "route_cpu_top_k_avx512.h"
 
 namespace l2r {
 namespace route {

@@ -25,7 +25,9 @@ L2R_ISA_BEGIN
 using namespace ::l2r::lanes;
 namespace rm = ::l2r::route::math;
 
-constexpr int kGroup = 8;               // tokens per projection group
+constexpr int kGroup = 8;               // tokens per backward projection group
+constexpr int kForwardGroup = 12;       // tokens per forward projection group
+constexpr int kMaxTile = 12;            // tokens per projection tile, at most
 constexpr int64_t kForwardBlock = 512;  // d-block of the forward projection (floats)
 constexpr int64_t kBackwardBlock = 256; // d-block of the backward projection
 constexpr int kMaxRowsInRegisters = 8;  // projection rows kept in lane accumulators at once
@@ -101,40 +103,86 @@ TokenScores<A> take_token_scores(Arena<A>& arena, int H, int E_pad) {
 // while every token of the group uses it. Each lane sums its positions in increasing order.
 // ================================================================================================
 
-template <int ROWS, typename V, typename X>
-inline void project_block(const X* x, const ScalarOf<V>* W, int64_t w_stride, int64_t b0, int64_t b1,
-                          V* acc /* [ROWS + 1] */, bool with_squares) {
-  constexpr int kW = width_of<V>();
-  V a[ROWS];
-  for (int j = 0; j < ROWS; ++j) a[j] = acc[j];
-  V sq = acc[ROWS];
-  for (int64_t i = b0; i < b1; i += kW) {
-    const V xv = LaneIO<V>::load(x + i);
-    if (with_squares) sq = fmadd(xv, xv, sq);
-    for (int j = 0; j < ROWS; ++j) a[j] = fmadd(xv, lane_load<V>(W + j * w_stride + i), a[j]);
-  }
-  for (int j = 0; j < ROWS; ++j) acc[j] = a[j];
-  acc[ROWS] = sq;
+// Vector registers of the lane type's instruction set (AVX-512: 32; AVX2 and scalar SSE: 16).
+template <typename V>
+constexpr int vector_registers() {
+  return width_of<V>() >= 16 ? 32 : 16;
 }
 
-// q[j][0, ROWS) = <W rows, x_j>, squares[j] = <x_j, x_j> when squares is not null.
+// Tokens per projection tile for ROWS rows: every accumulator (TT x (ROWS + 1) with the squares),
+// the TT x values and one W value in registers, and a divisor of kForwardGroup (no partial tiles
+// in full groups).
+template <typename V, int ROWS>
+constexpr int tile_tokens() {
+  int fit = (vector_registers<V>() - 1) / (ROWS + 2);
+  if (fit < 1) fit = 1;
+  int tt = 1;
+  for (int t = 1; t <= fit; ++t) {
+    if (kForwardGroup % t == 0) tt = t;
+  }
+  return tt;
+}
+
+// One d-block [b0, b1) for a tile of TT tokens and ROWS rows, every accumulator in a register: a
+// W load serves TT tokens and an x load ROWS rows, so the loop is bound by the FMA ports rather
+// than by loads. acc: [TT][ROWS + 1] (the last: sum of squares, when SQUARES).
+template <int TT, int ROWS, bool SQUARES, typename V, typename X>
+inline void project_tile(const X* const* xs, const ScalarOf<V>* W, int64_t w_stride, int64_t b0, int64_t b1,
+                         V* acc) {
+  constexpr int kW = width_of<V>();
+  V a[TT][ROWS];
+  V sq[TT];
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t) {
+#pragma GCC unroll 16
+    for (int j = 0; j < ROWS; ++j) a[t][j] = acc[t * (ROWS + 1) + j];
+    sq[t] = acc[t * (ROWS + 1) + ROWS];
+  }
+  for (int64_t i = b0; i < b1; i += kW) {
+    V xv[TT];
+#pragma GCC unroll 16
+    for (int t = 0; t < TT; ++t) {
+      xv[t] = LaneIO<V>::load(xs[t] + i);
+      if constexpr (SQUARES) sq[t] = fmadd(xv[t], xv[t], sq[t]);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < ROWS; ++j) {
+      V w = lane_load<V>(W + j * w_stride + i);
+      pin_register(w);  // one load for the TT tokens, not one folded into each FMA
+#pragma GCC unroll 16
+      for (int t = 0; t < TT; ++t) a[t][j] = fmadd(xv[t], w, a[t][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t) {
+#pragma GCC unroll 16
+    for (int j = 0; j < ROWS; ++j) acc[t * (ROWS + 1) + j] = a[t][j];
+    acc[t * (ROWS + 1) + ROWS] = sq[t];
+  }
+}
+
+// q[j][0, ROWS) = <W rows, x_j>, squares[j] = <x_j, x_j> when squares is not null, for the
+// count <= kForwardGroup tokens xs. acc: [kForwardGroup + kMaxTile][ROWS + 1] lanes (a partial
+// last tile repeats its last token into the spare slots).
 template <int ROWS, typename V, typename X>
 inline void project_group_rows(const X* const* xs, int count, const ScalarOf<V>* W, int64_t w_stride,
-                               int64_t d, int q_stride, ScalarOf<V>* q, ScalarOf<V>* squares, V* acc,
-                               const X* next_rows, int next_count) {
+                               int64_t d, int q_stride, ScalarOf<V>* q, ScalarOf<V>* squares, V* acc) {
   using A = ScalarOf<V>;
   constexpr int kW = width_of<V>();
+  constexpr int TT = tile_tokens<V, ROWS>();
   const int64_t dv = d / kW * kW;
-  for (int j = 0; j < count * (ROWS + 1); ++j) acc[j] = V(A(0));
+  const int tiles = (count + TT - 1) / TT;
+  const X* tile_xs[kForwardGroup + kMaxTile];
+  for (int j = 0; j < tiles * TT; ++j) tile_xs[j] = xs[j < count ? j : count - 1];
+  for (int j = 0; j < tiles * TT * (ROWS + 1); ++j) acc[j] = V(A(0));
   for (int64_t b0 = 0; b0 < dv; b0 += kForwardBlock) {
     const int64_t b1 = b0 + kForwardBlock < dv ? b0 + kForwardBlock : dv;
-    for (int j = 0; j < count; ++j) {
-      if (b1 < dv) {
-        prefetch_row(xs[j] + b1, b1 + kForwardBlock < dv ? kForwardBlock : dv - b1);
-      } else if (j < next_count) {  // the next group's first block
-        prefetch_row(next_rows + j * d, kForwardBlock < dv ? kForwardBlock : dv);
+    for (int t0 = 0; t0 < tiles * TT; t0 += TT) {
+      if (squares) {
+        project_tile<TT, ROWS, true, V, X>(tile_xs + t0, W, w_stride, b0, b1, acc + t0 * (ROWS + 1));
+      } else {
+        project_tile<TT, ROWS, false, V, X>(tile_xs + t0, W, w_stride, b0, b1, acc + t0 * (ROWS + 1));
       }
-      project_block<ROWS, V, X>(xs[j], W, w_stride, b0, b1, acc + j * (ROWS + 1), squares != nullptr);
     }
   }
   for (int j = 0; j < count; ++j) {
@@ -155,11 +203,12 @@ inline void project_group_rows(const X* const* xs, int count, const ScalarOf<V>*
   }
 }
 
-// All rows, kMaxRowsInRegisters at a time (the first pass also sums the squares).
+// All rows, kMaxRowsInRegisters at a time (the first pass also sums the squares). x streams in
+// without software prefetch: the hardware prefetcher follows the group's rows, and prefetch
+// instructions measured slower (they hold fill buffers the demand loads want).
 template <typename V, typename X>
 inline void project_group(const X* const* xs, int count, const ScalarOf<V>* W, int64_t w_stride,
-                          int64_t d, int rank, ScalarOf<V>* q, ScalarOf<V>* squares, V* acc,
-                          const X* next_rows, int next_count) {
+                          int64_t d, int rank, ScalarOf<V>* q, ScalarOf<V>* squares, V* acc) {
   for (int r0 = 0; r0 < rank; r0 += kMaxRowsInRegisters) {
     const ScalarOf<V>* Wg = W + int64_t(r0) * w_stride;
     ScalarOf<V>* qg = q + r0;
@@ -167,7 +216,7 @@ inline void project_group(const X* const* xs, int count, const ScalarOf<V>* W, i
     const int rows = rank - r0 < kMaxRowsInRegisters ? rank - r0 : kMaxRowsInRegisters;
 #define L2R_PROJECT_ROWS(N)                                                                      \
   case N:                                                                                        \
-    project_group_rows<N, V, X>(xs, count, Wg, w_stride, d, rank, qg, sq, acc, next_rows, next_count); \
+    project_group_rows<N, V, X>(xs, count, Wg, w_stride, d, rank, qg, sq, acc); \
     break;
     switch (rows) {
       L2R_PROJECT_ROWS(1)
@@ -235,12 +284,23 @@ inline rm::SoftmaxStats<ScalarOf<V>> score_token(const ScalarOf<V>* q, const Pre
   const int R = P.rank, H = P.anchors, E = P.experts, E8 = P.experts_padded;
   const A sot = q_scale / tau;
   const V vq_scale(q_scale), vsot(sot), vtau(tau), ninf(-poly::kInf);
-  for (int b = 0; b < E8; b += kW) {
-    for (int h = 0; h < H; ++h) {
-      const A* col = P.anchors_t + int64_t(h) * E8 + b;
-      const V u = rm::anchor_dot<V>(q, R, [&](int i) { return lane_load<V>(col + int64_t(i) * H * E8); });
-      lane_store(S.u + int64_t(h) * E8 + b, u);
+  // u of every (anchor, expert) lane of the [H][E_pad] rows, kDots lane values at a time.
+  constexpr int kDots = 8;
+  const int64_t n = int64_t(H) * E8;
+  for (int64_t c0 = 0; c0 < n; c0 += kDots * kW) {
+    const A* at = P.anchors_t + c0;
+    const auto a_hat = [&](int i, int v) { return lane_load<V>(at + i * n + v * kW); };
+    V u[kDots];
+    if (c0 + kDots * kW <= n) {
+      rm::anchor_dots<V, kDots>(q, R, kDots, a_hat, u);
+      for (int v = 0; v < kDots; ++v) lane_store(S.u + c0 + v * kW, u[v]);
+    } else {
+      const int count = static_cast<int>((n - c0) / kW);
+      rm::anchor_dots<V, kDots>(q, R, count, a_hat, u);
+      for (int v = 0; v < count; ++v) lane_store(S.u + c0 + v * kW, u[v]);
     }
+  }
+  for (int b = 0; b < E8; b += kW) {
     const rm::ExpertLogit<V> el = rm::expert_logit<V>(
         H, vq_scale, vsot, vtau, [&](int h) { return lane_load<V>(S.u + int64_t(h) * E8 + b); },
         [&](int h, V ex) { lane_store(S.ex + int64_t(h) * E8 + b, ex); });
@@ -299,6 +359,15 @@ inline void select_top_k(const ScalarOf<V>* keys, int E, int k,
   for (int j = 0; j < k; ++j) out[j] = order_key_index(top[j]);
 }
 
+// A lane type's branch-free top-k search for k <= max_k, where it has one
+// (route_cpu_top_k_avx512.h specializes this for AVX-512); else select_top_k. Both choose the same
+// experts in the same order.
+template <typename V>
+struct TopKNetwork {
+  static constexpr int max_k = 0;
+  static void select(const ScalarOf<V>*, int, int, int, int64_t*) {}
+};
+
 // Group-limited top-k: the best groups by group score, then top-k over their experts only.
 template <typename A>
 inline void select_top_k_grouped(const A* keys, int E, int k, const Options<A>& opt,
@@ -327,8 +396,9 @@ template <typename V>
 int64_t forward_scratch_size(const ForwardArgs<ScalarOf<V>>& a) {
   const int E8 = a.params ? a.params->experts_padded : a.shape.experts;
   const int H = a.params ? a.params->anchors : 1;
-  return token_scores_size<ScalarOf<V>>(H, E8) + (kGroup * (kMaxRowsInRegisters + 1)) * width_of<V>() +
-         4 * int64_t(a.shape.top_k) + rm::kMaxGroups + int64_t(kGroup) * a.shape.rank + 256;
+  return token_scores_size<ScalarOf<V>>(H, E8) +
+         int64_t(kForwardGroup + kMaxTile) * (kMaxRowsInRegisters + 1) * width_of<V>() + 4 * int64_t(a.shape.top_k) +
+         rm::kMaxGroups + int64_t(kForwardGroup) * a.shape.rank + 256;
 }
 
 // The routing of one token from its probabilities: statistics partials, selection, weights.
@@ -354,6 +424,8 @@ inline void finish_token(const ForwardArgs<ScalarOf<V>>& a, int64_t t, int E8,
   }
   if (a.opt.num_groups > 1) {
     select_top_k_grouped(S.keys, E, k, a.opt, top, group_scores, chosen);
+  } else if (k <= TopKNetwork<V>::max_k) {
+    TopKNetwork<V>::select(S.keys, E, E8, k, chosen);
   } else {
     select_top_k<V>(S.keys, E, k, top, chosen);
   }
@@ -380,28 +452,26 @@ void forward_chunks_typed(const ForwardArgs<ScalarOf<V>>& a, int64_t c_begin, in
   const int64_t d = a.shape.d;
   Arena<A> arena{scratch};
   const TokenScores<A> S = take_token_scores<A>(arena, H, E8);
-  V* acc = reinterpret_cast<V*>(arena.take(int64_t(kGroup) * (kMaxRowsInRegisters + 1) * width_of<V>()));
+  V* acc = reinterpret_cast<V*>(
+      arena.take(int64_t(kForwardGroup + kMaxTile) * (kMaxRowsInRegisters + 1) * width_of<V>()));
   K* top = reinterpret_cast<K*>(arena.take(4 * int64_t(a.shape.top_k)));
   A* group_scores = arena.take(rm::kMaxGroups);
   int64_t* chosen = reinterpret_cast<int64_t*>(arena.take(2 * int64_t(a.shape.top_k)));
-  A* group_q = arena.take(int64_t(kGroup) * R);
+  A* group_q = arena.take(int64_t(kForwardGroup) * R);
   const X* x = static_cast<const X*>(a.x);
 
   for (int64_t c = c_begin; c < c_end; ++c) {
     const int64_t t_begin = a.chunks.begin(c), t_end = a.chunks.end(c);
     A* prob_sum = a.prob_partials ? a.prob_partials + c * E8 : nullptr;
     int64_t* counts = a.count_partials ? a.count_partials + c * E8 : nullptr;
-    for (int64_t g0 = t_begin; g0 < t_end; g0 += kGroup) {
-      const int count = static_cast<int>(t_end - g0 < kGroup ? t_end - g0 : kGroup);
-      A squares[kGroup];
+    for (int64_t g0 = t_begin; g0 < t_end; g0 += kForwardGroup) {
+      const int count = static_cast<int>(t_end - g0 < kForwardGroup ? t_end - g0 : kForwardGroup);
+      A squares[kForwardGroup];
       if (a.logits_in == nullptr) {
-        const X* xs[kGroup];
+        const X* xs[kForwardGroup];
         for (int j = 0; j < count; ++j) xs[j] = x + (g0 + j) * d;
-        const int64_t next_count = t_end - (g0 + kGroup) < kGroup ? t_end - (g0 + kGroup) : kGroup;
         project_group<V, X>(xs, count, P->proj_w, P->proj_stride, d, R, group_q,
-                            a.opt.use_norm ? squares : nullptr, acc,
-                            next_count > 0 ? x + (g0 + kGroup) * d : nullptr,
-                            static_cast<int>(next_count > 0 ? next_count : 0));
+                            a.opt.use_norm ? squares : nullptr, acc);
       }
       for (int j = 0; j < count; ++j) {
         const int64_t t = g0 + j;

@@ -47,6 +47,18 @@ L2R_HD V anchor_dot(const T* q, int rank, AHat&& a_hat) {
   return u;
 }
 
+// anchor_dot for `count` <= N lane values at once (the rank loop outside, so the N chains of FMAs
+// run side by side): out[v] = anchor_dot(q, rank, [&](int i) { return a_hat(i, v); }) bit for bit.
+template <typename V, int N, typename T, typename AHat>
+L2R_HD void anchor_dots(const T* q, int rank, int count, AHat&& a_hat, V* out) {
+  const V q0(q[0]);
+  for (int v = 0; v < count; ++v) out[v] = q0 * a_hat(0, v);
+  for (int i = 1; i < rank; ++i) {
+    const V qi(q[i]);
+    for (int v = 0; v < count; ++v) out[v] = fmadd(qi, a_hat(i, v), out[v]);
+  }
+}
+
 // The token's side of SIPS: coefficient of q from its norm.
 template <typename T>
 L2R_HD NormCoef<T> query_coef(const T* q, int rank, T beta, T eps) {
