@@ -399,7 +399,7 @@ BackwardResult run_backward(BackwardArgs<A>& args, const Kernels<A>& kernels, co
         totals[i] = sum;
       }
     });
-    grad_proj = at::from_blob(totals.data(), {R, d}, f).clone();
+    grad_proj = at::from_blob(totals.data(), {R, d}, {args.proj_row_stride(), 1}, f).clone(at::MemoryFormat::Contiguous);
     // grad_a = coef_a * acc + radial_a * <acc, a> * a from the summed (transposed) accumulators.
     grad_anchors = at::empty({E, H, R}, f);
     const A* acc_t = totals.data() + args.proj_partial();

@@ -85,9 +85,12 @@ struct BackwardArgs {
   A* partials = nullptr;                 // [chunks][partial_size()]
   int32_t* bad_index = nullptr;          // set to 1 when indices has a value outside [0, E)
 
-  // One chunk's share of the cross-token sums, back to back: grad_proj [r][d] | anchor
-  // accumulators [r][H][experts_padded] | grad_norm_weight [d] | grad_scale [1].
-  int64_t proj_partial() const { return int64_t(shape.rank) * shape.d; }
+  // One chunk's share of the cross-token sums, back to back: grad_proj [r][proj_row_stride()] |
+  // anchor accumulators [r][H][experts_padded] | grad_norm_weight [d] | grad_scale [1]. The
+  // grad_proj rows are padded so that row k + 1 never sits a multiple of 4 KiB after row k (a load
+  // of one row right after a store to the other would wait on the store: 4K aliasing).
+  int64_t proj_row_stride() const { return (shape.d + 15) / 16 * 16 + 16; }
+  int64_t proj_partial() const { return int64_t(shape.rank) * proj_row_stride(); }
   int64_t anchor_partial() const {
     return int64_t(shape.rank) * shape.anchors * (params ? params->experts_padded : 0);
   }

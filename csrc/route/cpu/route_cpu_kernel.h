@@ -47,15 +47,6 @@ L2R_HD void lane_store(ScalarOf<V>* p, V v) {
   LaneIO<V>::store(p, v);
 }
 
-// Hints the cache lines of the next bytes of a row into L1 (x streams from memory in short runs
-// that the hardware prefetcher alone follows late).
-template <typename X>
-inline void prefetch_row(const X* p, int64_t n) {
-  const char* c = reinterpret_cast<const char*>(p);
-  const int64_t bytes = n * static_cast<int64_t>(sizeof(X));
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
-}
-
 // Scratch carved out of one allocation (the adapter allocates per thread).
 template <typename A>
 struct Arena {
@@ -529,7 +520,7 @@ int64_t backward_scratch_size(const BackwardArgs<ScalarOf<V>>& a) {
   const int H = a.params ? a.params->anchors : 1;
   const int64_t R = a.shape.rank, W = width_of<V>();
   return token_scores_size<ScalarOf<V>>(H, E8) + 2 * int64_t(E8) + R * W + 4 * R +
-         int64_t(kGroup) * R + int64_t(kGroup) * kBackwardBlock +
+         int64_t(kGroup) * R + int64_t(kGroup) * W + int64_t(kGroup) * kBackwardBlock +
          int64_t(kGroup) * (a.shape.d + 16) + 256;
 }
 
@@ -640,149 +631,284 @@ inline ScalarOf<V> scores_backward(const ScalarOf<V>* q, const Prepared<ScalarOf
   return hsum(dsu);
 }
 
-// One token, one block [b0, b1) of d: x~ into xnj, dL/dx_hat into buf, grad_norm_weight (when not
-// null), and the running mean_dot lanes. ROWS = rank when known at compile time (0: any rank).
-template <int ROWS, typename V, typename X>
-inline V backward_block(const X* xt, const ScalarOf<V>* W, int64_t w_stride, const ScalarOf<V>* g,
-                        bool use_norm, V vr, const ScalarOf<V>* gq, int rank, int64_t b0, int64_t b1,
-                        ScalarOf<V>* xnj, ScalarOf<V>* buf, ScalarOf<V>* grad_norm_weight, X* gx, V mdj,
-                        bool need_grad_x) {
+// What the backward projection of one group reads and writes (projection_backward_group).
+template <typename V, typename X>
+struct ProjectionBackward {
   using A = ScalarOf<V>;
-  constexpr int kW = width_of<V>();
-  constexpr int kMax = ROWS > 0 ? ROWS : 1;
-  V c[kMax];
-  for (int k = 0; k < kMax; ++k) c[k] = V(gq[k]);
-  for (int64_t i = b0; i < b1; i += kW) {
-    const V xv = LaneIO<V>::load(xt + i);
-    const V xhat = use_norm ? rm::rms_normalized(xv, vr) : xv;
-    const V gv = g ? lane_load<V>(g + i) : V(A(1));
-    lane_store(xnj + i, g ? xhat * gv : xhat);
-    if (!need_grad_x && grad_norm_weight == nullptr) continue;  // only grad_proj wants this block
-    V gxn = c[0] * lane_load<V>(W + i);
-    if constexpr (ROWS > 0) {
-      for (int k = 1; k < ROWS; ++k) gxn = fmadd(c[k], lane_load<V>(W + k * w_stride + i), gxn);
-    } else {
-      for (int k = 1; k < rank; ++k) gxn = fmadd(V(gq[k]), lane_load<V>(W + k * w_stride + i), gxn);
-    }
-    if (!use_norm) {
-      if (need_grad_x) LaneIO<V>::store(gx + i, gxn);
-      continue;
-    }
-    if (g) {
-      if (grad_norm_weight) lane_store(grad_norm_weight + i, fmadd(gxn, xhat, lane_load<V>(grad_norm_weight + i)));
-      gxn = gxn * gv;  // now dL/dx_hat
-    }
-    mdj = fmadd(gxn, xhat, mdj);
-    lane_store(buf + i, gxn);
-  }
-  return mdj;
+  const X* const* xs;     // [count] rows of x
+  const A* W;             // proj, [r][w_stride] (without the norm weight)
+  int64_t w_stride;
+  const A* g;             // norm weight [d], or null
+  const A* rstd;          // [count]
+  const A* grad_q;        // [count][rank]
+  int rank;
+  bool use_norm, need_grad_x;
+  bool need_sum;          // W^T grad_q wanted: for grad_x or grad_norm_weight
+  A* grad_proj;           // [rank][proj_stride] chunk partial, or null (parameter grads not wanted)
+  int64_t proj_stride;
+  int64_t d;
+  A* grad_norm_weight;    // [d] chunk partial, or null
+  A* buffer;              // [count][stride]: dL/dx_hat, or the running W^T grad_q over row chunks
+  A* xn;                  // [count][kBackwardBlock]: x~ of the current d-block (for grad_proj)
+  int64_t stride;
+  X* const* gx;           // [count] rows of grad_x
+  V* mean_dot;            // [count] lanes of sum_i dL/dx_hat_i * x_hat_i
+};
+
+// Tokens per backward tile for a row chunk of ROWS: the TT x ROWS grad_q values and 4 lane values
+// per token (x_hat, x~, the W^T grad_q sum, mean_dot) in registers, plus W, the norm weight and a
+// running sum.
+template <typename V, int ROWS>
+constexpr int backward_tile_tokens() {
+  const int fit = (vector_registers<V>() - 3) / (ROWS + 4);
+  return fit < 1 ? 1 : fit > kGroup ? kGroup : fit;
 }
 
-// Backward through q = W x~ and RMSNorm for a group of `count` <= 8 tokens, d in blocks so that the
-// block of W (and of x~) stays in L1 while every token of the group uses it:
-//   grad_x_norm = W^T grad_q, grad_norm_weight += grad_x_norm * x_hat (token order),
-//   grad_proj += grad_q x~^T (token order), grad_x = rms_norm_input_grad(...).
-template <typename V, typename X>
-inline void projection_backward_group(const X* const* xs, const Prepared<ScalarOf<V>>& P, int64_t d,
-                                      bool use_norm, const ScalarOf<V>* rstd, const ScalarOf<V>* grad_q,
-                                      int count, ScalarOf<V>* grad_proj, ScalarOf<V>* grad_norm_weight,
-                                      ScalarOf<V>* buffer, int64_t stride, ScalarOf<V>* xn,
-                                      X* const* gx, const X* next_rows, int next_count,
-                                      bool need_grad_x, bool need_param_grads) {
+// One tile of TT tokens, rows [r0, r0 + ROWS) of the projection, one d-block [b0, b1): every
+// per-element sum keeps its order (W^T grad_q over rows k in order, grad_proj and grad_norm_weight
+// over tokens in order), each W load serves TT tokens and each x~ value every row. FIRST: the row
+// chunk that starts W^T grad_q; LAST: the one that finishes it (grad_norm_weight, mean_dot,
+// dL/dx_hat, or grad_x without RMSNorm); middle chunks carry W^T grad_q in the buffer.
+template <int TT, int ROWS, bool FIRST, bool LAST, typename V, typename X>
+inline void projection_backward_tile(const ProjectionBackward<V, X>& a, int t0, int r0, int64_t b0, int64_t b1) {
   using A = ScalarOf<V>;
   constexpr int kW = width_of<V>();
-  const int rank = P.rank;
-  const A* W = P.proj;
-  const int64_t w_stride = P.proj_stride;
-  const A* g = P.norm_weight;
-  A* gnw = need_param_grads ? grad_norm_weight : nullptr;
-  const int64_t dv = d / kW * kW;
-  V md[kGroup];
-  for (int j = 0; j < kGroup; ++j) md[j] = V(A(0));
-  for (int64_t b0 = 0; b0 < dv; b0 += kBackwardBlock) {
-    const int64_t b1 = b0 + kBackwardBlock < dv ? b0 + kBackwardBlock : dv;
-    for (int j = 0; j < count; ++j) {
-      const X* xt = xs[j];
-      const A* gq = grad_q + j * rank;
-      const V vr(rstd[j]);
-      A* xnj = xn + j * kBackwardBlock - b0;
-      A* buf = buffer + j * stride;
-      if (b1 < dv) {
-        prefetch_row(xt + b1, b1 + kBackwardBlock < dv ? kBackwardBlock : dv - b1);
-      } else if (j < next_count) {
-        prefetch_row(next_rows + j * d, kBackwardBlock < dv ? kBackwardBlock : dv);
-      }
-      V mdj = md[j];
-      switch (rank) {
-#define L2R_BWD_BLOCK(R_)                                                                     \
-  mdj = backward_block<R_, V, X>(xt, W, w_stride, g, use_norm, vr, gq, rank, b0, b1, xnj, buf, \
-                                 gnw, gx[j], mdj, need_grad_x)
-        case 1: L2R_BWD_BLOCK(1); break;
-        case 2: L2R_BWD_BLOCK(2); break;
-        case 3: L2R_BWD_BLOCK(3); break;
-        case 4: L2R_BWD_BLOCK(4); break;
-        case 8: L2R_BWD_BLOCK(8); break;
-        default: L2R_BWD_BLOCK(0); break;
-#undef L2R_BWD_BLOCK
-      }
-      md[j] = mdj;
+  V c[TT][ROWS];
+  V r[TT], md[TT];
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t) {
+#pragma GCC unroll 16
+    for (int k = 0; k < ROWS; ++k) c[t][k] = V(a.grad_q[(t0 + t) * a.rank + r0 + k]);
+    r[t] = V(a.rstd[t0 + t]);
+    md[t] = a.mean_dot[t0 + t];
+  }
+  // Locals: the stores below could alias the struct's fields as far as the compiler knows.
+  const A* const W = a.W + int64_t(r0) * a.w_stride;
+  const int64_t w_stride = a.w_stride, stride = a.stride;
+  const A* const g = a.g;
+  A* const xn_out = a.grad_proj ? a.xn + int64_t(t0) * kBackwardBlock : nullptr;
+  A* const grad_norm_weight = a.grad_norm_weight;
+  A* const buffer = a.buffer + int64_t(t0) * stride;
+  const bool use_norm = a.use_norm, need_grad_x = a.need_grad_x, need_sum = a.need_sum;
+  const X* xs[TT];
+  X* gx[TT];
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t) {
+    xs[t] = a.xs[t0 + t];
+    gx[t] = a.gx[t0 + t];
+  }
+  for (int64_t i = b0; i < b1; i += kW) {
+    const V gv = g ? lane_load<V>(g + i) : V(A(1));
+    V xhat[TT], sum[TT];
+#pragma GCC unroll 16
+    for (int t = 0; t < TT; ++t) {
+      sum[t] = V(A(0));  // set below when need_sum (which the compiler cannot follow)
+      const V xv = LaneIO<V>::load(xs[t] + i);
+      xhat[t] = use_norm ? rm::rms_normalized(xv, r[t]) : xv;
     }
-    if (!need_param_grads) continue;
-    for (int k = 0; k < rank; ++k) {
-      A* gp = grad_proj + k * d;
-      V c[kGroup];
-      for (int j = 0; j < kGroup; ++j) c[j] = V(j < count ? grad_q[j * rank + k] : A(0));
-      if (count == kGroup) {  // the common case, unrolled so that c[] stays in registers
-        for (int64_t i = b0; i < b1; i += kW) {
-          V s = lane_load<V>(gp + i);
-          for (int j = 0; j < kGroup; ++j) s = fmadd(c[j], lane_load<V>(xn + j * kBackwardBlock + (i - b0)), s);
-          lane_store(gp + i, s);
+    if (need_sum) {
+#pragma GCC unroll 16
+      for (int k = 0; k < ROWS; ++k) {
+        V w = lane_load<V>(W + k * w_stride + i);
+        pin_register(w);  // one load for the TT tokens
+#pragma GCC unroll 16
+        for (int t = 0; t < TT; ++t) {
+          if (FIRST && k == 0) {
+            sum[t] = c[t][0] * w;
+          } else if (k == 0) {
+            sum[t] = fmadd(c[t][0], w, lane_load<V>(buffer + t * stride + i));
+          } else {
+            sum[t] = fmadd(c[t][k], w, sum[t]);
+          }
+        }
+      }
+    }
+    if (FIRST && xn_out) {  // x~ for grad_proj_update
+#pragma GCC unroll 16
+      for (int t = 0; t < TT; ++t) lane_store(xn_out + t * kBackwardBlock + (i - b0), g ? xhat[t] * gv : xhat[t]);
+    }
+    if (!need_sum) continue;
+    if constexpr (!LAST) {
+#pragma GCC unroll 16
+      for (int t = 0; t < TT; ++t) lane_store(buffer + t * stride + i, sum[t]);
+      continue;
+    } else {
+      if (!use_norm) {
+        if (need_grad_x) {
+#pragma GCC unroll 16
+          for (int t = 0; t < TT; ++t) LaneIO<V>::store(gx[t] + i, sum[t]);
         }
         continue;
       }
-      for (int64_t i = b0; i < b1; i += kW) {
-        V s = lane_load<V>(gp + i);
-        for (int j = 0; j < count; ++j) s = fmadd(c[j], lane_load<V>(xn + j * kBackwardBlock + (i - b0)), s);
-        lane_store(gp + i, s);
+      if (g) {
+        if (grad_norm_weight) {
+          V acc = lane_load<V>(grad_norm_weight + i);
+#pragma GCC unroll 16
+          for (int t = 0; t < TT; ++t) acc = fmadd(sum[t], xhat[t], acc);
+          lane_store(grad_norm_weight + i, acc);
+        }
+#pragma GCC unroll 16
+        for (int t = 0; t < TT; ++t) sum[t] = sum[t] * gv;  // now dL/dx_hat
+      }
+#pragma GCC unroll 16
+      for (int t = 0; t < TT; ++t) {
+        md[t] = fmadd(sum[t], xhat[t], md[t]);
+        if (need_grad_x) lane_store(buffer + t * stride + i, sum[t]);
       }
     }
   }
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t) a.mean_dot[t0 + t] = md[t];
+}
+
+// grad_proj[k0 + k][i0 + v * W ...] += grad_q[t][k0 + k] * x~_t for the group's tokens in order, in a
+// register tile of ROWS rows x VECS lane vectors: each x~ load serves ROWS rows, each grad_q value
+// VECS vectors.
+template <int ROWS, int VECS, typename V>
+inline void grad_proj_tile(ScalarOf<V>* gp, int64_t proj_stride, const ScalarOf<V>* xn, const ScalarOf<V>* grad_q,
+                           int rank, int count, int k0, int64_t i0, int64_t b0) {
+  constexpr int kW = width_of<V>();
+  V acc[ROWS][VECS];
+#pragma GCC unroll 16
+  for (int k = 0; k < ROWS; ++k) {
+#pragma GCC unroll 16
+    for (int v = 0; v < VECS; ++v) acc[k][v] = lane_load<V>(gp + (k0 + k) * proj_stride + i0 + v * kW);
+  }
+  for (int t = 0; t < count; ++t) {
+    V x[VECS];
+#pragma GCC unroll 16
+    for (int v = 0; v < VECS; ++v) x[v] = lane_load<V>(xn + t * kBackwardBlock + (i0 - b0) + v * kW);
+#pragma GCC unroll 16
+    for (int k = 0; k < ROWS; ++k) {
+      const V c(grad_q[t * rank + k0 + k]);
+#pragma GCC unroll 16
+      for (int v = 0; v < VECS; ++v) acc[k][v] = fmadd(c, x[v], acc[k][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int k = 0; k < ROWS; ++k) {
+#pragma GCC unroll 16
+    for (int v = 0; v < VECS; ++v) lane_store(gp + (k0 + k) * proj_stride + i0 + v * kW, acc[k][v]);
+  }
+}
+
+template <int ROWS, typename V>
+inline void grad_proj_rows(ScalarOf<V>* gp, int64_t proj_stride, const ScalarOf<V>* xn, const ScalarOf<V>* grad_q,
+                           int rank, int count, int k0, int64_t b0, int64_t b1) {
+  constexpr int kW = width_of<V>();
+  int64_t i0 = b0;
+  for (; i0 + 4 * kW <= b1; i0 += 4 * kW) grad_proj_tile<ROWS, 4, V>(gp, proj_stride, xn, grad_q, rank, count, k0, i0, b0);
+  for (; i0 < b1; i0 += kW) grad_proj_tile<ROWS, 1, V>(gp, proj_stride, xn, grad_q, rank, count, k0, i0, b0);
+}
+
+// grad_proj += grad_q x~^T over the d-block [b0, b1) for the group's tokens, in token order.
+template <typename V>
+inline void grad_proj_update(ScalarOf<V>* gp, int64_t proj_stride, const ScalarOf<V>* xn, const ScalarOf<V>* grad_q,
+                             int rank, int count, int64_t b0, int64_t b1) {
+  int k0 = 0;
+  for (; k0 + 4 <= rank; k0 += 4) grad_proj_rows<4, V>(gp, proj_stride, xn, grad_q, rank, count, k0, b0, b1);
+  for (; k0 < rank; ++k0) grad_proj_rows<1, V>(gp, proj_stride, xn, grad_q, rank, count, k0, b0, b1);
+}
+
+// The tiles of one row chunk over the group's tokens (full tiles, then single tokens).
+template <int ROWS, bool FIRST, bool LAST, typename V, typename X>
+inline void projection_backward_tiles(const ProjectionBackward<V, X>& a, int count, int r0, int64_t b0,
+                                      int64_t b1) {
+  constexpr int TT = backward_tile_tokens<V, ROWS>();
+  int t0 = 0;
+  for (; t0 + TT <= count; t0 += TT) projection_backward_tile<TT, ROWS, FIRST, LAST, V, X>(a, t0, r0, b0, b1);
+  for (; t0 < count; ++t0) projection_backward_tile<1, ROWS, FIRST, LAST, V, X>(a, t0, r0, b0, b1);
+}
+
+// Backward through q = W x~ and RMSNorm for a group of `count` <= kGroup tokens, d in blocks so
+// that the blocks of W, of grad_proj and of the norm weight stay in L1 while the group's tiles use
+// them, rows in chunks of kMaxRowsInRegisters:
+//   dL/dx~ = W^T grad_q, grad_norm_weight += dL/dx~ * x_hat (token order),
+//   grad_proj += grad_q x~^T (token order), grad_x = rms_norm_input_grad(...).
+template <typename V, typename X>
+inline void projection_backward_group(const ProjectionBackward<V, X>& a, int count) {
+  using A = ScalarOf<V>;
+  constexpr int kW = width_of<V>();
+  const int64_t d = a.d;
+  const int64_t dv = d / kW * kW;
+  const int rank = a.rank;
+  for (int j = 0; j < count; ++j) a.mean_dot[j] = V(A(0));
+  for (int64_t b0 = 0; b0 < dv; b0 += kBackwardBlock) {
+    const int64_t b1 = b0 + kBackwardBlock < dv ? b0 + kBackwardBlock : dv;
+    for (int r0 = 0; r0 < rank; r0 += kMaxRowsInRegisters) {
+      const int rows = rank - r0 < kMaxRowsInRegisters ? rank - r0 : kMaxRowsInRegisters;
+      const bool first = r0 == 0, last = r0 + rows == rank;
+      if (!last) {  // a full chunk of kMaxRowsInRegisters = 8 rows
+        if (first) {
+          projection_backward_tiles<8, true, false, V, X>(a, count, r0, b0, b1);
+        } else {
+          projection_backward_tiles<8, false, false, V, X>(a, count, r0, b0, b1);
+        }
+        continue;
+      }
+#define L2R_BACKWARD_ROWS(N)                                                        \
+  case N:                                                                           \
+    if (first) {                                                                    \
+      projection_backward_tiles<N, true, true, V, X>(a, count, r0, b0, b1);         \
+    } else {                                                                        \
+      projection_backward_tiles<N, false, true, V, X>(a, count, r0, b0, b1);        \
+    }                                                                               \
+    break;
+      switch (rows) {
+        L2R_BACKWARD_ROWS(1)
+        L2R_BACKWARD_ROWS(2)
+        L2R_BACKWARD_ROWS(3)
+        L2R_BACKWARD_ROWS(4)
+        L2R_BACKWARD_ROWS(5)
+        L2R_BACKWARD_ROWS(6)
+        L2R_BACKWARD_ROWS(7)
+        default: L2R_BACKWARD_ROWS(8)
+      }
+#undef L2R_BACKWARD_ROWS
+    }
+    if (a.grad_proj) grad_proj_update<V>(a.grad_proj, a.proj_stride, a.xn, a.grad_q, rank, count, b0, b1);
+  }
+  const A* W = a.W;
+  const A* g = a.g;
   for (int j = 0; j < count; ++j) {
-    const X* xt = xs[j];
-    const A* gq = grad_q + j * rank;
-    const A r = rstd[j];
-    A* buf = buffer + j * stride;
-    A mean_dot = use_norm ? hsum(md[j]) : A(0);
+    const X* xt = a.xs[j];
+    const A* gq = a.grad_q + j * rank;
+    const A r = a.rstd[j];
+    A* buf = a.buffer + j * a.stride;
+    A mean_dot = a.use_norm ? hsum(a.mean_dot[j]) : A(0);
     for (int64_t i = dv; i < d; ++i) {  // tail, same formulas
       const A xi = LaneIO<A>::load(xt + i);
-      const A xhat = use_norm ? rm::rms_normalized(xi, r) : xi;
+      const A xhat = a.use_norm ? rm::rms_normalized(xi, r) : xi;
       const A xn_i = g ? xhat * g[i] : xhat;
-      if (need_param_grads) {
-        for (int k = 0; k < rank; ++k) grad_proj[k * d + i] = fmadd(gq[k], xn_i, grad_proj[k * d + i]);
+      if (a.grad_proj) {
+        for (int k = 0; k < rank; ++k) {
+          A& gp = a.grad_proj[k * a.proj_stride + i];
+          gp = fmadd(gq[k], xn_i, gp);
+        }
       }
       A gxn = gq[0] * W[i];
-      for (int k = 1; k < rank; ++k) gxn = fmadd(gq[k], W[k * w_stride + i], gxn);
-      if (!use_norm) {
-        if (need_grad_x) LaneIO<A>::store(gx[j] + i, gxn);
+      for (int k = 1; k < rank; ++k) gxn = fmadd(gq[k], W[k * a.w_stride + i], gxn);
+      if (!a.use_norm) {
+        if (a.need_grad_x) LaneIO<A>::store(a.gx[j] + i, gxn);
         continue;
       }
       if (g) {
-        if (gnw) gnw[i] = fmadd(gxn, xhat, gnw[i]);
+        if (a.grad_norm_weight) a.grad_norm_weight[i] = fmadd(gxn, xhat, a.grad_norm_weight[i]);
         gxn = gxn * g[i];
       }
       mean_dot = fmadd(gxn, xhat, mean_dot);
       buf[i] = gxn;
     }
-    if (!use_norm || !need_grad_x) continue;
+    if (!a.use_norm || !a.need_grad_x) continue;
     mean_dot = mean_dot / static_cast<A>(d);
     const V vr(r), vmd(mean_dot);
     for (int64_t i = 0; i < dv; i += kW) {
       const V xhat = rm::rms_normalized(LaneIO<V>::load(xt + i), vr);
-      LaneIO<V>::store(gx[j] + i, rm::rms_norm_input_grad(lane_load<V>(buf + i), xhat, vr, vmd));
+      LaneIO<V>::store(a.gx[j] + i, rm::rms_norm_input_grad(lane_load<V>(buf + i), xhat, vr, vmd));
     }
     for (int64_t i = dv; i < d; ++i) {
       const A xhat = rm::rms_normalized(LaneIO<A>::load(xt + i), r);
-      LaneIO<A>::store(gx[j] + i, rm::rms_norm_input_grad(buf[i], xhat, r, mean_dot));
+      LaneIO<A>::store(a.gx[j] + i, rm::rms_norm_input_grad(buf[i], xhat, r, mean_dot));
     }
   }
 }
@@ -804,6 +930,7 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
   A* lanes = arena.take(int64_t(R) * width_of<V>());
   A* ds_anchor_hat = arena.take(R);
   A* grad_q = arena.take(int64_t(kGroup) * R);
+  V* mean_dot = reinterpret_cast<V*>(arena.take(int64_t(kGroup) * width_of<V>()));
   A* xn = arena.take(int64_t(kGroup) * kBackwardBlock);
   A* buffer = arena.take(int64_t(kGroup) * stride);
   const X* x = static_cast<const X*>(a.x);
@@ -854,12 +981,27 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
       gxs[j_group] = grad_x ? grad_x + t * d : nullptr;
       if (j_group == kGroup - 1 || t + 1 == t_end) {
         const int64_t t0 = t - j_group;
-        const int64_t next_count = t_end - (t0 + kGroup) < kGroup ? t_end - (t0 + kGroup) : kGroup;
-        projection_backward_group<V, X>(xs, *P, d, a.opt.use_norm, a.rstd + t0, grad_q, j_group + 1,
-                                        grad_proj, grad_norm_weight, buffer, stride, xn, gxs,
-                                        next_count > 0 ? x + (t0 + kGroup) * d : nullptr,
-                                        static_cast<int>(next_count > 0 ? next_count : 0),
-                                        a.need_grad_x, a.need_param_grads);
+        ProjectionBackward<V, X> pb;
+        pb.xs = xs;
+        pb.W = P->proj;
+        pb.w_stride = P->proj_stride;
+        pb.g = P->norm_weight;
+        pb.rstd = a.rstd + t0;
+        pb.grad_q = grad_q;
+        pb.rank = R;
+        pb.use_norm = a.opt.use_norm;
+        pb.need_grad_x = a.need_grad_x;
+        pb.grad_proj = a.need_param_grads ? grad_proj : nullptr;
+        pb.proj_stride = a.proj_row_stride();
+        pb.d = d;
+        pb.grad_norm_weight = a.need_param_grads ? grad_norm_weight : nullptr;
+        pb.need_sum = a.need_grad_x || (pb.g != nullptr && pb.grad_norm_weight != nullptr);
+        pb.buffer = buffer;
+        pb.stride = stride;
+        pb.gx = gxs;
+        pb.mean_dot = mean_dot;
+        pb.xn = xn;
+        projection_backward_group<V, X>(pb, j_group + 1);
       }
     }
   }
