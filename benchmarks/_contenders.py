@@ -10,6 +10,9 @@ load-balancing loss) and ``lse [T]`` (router z-loss). The backward pass of "fwd+
 - ``l2r_ref`` / ``l2r_ref_compiled``: ``l2r_cuda.reference.route``, eager and ``torch.compile``.
 - ``linear`` / ``linear_compiled``: ``logits = x @ W_g^T`` (in x's dtype, as in HF Mixtral/OLMoE),
   then float32 softmax, ``torch.topk``, gather.
+- ``linear_fp32``: the float32 router many production models use (DeepSeek-V3, Qwen3-MoE): W_g kept
+  in float32 and ``logits = x.float() @ W_g^T``; timed for 16-bit x only (for float32 x it is
+  ``linear``).
 - ``cosine``: a Tutel-style cosine gate: ``h = Linear_{d->256}(x)``, ``logits = <h/|h|, e/|e|> *
   exp(min(t, log 100))`` with learnable expert embeddings ``e [E, 256]`` and temperature ``t``,
   then as ``linear``.
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +34,13 @@ import l2r_cuda
 from l2r_cuda import reference
 
 COSINE_DIM = 256
-CONTENDERS = ["read_x", "linear", "linear_compiled", "cosine", "l2r_native", "l2r_ref", "l2r_ref_compiled"]
+CONTENDERS = ["read_x", "linear", "linear_fp32", "linear_compiled", "cosine", "l2r_native", "l2r_ref",
+              "l2r_ref_compiled"]
+LINEAR = ("linear", "linear_fp32", "linear_compiled")
 L2R_CONTENDERS = ("l2r_native", "l2r_ref", "l2r_ref_compiled")
 COMPILED = ("linear_compiled", "l2r_ref_compiled")
 # CUDA-graph capturable (no host synchronization): the reference's bincount sizes its output on the host.
-GRAPHABLE = ("read_x", "linear", "linear_compiled", "cosine", "l2r_native")
+GRAPHABLE = ("read_x", "linear", "linear_fp32", "linear_compiled", "cosine", "l2r_native")
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def linear_gate(x: Tensor, w: Tensor, top_k: int):
-    logits = (x @ w.t()).float()
+    logits = (x @ w.t()).float()  # w in x's dtype (linear) or float32 with x.float() (linear_fp32)
     probs = torch.softmax(logits, dim=-1)
     weights, indices = torch.topk(probs, top_k, dim=-1)
     return weights, indices, probs.mean(0), torch.logsumexp(logits, dim=-1)
@@ -130,13 +135,15 @@ def make_params(contender: str, m: ModelShape, r: int, H: int, dtype, device, se
         scale = torch.tensor(5.0)
         norm_weight = 1.0 + 0.1 * rn(m.d)
         ps = [proj, anchors, scale, norm_weight]
-    elif contender in ("linear", "linear_compiled"):
+    elif contender in LINEAR:
         ps = [rn(m.E, m.d) / math.sqrt(m.d)]
     elif contender == "cosine":
         ps = [rn(COSINE_DIM, m.d) / math.sqrt(m.d), 0.01 * rn(COSINE_DIM), 0.01 * rn(m.E, COSINE_DIM),
               torch.tensor(math.log(1 / 0.07))]
     else:
         ps = []
+    if contender == "linear_fp32":  # the router weight stays float32 whatever the model's dtype
+        return [p.to(device=device, dtype=torch.float32) for p in ps]
     return [p.to(device=device, dtype=dtype) for p in ps]
 
 
@@ -150,6 +157,9 @@ def forward_fn(contender: str, top_k: int) -> Callable:
         f = compiled(contender)
     elif contender == "linear":
         f = linear_gate
+    elif contender == "linear_fp32":
+        def f(x, w, top_k):
+            return linear_gate(x.float(), w, top_k)
     elif contender == "linear_compiled":
         f = compiled(contender)
     elif contender == "cosine":
@@ -160,9 +170,11 @@ def forward_fn(contender: str, top_k: int) -> Callable:
 
 
 def make_step(contender: str, x: Tensor, params: Sequence[Tensor], top_k: int, mode: str, seed: int,
-              mark_dynamic: bool = False) -> Tuple[Callable[[], object], List[Tensor]]:
+              mark_dynamic: bool = False, x_leaf: Optional[Tensor] = None) -> Tuple[Callable[[], object], List[Tensor]]:
     """A zero-argument callable running one forward ("fwd": inference, nothing requires grad) or
-    forward+backward ("fwdbwd"), and the tensors it differentiates with respect to."""
+    forward+backward ("fwdbwd"), and the tensors it differentiates with respect to. ``x_leaf``: a
+    requires-grad copy of ``x`` to differentiate with respect to (contenders timed together share
+    one), else one is made."""
     if contender == "read_x":
         raise ValueError("read_x has its own step (read_x_steps)")
     f = forward_fn(contender, top_k)
@@ -175,7 +187,7 @@ def make_step(contender: str, x: Tensor, params: Sequence[Tensor], top_k: int, m
             return f(xs, *ps)
 
         return step, []
-    xs = x.detach().clone().requires_grad_(True)
+    xs = x_leaf if x_leaf is not None else x.detach().clone().requires_grad_(True)
     if mark_dynamic and contender in COMPILED and x.shape[0] > 1:
         torch._dynamo.maybe_mark_dynamic(xs, 0)
     ps = [p.detach().clone().requires_grad_(True) for p in params]
@@ -197,7 +209,7 @@ def make_step(contender: str, x: Tensor, params: Sequence[Tensor], top_k: int, m
 def _num_experts(contender: str, params: Sequence[Tensor]) -> int:
     if contender in L2R_CONTENDERS:
         return params[1].shape[0]
-    if contender in ("linear", "linear_compiled"):
+    if contender in LINEAR:
         return params[0].shape[0]
     return params[2].shape[0]
 
@@ -215,42 +227,69 @@ def _tol(dtype: torch.dtype) -> Tuple[float, float]:
     return (1e-4, 1e-6) if dtype in (torch.float32, torch.float64) else (3e-2, 2e-3)
 
 
-def _compare_routing(w: Tensor, idx: Tensor, mp: Tensor, lse: Tensor, ref_probs: Tensor,
-                     ref_lse: Tensor, rtol: float, atol: float, exact_indices: bool) -> Tuple[bool, str]:
-    """Indices: equal to the reference top-k (``exact_indices``), or else a near-tie swap: the
-    reference probabilities at the contender's indices equal its own top-k values within tolerance.
-    Weights: equal to the reference probabilities at the contender's indices."""
-    k = idx.shape[1]
-    ref_probs = ref_probs.double()
-    ref_top = torch.topk(ref_probs, k, dim=-1)
-    at_idx = ref_probs.gather(-1, idx.long())
+def compare_selection(w: Tensor, idx: Tensor, ref_probs: Tensor, rtol: float, atol: float) -> Tuple[bool, str, int]:
+    """A top-k selection (indices ``idx [T, k]``, weights ``w``) against reference probabilities
+    ``[T, E]``, tie-aware: equal (within tolerance) values may come in either order and either may
+    be chosen at the cut, so sets and values are compared, not positions.
+
+    - indices in range and distinct within a token;
+    - the reference values at the chosen experts, sorted, equal the reference's top-k values;
+    - where the reference's k-th and (k+1)-th values are farther apart than the tolerance, the
+      chosen set is the reference's set;
+    - the experts come best first (reference values non-increasing within the tolerance);
+    - the weights equal the reference probabilities at the chosen experts.
+
+    Returns (ok, message, tokens whose indices differ from torch.topk's only by such ties)."""
+    T, k = idx.shape
     E = ref_probs.shape[1]
+    ref = ref_probs.double()
+    idx = idx.long()
     if bool(((idx < 0) | (idx >= E)).any()):
-        return False, "index out of range"
-    same = (idx.long() == ref_top.indices).all(-1)
-    n_diff = int((~same).sum())
-    if n_diff:
-        ok_tie = torch.allclose(at_idx.sort(-1, descending=True).values, ref_top.values, rtol=rtol, atol=atol)
-        if exact_indices or not ok_tie:
-            return False, f"indices differ on {n_diff}/{idx.shape[0]} tokens (near-tie: {ok_tie})"
-    err_w = (w.double() - at_idx).abs().max().item()
+        return False, "index out of range", 0
+    if k > 1 and bool((idx.sort(-1).values.diff(dim=-1) == 0).any()):
+        return False, "an expert chosen twice for one token", 0
+    at_idx = ref.gather(-1, idx)
+    ranked = ref.sort(-1, descending=True).values
+    top = ranked[:, :k]
+    tol = atol + rtol * top.abs()
+    if not bool(((at_idx.sort(-1, descending=True).values - top).abs() <= tol).all()):
+        return False, "chosen values are not the top-k values", 0
+    if k < E:
+        clear = (ranked[:, k - 1] - ranked[:, k]) > atol + rtol * ranked[:, k - 1].abs()
+        ref_set = torch.topk(ref, k, dim=-1).indices.sort(-1).values
+        wrong = clear & (idx.sort(-1).values != ref_set).any(-1)
+        if bool(wrong.any()):
+            return False, f"chosen set differs from the reference on {int(wrong.sum())}/{T} tokens without a tie", 0
+    if k > 1 and bool((at_idx[:, 1:] - at_idx[:, :-1] > atol + rtol * at_idx[:, :-1].abs()).any()):
+        return False, "experts not listed best first", 0
+    err_w = (w.double() - at_idx).abs().max().item() if T else 0.0
     if not torch.allclose(w.double(), at_idx, rtol=rtol, atol=atol):
-        return False, f"weights differ (max abs err {err_w:.2e})"
-    if not torch.allclose(mp.double(), ref_probs.mean(0), rtol=rtol, atol=atol):
+        return False, f"weights differ (max abs err {err_w:.2e})", 0
+    ties = int((idx != torch.topk(ref, k, dim=-1).indices).any(-1).sum())
+    return True, f"max|dw|={err_w:.1e}", ties
+
+
+def _compare_routing(w: Tensor, idx: Tensor, mp: Tensor, lse: Tensor, ref_probs: Tensor,
+                     ref_lse: Tensor, rtol: float, atol: float) -> Tuple[bool, str]:
+    """:func:`compare_selection`, then mean_probs and lse against the reference."""
+    ok, msg, ties = compare_selection(w, idx, ref_probs, rtol, atol)
+    if not ok:
+        return False, msg
+    if not torch.allclose(mp.double(), ref_probs.double().mean(0), rtol=rtol, atol=atol):
         return False, "mean_probs differ"
     if not torch.allclose(lse.double(), ref_lse.double(), rtol=rtol, atol=max(atol, 1e-5) * 10):
         return False, "lse differ"
-    note = f"ok (max|dw|={err_w:.1e}" + (f", {n_diff} near-tie swaps)" if n_diff else ")")
-    return True, note
+    return True, f"ok ({msg}" + (f", {ties} tokens ordered differently within ties)" if ties else ")")
 
 
 def check_contender(contender: str, x: Tensor, params: Sequence[Tensor], top_k: int,
                     with_grad: bool = True) -> Tuple[bool, str]:
     """Agreement of ``contender`` on ``x`` with its oracle.
 
-    L2R contenders against ``l2r_cuda.reference.route`` (float32 math from the same inputs: indices
-    must be equal, weights/lse/mean_probs close; for ``l2r_native`` also the gradients);
-    linear/cosine gates against a float64 evaluation of their formula on the same rounded inputs.
+    L2R contenders against ``l2r_cuda.reference.route`` (float32 math from the same inputs: the
+    selection as :func:`compare_selection` says, weights/lse/mean_probs close; for ``l2r_native``
+    also the gradients); linear/cosine gates against a float64 evaluation of their formula on the
+    same rounded inputs.
     """
     f = forward_fn(contender, top_k)
     with torch.no_grad():
@@ -259,22 +298,20 @@ def check_contender(contender: str, x: Tensor, params: Sequence[Tensor], top_k: 
         proj, anchors, scale, nw = params
         logits = reference.route_logits(x, proj, anchors, scale, norm_weight=nw)
         probs = torch.softmax(logits, -1)
-        ok, msg = _compare_routing(w, idx, mp, lse, probs, torch.logsumexp(logits, -1), 1e-4, 2e-6,
-                                   exact_indices=True)
+        ok, msg = _compare_routing(w, idx, mp, lse, probs, torch.logsumexp(logits, -1), 1e-4, 2e-6)
         if ok and with_grad and contender == "l2r_native":
             ok, gmsg = _check_grads(contender, x, params, top_k)
             msg = msg if ok else gmsg
         return ok, msg
     xd = x.double()
-    if contender in ("linear", "linear_compiled"):
+    if contender in LINEAR:
         logits = xd @ params[0].double().t()
     else:
         wp, bp, emb, t = (p.double() for p in params)
         h = F.normalize(xd @ wp.t() + bp, dim=-1)
         logits = (h @ F.normalize(emb, dim=-1).t()) * torch.clamp(t, max=math.log(100.0)).exp()
-    rtol, atol = _tol(x.dtype)
-    return _compare_routing(w, idx, mp, lse, torch.softmax(logits, -1), torch.logsumexp(logits, -1),
-                            rtol, atol, exact_indices=False)
+    rtol, atol = _tol(torch.float32 if contender == "linear_fp32" else x.dtype)
+    return _compare_routing(w, idx, mp, lse, torch.softmax(logits, -1), torch.logsumexp(logits, -1), rtol, atol)
 
 
 def _check_grads(contender: str, x: Tensor, params: Sequence[Tensor], top_k: int) -> Tuple[bool, str]:
@@ -289,6 +326,49 @@ def _check_grads(contender: str, x: Tensor, params: Sequence[Tensor], top_k: int
         if not err <= tol:
             return False, f"grad {n} differs (rel err {err:.1e})"
     return True, "ok"
+
+
+def lane_width_check(x: Tensor, params: Sequence[Tensor], top_k: int, threads: Sequence[int]) -> Tuple[bool, str]:
+    """``l2r_native`` with every CPU instruction set this machine has and each thread count: bitwise
+    the same results across thread counts for one instruction set (deterministic), and every set
+    within the agreement check's tolerance of the reference (the lane widths sum the projection in
+    different orders, so they agree to rounding, not bitwise)."""
+    isa_op = torch.ops.l2r_cuda.cpu_isa
+    before = isa_op()
+    threads_before = torch.get_num_threads()
+    results, notes = {}, []
+    try:
+        for isa in ("portable", "avx2", "avx512"):
+            try:
+                isa_op(isa)
+            except RuntimeError:
+                continue  # this CPU lacks it
+            runs = []
+            for n in threads:
+                torch.set_num_threads(n)
+                with torch.no_grad():
+                    out = l2r_cuda.route(x, *params[:3], top_k=top_k, norm_weight=params[3])
+                runs.append(out)
+            for other in runs[1:]:
+                if not all(torch.equal(a, b) for a, b in zip(runs[0], other)):
+                    return False, f"{isa}: results differ between {threads[0]} and other thread counts"
+            results[isa] = runs[0]
+    finally:
+        isa_op(before)
+        torch.set_num_threads(threads_before)
+    proj, anchors, scale, nw = params
+    logits = reference.route_logits(x, proj, anchors, scale, norm_weight=nw)
+    probs = torch.softmax(logits, -1)
+    base = results.get("portable")
+    for isa, out in results.items():
+        ok, msg = _compare_routing(out.weights, out.indices, out.mean_probs, out.lse, probs,
+                                   torch.logsumexp(logits, -1), 1e-4, 2e-6)
+        if not ok:
+            return False, f"{isa}: {msg}"
+        if base is not None and isa != "portable":
+            notes.append(f"{isa} vs portable max|dw| {(out.weights - base.weights).abs().max().item():.1e}")
+    return True, (f"{', '.join(results)} at threads {list(threads)}: bitwise equal across threads; "
+                  + "; ".join(notes))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,11 +437,15 @@ def analytic_cost(contender: str, m: ModelShape, r: int, H: int, s: int, mode: s
             inter_e = 10 * 8 * E  # logits, lse, softmax, keys, nan mask, 2 sorts (+ int64 idx)
             b_f = d * s + cast + inter_d + 8 * r + inter_eh + inter_e + out
             b_b = 2 * d * s + cast + 2 * inter_d + 2 * inter_eh + 2 * inter_e + 16 * r + 12 * k
-    elif contender in ("linear", "linear_compiled"):
+    elif contender in LINEAR:
         fl_f = 2 * E * d + 6 * E
         fl_b = 4 * E * d + 6 * E
-        pb = E * d * s
-        if contender == "linear_compiled":
+        pb = E * d * (4 if contender == "linear_fp32" else s)
+        if contender == "linear_fp32":  # x.float() is written and read back when x is 16-bit
+            cast = 8 * d if s != 4 else 0
+            b_f = d * s + cast + 4 * 8 * E + out
+            b_b = 2 * d * s + cast + 6 * 8 * E + 12 * k
+        elif contender == "linear_compiled":
             b_f = d * s + 2 * E * s + out
             b_b = 2 * d * s + 3 * E * 4 + 12 * k
         else:
@@ -390,6 +474,7 @@ def peak_memory_estimate(contender: str, m: ModelShape, H: int, s: int, T: int, 
         "l2r_ref": 6 * 4 * d + 8 * 4 * E * H + 16 * 4 * E,
         "l2r_ref_compiled": 4 * 4 * d + 4 * 4 * E * H + 8 * 4 * E,
         "linear": 3 * d * s + 12 * 4 * E,
+        "linear_fp32": 3 * d * s + 8 * d + 12 * 4 * E,
         "linear_compiled": 3 * d * s + 8 * 4 * E,
         "cosine": 3 * d * s + 8 * 4 * COSINE_DIM + 12 * 4 * E,
     }[contender]

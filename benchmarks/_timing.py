@@ -1,14 +1,19 @@
-"""Timing and machine description for the benchmarks.
+"""Timing, machine load and machine description for the benchmarks.
 
-CPU: ``torch.utils.benchmark.Timer`` (thread count pinned through ``num_threads``), several blocks
-of ``number`` calls each, sized adaptively from a warm-up estimate so that every measurement has at
-least ``min_repeats`` blocks. Reported: median and IQR (and min/max) of the per-call time of each
-block.
+CPU: ``torch.utils.benchmark.Timer`` (thread count pinned through ``num_threads``), blocks of
+``number`` calls sized from a warm-up estimate. Contenders that are compared are timed interleaved
+(:func:`time_interleaved`): one block of each in turn, round after round, so that a slow spell of
+the machine hits every contender alike. Reported: median and IQR (and min/max) of the per-call time
+of each block.
 
 CUDA: the callable is warmed up on a side stream, then captured into a CUDA graph and timed by
 replaying it between CUDA events (no launch overhead, no Python in the loop). When capture is not
 possible (an op syncs with the host, e.g. ``bincount`` sizing its output), it falls back to CUDA
 events around eager calls; the row says which (``timer`` column).
+
+Load: :func:`machine_load` samples how much of the CPUs other processes use (``/proc/stat`` over a
+short window, this process excluded) and the load average; a run records it at the start, per
+measured slot and at the end, and :func:`is_busy` says when timings cannot be trusted.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -89,106 +94,174 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_cpu(
-    fn: Callable[[], object],
-    *,
-    threads: int,
-    min_run_time: float = 1.0,
-    min_repeats: int = 5,
-    max_repeats: int = 50,
-    warmup: int = 2,
-    block_time: float = 0.02,
-) -> Measurement:
-    """Time ``fn()`` on CPU with ``torch.utils.benchmark.Timer``.
+class BlockTimer:
+    """One contender's timed blocks: ``block()`` runs ``number`` calls and returns the seconds per
+    call. CPU: torch.utils.benchmark.Timer with the contender's thread count; CUDA: CUDA events
+    around graph replays (or eager calls when the callable cannot be captured)."""
 
-    Warm-up calls first (``warmup``, at least one), whose duration sizes the blocks: ``number``
-    calls per block so a block lasts ~``block_time`` s, and as many blocks as fit in
-    ``min_run_time`` s, clamped to ``[min_repeats, max_repeats]``.
-    """
-    from torch.utils.benchmark import Timer
+    def __init__(self, fn: Callable[[], object], device: torch.device, *, threads: int, warmup: int = 2,
+                 block_time: float = 0.02, use_graph: bool = True):
+        self.device = device
+        self.timer_name = "torch.utils.benchmark"
+        self.extra: dict = {}
+        if device.type == "cuda":
+            self._setup_cuda(fn, warmup, use_graph)
+            return
+        from torch.utils.benchmark import Timer
 
-    t_est = float("inf")
-    for _ in range(max(1, warmup)):
-        t0 = time.perf_counter()
-        fn()
-        t_est = min(t_est, time.perf_counter() - t0)
-    t_est = max(t_est, 1e-7)
-    number = max(1, int(block_time / t_est))
-    repeats = int(min_run_time / (number * t_est))
-    repeats = max(min_repeats, min(max_repeats, repeats))
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    times = [timer.timeit(number).mean for _ in range(repeats)]
-    return Measurement(times, number, "torch.utils.benchmark")
-
-
-def time_cuda(
-    fn: Callable[[], object],
-    *,
-    device: torch.device,
-    min_run_time: float = 1.0,
-    min_repeats: int = 5,
-    max_repeats: int = 50,
-    warmup: int = 3,
-    use_graph: bool = True,
-) -> Measurement:
-    """Time ``fn()`` on a CUDA device: CUDA-graph replay between CUDA events when it captures,
-    CUDA events around eager calls otherwise."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(max(1, warmup)):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    _sync(device)
-
-    call = fn
-    timer = "cuda_events"
-    note = ""
-    if use_graph:
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+        est = float("inf")
+        with _threads(threads):
+            for _ in range(max(1, warmup)):
+                t0 = time.perf_counter()
                 fn()
-            graph.replay()
-            _sync(device)
-            call = graph.replay
-            timer = "cuda_graph"
-        except Exception as exc:  # not capturable: host sync, CPU scalar, ...
-            note = f"graph capture failed: {type(exc).__name__}"
-            _sync(device)
-            call = fn
+                est = min(est, time.perf_counter() - t0)
+        self.estimate = max(est, 1e-7)
+        self.number = max(1, int(block_time / self.estimate))
+        self._timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
 
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    call()
-    end.record()
-    end.synchronize()
-    t_est = max(start.elapsed_time(end) / 1e3, 1e-7)
-    number = max(1, int(0.005 / t_est))
-    repeats = max(min_repeats, min(max_repeats, int(min_run_time / (number * t_est))))
-    times = []
-    for _ in range(repeats):
+    def _setup_cuda(self, fn, warmup: int, use_graph: bool) -> None:
+        device = self.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(max(1, warmup)):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        _sync(device)
+        self._call, self.timer_name = fn, "cuda_events"
+        if use_graph:
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fn()
+                graph.replay()
+                _sync(device)
+                self._graph = graph
+                self._call, self.timer_name = graph.replay, "cuda_graph"
+            except Exception as exc:  # not capturable: host sync, CPU scalar, ...
+                self.extra["note"] = f"graph capture failed: {type(exc).__name__}"
+                _sync(device)
+        self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        self.number = 1
+        self.estimate = max(self._cuda_block(), 1e-7)
+        self.number = max(1, int(0.005 / self.estimate))
+
+    def _cuda_block(self) -> float:
+        start, end = self._events
         start.record()
-        for _ in range(number):
-            call()
+        for _ in range(self.number):
+            self._call()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / number)
-    m = Measurement(times, number, timer)
-    if note:
-        m.extra["note"] = note
-    return m
+        return start.elapsed_time(end) / 1e3 / self.number
+
+    def block(self) -> float:
+        if self.device.type == "cuda":
+            return self._cuda_block()
+        return self._timer.timeit(self.number).mean
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, *, threads: int, min_run_time: float,
-            min_repeats: int, max_repeats: int = 50, use_graph: bool = True, warmup: int = 2) -> Measurement:
-    """CPU: :func:`time_cpu`; CUDA: :func:`time_cuda` (``use_graph=False`` for callables known to
-    synchronize with the host, which cannot be captured)."""
-    if device.type == "cuda":
-        return time_cuda(fn, device=device, min_run_time=min_run_time, min_repeats=min_repeats,
-                         max_repeats=max_repeats, use_graph=use_graph)
-    return time_cpu(fn, threads=threads, min_run_time=min_run_time, min_repeats=min_repeats,
-                    max_repeats=max_repeats, warmup=warmup)
+class _threads:
+    """Runs a block with torch's intra-op thread count set (and restores it)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def time_interleaved(timers: Dict[str, BlockTimer], *, min_run_time: float, min_repeats: int,
+                     max_repeats: int = 50) -> Dict[str, Measurement]:
+    """Blocks of every timer in turn (the order rotated each round), until each has at least
+    ``min_repeats`` blocks and ``min_run_time`` seconds of calls (at most ``max_repeats`` blocks)."""
+    names = list(timers)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    spent = {n: 0.0 for n in names}
+    for round_ in range(max_repeats):
+        done = all(len(times[n]) >= min_repeats and spent[n] >= min_run_time for n in names)
+        if done:
+            break
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
+        for n in order:
+            t = timers[n].block()
+            times[n].append(t)
+            spent[n] += t * timers[n].number
+    out = {}
+    for n in names:
+        m = Measurement(times[n], timers[n].number, timers[n].timer_name)
+        m.extra.update(timers[n].extra)
+        out[n] = m
+    return out
+
+
+def single_calls(fn: Callable[[], object], calls: int, *, threads: int, warmup: int = 2) -> List[float]:
+    """Seconds of each of ``calls`` identical calls, timed one by one (run-to-run stability: a
+    block average would hide a slow call)."""
+    with _threads(threads):
+        for _ in range(warmup):
+            fn()
+        out = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine load
+
+
+def _cpu_ticks():
+    """(busy, total) jiffies of all CPUs, and this process's own (user + system) jiffies."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])
+    with open(f"/proc/{os.getpid()}/stat") as f:
+        own = f.read().rsplit(")", 1)[1].split()
+    return total - idle, total, int(own[11]) + int(own[12])
+
+
+def machine_load(window: float = 0.5) -> dict:
+    """How loaded the machine is: ``others`` = the share of all CPUs that other processes kept busy
+    during ``window`` seconds (0 = idle, 1 = every CPU busy), and the 1/5/15-minute load averages."""
+    out = {"load_average": tuple(round(v, 2) for v in os.getloadavg()) if hasattr(os, "getloadavg") else None,
+           "others": None}
+    try:
+        b0, t0, own0 = _cpu_ticks()
+        time.sleep(window)
+        b1, t1, own1 = _cpu_ticks()
+        if t1 > t0:
+            out["others"] = round(max(0.0, (b1 - b0) - (own1 - own0)) / (t1 - t0), 3)
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+# A machine counts as busy when other processes keep more than this share of its CPUs busy, or
+# (where /proc/stat cannot be read) when the 1-minute load average exceeds this share of its CPUs.
+BUSY_SHARE = 0.10
+
+
+def is_busy(load: dict, cpus: int) -> bool:
+    if load.get("others") is not None:
+        return load["others"] > BUSY_SHARE
+    la = load.get("load_average")
+    return la is not None and la[0] > BUSY_SHARE * cpus + 0.5
+
+
+def describe_load(load: dict) -> str:
+    la = load.get("load_average")
+    text = "load average " + (" ".join(f"{v:.2f}" for v in la) if la else "n/a")
+    if load.get("others") is not None:
+        text += f", other processes {100 * load['others']:.0f}% of the CPUs"
+    return text
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,12 +6,17 @@
 Sweeps model shapes (OLMoE, Qwen3-30B-A3B, Mixtral-8x7B, DeepSeek-V3, Llama-4-Scout), L2R rank r and
 anchors per expert H, token counts from decode (T=1) to training batches, fp32/bf16, forward
 (inference) and forward+backward. Contenders (see ``benchmarks/_contenders.py``): ``l2r_native``,
-``l2r_ref`` (eager reference), ``l2r_ref_compiled``, ``linear``, ``linear_compiled``, ``cosine``,
-and ``read_x`` (one reduction over x: the memory-read floor every router pays).
+``l2r_ref`` (eager reference), ``l2r_ref_compiled``, ``linear`` (x W^T in x's dtype, as HF models
+do), ``linear_fp32`` (the float32 router, 16-bit runs), ``linear_compiled``, ``cosine``, and
+``read_x`` (one reduction over x: the memory-read floor every router pays).
 
-Each contender is checked against its oracle before it is timed. Output: a markdown table on
-stdout, ``route.csv``, ``route.md``, ``route.png`` and ``summary.md`` (machine, acceptance-row
-figures, static CUDA kernel figures when a ``ptxas_<arch>.md`` is present) in ``--out``.
+Trust: the load of the machine is recorded with every run (start, every measured slot, end) and a
+busy machine is reported (``--strict`` refuses to time on one); the contenders of one (model, dtype,
+T, mode) are timed interleaved, block by block, and reported as median and IQR; every contender is
+checked against its oracle at every timed T, tie-aware. Output: a markdown table on stdout,
+``route.csv``, ``route.md``, ``route.png`` (when matplotlib is installed) and ``summary.md``
+(machine, acceptance table, native vs reference on every row, static CUDA kernel figures when a
+``ptxas_<arch>.md`` is present) in ``--out``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import csv
 import glob
 import itertools
 import os
+import statistics
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -85,9 +91,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "(default: 4 s on CPU, none on GPU)")
     p.add_argument("--mem-fraction", type=float, default=0.5,
                    help="skip a case whose estimated allocation exceeds this fraction of free memory")
-    p.add_argument("--check-tokens", type=int, default=256, help="tokens used by the agreement checks")
+    p.add_argument("--check-tokens", type=int, default=8192,
+                   help="agreement checks run at every timed T on x, or on this many evenly spaced rows of "
+                        "it when T is larger (default 8192)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strict", action="store_true", help="exit non-zero when an agreement check fails")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse to time on a busy machine, and exit non-zero when an agreement check fails "
+                        "or the machine got busy during the run")
+    p.add_argument("--no-scaling", action="store_true",
+                   help="do not also time l2r_native with 1 thread at the acceptance shape (thread scaling)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     args = p.parse_args(argv)
@@ -123,6 +135,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.threads = preset.get("threads") or usable
     if args.max_call_s is None:
         args.max_call_s = 4.0 if args.device.type == "cpu" else float("inf")
+    args.scaling = not args.no_scaling
     return args
 
 
@@ -141,130 +154,224 @@ def _compile_here(args, contender: str, model: str, r: int, H: int, dtype: str, 
     return contender == "linear_compiled" or (r, H) == (acc["r"], acc["H"])
 
 
+def acceptance_T(args) -> Optional[int]:
+    """The T of the acceptance rows: 8192 when swept for the acceptance model, else its largest T."""
+    model = ACCEPTANCE["model"]
+    if model not in args.models:
+        return None
+    tokens = args.tokens_by_model.get(model, args.tokens)
+    return ACCEPTANCE["T"] if ACCEPTANCE["T"] in tokens else max(tokens)
+
+
+def _at_acceptance(args, model: str, r: int, H: int, T: int) -> bool:
+    return model == ACCEPTANCE["model"] and (r, H) == (ACCEPTANCE["r"], ACCEPTANCE["H"]) and T == acceptance_T(args)
+
+
 def plan_cases(args) -> List[dict]:
-    """Every (model, dtype, T, mode, contender, r, H) to run, in execution order."""
+    """Every (model, dtype, T, mode, contender, r, H, threads) to run, in execution order; the cases
+    of one (model, dtype, T, mode) form a slot, timed interleaved."""
     cases = []
     for model, dtype in itertools.product(args.models, args.dtypes):
         tokens = sorted(args.tokens_by_model.get(model, args.tokens))
         for T, mode, contender in itertools.product(tokens, args.modes, args.contenders):
+            base = dict(model=model, dtype=dtype, T=T, mode=mode, contender=contender, threads=args.threads)
             if contender == "read_x":
                 if mode == "fwd":
-                    cases.append(dict(model=model, dtype=dtype, T=T, mode=mode, contender=contender, r=0, H=0))
+                    cases.append(dict(base, r=0, H=0))
                 continue
+            if contender == "linear_fp32" and dtype == "fp32":
+                continue  # the same as linear
             configs = args.configs if contender in C.L2R_CONTENDERS else [(0, 0)]
             for r, H in configs:
                 if _compile_here(args, contender, model, r, H, dtype, T):
-                    cases.append(dict(model=model, dtype=dtype, T=T, mode=mode, contender=contender, r=r, H=H))
+                    cases.append(dict(base, r=r, H=H))
+                if (contender == "l2r_native" and args.scaling and args.device.type == "cpu" and args.threads > 1
+                        and _at_acceptance(args, model, r, H, T)):
+                    cases.append(dict(base, r=r, H=H, threads=1))  # thread scaling, same slot
     return cases
 
 
-def run_sweep(args, log) -> List[dict]:
-    from tqdm import tqdm
+def _slots(cases: List[dict]) -> List[List[dict]]:
+    out: Dict[tuple, List[dict]] = {}
+    for c in cases:
+        out.setdefault((c["model"], c["dtype"], c["T"], c["mode"]), []).append(c)
+    return list(out.values())
 
+
+def _progress(total: int, disable: bool):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, file=sys.stderr, disable=disable, unit="case", dynamic_ncols=True)
+    except ImportError:  # tqdm is optional
+        class _Quiet:
+            def update(self, n=1):
+                pass
+
+            def set_postfix_str(self, text):
+                pass
+
+            def close(self):
+                pass
+
+        return _Quiet()
+
+
+def _check_rows(x: torch.Tensor, limit: int) -> torch.Tensor:
+    """x, or ``limit`` evenly spaced rows of it."""
+    T = x.shape[0]
+    if T <= limit:
+        return x
+    return x[torch.linspace(0, T - 1, limit).round().long().to(x.device)]
+
+
+def run_sweep(args, log) -> List[dict]:
     device = args.device
     cases = plan_cases(args)
     rows: List[dict] = []
-    xs: Dict[tuple, torch.Tensor] = {}
     params_cache: Dict[tuple, list] = {}
-    checks: Dict[tuple, Tuple[bool, str]] = {}
     last_time: Dict[tuple, Tuple[int, float]] = {}
     free_mem = _timing.available_memory(device)
-    bar = tqdm(cases, file=sys.stderr, disable=args.no_progress, unit="case", dynamic_ncols=True)
-    for case in bar:
-        model, dtype_name, T, mode, contender, r, H = (case[k] for k in ("model", "dtype", "T", "mode", "contender", "r", "H"))
+    bar = _progress(len(cases), args.no_progress)
+    for slot in _slots(cases):
+        model, dtype_name, T, mode = (slot[0][k] for k in ("model", "dtype", "T", "mode"))
         m = C.MODELS[model]
         dtype = C.DTYPES[dtype_name]
         s = torch.empty((), dtype=dtype).element_size()
-        bar.set_postfix_str(f"{model} {dtype_name} T={T} {mode} {contender}" + (f" r={r} H={H}" if r else ""))
-        row = dict(model=model, model_name=m.name, d=m.d, E=m.E, k=m.k, r=r or "", H=H or "", T=T,
-                   dtype=dtype_name, mode=mode, contender=contender)
-        row.update({f"{key}_per_token": v for key, v in C.analytic_cost(contender, m, r, H, s, mode).items()
-                    if key != "param_bytes"})
-        row["param_bytes"] = C.analytic_cost(contender, m, r, H, s, mode).get("param_bytes", 0)
-
-        # Caps: memory (estimate) and time (extrapolated from the previous T of the same series).
-        series = (model, dtype_name, mode, contender, r, H)
-        need = C.peak_memory_estimate(contender, m, H, s, T, mode)
-        if free_mem is not None and need > args.mem_fraction * free_mem:
-            row["status"] = f"skipped: needs ~{need / 2**30:.1f} GiB"
+        load = _timing.machine_load(0.2) if device.type == "cpu" else {}
+        x = C.make_x(T, m.d, dtype, device, seed=args.seed + T)
+        x_leaf = x.detach().clone().requires_grad_(True) if mode == "fwdbwd" else None
+        x_check = _check_rows(x, args.check_tokens)
+        timers: Dict[int, _timing.BlockTimer] = {}
+        slot_rows: Dict[int, dict] = {}
+        need_total = 0
+        for case in slot:
+            contender, r, H, threads = case["contender"], case["r"], case["H"], case["threads"]
+            bar.set_postfix_str(f"{model} {dtype_name} T={T} {mode} {contender}" + (f" r={r} H={H}" if r else "")
+                                + (f" {threads}t" if threads != args.threads else ""))
+            row = dict(model=model, model_name=m.name, d=m.d, E=m.E, k=m.k, r=r or "", H=H or "", T=T,
+                       dtype=dtype_name, mode=mode, contender=contender, threads=threads,
+                       load_others=load.get("others", ""),
+                       load1=load["load_average"][0] if load.get("load_average") else "")
+            cost = C.analytic_cost(contender, m, r, H, s, mode)
+            row.update({f"{key}_per_token": v for key, v in cost.items() if key != "param_bytes"})
+            row["param_bytes"] = cost.get("param_bytes", 0)
             rows.append(row)
-            continue
-        if series in last_time:
-            # Linear in T from a previous T large enough not to be all fixed overhead.
-            T0, t0 = last_time[series]
-            est = t0 * T / T0
-            if T0 >= 64 and est > args.max_call_s:
-                row["status"] = f"skipped: ~{est:.1f} s/call > --max-call-s"
-                rows.append(row)
+            bar.update()
+            # Caps: memory (estimate) and time (extrapolated from the previous T of the same series).
+            series = (model, dtype_name, mode, contender, r, H, threads)
+            need = C.peak_memory_estimate(contender, m, H, s, T, mode)
+            if free_mem is not None and need > args.mem_fraction * free_mem:
+                row["status"] = f"skipped: needs ~{need / 2**30:.1f} GiB"
                 continue
-
-        xkey = (model, dtype_name, T)
-        if xkey not in xs:
-            xs.clear()  # one x alive at a time
-            xs[xkey] = C.make_x(T, m.d, dtype, device, seed=args.seed + T)
-        x = xs[xkey]
-        try:
-            if contender == "read_x":
-                best = None
-                for name, fn in C.read_x_steps(x).items():
-                    meas = _timing.time_fn(fn, device, threads=args.threads, min_run_time=args.min_run_time,
-                                           min_repeats=args.min_repeats)
-                    if best is None or meas.median < best[1].median:
-                        best = (name, meas)
-                row["note"] = best[0]
-                meas = best[1]
-                row["check"] = "n/a"
-            else:
+            if series in last_time:
+                T0, t0 = last_time[series]  # linear in T from a T large enough not to be all overhead
+                est = t0 * T / T0
+                if T0 >= 64 and est > args.max_call_s:
+                    row["status"] = f"skipped: ~{est:.1f} s/call > --max-call-s"
+                    continue
+            try:
+                if contender == "read_x":
+                    for i, (name, fn) in enumerate(C.read_x_steps(x).items()):
+                        timers[id(row) + i] = _timing.BlockTimer(fn, device, threads=threads)
+                        slot_rows[id(row) + i] = dict(row, note=name)
+                    row["check"] = "n/a"
+                    continue
                 pkey = (contender.replace("_compiled", ""), model, dtype_name, r, H)
                 if pkey not in params_cache:
                     params_cache[pkey] = C.make_params(contender, m, r, H, dtype, device, seed=args.seed + 1)
                 params = params_cache[pkey]
-                # Agreement before timing: once per series on a tie-free prefix of x (compiled
-                # contenders: on x itself, so the check adds no graph of its own).
-                ckey = (contender, model, dtype_name, r, H) + ((T,) if contender in C.COMPILED else ())
                 t_build = time.perf_counter()  # compiled: the check's forward compiles too
-                if ckey not in checks:
-                    xc = x if contender in C.COMPILED else x[: args.check_tokens]
-                    if contender in C.COMPILED and T > 1:
-                        torch._dynamo.maybe_mark_dynamic(xc, 0)
-                    try:
-                        checks[ckey] = C.check_contender(contender, xc, params, m.k)
-                    except Exception as exc:
-                        checks[ckey] = (False, f"check raised {type(exc).__name__}: {exc}")
-                    if not checks[ckey][0]:
-                        log(f"AGREEMENT CHECK FAILED: {contender} {model} {dtype_name} r={r} H={H}: {checks[ckey][1]}")
-                ok, msg = checks[ckey]
+                # Agreement at this T (compiled contenders on x itself: no graph of their own).
+                xc = x if contender in C.COMPILED else x_check
+                if contender in C.COMPILED and T > 1:
+                    torch._dynamo.maybe_mark_dynamic(xc, 0)
+                try:
+                    ok, msg = C.check_contender(contender, xc, params, m.k, with_grad=mode == "fwdbwd")
+                except Exception as exc:
+                    ok, msg = False, f"check raised {type(exc).__name__}: {exc}"
+                if not ok:
+                    log(f"AGREEMENT CHECK FAILED: {contender} {model} {dtype_name} T={T} r={r} H={H}: {msg}")
                 row["check"] = "ok" if ok else f"FAIL: {msg}"
-                step, inputs = C.make_step(contender, x, params, m.k, mode, seed=args.seed,
-                                           mark_dynamic=True)
+                row["check_note"] = msg
+                step, inputs = C.make_step(contender, x, params, m.k, mode, seed=args.seed, mark_dynamic=True,
+                                           x_leaf=x_leaf)
                 warm = 0
                 if contender in C.COMPILED:  # compile outside the timed region, and report it
                     step()
                     row["compile_s"] = round(time.perf_counter() - t_build, 2)
                     warm += 1
-                if mode == "fwdbwd" and contender not in C.COMPILED:
+                if mode == "fwdbwd" and contender not in C.COMPILED and threads == args.threads:
                     _saved_figures(row, step, inputs, T)  # doubles as a warm-up call
                     warm += 1
-                meas = _timing.time_fn(step, device, threads=args.threads, min_run_time=args.min_run_time,
-                                       min_repeats=args.min_repeats, use_graph=contender in C.GRAPHABLE,
-                                       warmup=max(1, 2 - warm))
+                timers[id(row)] = _timing.BlockTimer(step, device, threads=threads, warmup=max(1, 2 - warm),
+                                                     use_graph=contender in C.GRAPHABLE)
+                slot_rows[id(row)] = row
                 if mode == "fwdbwd" and device.type == "cuda":
                     _peak_memory(row, step, device)
-        except Exception as exc:
-            row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-            log(f"{series} T={T}: {row['status']}")
-            rows.append(row)
-            continue
-        last_time[series] = (T, meas.median)
-        row.update(status="ok", timer=meas.timer, median_s=meas.median, iqr_s=meas.iqr, min_s=meas.min,
-                   max_s=meas.max, p25_s=meas.quantile(0.25), p75_s=meas.quantile(0.75),
-                   repeats=len(meas.times), calls_per_repeat=meas.number)
-        if "note" in meas.extra:
-            row["note"] = (row.get("note", "") + " " + meas.extra["note"]).strip()
-        rows.append(row)
+                if contender == "l2r_native" and threads == args.threads and _at_acceptance(args, model, r, H, T):
+                    _acceptance_probes(args, row, step, x, params, m.k, mode, dtype_name)
+                need_total += need
+            except Exception as exc:
+                row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                log(f"{series} T={T}: {row['status']}")
+        # Interleaved timing of the slot (one at a time when together they would not fit in memory).
+        together = free_mem is None or need_total <= args.mem_fraction * free_mem
+        groups = [list(timers)] if together else [[key] for key in timers]
+        for keys in groups:
+            if not keys:
+                continue
+            try:
+                meas = _timing.time_interleaved({k: timers[k] for k in keys}, min_run_time=args.min_run_time,
+                                                min_repeats=args.min_repeats)
+            except Exception as exc:
+                for k in keys:
+                    slot_rows[k]["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                continue
+            for k in keys:
+                _store_measurement(slot_rows[k], meas[k])
+        _pick_read_x(rows, slot_rows)
+        for row in slot_rows.values():
+            if row.get("status") == "ok":
+                last_time[(model, dtype_name, mode, row["contender"], row["r"], row["H"], row["threads"])] = (
+                    T, row["median_s"])
+        del timers, x, x_leaf, x_check
     bar.close()
     _derive(rows, device)
     return rows
+
+
+def _store_measurement(row: dict, meas: _timing.Measurement) -> None:
+    row.update(status="ok", timer=meas.timer, median_s=meas.median, iqr_s=meas.iqr, min_s=meas.min,
+               max_s=meas.max, p25_s=meas.quantile(0.25), p75_s=meas.quantile(0.75),
+               repeats=len(meas.times), calls_per_repeat=meas.number)
+    if "note" in meas.extra:
+        row["note"] = (row.get("note", "") + " " + meas.extra["note"]).strip()
+
+
+def _pick_read_x(rows: List[dict], slot_rows: Dict[int, dict]) -> None:
+    """read_x is the faster of its reductions: its row takes that one's measurement."""
+    for row in rows:
+        if row["contender"] != "read_x" or "status" in row:
+            continue
+        timed = [r for k, r in slot_rows.items() if r.get("contender") == "read_x" and r.get("status") == "ok"
+                 and r["T"] == row["T"] and r["model"] == row["model"] and r["dtype"] == row["dtype"]]
+        if timed:
+            best = min(timed, key=lambda r: r["median_s"])
+            row.update({k: v for k, v in best.items() if k not in row or k in ("note",)})
+            row["status"] = "ok"
+
+
+def _acceptance_probes(args, row: dict, step, x, params, k: int, mode: str, dtype_name: str) -> None:
+    """At the acceptance shape: 15 identical calls timed one by one (run-to-run stability), and in
+    the forward the lane-width / thread-count agreement of the native op."""
+    calls = _timing.single_calls(step, 15, threads=row["threads"])
+    med = statistics.median(calls)
+    row["single_calls_ms"] = " ".join(f"{c * 1e3:.2f}" for c in calls)
+    row["max_over_median_15"] = max(calls) / med
+    if mode == "fwd" and args.device.type == "cpu":
+        ok, msg = C.lane_width_check(x[: min(x.shape[0], 1024)], params, k, threads=sorted({1, args.threads}))
+        row["lane_width_check"] = ("ok: " if ok else "FAIL: ") + msg
 
 
 def _saved_figures(row: dict, step, inputs, T: int) -> None:
@@ -286,24 +393,25 @@ def _peak_memory(row: dict, step, device: torch.device) -> None:
 
 
 def _derive(rows: List[dict], device: torch.device) -> None:
-    """Ratios to the read floor and to linear gating; achieved bandwidth and FLOP rate."""
+    """Ratios to the read floor and to linear gating (both at the run's thread count); achieved
+    bandwidth and FLOP rate."""
     peak = _timing.peak_bandwidth(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    ok = [r for r in rows if r.get("status") == "ok"]
+    threads = max((r["threads"] for r in ok), default=1)
     t = {}
-    for row in rows:
-        if row.get("status") == "ok":
-            t[(row["model"], row["dtype"], row["T"], row["mode"], row["contender"], row["r"], row["H"])] = row["median_s"]
-    for row in rows:
-        if row.get("status") != "ok":
-            continue
+    for row in ok:
+        t[(row["model"], row["dtype"], row["T"], row["mode"], row["contender"], row["r"], row["H"],
+           row["threads"])] = row["median_s"]
+    for row in ok:
         key = (row["model"], row["dtype"], row["T"])
-        read = t.get(key + ("fwd", "read_x", "", ""))
-        lin = t.get(key + (row["mode"], "linear", "", ""))
+        read = t.get(key + ("fwd", "read_x", "", "", threads))
+        lin = t.get(key + (row["mode"], "linear", "", "", threads))
         if read:
             row["vs_read_x"] = row["median_s"] / read
         if lin:
             row["vs_linear"] = row["median_s"] / lin
         if row["contender"] in C.L2R_CONTENDERS and row["contender"] != "l2r_native":
-            nat = t.get(key + (row["mode"], "l2r_native", row["r"], row["H"]))
+            nat = t.get(key + (row["mode"], "l2r_native", row["r"], row["H"], row["threads"]))
             if nat:
                 row["vs_native"] = row["median_s"] / nat
         if "bytes_per_token" in row:
@@ -317,11 +425,12 @@ def _derive(rows: List[dict], device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------
 # Outputs
 
-CSV_FIELDS = ["model", "model_name", "d", "E", "k", "r", "H", "T", "dtype", "mode", "contender", "status",
-              "check", "timer", "median_s", "iqr_s", "p25_s", "p75_s", "min_s", "max_s", "repeats",
+CSV_FIELDS = ["model", "model_name", "d", "E", "k", "r", "H", "T", "dtype", "mode", "contender", "threads",
+              "status", "check", "load_others", "load1", "timer", "median_s", "iqr_s", "p25_s", "p75_s", "min_s", "max_s", "repeats",
               "calls_per_repeat", "vs_read_x", "vs_linear", "vs_native", "bytes_per_token",
               "flops_per_token", "param_bytes", "achieved_GBps", "achieved_GFLOPs", "pct_peak_bw",
-              "saved_bytes", "saved_extra_bytes_per_token", "peak_mem_bytes", "compile_s", "note"]
+              "saved_bytes", "saved_extra_bytes_per_token", "peak_mem_bytes", "compile_s", "max_over_median_15",
+              "single_calls_ms", "lane_width_check", "check_note", "note"]
 
 
 def _fmt_t(s) -> str:
@@ -349,20 +458,23 @@ def _si(v) -> str:
 
 def markdown_table(rows: List[dict], gpu: bool) -> str:
     head = ["model", "dtype", "mode", "T", "contender", "r×H", "median", "IQR", "×read_x", "×linear",
-            "B/tok", "FLOP/tok", "GB/s"] + (["%peak BW", "peak mem"] if gpu else []) + ["saved B/tok", "check"]
+            "B/tok", "FLOP/tok", "GB/s"] + (["%peak BW", "peak mem"] if gpu else []) + ["saved B/tok", "check", "load"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    threads = max((r["threads"] for r in rows), default=1)
     for r in rows:
         cfg = f"{r['r']}×{r['H']}" if r.get("r") else ""
+        name = r["contender"] + (f" ({r['threads']} thread{'s' if r['threads'] > 1 else ''})"
+                                 if r["threads"] != threads else "")
         if r.get("status") != "ok":
-            cells = [r["model"], r["dtype"], r["mode"], str(r["T"]), r["contender"], cfg, r.get("status", "")] + \
+            cells = [r["model"], r["dtype"], r["mode"], str(r["T"]), name, cfg, r.get("status", "")] + \
                     [""] * (len(head) - 7)
         else:
-            cells = [r["model"], r["dtype"], r["mode"], str(r["T"]), r["contender"], cfg, _fmt_t(r["median_s"]),
+            cells = [r["model"], r["dtype"], r["mode"], str(r["T"]), name, cfg, _fmt_t(r["median_s"]),
                      _fmt_t(r["iqr_s"]), _fmt(r.get("vs_read_x")), _fmt(r.get("vs_linear")),
                      _si(r.get("bytes_per_token")), _si(r.get("flops_per_token")), _fmt(r.get("achieved_GBps"))]
             if gpu:
                 cells += [_fmt(r.get("pct_peak_bw"), "{:.1f}"), _si(r.get("peak_mem_bytes"))]
-            cells += [_fmt(r.get("saved_extra_bytes_per_token"), "{:.0f}"), r.get("check", "")]
+            cells += [_fmt(r.get("saved_extra_bytes_per_token"), "{:.0f}"), r.get("check", ""), _load_text(r)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -380,6 +492,7 @@ def write_csv(rows: List[dict], path: str, info: dict) -> None:
 PLOT_STYLE = {
     "read_x": dict(color="black", ls="--", marker=""),
     "linear": dict(color="tab:blue", ls="-", marker="o"),
+    "linear_fp32": dict(color="tab:cyan", ls="-", marker="d"),
     "linear_compiled": dict(color="tab:blue", ls=":", marker="s"),
     "cosine": dict(color="tab:purple", ls="-", marker="^"),
     "l2r_native": dict(color="tab:red", ls="-", marker="o"),
@@ -391,13 +504,14 @@ PLOT_STYLE = {
 def plot(rows: List[dict], path: str, title: str) -> Optional[str]:
     """Time vs tokens (log-log), one subplot per model (rows) and dtype/mode (columns), one line per
     contender; L2R contenders at r=8, H=4 when measured (else the first config), other L2R configs
-    of the native kernel as thin lines."""
+    of the native kernel as thin lines. Raises ImportError without matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r.get("status") == "ok"]
+    threads = max((r["threads"] for r in rows if r.get("status") == "ok"), default=1)
+    ok = [r for r in rows if r.get("status") == "ok" and r["threads"] == threads]
     if not ok:
         return None
     models = list(dict.fromkeys(r["model"] for r in ok))
@@ -475,24 +589,107 @@ def ptxas_section(out_dir: str) -> str:
     return "\n".join(parts)
 
 
+def _load_text(row: Optional[dict]) -> str:
+    if not row or row.get("load_others") in ("", None):
+        return "n/a"
+    return f"{100 * row['load_others']:.0f}% / {row['load1']:.2f}"
+
+
+def acceptance_table(rows: List[dict], args) -> List[str]:
+    """Issue 14's acceptance targets, each with the figure measured in this run, whether it is met,
+    and the load the machine had when it was measured (other processes' share of the CPUs / 1-minute
+    load average)."""
+    a = ACCEPTANCE
+    T = acceptance_T(args)
+    if T is None:
+        return ["The acceptance model was not part of this sweep."]
+
+    def get(contender, dtype, mode, with_cfg=True, threads=None, tokens=None):
+        kw = dict(model=a["model"], T=tokens or T, dtype=dtype, mode=mode, contender=contender,
+                  threads=threads or args.threads)
+        if with_cfg:
+            kw.update(r=a["r"], H=a["H"])
+        return _find(rows, **kw)
+
+    out = []
+
+    def add(target, value, met, row):
+        status = "n/a" if met is None else ("met" if met else "**missed**")
+        out.append(f"| {target} | {value} | {status} | {_load_text(row)} |")
+
+    def ratio(num, den):
+        return num["median_s"] / den["median_s"] if num and den else None
+
+    nat_f, nat_b = get("l2r_native", "fp32", "fwd"), get("l2r_native", "fp32", "fwdbwd")
+    read32 = get("read_x", "fp32", "fwd", False)
+    v = ratio(nat_f, read32)
+    add("fp32 forward ≤ 2× read-x", f"{v:.2f}× ({_fmt_t(nat_f['median_s'])} vs {_fmt_t(read32['median_s'])})"
+        if v else "n/a", v is not None and v <= 2.0 if v else None, nat_f)
+    v = ratio(get("linear", "fp32", "fwd", False), nat_f)
+    add("fp32 forward ≥ 6× faster than linear gating", f"{v:.2f}×" if v else "n/a", v >= 6.0 if v else None, nat_f)
+    nat_bf = get("l2r_native", "bf16", "fwd")
+    v = ratio(get("linear", "bf16", "fwd", False), nat_bf)
+    v32 = ratio(get("linear_fp32", "bf16", "fwd", False), nat_bf)
+    add("bf16 forward ≥ 3× faster than bf16 linear gating (x·Wᵀ in bf16)",
+        (f"{v:.2f}×" if v else "n/a") + (f" (fp32 router: {v32:.2f}×)" if v32 else ""), v >= 3.0 if v else None, nat_bf)
+    v = ratio(nat_b, read32)
+    add("fp32 forward+backward ≤ 8× read-x", f"{v:.2f}× ({_fmt_t(nat_b['median_s'])})" if v else "n/a",
+        v <= 8.0 if v else None, nat_b)
+    v = ratio(get("linear", "fp32", "fwdbwd", False), nat_b)
+    add("fp32 forward+backward ≥ 3× faster than linear forward+backward", f"{v:.2f}×" if v else "n/a",
+        v >= 3.0 if v else None, nat_b)
+    v = nat_b.get("max_over_median_15") if nat_b else None
+    add("fp32 forward+backward: no call of 15 identical calls slower than 1.5× their median",
+        f"max / median = {v:.2f} (ms: {nat_b['single_calls_ms']})" if v else "n/a", v <= 1.5 if v else None, nat_b)
+    for dtype, mode in (("fp32", "fwd"), ("fp32", "fwdbwd"), ("bf16", "fwd"), ("bf16", "fwdbwd")):
+        one = get("l2r_native", dtype, mode, threads=1) if args.threads > 1 else None
+        many = get("l2r_native", dtype, mode)
+        v = ratio(one, many)
+        if v is not None or dtype == "fp32":
+            add(f"{args.threads} threads ≥ 1.7× faster than 1 thread, {dtype} {'forward' if mode == 'fwd' else 'forward+backward'}",
+                f"{v:.2f}× ({_fmt_t(one['median_s'])} → {_fmt_t(many['median_s'])})" if v else "n/a",
+                v >= 1.7 if v else None, many)
+    one_tok = get("l2r_native", "fp32", "fwd", tokens=1) if 1 in args.tokens_by_model.get(a["model"], args.tokens) else None
+    lin_one = get("linear", "fp32", "fwd", False, tokens=1) if one_tok else None
+    add("T=1 forward ≤ 10 µs", _fmt_t(one_tok["median_s"]) if one_tok else "n/a",
+        one_tok["median_s"] <= 10e-6 if one_tok else None, one_tok)
+    v = ratio(lin_one, one_tok)
+    add("T=1 forward not slower than fp32 linear gating", f"{v:.2f}× as fast ({_fmt_t(lin_one['median_s'])} linear)"
+        if v else "n/a", v >= 1.0 if v else None, one_tok)
+    lw = nat_f.get("lane_width_check") if nat_f else None
+    add("results equal across lane widths (tolerance), bitwise per width and thread count", lw or "n/a",
+        lw.startswith("ok") if lw else None, nat_f)
+    m = C.MODELS[a["model"]]
+    head = [f"{m.name} shape (d={m.d}, E={m.E}, k={m.k}), T={T} (T=1 for the decode rows), r={a['r']}, H={a['H']}, "
+            f"{args.threads} thread(s), all in this run. Load: other processes' share of the CPUs / 1-minute load "
+            "average when the figure's slot was timed.", "",
+            "| target | measured | status | load |", "|---|---|---|---|"]
+    return head + out
+
+
 def summary_markdown(rows: List[dict], info: dict, args, wall_s: float) -> str:
     a = ACCEPTANCE
-    cfg = dict(model=a["model"], T=a["T"], r=a["r"], H=a["H"])
+    T_acc = acceptance_T(args) or a["T"]
     L = ["# L2R routing microbenchmark: summary", ""]
     L.append(f"Command: `{' '.join(['python -m benchmarks.route'] + list(args.argv))}` "
              f"(preset `{args.preset}`, {wall_s:.0f} s wall)")
+    if info.get("busy"):
+        L += ["", f"**Warning: the machine was busy ({info['busy']}); these timings are not to be trusted.**"]
     L += ["", "## Machine", ""]
     L += [f"- {k}: {v}" for k, v in info.items()]
     L += ["", "Timing: " + ("CUDA events around CUDA-graph replays (eager calls when capture fails; `timer` column)"
                             if args.device.type == "cuda" else
                             f"torch.utils.benchmark.Timer with {args.threads} thread(s), blocks sized adaptively, "
                             f">= {args.min_repeats} blocks and >= {args.min_run_time} s per measurement")
-          + "; median and IQR of the per-call time of each block.", ""]
+          + "; the contenders of one (model, dtype, T, mode) interleaved block by block; median and IQR of "
+            "the per-call time of each block. Every contender checked against its oracle at every timed T "
+            "(tie-aware: equal values may be chosen in either order).", ""]
+    L += ["## Acceptance (issue 14)", ""] + acceptance_table(rows, args) + [""]
     m = C.MODELS[a["model"]]
-    L += [f"## Acceptance row: {m.name} shape (d={m.d}, E={m.E}, k={m.k}), T={a['T']}, r={a['r']}, H={a['H']}", ""]
+    L += [f"## Acceptance row: {m.name} shape (d={m.d}, E={m.E}, k={m.k}), T={T_acc}, r={a['r']}, H={a['H']}", ""]
 
     def get(contender, dtype, mode, with_cfg=True):
-        kw = dict(model=a["model"], T=a["T"], dtype=dtype, mode=mode, contender=contender)
+        kw = dict(model=a["model"], T=T_acc, dtype=dtype, mode=mode, contender=contender, threads=args.threads)
         if with_cfg:
             kw.update(r=a["r"], H=a["H"])
         return _find(rows, **kw)
@@ -504,48 +701,36 @@ def summary_markdown(rows: List[dict], info: dict, args, wall_s: float) -> str:
             nat = get("l2r_native", dtype, mode)
             if not nat:
                 continue
-            lin = get("linear", dtype, mode, False)
-            linc = get("linear_compiled", dtype, mode, False)
-            ref = get("l2r_ref", dtype, mode)
-            refc = get("l2r_ref_compiled", dtype, mode)
-            cos = get("cosine", dtype, mode, False)
             t = nat["median_s"]
+
+            def speedup(contender, with_cfg=False):
+                other = get(contender, dtype, mode, with_cfg)
+                return f"{other['median_s'] / t:.2f}×" if other else "n/a"
+
             figures.append((dtype, mode, _fmt_t(t) + f" (IQR {_fmt_t(nat['iqr_s'])})",
-                            f"{t / read['median_s']:.2f}" if read else "n/a",
-                            f"{lin['median_s'] / t:.2f}×" if lin else "n/a",
-                            f"{linc['median_s'] / t:.2f}×" if linc else "n/a",
-                            f"{cos['median_s'] / t:.2f}×" if cos else "n/a",
-                            f"{ref['median_s'] / t:.2f}×" if ref else "n/a",
-                            f"{refc['median_s'] / t:.2f}×" if refc else "n/a",
-                            _fmt_t(read["median_s"]) + f" ({read.get('note', '')})" if read else "n/a"))
+                            f"{t / read['median_s']:.2f}" if read else "n/a", speedup("linear"),
+                            speedup("linear_fp32"), speedup("linear_compiled"), speedup("cosine"),
+                            speedup("l2r_ref", True), speedup("l2r_ref_compiled", True),
+                            _fmt_t(read["median_s"]) + f" ({read.get('note', '')})" if read else "n/a",
+                            _load_text(nat)))
     if figures:
-        L.append("| dtype | mode | l2r_native | native / read_x | speedup vs linear | vs linear (compiled) | "
-                 "vs cosine | vs reference | vs reference (compiled) | read_x |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|")
+        L.append("| dtype | mode | l2r_native | native / read_x | speedup vs linear | vs fp32 router | "
+                 "vs linear (compiled) | vs cosine | vs reference | vs reference (compiled) | read_x | load |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         L += ["| " + " | ".join(f) + " |" for f in figures]
         L += ["", "Speedups are contender time / l2r_native time (> 1: native faster); `native / read_x` is "
               "how many reads of x the native call costs (forward+backward must at least read x twice and "
-              "write grad_x)."]
+              "write grad_x). `linear` computes x·Wᵀ in x's dtype (HF models); the fp32 router casts x to "
+              "float32 against a float32 W (16-bit runs only)."]
     else:
         L.append("The acceptance row was not part of this sweep.")
-    nat = get("l2r_native", "fp32", "fwd")
-    natb = get("l2r_native", "fp32", "fwdbwd")
-    head = []
-    if nat and nat.get("vs_read_x"):
-        head.append(f"native forward = **{nat['vs_read_x']:.2f}× read-x**")
-    if nat and nat.get("vs_linear"):
-        head.append(f"native forward is **{1 / nat['vs_linear']:.2f}× as fast as linear gating**")
-    if natb and natb.get("vs_read_x"):
-        head.append(f"native forward+backward = **{natb['vs_read_x']:.2f}× read-x**")
-    if head:
-        L += ["", "Headline (fp32): " + "; ".join(head) + "."]
 
     # Native vs reference on every row.
     L += ["", "## l2r_native against the reference, every row", "",
           "| model | dtype | mode | T | r×H | native | reference | ref / native | compiled ref | compiled / native |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r.get("status") != "ok" or r["contender"] != "l2r_native":
+        if r.get("status") != "ok" or r["contender"] != "l2r_native" or r["threads"] != args.threads:
             continue
         key = dict(model=r["model"], dtype=r["dtype"], mode=r["mode"], T=r["T"], r=r["r"], H=r["H"])
         ref = _find(rows, contender="l2r_ref", **key)
@@ -561,7 +746,8 @@ def summary_markdown(rows: List[dict], info: dict, args, wall_s: float) -> str:
           "| model | dtype | T | r×H | E·H | l2r_native | l2r_ref | linear | cosine |", "|---|---|---|---|---|---|---|---|---|"]
     seen = set()
     for r in rows:
-        if r.get("status") != "ok" or r["contender"] != "l2r_native" or r["mode"] != "fwdbwd":
+        if (r.get("status") != "ok" or r["contender"] != "l2r_native" or r["mode"] != "fwdbwd"
+                or r["threads"] != args.threads):
             continue
         key = (r["model"], r["dtype"], r["T"], r["r"], r["H"])
         if key in seen or r["T"] != max(x["T"] for x in rows if x.get("status") == "ok" and x["model"] == r["model"]
@@ -582,7 +768,8 @@ def summary_markdown(rows: List[dict], info: dict, args, wall_s: float) -> str:
     skipped = [r for r in rows if str(r.get("status", "")).startswith("skipped")]
     L += ["", "## Agreement checks and skipped cases", "",
           f"- agreement checks failed: {len(fails)}" + "".join(
-              f"\n  - {r['contender']} {r['model']} {r['dtype']} r={r['r']} H={r['H']}: {r['check']}" for r in fails[:20]),
+              f"\n  - {r['contender']} {r['model']} {r['dtype']} T={r['T']} {r['mode']} r={r['r']} H={r['H']}: {r['check']}"
+              for r in fails[:20]),
           f"- errors: {len(errs)}" + "".join(f"\n  - {r['contender']} {r['model']} {r['dtype']} T={r['T']}: {r['status']}"
                                             for r in errs[:20]),
           f"- skipped (time/memory caps): {len(skipped)}"]
@@ -616,7 +803,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.argv = argv
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
-    os.makedirs(args.out, exist_ok=True)
 
     def log(msg: str) -> None:
         try:
@@ -627,14 +813,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(msg, file=sys.stderr)
 
     info = _timing.machine_info(args.device, args.threads)
+    start_load = _timing.machine_load(1.0)
+    info["load_at_start"] = _timing.describe_load(start_load)
     log("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    cpus = info.get("cpus_usable") or info.get("logical_cpus") or 1
+    if args.device.type == "cpu" and _timing.is_busy(start_load, cpus):
+        log(f"WARNING: the machine is busy ({info['load_at_start']}): timings will be noisy and slow"
+            + ("; --strict: not timing (rerun without --strict to time anyway)" if args.strict else ""))
+        if args.strict:
+            return 3
     if args.device.type == "cpu":
         log("CUDA kernels: no GPU here; static figures: "
             + ("see summary.md" if glob.glob(os.path.join(args.out, "ptxas_*.md")) + glob.glob(os.path.join(DEFAULT_OUT, "ptxas_*.md"))
                else "absent (no ptxas_<arch>.md in the results folder)"))
+    os.makedirs(args.out, exist_ok=True)
     rows = run_sweep(args, log)
     wall = time.perf_counter() - t_start
     info["wall_s"] = f"{wall:.0f}"
+    end_load = _timing.machine_load(1.0)
+    info["load_at_end"] = _timing.describe_load(end_load)
+    busiest = max((r["load_others"] for r in rows if r.get("load_others") not in ("", None)), default=None)
+    if busiest is not None:
+        info["busiest_slot"] = f"other processes {100 * busiest:.0f}% of the CPUs"
+    busy = args.device.type == "cpu" and (
+        _timing.is_busy(end_load, cpus) or (busiest is not None and busiest > _timing.BUSY_SHARE))
+    if busy:
+        info["busy"] = f"start: {info['load_at_start']}; end: {info['load_at_end']}; busiest slot: {info.get('busiest_slot')}"
+        log(f"WARNING: the machine was busy during the run ({info['busy']})")
 
     table = markdown_table(rows, gpu=args.device.type == "cuda")
     print(table)
@@ -644,21 +849,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(paths["md"], "w") as f:
         f.write("# L2R routing microbenchmark: all rows\n\n")
         f.write("\n".join(f"- {k}: {v}" for k, v in info.items()) + "\n\n" + table + "\n")
+    wrote = [paths["csv"], paths["md"]]
     if not args.no_plot:
-        plot(rows, paths["png"], f"L2R routing vs linear gating — {info.get('gpu', info['host_cpu'])}, "
-                                 f"{args.threads} thread(s), torch {torch.__version__}")
+        try:
+            plotted = plot(rows, paths["png"], f"L2R routing vs linear gating — {info.get('gpu', info['host_cpu'])}, "
+                                               f"{args.threads} thread(s), torch {torch.__version__}")
+            if plotted:
+                wrote.append(plotted)
+        except ImportError:
+            log("matplotlib is not installed: no route.png (pip install matplotlib for the plot)")
     summary = summary_markdown(rows, info, args, wall)
     with open(paths["summary"], "w") as f:
         f.write(summary)
+    wrote.append(paths["summary"])
+    acceptance = summary[summary.index("## Acceptance (issue 14)"):summary.index("## Acceptance row")].strip()
+    print("\n" + acceptance)
     if args.device.type == "cpu":
         # No GPU: the static figures of the CUDA kernels (ptxas report when present) and the
         # analytic bytes/FLOPs per token, from which the GPU roofline is read off on paper.
         print("\n" + summary[summary.index("## CUDA kernels"):].strip())
-    log(f"wrote {', '.join(p for k, p in paths.items() if k != 'png' or not args.no_plot)} in {wall:.0f} s")
+    log(f"wrote {', '.join(wrote)} in {wall:.0f} s")
     failed = any(str(r.get("check", "")).startswith("FAIL") for r in rows)
     if failed:
         log("some agreement checks FAILED (see the check column)")
-    return 1 if (failed and args.strict) else 0
+    return 1 if (failed or busy) and args.strict else 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,17 @@ from typing import Optional
 
 import torch
 
-from . import _C  # (registers the l2r_cuda ops with the dispatcher)
+try:
+    from . import _C  # noqa: F401  (registers the l2r_cuda ops with the dispatcher)
+except ImportError as _exc:  # Python would call it "most likely a circular import": it is not one
+    import os as _os
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    raise ImportError(
+        f"l2r_cuda: the native extension l2r_cuda._C is not built in {_here}. Build it there "
+        "(`pip install -e .`, or `python setup.py build_ext --inplace` in the repository), or, if "
+        "l2r_cuda is installed elsewhere, run from a directory that is not the repository root so "
+        "that the source tree does not shadow the installed package.") from _exc
 
 
 def library_op(name: str):
