@@ -31,6 +31,8 @@ namespace cpu {
 std::string cpu_isa_op(c10::optional<c10::string_view> isa);  // route/cpu/route_cpu.cpp
 void clear_prepared_cache_op();                                 // route/cpu/route_cpu.cpp
 std::vector<int64_t> prepared_cache_stats_op();                 // route/cpu/route_cpu.cpp
+int64_t release_recycled_buffers_op();                          // route/cpu/route_cpu.cpp
+std::vector<int64_t> recycled_buffer_stats_op();                // route/cpu/route_cpu.cpp
 }  // namespace cpu
 }  // namespace route
 
@@ -100,6 +102,12 @@ TORCH_LIBRARY(l2r_cuda, m) {
   m.def("clear_prepared_cache() -> ()", &l2r::route::cpu::clear_prepared_cache_op);
   // [cached entries, hits, misses] since the library was loaded.
   m.def("prepared_cache_stats() -> int[]", &l2r::route::cpu::prepared_cache_stats_op);
+
+  // The CPU route_backward hands out grad_x in recycled blocks (csrc/route/cpu/route_cpu_buffers.h):
+  // free the blocks waiting for reuse (returns the bytes released); [free blocks, free bytes,
+  // requests served by a recycled block, by a new block].
+  m.def("release_recycled_buffers() -> int", &l2r::route::cpu::release_recycled_buffers_op);
+  m.def("recycled_buffer_stats() -> int[]", &l2r::route::cpu::recycled_buffer_stats_op);
 
   // Dispatch plan (docs/SPEC.md "Dispatch") of indices [T, k] (int32/int64) over num_experts experts: rows
   // grouped by expert, stable by token, each expert's group padded to a multiple of align;

@@ -131,3 +131,4 @@ def test_no_grad_calls_skip_autograd_with_the_same_results():
     out = _route(plain)
     assert not out.weights.requires_grad
     assert _same(out, without)
+

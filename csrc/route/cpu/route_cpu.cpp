@@ -13,15 +13,12 @@
 #include <string>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "../../common/aten_dtype.h"
 #include "../math/all.h"
 #include "../route_checks.h"
 #include "../route_outputs.h"
 #include "route_cpu_args.h"
+#include "route_cpu_buffers.h"
 #include "route_cpu_prepare.h"
 
 namespace l2r {
@@ -119,22 +116,6 @@ TokenChunks cpu_chunks(const RouteShape& s) {
   constexpr int64_t kMinChunk = 64, kMaxChunks = 64;
   const int64_t count = std::max<int64_t>(1, std::min(kMaxChunks, (s.tokens + kMinChunk - 1) / kMinChunk));
   return make_token_chunks(s, (s.tokens + count - 1) / count);
-}
-
-// grad_x is as large as x and written once: asks for transparent huge pages before the first touch
-// (the kernel otherwise faults it in 4 KiB at a time, a sizable share of the backward). Only the
-// 2 MiB-aligned interior; a hint, so failures are ignored.
-void advise_huge_pages(void* data, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < 4 * kHuge) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)data;
-  (void)bytes;
-#endif
 }
 
 template <typename A, typename Args, typename Run>
@@ -378,8 +359,7 @@ BackwardResult run_backward(BackwardArgs<A>& args, const Kernels<A>& kernels, co
   const bool has_norm_weight = P.view.norm_weight != nullptr;
   at::Tensor grad_x;
   if (need_grad_x) {
-    grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
-    advise_huge_pages(grad_x.data_ptr(), grad_x.nbytes());
+    grad_x = recycled_empty(x.sizes(), x.options());  // x is contiguous
     args.grad_x = grad_x.data_ptr();
   }
   args.need_grad_x = need_grad_x;
@@ -593,6 +573,13 @@ void clear_prepared_cache_op() { clear_prepared_cache(); }
 std::vector<int64_t> prepared_cache_stats_op() {
   const PreparedCacheStats s = prepared_cache_stats();
   return {s.entries, s.hits, s.misses};
+}
+
+int64_t release_recycled_buffers_op() { return release_recycled_buffers(); }
+
+std::vector<int64_t> recycled_buffer_stats_op() {
+  const RecycledStats s = recycled_stats();
+  return {s.free_blocks, s.free_bytes, s.reused, s.fresh};
 }
 
 TORCH_LIBRARY_IMPL(l2r_cuda, CPU, m) {
