@@ -180,3 +180,15 @@ def test_peak_bandwidth_table():
     assert _timing.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
     assert _timing.peak_bandwidth("NVIDIA A100 80GB PCIe") == 2.0e12
     assert _timing.peak_bandwidth("Some GPU") is None
+
+
+def test_compare_builds_times_two_trees_interleaved(capsys):
+    from benchmarks import compare_builds
+
+    rc = compare_builds.main(["--baseline", ROOT, "--candidate", ROOT, "--d", "64", "--E", "8", "--k", "2",
+                              "--T", "16", "--r", "2", "--H", "2", "--rounds", "2", "--calls", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "load at start" in out and "load at end" in out
+    rows = [line for line in out.splitlines() if line.startswith("| fp32") or line.startswith("| bf16")]
+    assert len(rows) == 4
+    assert all("indices equal 100.00%" in r and "max|dw| 0.0e+00" in r for r in rows)  # the same build
