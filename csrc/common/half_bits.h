@@ -70,12 +70,15 @@ struct LaneIO<float> {
   static L2R_HD void store(float* p, float v) { *p = v; }
   static L2R_HD void store(bf16_t* p, float v) { *p = float_to_bf16(v); }
   static L2R_HD void store(fp16_t* p, float v) { *p = float_to_fp16(v); }
+  template <typename X>
+  static L2R_HD void stream(X* p, float v) { store(p, v); }  // scalar lanes: a plain store
 };
 
 template <>
 struct LaneIO<double> {
   static L2R_HD double load(const double* p) { return *p; }
   static L2R_HD void store(double* p, double v) { *p = v; }
+  static L2R_HD void stream(double* p, double v) { *p = v; }
 };
 
 L2R_ISA_END

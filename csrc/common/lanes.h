@@ -179,6 +179,11 @@ L2R_HD double blend_from_lane(double keep, double value, int first) { return fir
 L2R_HD void pin_register(float&) {}
 L2R_HD void pin_register(double&) {}
 
+// Orders the non-temporal stores (LaneIO::stream) of this thread before what it does next: no
+// code for scalar lanes, whose streams are plain stores.
+L2R_HD void stream_fence(float) {}
+L2R_HD void stream_fence(double) {}
+
 L2R_ISA_END
 }  // namespace lanes
 }  // namespace l2r

@@ -144,19 +144,38 @@ struct LaneIO<Vec8f> {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   static L2R_LANE_FN void store(float* p, Vec8f v) { _mm256_storeu_ps(p, v.v); }
-  // Round to nearest even as float_to_bf16 (NaN -> 0x7fc0).
   static L2R_LANE_FN void store(bf16_t* p, Vec8f v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16_bits(v));
+  }
+  static L2R_LANE_FN void store(fp16_t* p, Vec8f v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), fp16_bits(v));
+  }
+  // Non-temporal stores (lanes_avx512.h): p aligned to 32 bytes for float, 16 for 16-bit types.
+  template <typename X>
+  static L2R_LANE_FN void stream(X* p, Vec8f v) { store(p, v); }
+  static L2R_LANE_FN void stream(float* p, Vec8f v) { _mm256_stream_ps(p, v.v); }
+  static L2R_LANE_FN void stream(bf16_t* p, Vec8f v) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), bf16_bits(v));
+  }
+  static L2R_LANE_FN void stream(fp16_t* p, Vec8f v) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), fp16_bits(v));
+  }
+
+ private:
+  // Round to nearest even as float_to_bf16 (NaN -> 0x7fc0).
+  static L2R_LANE_FN __m128i bf16_bits(Vec8f v) {
     const __m256i b = _mm256_castps_si256(v.v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v.v, v.v, _CMP_UNORD_Q)));
     const __m128i lo = _mm256_castsi256_si128(r), hi = _mm256_extracti128_si256(r, 1);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(lo, hi));
+    return _mm_packus_epi32(lo, hi);
   }
-  static L2R_LANE_FN void store(fp16_t* p, Vec8f v) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
-  }
+  static L2R_LANE_FN __m128i fp16_bits(Vec8f v) { return _mm256_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT); }
 };
+
+// Orders this thread's non-temporal stores (LaneIO::stream) before what it does next.
+L2R_LANE_FN void stream_fence(Vec8f) { _mm_sfence(); }
 
 L2R_ISA_END
 }  // namespace lanes

@@ -136,18 +136,39 @@ struct LaneIO<Vec16f> {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static L2R_LANE_FN void store(float* p, Vec16f v) { _mm512_storeu_ps(p, v.v); }
-  // Round to nearest even as float_to_bf16 (NaN -> 0x7fc0).
   static L2R_LANE_FN void store(bf16_t* p, Vec16f v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits(v));
+  }
+  static L2R_LANE_FN void store(fp16_t* p, Vec16f v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), fp16_bits(v));
+  }
+  // Non-temporal stores (past the caches, without reading the line first) for outputs too large to
+  // stay cached: p aligned to the stored size (64 bytes for float, 32 for 16-bit types); the writer
+  // calls stream_fence before others may read. Same bits as store.
+  template <typename X>
+  static L2R_LANE_FN void stream(X* p, Vec16f v) { store(p, v); }
+  static L2R_LANE_FN void stream(float* p, Vec16f v) { _mm512_stream_ps(p, v.v); }
+  static L2R_LANE_FN void stream(bf16_t* p, Vec16f v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bf16_bits(v));
+  }
+  static L2R_LANE_FN void stream(fp16_t* p, Vec16f v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), fp16_bits(v));
+  }
+
+ private:
+  // Round to nearest even as float_to_bf16 (NaN -> 0x7fc0).
+  static L2R_LANE_FN __m256i bf16_bits(Vec16f v) {
     const __m512i b = _mm512_castps_si512(v.v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
     r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    return _mm512_cvtepi32_epi16(r);
   }
-  static L2R_LANE_FN void store(fp16_t* p, Vec16f v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
-  }
+  static L2R_LANE_FN __m256i fp16_bits(Vec16f v) { return _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT); }
 };
+
+// Orders this thread's non-temporal stores (LaneIO::stream) before what it does next.
+L2R_LANE_FN void stream_fence(Vec16f) { _mm_sfence(); }
 
 L2R_ISA_END
 }  // namespace lanes

@@ -118,6 +118,9 @@ TokenChunks cpu_chunks(const RouteShape& s) {
   return make_token_chunks(s, (s.tokens + count - 1) / count);
 }
 
+// Outputs at least this large are written with non-temporal stores.
+constexpr size_t kStreamedOutputBytes = size_t(16) << 20;
+
 template <typename A, typename Args, typename Run>
 void run_chunks(const Args& args, int64_t (*scratch_size)(const Args&), Run&& run) {
   at::parallel_for(0, args.chunks.count, 1, [&](int64_t begin, int64_t end) {
@@ -361,6 +364,9 @@ BackwardResult run_backward(BackwardArgs<A>& args, const Kernels<A>& kernels, co
   if (need_grad_x) {
     grad_x = recycled_empty(x.sizes(), x.options());  // x is contiguous
     args.grad_x = grad_x.data_ptr();
+    // Larger than the caches keep for whoever reads it next: written past them, without the read
+    // for ownership a normal store of a missing line costs.
+    args.stream_grad_x = grad_x.nbytes() >= kStreamedOutputBytes;
   }
   args.need_grad_x = need_grad_x;
   args.need_param_grads = need_param_grads;

@@ -79,6 +79,7 @@ struct BackwardArgs {
   TokenChunks chunks;
   bool need_grad_x = true;
   bool need_param_grads = true;
+  bool stream_grad_x = false;            // grad_x too large to stay cached: non-temporal stores
   // outputs
   void* grad_x = nullptr;                // [T, d] in x_type
   A* grad_logits_out = nullptr;          // [T, E] (route_select's backward)

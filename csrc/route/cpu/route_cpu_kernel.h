@@ -631,6 +631,22 @@ inline ScalarOf<V> scores_backward(const ScalarOf<V>* q, const Prepared<ScalarOf
   return hsum(dsu);
 }
 
+// Whether a row of grad_x takes non-temporal stores: when the output is too large to stay cached
+// (the adapter decides) and the row is aligned to a whole vector of X.
+template <typename V, typename X>
+inline bool streams_row(const X* row, bool stream) {
+  return stream && reinterpret_cast<uintptr_t>(row) % (width_of<V>() * sizeof(X)) == 0;
+}
+
+template <typename V, typename X>
+inline void store_grad_x(X* p, V v, bool stream) {
+  if (stream) {
+    LaneIO<V>::stream(p, v);
+  } else {
+    LaneIO<V>::store(p, v);
+  }
+}
+
 // What the backward projection of one group reads and writes (projection_backward_group).
 template <typename V, typename X>
 struct ProjectionBackward {
@@ -644,6 +660,7 @@ struct ProjectionBackward {
   int rank;
   bool use_norm, need_grad_x;
   bool need_sum;          // W^T grad_q wanted: for grad_x or grad_norm_weight
+  bool stream;            // grad_x by non-temporal stores (where a row is aligned for them)
   A* grad_proj;           // [rank][proj_stride] chunk partial, or null (parameter grads not wanted)
   int64_t proj_stride;
   int64_t d;
@@ -692,10 +709,12 @@ inline void projection_backward_tile(const ProjectionBackward<V, X>& a, int t0, 
   const bool use_norm = a.use_norm, need_grad_x = a.need_grad_x, need_sum = a.need_sum;
   const X* xs[TT];
   X* gx[TT];
+  bool stream[TT];
 #pragma GCC unroll 16
   for (int t = 0; t < TT; ++t) {
     xs[t] = a.xs[t0 + t];
     gx[t] = a.gx[t0 + t];
+    stream[t] = streams_row<V>(gx[t], a.stream);
   }
   for (int64_t i = b0; i < b1; i += kW) {
     const V gv = g ? lane_load<V>(g + i) : V(A(1));
@@ -736,7 +755,7 @@ inline void projection_backward_tile(const ProjectionBackward<V, X>& a, int t0, 
       if (!use_norm) {
         if (need_grad_x) {
 #pragma GCC unroll 16
-          for (int t = 0; t < TT; ++t) LaneIO<V>::store(gx[t] + i, sum[t]);
+          for (int t = 0; t < TT; ++t) store_grad_x(gx[t] + i, sum[t], stream[t]);
         }
         continue;
       }
@@ -902,9 +921,11 @@ inline void projection_backward_group(const ProjectionBackward<V, X>& a, int cou
     if (!a.use_norm || !a.need_grad_x) continue;
     mean_dot = mean_dot / static_cast<A>(d);
     const V vr(r), vmd(mean_dot);
+    X* const gxj = a.gx[j];
+    const bool stream = streams_row<V>(gxj, a.stream);
     for (int64_t i = 0; i < dv; i += kW) {
       const V xhat = rm::rms_normalized(LaneIO<V>::load(xt + i), vr);
-      LaneIO<V>::store(a.gx[j] + i, rm::rms_norm_input_grad(lane_load<V>(buf + i), xhat, vr, vmd));
+      store_grad_x(gxj + i, rm::rms_norm_input_grad(lane_load<V>(buf + i), xhat, vr, vmd), stream);
     }
     for (int64_t i = dv; i < d; ++i) {
       const A xhat = rm::rms_normalized(LaneIO<A>::load(xt + i), r);
@@ -1000,6 +1021,7 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
         pb.stride = stride;
         pb.gx = gxs;
         pb.mean_dot = mean_dot;
+        pb.stream = a.stream_grad_x;
         pb.xn = xn;
         projection_backward_group<V, X>(pb, j_group + 1);
       }
@@ -1015,6 +1037,7 @@ void backward_chunks(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, int64_
   } else {
     L2R_HOST_FLOAT_DTYPE_SWITCH(a.x_type, X, __builtin_trap(), { backward_chunks_typed<V, X>(a, c_begin, c_end, scratch); });
   }
+  stream_fence(V(ScalarOf<V>(0)));  // grad_x's non-temporal stores, before the threads join
 }
 
 template <typename V>

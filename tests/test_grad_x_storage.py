@@ -1,7 +1,9 @@
-"""route_backward's grad_x comes from recycled storage (csrc/route/cpu/route_cpu_buffers.h): a freed
-block is handed out again with its pages in place (no page faults, no huge-page clears per call), a
-block whose tensor is alive never is."""
+"""route_backward's grad_x storage on CPU: recycled blocks (csrc/route/cpu/route_cpu_buffers.h: a
+freed block is handed out again with its pages in place, no page faults or huge-page clears per
+call; a block whose tensor is alive never is), and non-temporal stores when it is too large to stay
+cached (>= 16 MiB): the same bits as plain stores."""
 
+import pytest
 import torch
 
 import l2r_cuda
@@ -34,3 +36,19 @@ def test_grad_x_storage_is_recycled_once_freed_and_never_while_alive():
     del first, third
     assert torch.ops.l2r_cuda.release_recycled_buffers() > 0
     assert torch.ops.l2r_cuda.recycled_buffer_stats()[:2] == [0, 0]
+
+
+@pytest.mark.parametrize("dtype, tokens", [(torch.float32, 2048), (torch.bfloat16, 4096)])
+def test_large_grad_x_written_past_the_caches_has_the_same_bits(dtype, tokens):
+    # 16 MiB of grad_x: non-temporal stores. Per-token gradients (weights and lse only) do not depend
+    # on the batch, so the first rows must equal those of a small batch, written with plain stores.
+    big = make_sample(tokens, 2048, 8, 16, 2, 4, norm_weight=True, dtype=dtype)
+    small = make_sample(tokens, 2048, 8, 16, 2, 4, norm_weight=True, dtype=dtype)
+    small.x = small.x[:40]
+
+    def grads(s):
+        x = s.x.detach().clone().requires_grad_(True)
+        out = l2r_cuda.route(x, s.proj, s.anchors, s.scale, **s.kwargs)
+        return torch.autograd.grad(out.weights.pow(2).sum() + out.lse.sum(), [x])[0]
+
+    assert torch.equal(grads(big)[:40], grads(small))
