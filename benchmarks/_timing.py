@@ -347,3 +347,11 @@ def machine_info(device: torch.device, threads: int) -> dict:
         bw = peak_bandwidth(props.name)
         info["gpu_peak_bandwidth"] = f"{bw / 1e12:.2f} TB/s" if bw else "unknown"
     return info
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, threads: int, min_run_time: float,
+            min_repeats: int, use_graph: bool = True) -> Measurement:
+    """One callable timed alone (blocks of :class:`BlockTimer` until ``min_repeats`` blocks and
+    ``min_run_time`` seconds): for scripts with a single contender per measurement (gpu_check)."""
+    timer = BlockTimer(fn, device, threads=threads, use_graph=use_graph)
+    return time_interleaved({"fn": timer}, min_run_time=min_run_time, min_repeats=min_repeats)["fn"]

@@ -7,8 +7,7 @@ For every shape of the cost model (gpu_model.json, written by `python -m benchma
 --json`): route forward and forward+backward (l2r_cuda.route, against linear gating and the
 torch.compile'd reference), permute and unpermute (l2r_cuda.permute / unpermute, against the eager
 reference). CUDA events around CUDA-graph replay where the op captures (eager calls otherwise),
-benchmarks/_timing.py's time_cuda. Achieved GB/s counts the op's minimum traffic (the model's
-min_bytes); % of the device's peak bandwidth from benchmarks/_timing.PEAK_BANDWIDTH. Writes
+benchmarks/_timing.py's time_fn. Achieved GB/s counts the op's minimum traffic (the model's min_bytes); % of the device's peak bandwidth from benchmarks/_timing.PEAK_BANDWIDTH. Writes
 timing.md and timing.json to --out; exits 1 when a check or a measurement failed.
 """
 from __future__ import annotations
