@@ -94,7 +94,7 @@ def held_out(model: nn.Module, labels: Tensor, num_labels: int, *, keep_points: 
             out[key].append(value)
         if keep_points and layer == len(model.blocks) - 1 and isinstance(router, L2RRouter) and router.rank == 2:
             pick = torch.randperm(q.shape[0], generator=torch.Generator().manual_seed(0))[:max_points]
-            result["points"] = {"layer": layer, "q": q[pick].tolist(), "labels": labels[pick].tolist(),
+            result["points"] = {"layer": layer, "q": q[pick].double().round(decimals=4).tolist(), "labels": labels[pick].tolist(),
                                 "top1": route.indices[pick, 0].tolist(), "anchors": router.anchors.detach().tolist()}
     result.update(out)
     return result

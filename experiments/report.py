@@ -1,6 +1,8 @@
 """The generated report of a grid: ``summary.md`` (pre-registration, primary result, Holm-adjusted
 secondary comparisons with minimum detectable effects, per-arm across-seed sd, the z-loss control,
-SR-MoE / RoMA evidence), ``table.md``, ``results.json`` / ``results.csv`` and the figures."""
+SR-MoE / RoMA evidence), ``table.md``, ``results.json`` (meta, per-arm aggregates, comparisons),
+``results.csv`` (one row per run) and the figures. Every run in full, traces included, is in
+``runs.jsonl`` (written by the runner as runs finish)."""
 
 from __future__ import annotations
 
@@ -190,8 +192,7 @@ def write_report(task, arms: Sequence[Arm], results: Sequence[dict], hp, seeds: 
             "data": task.data_info, "num_experts": NUM_EXPERTS, "top_k": TOP_K, "timing": timing,
             "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count()}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"meta": meta, "aggregate": agg, "contrasts": rows, "z_loss_contrasts": z_rows,
-                   "runs": list(results)}, f, indent=1)
+        json.dump({"meta": meta, "aggregate": agg, "contrasts": rows, "z_loss_contrasts": z_rows}, f, indent=1)
     flat = ["arm", "seed"] + [k for k, *_ in _metric_keys(task)] + [k for k, _ in DIAGNOSTICS] + ["train_time_s"]
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -453,7 +454,7 @@ def write_pilot_report(task, arms: Sequence[Arm], results: Sequence[dict], hp, s
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"meta": {"seeds": list(seeds), "train": asdict(hp), "timing": timing, "quick": quick,
                             "selected_init_scale": pick.init_scale},
-                   "aggregate": agg, "runs": list(results)}, f, indent=1)
+                   "aggregate": agg}, f, indent=1)
     lines = [f"# {task.title}: pilot for L2R's scale init (log-space scale)", "",
              f"Seeds {list(seeds)} (disjoint from the grid's), {hp.steps} steps, batch {hp.batch_size}; arms "
              f"{[a.name for a in arms]}. Selection rule (fixed before the pilot ran): the init with the best mean "

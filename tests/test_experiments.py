@@ -149,13 +149,14 @@ def test_corpus_split_is_by_document():
 
 
 def _check_outputs(out_dir, metric):
-    for name in ("table.md", "summary.md", "results.json", "results.csv", "metrics.png", "contrasts.png",
+    for name in ("table.md", "summary.md", "results.json", "results.csv", "runs.jsonl", "metrics.png", "contrasts.png",
                  "traces.png", "expert_load.png", "routing_space.png"):
         assert (out_dir / name).stat().st_size > 0, name
     data = json.loads((out_dir / "results.json").read_text())
+    runs = [json.loads(line) for line in (out_dir / "runs.jsonl").read_text().splitlines()]
     quick = {a.name for a in arms.quick_arms(5.0)}
-    assert {r["arm"] for r in data["runs"]} == quick and len(data["runs"]) == 2 * len(quick)
-    for run in data["runs"]:
+    assert {r["arm"] for r in runs} == quick and len(runs) == 2 * len(quick)
+    for run in runs:
         for key in (metric, "train_loss"):
             assert math.isfinite(run[key]), (run["arm"], key, run[key])
         for key in ("load_entropy", "specialization", "clustering", "stability", "median_q", "topk_mass"):
@@ -189,5 +190,5 @@ def test_multidomain_lm_quick(tmp_path):
 
     multidomain_lm.main(["--quick", "--out", str(tmp_path)])
     _check_outputs(tmp_path, "val_bpb")
-    run = json.loads((tmp_path / "results.json").read_text())["runs"][0]
+    run = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[0])
     assert all(math.isfinite(run[f"bpb_{d}"]) for d in ("prose", "code", "unicode"))
