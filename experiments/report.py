@@ -161,7 +161,8 @@ def preregistration(out_dir: str, start_unix: Optional[float]) -> List[str]:
     if not os.path.exists(path):
         return ["**No pre-registration file** (`PREREGISTRATION.md`) in this output directory: the "
                 "comparisons below are exploratory.", ""]
-    added = _git("log", "--diff-filter=A", "--format=%H %ct %cI", "--", path).splitlines()
+    # author dates: a rebase keeps them (commit dates it rewrites)
+    added = _git("log", "--diff-filter=A", "--format=%H %at %aI", "--", path).splitlines()
     if added:
         commit, unix, iso = added[-1].split(" ")
         when = ("before this run started" if start_unix and int(unix) < start_unix

@@ -179,16 +179,22 @@ def main(exp: Experiment, description: str, argv: Optional[Sequence[str]] = None
         if not seeds:
             raise SystemExit(f"{checkpoint}: no seed finished for every arm")
         results = [r for r in saved if r["seed"] in seeds and r["arm"] in {a.name for a in arms}]
-        timing = {"note": "reported from saved runs (--report-only); wall time unknown",
-                  "wall_s": None, "paused_s": 0.0}
+        timing = {"note": "reported from saved runs (--report-only); wall time unknown", "wall_s": None,
+                  "paused_s": 0.0, "start_unix": None, "workers": workers, "loadavg_before": load_before,
+                  "loadavg_after": os.getloadavg()}
+        previous = os.path.join(out, "results.json")
+        if os.path.exists(previous):  # the report of the run that trained them knows its wall time
+            with open(previous) as f:
+                timing = json.load(f)["meta"]["timing"]
+            timing["note"] += "; report regenerated with --report-only"
     else:
         resumed = args.resume and bool(load_checkpoint(checkpoint))
         results, paused = run_all(exp.module, args.quick, arms, seeds, hp, workers, checkpoint, args.resume,
                                   args.pause_while)
         timing = {"note": "wall time of this invocation" + (" (earlier runs resumed)" if resumed else ""),
-                  "wall_s": time.time() - start - paused, "paused_s": paused}
-    timing.update({"start_unix": start, "workers": workers, "loadavg_before": load_before,
-                   "loadavg_after": os.getloadavg(), "run_time_sum_s": sum(r["train_time_s"] for r in results)})
+                  "wall_s": time.time() - start - paused, "paused_s": paused, "start_unix": start,
+                  "workers": workers, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    timing["run_time_sum_s"] = sum(r["train_time_s"] for r in results)
     writer = write_pilot_report if args.pilot_scale else write_report
     summary = writer(task, arms, results, hp, seeds, out, timing, quick=args.quick)
     print(summary)
