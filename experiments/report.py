@@ -381,13 +381,17 @@ def _plots(task, arms, agg, runs, rows, out_dir) -> None:
                           f"{arms_mod.l2r_name(anchors=4)} +z", f"{LINEAR} +SR-MoE", f"{PRIMARY} +SR-MoE") if n in runs]
     panels = [("median_q", "median |q| (linear: |logits|)"), ("router_entropy", "router entropy / log E"),
               ("topk_mass", "top-2 gate mass"), ("scale", "L2R scale"), ("sigma", "σ_max(router weight)"),
-              ("sn_penalty", "SR-MoE hinge penalty")]
+              ("sn_penalty", "SR-MoE hinge penalty (log)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.8))
     for ax, (key, label) in zip(axes, panels):
         for i, name in enumerate(traced):
+            if key == "sn_penalty" and "SR-MoE" not in name:
+                continue  # zero: nothing to show on the log axis
             steps = runs[name][0]["trace"]["step"]
             style = "--" if name.endswith("+z") else (":" if "SR-MoE" in name else "-")
             ax.plot(steps, _trace_mean(runs[name], key), style, color=f"C{i}", label=name, lw=1.2)
+        if key == "sn_penalty":
+            ax.set_yscale("log")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
     axes[0].legend(fontsize=6)
