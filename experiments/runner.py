@@ -74,6 +74,11 @@ def _wait_while(path: Optional[str]) -> float:
     return waited
 
 
+def _job_order(arms: Sequence[Arm], seeds: Sequence[int]) -> Dict[tuple, int]:
+    """Position of each (arm name, seed) among the jobs: seed-major, arms in grid order."""
+    return {(a.name, s): i for i, (s, a) in enumerate((s, a) for s in seeds for a in arms)}
+
+
 def run_all(module: str, quick: bool, arms: Sequence[Arm], seeds: Sequence[int], hp: TrainConfig, workers: int,
             checkpoint: str, resume: bool, pause_while: Optional[str] = None) -> tuple:
     """Train every (arm, seed), seed-major; each finished run is appended to ``checkpoint`` so an
@@ -125,7 +130,7 @@ def run_all(module: str, quick: bool, arms: Sequence[Arm], seeds: Sequence[int],
                 for fut in finished:
                     record(fut.result())
     bar.close()
-    order = {(a.name, s): i for i, (a, s) in enumerate(jobs)}
+    order = _job_order(arms, seeds)
     return sorted(results, key=lambda r: order[(r["arm"], r["seed"])]), paused
 
 
@@ -178,7 +183,10 @@ def main(exp: Experiment, description: str, argv: Optional[Sequence[str]] = None
         seeds = [s for s in sorted({r["seed"] for r in saved}) if all((a.name, s) in have for a in arms)]
         if not seeds:
             raise SystemExit(f"{checkpoint}: no seed finished for every arm")
-        results = [r for r in saved if r["seed"] in seeds and r["arm"] in {a.name for a in arms}]
+        # in a training invocation's job order (seed-major), not the order the runs finished in
+        order = _job_order(arms, seeds)
+        results = sorted((r for r in saved if (r["arm"], r["seed"]) in order),
+                         key=lambda r: order[(r["arm"], r["seed"])])
         timing = {"note": "reported from saved runs (--report-only); wall time unknown", "wall_s": None,
                   "paused_s": 0.0, "start_unix": None, "workers": workers, "loadavg_before": load_before,
                   "loadavg_after": os.getloadavg()}
@@ -186,7 +194,8 @@ def main(exp: Experiment, description: str, argv: Optional[Sequence[str]] = None
         if os.path.exists(previous):  # the report of the run that trained them knows its wall time
             with open(previous) as f:
                 timing = json.load(f)["meta"]["timing"]
-            timing["note"] += "; report regenerated with --report-only"
+            if "--report-only" not in timing["note"]:  # idempotent: regenerating again changes nothing
+                timing["note"] += "; report regenerated with --report-only"
     else:
         resumed = args.resume and bool(load_checkpoint(checkpoint))
         results, paused = run_all(exp.module, args.quick, arms, seeds, hp, workers, checkpoint, args.resume,
