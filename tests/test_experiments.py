@@ -134,6 +134,27 @@ def test_contrasts_name_existing_arms():
     assert {a.name for a in arms.quick_arms(5.0)} <= names
 
 
+def _agg(values_by_arm):
+    return {name: {"n": len(v), "seeds": list(range(len(v))), "m": {"values": v}} for name, v in values_by_arm.items()}
+
+
+def test_compare_primary_unadjusted_and_holm_over_the_rest_or_over_all():
+    from experiments import report
+
+    agg = _agg({"base": [0.0, 0.0, 0.0, 0.0], "a": [1.0, 1.1, 0.9, 1.2], "b": [0.1, -0.2, 0.3, 0.05],
+                "c": [2.0, 2.5, 1.5, 2.2]})
+    contrasts = [("a", "base"), ("b", "base"), ("c", "base")]
+    raw = [stats.paired_test(agg[a]["m"]["values"], agg[c]["m"]["values"])["p"] for a, c in contrasts]
+    rows = report.compare(None, agg, contrasts, key="m", higher_is_better=True)
+    assert [r["primary"] for r in rows] == [True, False, False]
+    assert rows[0]["p_holm"] == raw[0] and rows[0]["alpha"] == stats.ALPHA
+    assert [r["p_holm"] for r in rows[1:]] == pytest.approx(stats.holm(raw[1:]))
+    family = report.compare(None, agg, contrasts, key="m", higher_is_better=True, first_is_primary=False)
+    assert not any(r["primary"] for r in family)
+    assert [r["p_holm"] for r in family] == pytest.approx(stats.holm(raw))
+    assert family[0]["p_holm"] > raw[0] and all(r["alpha"] == stats.ALPHA / 3 for r in family)
+
+
 def test_corpus_split_is_by_document():
     pytest.importorskip("pydoc_data.topics")
     from experiments import corpora
