@@ -36,12 +36,13 @@ TRACE_KEYS = ("router_entropy", "topk_mass", "median_q", "scale", "sigma")
 
 @contextmanager
 def _all_experts_selected(router: nn.Module):
-    top_k = router.top_k
-    router.top_k = router.num_experts
+    # the routers' forward reads top_k from their RouteConfig (router.top_k is only its mirror)
+    top_k, config = router.top_k, router.config
+    router.top_k, router.config = router.num_experts, config.replace(top_k=router.num_experts)
     try:
         yield
     finally:
-        router.top_k = top_k
+        router.top_k, router.config = top_k, config
 
 
 @torch.no_grad()
