@@ -630,7 +630,7 @@ def test_agreement_and_distillation_need_the_original_gates(tmp_path):
 
 def test_upcycle_example_quick(tmp_path):
     pytest.importorskip("pydoc_data")
-    from l2r_cuda.examples import upcycle_olmoe
+    from experiments import upcycle_olmoe
 
     result = upcycle_olmoe.main(["--quick", "--out", str(tmp_path)])
     assert (tmp_path / "summary.md").stat().st_size > 0

@@ -1,11 +1,11 @@
 """Upcycle a trained OLMoE's linear gates into L2R routers, on CPython's own docs (no download).
 
-    python -m l2r_cuda.examples.upcycle_olmoe            # full run -> results/upcycle_olmoe/
-    python -m l2r_cuda.examples.upcycle_olmoe --quick    # smoke test (seconds)
+    python -m experiments.upcycle_olmoe            # full run -> results/upcycle_olmoe/
+    python -m experiments.upcycle_olmoe --quick    # smoke test (seconds)
 
 1. Trains a tiny byte-level ``transformers.OlmoeForCausalLM`` (linear top-k gates, the model's own
-   Switch loss) on the training split of ``pydoc_data.topics`` (the corpus of
-   ``l2r_cuda.examples.pydoc_lm``: last 10% of the bytes held out).
+   Switch loss) on the training split of ``pydoc_data.topics`` (the topics in sorted key order,
+   UTF-8; the last 10% of the bytes held out).
 2. For each rank ``r`` in ``--ranks`` and each initialisation (``linear``: upcycled from the trained
    gate; ``random``: L2R's own init, for comparison), on a copy of that model:
    ``hf.replace_routers(model, rank=r, num_anchors=H, init=...)``, then ``hf.distill_routers`` on
@@ -31,8 +31,17 @@ from typing import Dict, List
 import torch
 import transformers
 
-from ..integrations import hf
-from .pydoc_lm import VAL_FRACTION, load_corpus
+from l2r_cuda.integrations import hf
+
+from .corpora import prose_documents
+
+VAL_FRACTION = 0.1
+
+
+def load_corpus() -> bytes:
+    """The ``pydoc_data.topics`` text, topics in sorted key order, as UTF-8 bytes."""
+    return b"".join(text for _, text in prose_documents())
+
 
 CONTEXT = 64
 MODEL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -129,7 +138,7 @@ def main(argv=None) -> Dict:
                   f"{run['lm_loss_after']:.4f} (original {original_loss:.4f})")
 
     result = dict(
-        command="python -m l2r_cuda.examples.upcycle_olmoe" + (" " + " ".join(argv) if argv else ""),
+        command="python -m experiments.upcycle_olmoe" + (" " + " ".join(argv) if argv else ""),
         model=MODEL, context=CONTEXT, batch_size=args.batch_size, train_steps=train_steps,
         distill_steps=distill_steps, eval_tokens=eval_windows * args.batch_size * CONTEXT, seed=args.seed,
         train_loss_first=history[0], train_loss_last=history[-1], original_lm_loss=original_loss, runs=runs,

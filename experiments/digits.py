@@ -1,14 +1,15 @@
 """L2R vs linear routing in a small ViT-style MoE on scikit-learn's 8x8 digits (no download).
 
-    python -m l2r_cuda.examples.digits            # full: 9 router configs x 5 paired seeds
-    python -m l2r_cuda.examples.digits --quick    # smoke test (< 1 min)
+    python -m experiments.digits            # full grid -> results/digits/
+    python -m experiments.digits --quick    # smoke test (CI)
 
 Each 8x8 image (values 0..16, scaled to [0, 1]) becomes 16 tokens of 2x2 patches; a linear patch
 embedding plus learned positions feeds two pre-norm blocks (self-attention + MoE FFN with 8 SwiGLU
 experts, top-2); the mean-pooled tokens go to a linear classifier. Fixed stratified split
-(``train_test_split(test_size=0.3, random_state=0)``: 1257 train / 540 test images). Reported:
-test accuracy and the routing diagnostics of :mod:`l2r_cuda.examples._common`, where a token's
-label is the digit class of its image. Results go to ``results/digits/`` (``--out``).
+(``train_test_split(test_size=0.3, random_state=0)``: 1257 train / 540 test images). Metric: test
+accuracy (also reported: test cross-entropy). A token's label for the specialization metric is the
+digit class of its image. RoMA's task embedding is the raw image; a sample is successful when the
+training forward classifies it correctly.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _common
-from ._common import MoETransformer, RouterConfig, TrainConfig
+from .arms import Arm
+from .model import MoETransformer
+from .runner import Experiment, main as run_main
+from .training import TrainConfig
 
 PATCH = 2
 D_MODEL, LAYERS, HEADS, D_FF = 64, 2, 4, 128
-
-FULL = TrainConfig(steps=300, batch_size=64, lr=3e-3)
-QUICK = TrainConfig(steps=15, batch_size=32, lr=3e-3)
 
 
 def patchify(images: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
@@ -38,6 +38,7 @@ class DigitsTask:
     metric = "test_acc"
     metric_label = "test accuracy"
     higher_is_better = True
+    extra_metrics = [("test_nll", "test cross-entropy (nats)", False)]
     num_labels = 10
     label_names = [str(i) for i in range(10)]
 
@@ -48,8 +49,7 @@ class DigitsTask:
         digits = load_digits()
         x = torch.tensor(digits.images, dtype=torch.float32) / 16.0
         y = torch.tensor(digits.target, dtype=torch.int64)
-        idx = torch.arange(len(y)).numpy()
-        tr, te = train_test_split(idx, test_size=0.3, random_state=0, stratify=digits.target)
+        tr, te = train_test_split(torch.arange(len(y)).numpy(), test_size=0.3, random_state=0, stratify=digits.target)
         tr, te = torch.as_tensor(tr), torch.as_tensor(te)
         self.x_train, self.y_train = patchify(x[tr]), y[tr]
         self.x_test, self.y_test = patchify(x[te]), y[te]
@@ -59,8 +59,8 @@ class DigitsTask:
         self.model_info = (f"ViT-style, d_model {D_MODEL}, {LAYERS} blocks (attention + MoE FFN, expert d_ff "
                            f"{D_FF}), {HEADS} heads, mean pooling")
 
-    def build_model(self, cfg: RouterConfig) -> MoETransformer:
-        return MoETransformer(cfg, d_in=PATCH * PATCH, vocab=None, seq_len=self.tokens, d_model=D_MODEL,
+    def build_model(self, arm: Arm) -> MoETransformer:
+        return MoETransformer(arm, d_in=PATCH * PATCH, vocab=None, seq_len=self.tokens, d_model=D_MODEL,
                               layers=LAYERS, heads=HEADS, d_ff=D_FF, causal=False, d_out=10)
 
     @staticmethod
@@ -72,24 +72,32 @@ class DigitsTask:
         return self.x_train[i], self.y_train[i]
 
     def loss(self, model, batch):
+        """Mean cross-entropy, and which samples the forward classified correctly (RoMA's success)."""
         x, y = batch
-        return F.cross_entropy(self.logits(model, x), y)
+        logits = self.logits(model, x)
+        return F.cross_entropy(logits, y), logits.detach().argmax(-1) == y
+
+    @staticmethod
+    def sample_embedding(batch) -> torch.Tensor:
+        return batch[0].reshape(batch[0].shape[0], -1)
 
     def evaluate(self, model):
-        """Test accuracy, and the per-token labels (image class) matching the recorded MoE inputs."""
-        pred = self.logits(model, self.x_test).argmax(-1)
-        acc = float((pred == self.y_test).double().mean())
-        labels = self.y_test[:, None].expand(-1, self.tokens).reshape(-1)
-        return acc, labels
+        """Test accuracy and cross-entropy, and the per-token labels (image class) of the recorded MoE inputs."""
+        logits = self.logits(model, self.x_test)
+        scores = {"test_acc": float((logits.argmax(-1) == self.y_test).double().mean()),
+                  "test_nll": float(F.cross_entropy(logits, self.y_test))}
+        return scores, self.y_test[:, None].expand(-1, self.tokens).reshape(-1)
 
 
-def make_task(quick: bool = False) -> DigitsTask:
-    return DigitsTask(quick)
+EXPERIMENT = Experiment(
+    module="experiments.digits", make_task=DigitsTask, out_dir="results/digits",
+    full=TrainConfig(steps=300, batch_size=64), quick=TrainConfig(steps=12, batch_size=32, log_points=3),
+    full_seeds=10, init_scale=1.5,  # the pilot's pick: results/digits/pilot_scale/summary.md
+)
 
 
 def main(argv=None):
-    return _common.main(__name__ if __name__ != "__main__" else "l2r_cuda.examples.digits", __doc__.split("\n")[0],
-                        "results/digits", FULL, QUICK, argv)
+    return run_main(EXPERIMENT, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":
