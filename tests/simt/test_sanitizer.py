@@ -141,6 +141,27 @@ def test_a_shuffle_does_not_order_memory(defects):
     np.testing.assert_array_equal(out, (np.arange(32) + 1) % 32 * 10)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_last_block_finishes_orders_blocks_through_fence_and_atomic(defects, seed):
+    # The release/acquire pair every "last block finishes" reduction needs: a fence before the
+    # ticket and one after it. Blocks run in a random order; the last ticket adds every partial.
+    x = np.arange(6 * 32, dtype=np.float32)
+    partials = np.zeros(6, np.float32)
+    counter = np.zeros(1, np.uint32)
+    total = np.zeros(1, np.float32)
+    args = (P(x, "x"), I(32), I(6))
+    tail = (P(partials, "partials"), P(counter, "counter"), P(total, "total"))
+    assert simt.call(defects, "df_last_block_sum", *args, I(0), *tail, seed=seed) == 0
+    assert total[0] == x.sum() and counter[0] == 0  # atomicInc wrapped the counter back to zero
+    for broken, what in ((1, "release"), (2, "acquire")):
+        msg = raises(defects, "df_last_block_sum", *args, I(broken), *tail, seed=seed)
+        assert "hazard on global memory in kernel 'defects::last_block_sum_kernel'" in msg, what
+        assert "two blocks of one launch are never ordered" in msg
+        assert "global buffer 'df_last_block_sum arg 4: partials" in msg
+        simt.clear_error(defects)
+        counter[0] = 0
+
+
 def test_racecheck_can_be_switched_off(defects):
     keys = np.zeros(64, np.int32)
     hist = np.zeros(40, np.int32)
@@ -257,4 +278,26 @@ def test_launched_kernels_name_instantiations(defects):
     launched = simt.launched_kernels(defects)
     assert any(name.startswith("defects::fill_kernel(") for name in launched)
     assert set(launched) <= simt.kernel_instantiations(defects)
-    assert len(simt.kernel_instantiations(defects)) == 5
+    assert len(simt.kernel_instantiations(defects)) == 6
+
+
+def test_counters_warp_collectives_in_mio_instructions(patterns):
+    # 5 float shuffles (1 instruction each) + 5 double shuffles (2 each) per warp
+    x = np.ones(64, np.float32)
+    out = np.zeros(2, np.float32)
+    simt.reset_counters(patterns)
+    assert simt.call(patterns, "pt_shuffles", P(x), P(out), I(2)) == 0
+    np.testing.assert_array_equal(out, 64)
+    rec = launch_of(simt.counters(patterns), "shuffles_kernel")
+    assert rec["collectives"] == 2 * (5 + 5 * 2)
+
+
+def test_counters_record_a_memset_as_a_launch(patterns):
+    buf = aligned(np.ones(100, np.float32))
+    y = aligned(np.ones(100, np.float32))
+    simt.reset_counters(patterns)
+    assert simt.call(patterns, "pt_memset_then_gather", P(buf), I(100), P(y)) == 0
+    assert (y == 0).all()
+    recs = simt.counters(patterns)
+    assert [r["memset"] for r in recs] == [True, False]
+    assert recs[0]["name"] == "cudaMemsetAsync" and recs[0]["dram_write"] == 416  # 400 bytes in sectors

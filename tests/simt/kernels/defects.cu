@@ -63,6 +63,34 @@ __global__ void shuffle_ordered_kernel(int* out) {
   out[lane] = s[(lane + 1) & 31] + 0 * v;
 }
 
+// "Last block finishes": every block stores its partial sum, and the block that takes the last
+// ticket of the counter adds them all in block order. Correct with a __threadfence() before the
+// ticket (release: the partial is visible before the counter moves) and one after it (acquire: the
+// last block reads the partials after it saw the count); `broken` 1 drops the first, 2 the second.
+// The counter must be zero at launch; atomicInc wraps it back to zero.
+__global__ void last_block_sum_kernel(const float* x, int per_block, int broken, float* partials,
+                                      unsigned* counter, float* total) {
+  __shared__ bool last;
+  const int lane = threadIdx.x;
+  float v = 0.f;
+  for (int i = lane; i < per_block; i += 32) v += x[blockIdx.x * per_block + i];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (lane == 0) partials[blockIdx.x] = v;
+  __syncthreads();
+  if (lane == 0) {
+    if (broken != 1) __threadfence();
+    const unsigned ticket = atomicInc(counter, gridDim.x - 1);
+    if (broken != 2) __threadfence();
+    last = ticket == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (last && lane == 0) {
+    float s = 0.f;
+    for (unsigned b = 0; b < gridDim.x; ++b) s += partials[b];
+    *total = s;
+  }
+}
+
 }  // namespace defects
 
 extern "C" int df_fill(float* out, int n, int off_by_one) {
@@ -90,3 +118,9 @@ extern "C" int df_shuffle_ordered(int* out) {
   return static_cast<int>(cudaDeviceSynchronize());
 }
 
+
+extern "C" int df_last_block_sum(const float* x, int per_block, int blocks, int broken, float* partials,
+                                 unsigned* counter, float* total) {
+  defects::last_block_sum_kernel<<<blocks, 32>>>(x, per_block, broken, partials, counter, total);
+  return static_cast<int>(cudaDeviceSynchronize());
+}

@@ -39,6 +39,18 @@ __global__ void bank_vec4_kernel(int stride, float4* out) {
   out[lane] = s4[lane * stride];
 }
 
+// A butterfly sum of a float (5 shuffles of 4 bytes) and of a double (5 of 8 bytes: two
+// instructions each on a GPU), one warp per block.
+__global__ void shuffles_kernel(const float* x, float* out) {
+  float v = x[threadIdx.x];
+  double w = v;
+  for (int o = 16; o > 0; o >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, o);
+    w += __shfl_xor_sync(0xffffffffu, w, o);
+  }
+  if (threadIdx.x == 0) out[blockIdx.x] = v + static_cast<float>(w);
+}
+
 }  // namespace patterns
 
 extern "C" int pt_gather(const float* x, int stride, int n, float* y) {
@@ -59,5 +71,17 @@ extern "C" int pt_bank(int stride, float* out) {
 
 extern "C" int pt_bank_vec4(int stride, float* out) {
   patterns::bank_vec4_kernel<<<1, 32>>>(stride, reinterpret_cast<float4*>(out));
+  return static_cast<int>(cudaDeviceSynchronize());
+}
+
+extern "C" int pt_shuffles(const float* x, float* out, int blocks) {
+  patterns::shuffles_kernel<<<blocks, 32>>>(x, out);
+  return static_cast<int>(cudaDeviceSynchronize());
+}
+
+// A memset step followed by a kernel, as a launch plan runs them.
+extern "C" int pt_memset_then_gather(float* buf, int n, float* y) {
+  cudaMemsetAsync(buf, 0, static_cast<size_t>(n) * sizeof(float), nullptr);
+  patterns::gather_kernel<<<(n + 31) / 32, 32>>>(buf, 1, n, y);
   return static_cast<int>(cudaDeviceSynchronize());
 }

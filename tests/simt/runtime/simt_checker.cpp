@@ -80,7 +80,13 @@ void on_access(const void* a, unsigned size, unsigned flags, const void* pc) {
                         (flags & kWrite) ? "write" : "read", size),
                     p, size, pc);
   }
-  if (g_checks.racecheck && !(flags & kAtomic) && r->racecheck) race_access(*r, p, size, flags, pc);
+  if (g_checks.racecheck && r->racecheck) {
+    if (flags & kAtomic) {
+      if (r->space == kGlobal) race_atomic(p, flags & kWrite);  // release / acquire between blocks
+    } else {
+      race_access(*r, p, size, flags, pc);
+    }
+  }
   if (g_checks.counters) count_access(*r, p, size, flags, pc);
 }
 
@@ -104,6 +110,19 @@ void on_barrier() {
 
 void on_warp_sync(unsigned warp_base, unsigned mask, bool syncwarp) {
   if (g_checks.racecheck && (syncwarp || g_checks.any_collective_orders)) race_warp_sync(warp_base, mask);
+}
+
+void on_warp_collective(unsigned mio) {
+  if (g_checks.counters && mio) counters_collective(mio);
+}
+
+void on_fence() {
+  if (g_exec.in_kernel && g_checks.racecheck) race_fence();
+}
+
+void on_host_memset(const void* dst, size_t bytes) {
+  (void)dst;
+  if (!g_exec.in_kernel && g_checks.counters) counters_memset(bytes);
 }
 
 void on_block_end() {

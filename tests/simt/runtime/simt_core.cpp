@@ -47,6 +47,7 @@ struct Fiber {
   unsigned long long val = 0;
   int param = 0;
   int width = 32;
+  int bytes = 4;  // value bytes of a shuffle / match (8: two instructions on a GPU)
   unsigned long long res = 0;
   int pred = 0;
   int bmode = 0;
@@ -389,6 +390,26 @@ bool run_block() {
   }
 }
 
+// Instructions of a warp collective that issue through the SM's shared-memory / MIO pipe (the cost
+// model adds them to the shared-memory term): a shuffle or match per 32-bit half of its value, one
+// redux; votes and __syncwarp do not go through it.
+unsigned mio_instructions(int kind, Fiber* const* lanes) {
+  int bytes = 4;
+  for (unsigned l = 0; l < 32; ++l) {
+    if (lanes[l]) {
+      bytes = lanes[l]->bytes;
+      break;
+    }
+  }
+  const unsigned halves = bytes > 4 ? 2u : 1u;
+  switch (kind) {
+    case kShflIdx: case kShflUp: case kShflDown: case kShflXor: case kMatchAny: return halves;
+    case kRedAddU: case kRedMinU: case kRedMaxU: case kRedMinI: case kRedMaxI: case kRedAnd: case kRedOr:
+    case kRedXor: return 1;
+    default: return 0;
+  }
+}
+
 // Compute results of a complete warp collective and make its lanes runnable.
 void resolve_warp(unsigned wbase, unsigned mask) {
   State& st = S();
@@ -406,6 +427,7 @@ void resolve_warp(unsigned wbase, unsigned mask) {
   }
   st.n_warpops++;
   rt::on_warp_sync(wbase, mask, kind == kSync);
+  rt::on_warp_collective(mio_instructions(kind, lanes));
   const unsigned long long poison = ~0ull;
   switch (kind) {
     case kSync: for (auto* g : lanes) if (g) g->res = 0; break;
@@ -487,7 +509,7 @@ int syncthreads(int mode, int pred, const char* file, unsigned line) {
 }
 
 unsigned long long warp_op(int kind, unsigned mask, unsigned long long val, int param, int width, const char* file,
-                           unsigned line) {
+                           unsigned line, int bytes) {
   check_in_kernel(kind_name(kind));
   State& st = S();
   Fiber* f = st.cur;
@@ -516,6 +538,7 @@ unsigned long long warp_op(int kind, unsigned mask, unsigned long long val, int 
   f->val = val;
   f->param = param;
   f->width = width;
+  f->bytes = bytes;
   bool complete = true;
   for (unsigned l = 0; l < 32 && complete; ++l) {
     if (!(mask >> l & 1u)) continue;
@@ -537,6 +560,15 @@ unsigned activemask(const char* file, unsigned line) {
   f->line = line;
   yield_fiber(f);
   return (unsigned)f->res;
+}
+
+void threadfence() {
+  if (S().cur) rt::on_fence();
+}
+
+void host_memset(void* dst, int value, size_t n) {
+  if (n) std::memset(dst, value, n);
+  rt::on_host_memset(dst, n);
 }
 
 void yield_now() {

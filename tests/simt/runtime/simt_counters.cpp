@@ -9,6 +9,9 @@
 //  * shared memory: the wavefronts it needs (32 banks of 4 bytes; a phase of 32 lanes for accesses
 //    up to 4 bytes, 16 for 8-byte and 8 for 16-byte accesses; per phase, the most distinct words
 //    any one bank must serve), and the ideal (one per phase that has accesses).
+// Per launch also the warp collectives that issue through the shared-memory (MIO) pipe (shuffles,
+// redux; an 8-byte shuffle counts twice), and every cudaMemset(Async) from host code as a launch of
+// its own (the bytes it writes are DRAM writes).
 // Per launch: unique DRAM bytes by first touch of each 32-byte sector (a read of a sector not yet
 // touched in this launch is a DRAM read; the first write of a sector is a DRAM write), the busiest
 // warp's global load requests split into L1 misses (a sector its block had not touched before, in
@@ -60,6 +63,8 @@ struct Launch {
   uint64_t max_warp_global_loads = 0, max_warp_global = 0, max_warp_shared = 0;
   uint64_t max_warp_load_misses = 0, max_warp_load_hits = 0;  // the warp with the longest load chain
   uint64_t max_block_global_loads = 0;  // busiest block: sum of its warps' global load requests
+  uint64_t collectives = 0;  // MIO instructions of warp collectives
+  bool memset = false;       // a cudaMemset(Async), not a kernel
   std::map<uintptr_t, PcStats> pcs;
   bool ok = true;
 };
@@ -228,6 +233,23 @@ void counters_launch_begin(const LaunchDesc& d, unsigned nthreads, size_t dyn_by
   c.block_gen++;  // (a block aborted by an error never reached counters_block_end)
 }
 
+void counters_collective(unsigned mio) {
+  Counters& c = C();
+  if (c.active) c.cur.collectives += mio;
+}
+
+void counters_memset(size_t bytes) {
+  Counters& c = C();
+  if (c.active) return;  // (a memset inside a launch cannot happen: host code only)
+  Launch L;
+  L.name = "cudaMemsetAsync";
+  L.memset = true;
+  L.grid = dim3(1, 1, 1);
+  L.block = dim3(1, 1, 1);
+  L.dram_write = (bytes + 31) / 32 * 32;
+  c.done.push_back(std::move(L));
+}
+
 void counters_static_shared(uintptr_t p, size_t bytes) {
   Counters& c = C();
   if (c.active && c.static_vars.insert(p).second) c.cur.static_smem += bytes;
@@ -378,7 +400,7 @@ std::string counters_json() {
                "\"dyn_smem\": %zu, \"static_smem\": %zu, \"blocks\": %llu, \"warps\": %llu, \"dram_read\": %llu, "
                "\"dram_write\": %llu, \"max_warp_global_loads\": %llu, \"max_warp_global\": %llu, "
                "\"max_warp_shared\": %llu, \"max_block_global_loads\": %llu, \"max_warp_load_misses\": %llu, "
-               "\"max_warp_load_hits\": %llu",
+               "\"max_warp_load_hits\": %llu, \"collectives\": %llu, \"memset\": %s",
                name.c_str(), static_cast<unsigned long long>(L.fn_offset), L.ok ? "true" : "false", L.grid.x,
                L.grid.y, L.grid.z, L.block.x, L.block.y, L.block.z, L.dyn_smem, L.static_smem,
                static_cast<unsigned long long>(L.blocks), static_cast<unsigned long long>(L.warps),
@@ -388,7 +410,8 @@ std::string counters_json() {
                static_cast<unsigned long long>(L.max_warp_shared),
                static_cast<unsigned long long>(L.max_block_global_loads),
                static_cast<unsigned long long>(L.max_warp_load_misses),
-               static_cast<unsigned long long>(L.max_warp_load_hits));
+               static_cast<unsigned long long>(L.max_warp_load_hits),
+               static_cast<unsigned long long>(L.collectives), L.memset ? "true" : "false");
     for (int k = 0; k < 6; ++k) {
       out += fmt(", \"%s\": {\"requests\": %llu, \"bytes\": %llu, \"sectors\": %llu, \"ideal_sectors\": %llu, "
                  "\"wavefronts\": %llu, \"ideal_wavefronts\": %llu}",

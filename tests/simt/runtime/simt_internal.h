@@ -77,6 +77,12 @@ void on_barrier();                                  // a __syncthreads completed
 void on_warp_sync(unsigned warp_base, unsigned mask, bool syncwarp);
 void on_block_end();
 void on_launch_end(bool ok);
+// A warp collective completed that issues `mio` instructions through the MIO pipe (shuffles, redux).
+void on_warp_collective(unsigned mio);
+// __threadfence() by the running thread.
+void on_fence();
+// cudaMemset(Async) from host code: a launch of its own for the counters.
+void on_host_memset(const void* dst, size_t bytes);
 
 // printf into a std::string (messages; at most 1023 characters)
 std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
@@ -113,6 +119,8 @@ void race_block_begin();
 void race_barrier();
 void race_warp_sync(unsigned warp_base, unsigned mask);
 void race_region_freed(Region& r);
+void race_fence();
+void race_atomic(uintptr_t p, bool write);
 
 // ---- counters (simt_counters.cpp)
 void count_access(Region& r, uintptr_t p, unsigned size, unsigned flags, const void* pc);
@@ -121,6 +129,8 @@ void counters_block_end();
 void counters_launch_end(bool ok);
 void counters_region_freed(Region& r);
 void counters_static_shared(uintptr_t p, size_t bytes);  // a static __shared__ variable of the launch
+void counters_collective(unsigned mio);
+void counters_memset(size_t bytes);
 
 }  // namespace rt
 }  // namespace simt

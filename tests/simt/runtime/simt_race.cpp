@@ -11,9 +11,15 @@
 //    votes and reductions exchange values but do not order memory (PTX: bar.warp.sync has memory
 //    ordering semantics, shfl.sync does not), unless SIMT_RACE_ANY_COLLECTIVE=1 /
 //    set_checks(any_collective_orders=True) makes every collective count;
-//  * nothing orders two blocks of a launch: a global byte written by one block and read or written
-//    by another is a race.
-// Atomic accesses are exempt (they never reach this file).
+//  * between two blocks of a launch only release/acquire through a global atomic orders memory (the
+//    "last block finishes" pattern): block X releases when one of its threads executes
+//    __threadfence() and then an atomic write to address A; block Y acquires when one of its threads
+//    executes an atomic on A (after X's release: blocks run one after another) and then
+//    __threadfence(). X's accesses before its release (every epoch before the fence's, and the
+//    releasing thread's own in that epoch) then happen before the acquiring thread's accesses after
+//    its fence, and before every thread's of Y after the next __syncthreads. Anything else between
+//    blocks is a race: a global byte written by one block and read or written by another.
+// Atomic accesses are exempt from the hazard check (they only release and acquire here).
 //
 // Shadow: one Cell per byte of every region touched, allocated on first use. A cell remembers the
 // last plain write and a summary of the reads since then in the current epoch (which warps read,
@@ -24,6 +30,7 @@
 #include <stdlib.h>
 
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace simt {
@@ -50,11 +57,30 @@ struct Cell {
   uint16_t r_clk;    // the latest reader clock
 };
 
+// A release by block `block`: its accesses in epochs before `epoch`, and thread `tid`'s in it.
+struct Release {
+  uint32_t block;
+  uint32_t epoch;
+  uint16_t tid;
+};
+
+// What the running block acquired from another block's release, from when.
+struct Acquired {
+  Release from;
+  uint32_t epoch;  // the acquiring fence's epoch: the whole block is ordered after it from the next one
+  uint16_t tid;    // the acquiring thread (ordered at once)
+};
+
 struct RaceState {
   uint32_t epoch = 0;      // current epoch of the running block (unique, increasing)
   uint32_t block_gen = 0;  // generation of the running block (for shared-memory cells)
   std::vector<uint32_t> vc_epoch;  // epoch each thread's clock row belongs to
   std::vector<uint16_t> vc;        // [thread][32] warp-local vector clocks
+  // release / acquire between blocks (per launch)
+  std::unordered_map<uintptr_t, std::vector<Release>> releases;  // by atomic address
+  std::vector<uint32_t> fence_epoch;                   // per thread: epoch + 1 of its last fence (0: none)
+  std::vector<std::vector<Release>> pending;           // per thread: releases its last atomic saw
+  std::unordered_map<uint32_t, Acquired> acquired;     // running block: by releasing block
 };
 
 RaceState& RS() {
@@ -87,6 +113,18 @@ Cell* shadow(Region& r) {
   return static_cast<Cell*>(r.race_shadow);
 }
 
+// The access of block `block`'s thread `tid` at `epoch` happens before the running thread's access
+// now through a release/acquire pair.
+bool acquired_before(uint32_t block, uint32_t epoch, uint16_t tid) {
+  RaceState& s = RS();
+  const auto it = s.acquired.find(block);
+  if (it == s.acquired.end()) return false;
+  const Acquired& a = it->second;
+  const bool released = epoch < a.from.epoch || (epoch == a.from.epoch && tid == a.from.tid);
+  const bool visible = s.epoch > a.epoch || g_exec.tid == a.tid;
+  return released && visible;
+}
+
 std::string who(unsigned tid, uint32_t block, bool same_block) {
   if (same_block) return describe_thread_id(tid);
   const unsigned gx = gridDim.x, gy = gridDim.y;
@@ -114,12 +152,42 @@ void race_launch_begin() {
     s.vc_epoch.assign(n, 0);
     s.vc.assign(static_cast<size_t>(n) * 32, 0);
   }
+  s.releases.clear();
 }
 
 void race_block_begin() {
   RaceState& s = RS();
   s.epoch++;
   s.block_gen++;
+  s.acquired.clear();
+  s.fence_epoch.assign(g_exec.nthreads, 0);
+  s.pending.assign(g_exec.nthreads, {});
+}
+
+void race_fence() {
+  RaceState& s = RS();
+  const unsigned tid = g_exec.tid;
+  if (tid >= s.fence_epoch.size()) return;
+  s.fence_epoch[tid] = s.epoch + 1;
+  for (const Release& r : s.pending[tid]) {
+    Acquired& a = s.acquired[r.block];
+    a.from = r;
+    a.epoch = s.epoch;
+    a.tid = static_cast<uint16_t>(tid);
+  }
+  s.pending[tid].clear();
+}
+
+void race_atomic(uintptr_t p, bool write) {
+  RaceState& s = RS();
+  const unsigned tid = g_exec.tid;
+  if (tid >= s.fence_epoch.size()) return;
+  const uint32_t block = static_cast<uint32_t>(g_exec.block);
+  std::vector<Release>& rel = s.releases[p];
+  for (const Release& r : rel) {
+    if (r.block != block) s.pending[tid].push_back(r);
+  }
+  if (write && s.fence_epoch[tid] != 0) rel.push_back(Release{block, s.fence_epoch[tid] - 1, static_cast<uint16_t>(tid)});
 }
 
 void race_barrier() { RS().epoch++; }
@@ -173,17 +241,18 @@ void race_access(Region& r, uintptr_t p, unsigned size, unsigned flags, const vo
       c.r_tid = kNone;
     }
     if (c.w_tid != kNone && !(c.w_block == block && c.w_tid == tid)) {
-      if (c.w_block != block)
+      if (c.w_block != block && !acquired_before(c.w_block, c.w_epoch, c.w_tid))
         report(r, p + i, size, write, pc, who(c.w_tid, c.w_block, false), "write", c.w_pc,
                "two blocks of one launch are never ordered");
-      if (!ordered(c.w_tid, c.w_epoch, c.w_clk))
+      if (c.w_block == block && !ordered(c.w_tid, c.w_epoch, c.w_clk))
         report(r, p + i, size, write, pc, who(c.w_tid, block, true), "write", c.w_pc,
                (c.w_tid >> 5) == warp ? kNoSyncwarp : kNoBarrier);
     }
     if (write) {
       if (c.r_tid != kNone) {
         if (c.r_block != block) {
-          report(r, p + i, size, write, pc, who(c.r_tid, c.r_block, false), "read", c.r_pc,
+          if (!acquired_before(c.r_block, c.r_epoch, c.r_tid))
+            report(r, p + i, size, write, pc, who(c.r_tid, c.r_block, false), "read", c.r_pc,
                  "two blocks of one launch are never ordered");
         } else if (c.r_epoch == epoch) {
           const uint32_t other_warps = c.r_warps & ~(1u << warp);

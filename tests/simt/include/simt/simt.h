@@ -235,9 +235,13 @@ struct LaunchDesc {
 cudaError_t launch(const LaunchDesc& d);
 int syncthreads(int mode, int pred, const char* file, unsigned line);  // mode 0 plain,1 count,2 and,3 or
 unsigned long long warp_op(int kind, unsigned mask, unsigned long long val, int param, int width,
-                           const char* file, unsigned line);
+                           const char* file, unsigned line, int bytes = 4);
 unsigned activemask(const char* file, unsigned line);
 void yield_now();
+// __threadfence(): orders memory for racecheck's release/acquire between blocks (simt_race.cpp).
+void threadfence();
+// cudaMemset(Async): the bytes are set at once; the counters record it as a launch (a memset node).
+void host_memset(void* dst, int value, size_t n);
 [[noreturn]] void trap(const char* what, const char* file, unsigned line);
 unsigned char* dyn_smem_base();
 // Inserted by rewrite.py after each function-scope __shared__ declaration: poisons the variable
@@ -614,7 +618,7 @@ template <class T> inline void __stcg(T* p, T v) { *p = v; }
 template <class T> inline void __stcs(T* p, T v) { *p = v; }
 template <class T> inline void __stwb(T* p, T v) { *p = v; }
 template <class T> inline void __stwt(T* p, T v) { *p = v; }
-inline void __threadfence() {}
+inline void __threadfence() { ::simt::threadfence(); }
 inline void __threadfence_block() {}
 inline void __threadfence_system() {}
 template <class T> inline void __prefetch_global_l2(const T*) {}
@@ -637,7 +641,7 @@ inline T warp_shfl(int kind, unsigned mask, T var, int param, int width, const S
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shuffle of a type wider than 8 bytes");
   unsigned long long u = 0;
   std::memcpy(&u, &var, sizeof(T));
-  u = warp_op(kind, mask, u, param, width, loc.file_name(), loc.line());
+  u = warp_op(kind, mask, u, param, width, loc.file_name(), loc.line(), static_cast<int>(sizeof(T)));
   T r;
   std::memcpy(&r, &u, sizeof(T));
   return r;
@@ -680,7 +684,8 @@ inline unsigned __match_any_sync(unsigned mask, T value, ::simt::SL loc = ::simt
   static_assert(sizeof(T) <= 8);
   unsigned long long u = 0;
   std::memcpy(&u, &value, sizeof(T));
-  return (unsigned)::simt::warp_op(::simt::kMatchAny, mask, u, 0, 32, loc.file_name(), loc.line());
+  return (unsigned)::simt::warp_op(::simt::kMatchAny, mask, u, 0, 32, loc.file_name(), loc.line(),
+                                   static_cast<int>(sizeof(T)));
 }
 inline unsigned __reduce_add_sync(unsigned mask, unsigned v, ::simt::SL loc = ::simt::SL::current()) {
   return (unsigned)::simt::warp_op(::simt::kRedAddU, mask, v, 0, 32, loc.file_name(), loc.line()); }
@@ -797,7 +802,7 @@ inline cudaError_t cudaMemcpy2D(void* d, size_t dp, const void* s, size_t sp, si
 }
 inline cudaError_t cudaMemcpy2DAsync(void* d, size_t dp, const void* s, size_t sp, size_t w, size_t h, cudaMemcpyKind k, cudaStream_t = 0) {
   return cudaMemcpy2D(d, dp, s, sp, w, h, k); }
-inline cudaError_t cudaMemset(void* d, int v, size_t n) { if (n) std::memset(d, v, n); return ::simt::sticky_error(); }
+inline cudaError_t cudaMemset(void* d, int v, size_t n) { ::simt::host_memset(d, v, n); return ::simt::sticky_error(); }
 inline cudaError_t cudaMemsetAsync(void* d, int v, size_t n, cudaStream_t = 0) { return cudaMemset(d, v, n); }
 template <class T> inline cudaError_t cudaMemcpyToSymbol(T& sym, const void* src, size_t n, size_t off = 0, cudaMemcpyKind = cudaMemcpyHostToDevice) {
   std::memcpy(reinterpret_cast<char*>(&sym) + off, src, n); return cudaSuccess; }
