@@ -8,7 +8,7 @@ Per launch:
     t_dram    = unique DRAM bytes (first touch of every 32-byte sector, reads + writes) / HBM bandwidth
     t_l2      = global sectors requested * 32 B / L2 bandwidth          (no L1 hits assumed)
     t_l1      = global sectors requested / (active SMs * 4 sectors/clk)  (L1/LSU throughput)
-    t_smem    = shared-memory wavefronts / (active SMs * 1 wavefront/clk)
+    t_smem    = (shared-memory wavefronts + MIO instructions of warp collectives) / (active SMs * 1/clk)
     t_fp32    = FLOPs / (active SMs * 256 FLOP/clk)                      (FLOPs counted analytically)
     t_latency = waves * (busiest warp's L1-missing loads * miss latency + L1-hitting loads * hit
                 latency) / loads in flight    (L1 hit: every sector already touched by its block)
@@ -16,6 +16,8 @@ Per launch:
 active SMs = min(SMs, blocks); waves = ceil(blocks / (SMs * resident blocks per SM)); resident
 blocks per SM from threads, registers (ptxas, benchmarks/results/ptxas_sm90.md) and shared memory
 (static + dynamic + 1 KiB reserved per block), as the CUDA occupancy calculator does.
+A cudaMemsetAsync of the op (a plan's memset step) is a launch of its own: launch gap + its bytes
+at HBM bandwidth.
 """
 from __future__ import annotations
 
@@ -60,12 +62,15 @@ DEVICES = {
 ASSUMPTIONS = [
     "H200 SXM: 132 SMs, 4.8 TB/s HBM3e; H100 SXM: 132 SMs, 3.35 TB/s HBM3; both at a sustained 1.755 GHz SM clock",
     "peak figures throughout: no DRAM efficiency factor (real kernels reach about 90 % of peak HBM bandwidth)",
-    "L2: 5120 B/clk for the chip; L1/LSU: 4 sectors (128 B)/clk per SM; shared memory: one 128-byte wavefront/clk per SM",
+    "L2: 5120 B/clk for the chip; L1/LSU: 4 sectors (128 B)/clk per SM; shared memory: one 128-byte wavefront/clk per SM, "
+    "shared with the warp collectives that issue through the same MIO pipe (one per shuffle of 4 bytes, 8-byte shuffles "
+    "two, one per redux; votes and __syncwarp free)",
     "every global sector requested goes through L2 (no L1 hits), every first touch of a sector in a launch goes to DRAM "
     "(nothing stays in L2 between launches; a sector written and then read in one launch is one DRAM write)",
     "latency: 550 clocks per global load that misses L1, 40 per L1 hit (every sector already touched by the same block), "
     "4 independent loads in flight per warp; a wave lasts as long as its busiest warp's chain of global loads",
-    "2 us per launch (GPU-side gap between dependent kernels, launch latency included)",
+    "2 us per launch (GPU-side gap between dependent kernels, launch latency included); a cudaMemsetAsync step is a "
+    "launch too (gap + its bytes at HBM bandwidth)",
     "FP32: 256 FLOP/clk per SM, FLOPs counted analytically per kernel (projection, scoring, gradients)",
     "occupancy from ptxas registers (benchmarks/results/ptxas_sm90.md; 32 when a kernel is missing there), "
     "threads per block and static + dynamic shared memory (+1 KiB reserved per block)",
@@ -123,6 +128,12 @@ def estimate(dev: Device, rec: dict, registers: dict[str, int], flops: float = 0
     name = rec["kernel"]
     norm = normalize_kernel(name)
     est = KernelEstimate(kernel=name)
+    if rec.get("memset"):
+        t_dram = rec["dram_write"] / (dev.hbm_gbs * 1e9)
+        est.terms_us = {k: 0.0 for k in ("dram", "l2", "l1", "smem", "fp32", "latency")}
+        est.terms_us["dram"] = t_dram * 1e6
+        est.bound, est.time_us, est.waves = "dram", dev.launch_gap_us + t_dram * 1e6, 1
+        return est
     est.registers_known = norm in registers
     est.registers = registers.get(norm, 32)
     threads = rec["block"][0] * rec["block"][1] * rec["block"][2]
@@ -136,6 +147,7 @@ def estimate(dev: Device, rec: dict, registers: dict[str, int], flops: float = 0
     clk = dev.clock_hz
     sectors = sum(rec[k]["sectors"] for k in ("global_load", "global_store", "global_atomic"))
     wavefronts = sum(rec[k]["wavefronts"] for k in ("shared_load", "shared_store", "shared_atomic"))
+    wavefronts += rec.get("collectives", 0)
     t = {
         "dram": (rec["dram_read"] + rec["dram_write"]) / (dev.hbm_gbs * 1e9),
         "l2": sectors * 32 / (dev.l2_bytes_per_clk * clk),

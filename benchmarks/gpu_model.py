@@ -145,7 +145,8 @@ def evaluate(op: str, shape: work.Shape, run: dict, devices: list[str], register
             global_bytes=sum(rec[k]["bytes"] for k in ("global_load", "global_store", "global_atomic")),
             shared_requests=s_req, shared_wavefronts=s_wf, shared_ideal_wavefronts=s_ideal,
             max_warp_global_loads=rec["max_warp_global_loads"], max_warp_load_misses=rec["max_warp_load_misses"],
-            max_warp_load_hits=rec["max_warp_load_hits"], conflicts=conflicts[:3]))
+            max_warp_load_hits=rec["max_warp_load_hits"], collectives=rec.get("collectives", 0),
+            memset=rec.get("memset", False), conflicts=conflicts[:3]))
     return out
 
 
@@ -209,12 +210,13 @@ def report(results: list[dict], args, elapsed: float, devices: list[str]) -> str
         f"## Kernels ({dev0})",
         "",
         "global: warp-level requests, 32-byte sectors per request (ideal: the request's unique bytes packed);",
-        "shared: requests, wavefronts per request (ideal); terms in µs (the largest is the bound). Route kernels'",
-        "last template argument is the mode: (RouteMode)0 route, 1 logits, 2 select.",
+        "shared: requests, wavefronts per request (ideal); collectives: warp shuffles/redux in MIO instructions (they",
+        "share the shared-memory term); terms in µs (the largest is the bound). Route kernels' last template argument",
+        "is the mode: (RouteMode)0 route, 1 logits, 2 select. `cudaMemsetAsync` rows are a plan's memset steps.",
         "",
         "| op | shape | kernel | grid × block | smem B | regs | warps/SM | waves | global req | sectors/req (ideal) | "
-        "shared req | wavefronts/req (ideal) | DRAM MB | dram | l2 | l1 | smem | fp32 | latency | est. µs |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "shared req | wavefronts/req (ideal) | collectives | DRAM MB | dram | l2 | l1 | smem | fp32 | latency | est. µs |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         for kr, ke in zip(r["kernels"], r["devices"][dev0]["kernels"]):
@@ -229,7 +231,7 @@ def report(results: list[dict], args, elapsed: float, devices: list[str]) -> str
                 f"| {r['op']} | {r['model']} T={r['T']}" + (f" r={r['r']} H={r['H']}" if r["r"] else "") +
                 f" | `{short_kernel(kr['kernel'])}` | {grid} × {kr['block'][0]} | "
                 f"{kr['dyn_smem'] + kr['static_smem']} | {regs} | {ke['warps_per_sm']} | {ke['waves']} | {g} | {spr} | {s} | "
-                f"{wpr} | {kr['dram_bytes'] / 1e6:.3f} | " +
+                f"{wpr} | {kr['collectives']} | {kr['dram_bytes'] / 1e6:.3f} | " +
                 " | ".join(fmt_us(t[k]) for k in ("dram", "l2", "l1", "smem", "fp32", "latency")) +
                 f" | {fmt_us(ke['time_us'])} ({ke['bound']}) |")
     L += [
