@@ -230,7 +230,7 @@ def test_backend_of_this_build():
 def test_installed_executor_serves_cuda_tensors_and_is_removed():
     class Recorder:
         def limits(self, device):
-            return 0, 0
+            return 0, 0, 0
 
         def run(self, source, steps, device, stream):
             raise AssertionError("no CUDA tensor ran")

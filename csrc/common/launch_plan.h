@@ -17,10 +17,11 @@
 
 namespace l2r {
 
-// The device properties a plan depends on (bytes of dynamic shared memory).
+// The device properties a plan depends on (bytes of dynamic shared memory, multiprocessors).
 struct DeviceLimits {
   int64_t smem_per_block_optin = 0;  // the most one block may opt in to
   int64_t smem_per_sm = 0;           // the SM's total
+  int64_t sm_count = 0;              // multiprocessors (grids of persistent blocks, d splits)
 };
 
 // The .cu file a plan's kernels live in (l2r_cuda/jit compiles that file).

@@ -73,12 +73,13 @@ class PythonExecutor final : public PlanExecutor {
     const Gil gil;
     PyObject* result = PyObject_CallMethod(executor_, "limits", "i", device);
     if (result == nullptr) return take_python_error();
-    long long per_block = 0, per_sm = 0;
-    const bool ok = PyArg_ParseTuple(result, "LL", &per_block, &per_sm);
+    long long per_block = 0, per_sm = 0, sms = 0;
+    const bool ok = PyArg_ParseTuple(result, "LLL", &per_block, &per_sm, &sms);
     Py_DECREF(result);
     if (!ok) return take_python_error();
     out->smem_per_block_optin = per_block;
     out->smem_per_sm = per_sm;
+    out->sm_count = sms;
     return {};
   }
 

@@ -58,10 +58,12 @@ class NvrtcExecutor:
 
     # -- what l2r_cuda._C calls ---------------------------------------------------------------------
 
-    def limits(self, device: int) -> tuple[int, int]:
-        """Shared memory per block (opt-in maximum) and per SM of ``device``, in bytes."""
+    def limits(self, device: int) -> tuple[int, int, int]:
+        """Shared memory per block (opt-in maximum) and per SM of ``device``, in bytes, and its
+        multiprocessor count."""
         props = torch.cuda.get_device_properties(device)
-        return int(props.shared_memory_per_block_optin), int(props.shared_memory_per_multiprocessor)
+        return (int(props.shared_memory_per_block_optin), int(props.shared_memory_per_multiprocessor),
+                int(props.multi_processor_count))
 
     def run(self, source: int, steps: list, device: int, stream: int) -> None:
         """Enqueues ``steps`` on ``stream`` (a cudaStream_t of ``device``, the current one) in order."""

@@ -35,15 +35,18 @@ cudaError_t execute_plan(const LaunchPlan& plan, cudaStream_t stream, LaunchKern
   return cudaSuccess;
 }
 
-// The shared-memory limits of `device`.
+// The shared-memory limits and multiprocessor count of `device`.
 inline cudaError_t device_limits(int device, DeviceLimits* out) {
-  int block = 0, sm = 0;
+  int block = 0, sm = 0, sms = 0;
   cudaError_t err = cudaDeviceGetAttribute(&block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (err != cudaSuccess) return err;
   err = cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
   if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
   out->smem_per_block_optin = block;
   out->smem_per_sm = sm;
+  out->sm_count = sms;
   return cudaSuccess;
 }
 
