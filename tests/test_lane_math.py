@@ -1,7 +1,8 @@
-"""Every SIMD lane width computes the route math bit for bit like the scalar lane (what the portable
-CPU path and every CUDA thread use): tests/cpp/lane_math_check.cpp, helper by helper, on random and
-edge inputs, plus the in-register bf16/fp16 conversions. And the AVX-512 top-k network chooses what
-the generic top-k search chooses (tests/cpp/top_k_network_check.cpp)."""
+"""Every lane width (the SIMD ones, and ArrayLanes: the CUDA forward's token tiles) computes the
+route math bit for bit like the scalar lane (what the portable CPU path and every CUDA thread use):
+tests/cpp/lane_math_check.cpp, helper by helper, on random and edge inputs, plus the in-register
+bf16/fp16 conversions of the SIMD lane types. And the AVX-512 top-k network chooses what the generic
+top-k search chooses (tests/cpp/top_k_network_check.cpp)."""
 
 import os
 import shutil
@@ -20,7 +21,7 @@ def _cpu_flags() -> str:
         return ""
 
 
-NEEDS = {8: ("avx2", "fma", "f16c"), 16: ("avx512f", "avx512dq", "avx512bw", "avx512vl")}
+NEEDS = {4: (), 8: ("avx2", "fma", "f16c"), 16: ("avx512f", "avx512dq", "avx512bw", "avx512vl")}
 
 
 def _build_and_run(source: str, exe, lanes: int, defines=()) -> None:
@@ -38,7 +39,7 @@ def _build_and_run(source: str, exe, lanes: int, defines=()) -> None:
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
-@pytest.mark.parametrize("lanes", [8, 16])
+@pytest.mark.parametrize("lanes", [4, 8, 16])  # 4: ArrayLanes<4> (common/lanes_array.h)
 def test_lane_widths_match_scalar_lane_bitwise(lanes, tmp_path):
     _build_and_run("lane_math_check.cpp", tmp_path / f"lane_math_{lanes}", lanes, [f"-DLANES={lanes}"])
 
