@@ -93,6 +93,10 @@ XTYPES = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 3}
 MODES = {"route": 0, "logits": 1, "select": 2}
 _P, _L, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 _LIB = None
+# The route kernels' persistent counters (route_kernel_params.h kRouteCounterWords): zero between
+# launches, as the CUDA glue keeps one buffer per stream; every launch must leave them zero.
+COUNTER_WORDS = 128
+_COUNTERS = torch.zeros(COUNTER_WORDS, dtype=torch.int32)
 
 
 def simt_library():
@@ -100,11 +104,11 @@ def simt_library():
     if _LIB is None:
         lib = simt.build(sources=[ROOT / "csrc/route/cuda/route_cuda.cu"], include_dirs=[ROOT / "csrc"],
                          driver_source=ROOT / "tests/simt/drivers/route_driver.cpp", name="route_cuda")
-        lib.drv_forward_workspace.argtypes = [_I, _L, _L, _I, _I, _I, _I, _L]
+        lib.drv_forward_workspace.argtypes = [_I, _P, _P, _P]
         lib.drv_forward_workspace.restype = _L
         lib.drv_backward_workspace.argtypes = [_I, _L, _L, _I, _I, _I, _I, _L]
         lib.drv_backward_workspace.restype = _L
-        lib.drv_forward.argtypes = [_I] + [_P] * 3 + [_P, _I] + [_P] * 16
+        lib.drv_forward.argtypes = [_I] + [_P] * 3 + [_P, _I] + [_P] * 17
         lib.drv_forward.restype = _I
         lib.drv_backward.argtypes = [_I] + [_P] * 3 + [_I, _I] + [_P] * 4 + [_P, _I] + [_P] * 17
         lib.drv_backward.restype = _I
@@ -143,7 +147,10 @@ def _run(lib, fn, *args, seed=0):
     assert rc == 0, f"{fn} failed with code {rc}"
 
 
-def _forward(call: _Call, x, proj, anchors, scale, norm_weight, logits_in, bias, padding, seed=0):
+def _forward(call: _Call, x, proj, anchors, scale, norm_weight, logits_in, bias, padding, seed=0,
+             persistent_counters=True):
+    """The forward launcher; persistent_counters=False passes no counters (the plan zeroes its own
+    in the workspace first, as under CUDA graph capture)."""
     lib = simt_library()
     T, d, r, E, H, k, seq_len = call.sizes.tolist()
     f32 = dict(dtype=torch.float32)
@@ -153,12 +160,16 @@ def _forward(call: _Call, x, proj, anchors, scale, norm_weight, logits_in, bias,
         tokens_per_expert=torch.full(stats, -7, dtype=torch.int64), mean_probs=torch.full(stats, float("nan"), **f32),
         lse=torch.full((T,), float("nan"), **f32), q=torch.full((T, r), float("nan"), **f32),
         rstd=torch.full((T,), float("nan"), **f32), logits=torch.full((T, E), float("nan"), **f32))
-    ws = torch.full((max(1, lib.drv_forward_workspace(call.mode, T, d, r, E, H, k, seq_len)),), float("nan"), **f32)
+    ws_floats = lib.drv_forward_workspace(call.mode, _ptr(call.sizes), _ptr(call.opts), _ptr(call.flags))
+    assert ws_floats >= 0
+    ws = torch.full((max(1, ws_floats),), float("nan"), **f32)
+    counters = simt.ptr(_COUNTERS, "counters") if persistent_counters else None
     _run(lib, "drv_forward", call.mode, _ptr(call.sizes), _ptr(call.opts), _ptr(call.flags), _ptr(x),
          XTYPES[x.dtype] if x is not None else 0, _ptr(proj), _ptr(anchors), _ptr(norm_weight), _ptr(scale),
          _ptr(logits_in), _ptr(bias), _ptr(padding), _ptr(out["weights"]), _ptr(out["indices"]),
          _ptr(out["tokens_per_expert"]), _ptr(out["mean_probs"]), _ptr(out["lse"]), _ptr(out["q"]),
-         _ptr(out["rstd"]), _ptr(out["logits"]), _ptr(ws), seed=seed)
+         _ptr(out["rstd"]), _ptr(out["logits"]), counters, _ptr(ws), seed=seed)
+    assert not _COUNTERS.any(), f"the forward left its persistent counters at {_COUNTERS.nonzero().flatten().tolist()}"
     return out
 
 

@@ -104,10 +104,46 @@ def test_every_rank_and_dtype(r, dtype):
 
 
 def test_forward_warps_loop_over_tokens():
-    # More tokens than 1024 chunks x 4 warps: chunks of 5 tokens, so a warp takes a second token and
-    # its per-warp sums (prob_sum, counts) carry over tokens.
+    # 4100 tokens: 129 blocks of 8 warps, a tile of 4 tokens per warp (the per-warp sums prob_sum and
+    # counts carry over a tile's tokens), ragged last chunk; the statistics finalized by the block
+    # that takes the last ticket.
     cfg = dict(T=4100, d=16, r=2, H=1, E=3, k=2, bias=True)
     check_route(cfg, inputs(cfg, 0), backward=False)
+
+
+def test_forward_blocks_loop_over_chunks():
+    # E = 512 on the emulated device (132 SMs, 227 KiB of shared memory per block): the warps' logit
+    # scratch leaves 5 warps per block and 2 blocks per SM, so 5400 tokens make 270 chunks of 20
+    # tokens for 264 blocks: blocks loop over chunks (the next chunk reuses the per-warp scratch) and
+    # the statistics add partials of several chunks of one block.
+    cfg = dict(T=5400, d=16, r=2, H=1, E=512, k=2)
+    check_route(cfg, inputs(cfg, 0), backward=False)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_forward_decode_splits_columns_over_blocks(dtype):
+    # 3 tokens, d = 1024: one chunk whose columns are split over 4 blocks (256 each); each writes raw
+    # projection sums, the block that takes the chunk's last ticket adds them in split order and
+    # routes the chunk (route), or writes the logits (route_logits: tickets without statistics).
+    cfg = dict(T=3, d=1024, r=8, E=6, H=2, k=2, dtype=DTYPES[dtype])
+    t = inputs(cfg, 3)
+    check_route(cfg, t, backward=False)
+    check_logits(cfg, t)
+
+
+@pytest.mark.parametrize("T", [3, 300])
+def test_forward_zeroes_its_own_counters_without_a_buffer(T, monkeypatch):
+    # No persistent counter buffer (as under CUDA graph capture): the plan zeroes ticket words of the
+    # workspace first (the workspace starts as NaN here). Same results, bit for bit, as with one.
+    cfg = dict(T=T, d=1024, r=4, E=6, H=2, k=2)
+    t = inputs(cfg, 4)
+    with_buffer = check_route(cfg, t, backward=False)
+    forward = backends._forward
+    monkeypatch.setattr(backends, "_forward",
+                        lambda *a, **kw: forward(*a, **dict(kw, persistent_counters=False)))
+    without = check_route(cfg, t, backward=False)
+    for name in ("weights", "indices", "tokens_per_expert", "mean_probs", "lse"):
+        assert torch.equal(getattr(without, name), getattr(with_buffer, name)), name
 
 
 def test_backward_warps_loop_over_tokens_and_column_chunks():

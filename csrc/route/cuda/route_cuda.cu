@@ -4,206 +4,22 @@
 // one expert per thread), so the GPU rounds what the CPU does; this file keeps only layout and
 // reductions (warp shuffles, per-warp and per-chunk partials).
 //
-// Layout: one warp per token, the experts spread over its lanes (expert e on lane e % 32). The
-// folded projection proj * norm_weight [rp][d] and the pre-normalized anchors coef(|a|) * a,
-// transposed to [rp][H][E] so that the lanes of a warp read consecutive words, are prepared in
-// fp32 by route_prepare_kernel and staged in shared memory when they fit.
+// Forward: route_forward.cuh (one launch: token tiles, the projection and the normalised anchors
+// staged by the kernel itself, statistics finalized by the block that takes the last ticket).
 //
-// Forward: block c handles the tokens of chunk c (TokenChunks: chunks never straddle a statistics
-// group), its warps one token at a time; the statistics go through per-warp, per-chunk partials
-// and a finalize kernel that adds them in chunk order. Backward: a grid-stride loop over tokens with
-// per-warp partials of the anchor gradients, a column kernel for the projection's gradient and a
-// finalize kernel. No floating-point atomics: every result is bitwise reproducible run to run.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include "../math/all.h"
-#include "route_kernel_params.h"
+// Backward layout: one warp per token, the experts spread over its lanes (expert e on lane e % 32).
+// The folded projection proj * norm_weight [rp][d] and the pre-normalized anchors coef(|a|) * a,
+// transposed to [rp][H][E] so that the lanes of a warp read consecutive words, are prepared in
+// fp32 by route_prepare_kernel and staged in shared memory when they fit. A grid-stride loop over
+// tokens with per-warp partials of the anchor gradients, a column kernel for the projection's
+// gradient and a finalize kernel. No floating-point atomics: every result is bitwise reproducible
+// run to run.
+#include "route_device.cuh"
+#include "route_forward.cuh"
 
 namespace l2r {
 namespace route {
 namespace {
-
-namespace rm = ::l2r::route::math;
-
-constexpr unsigned kFullMask = 0xffffffffu;
-
-// =============================================================================================
-// Device helpers: element conversion, vector loads, warp reductions
-// =============================================================================================
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-__device__ __forceinline__ void store_float(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_float(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
-__device__ __forceinline__ void store_float(__half* p, float v) { *p = __float2half(v); }
-
-template <typename T>
-struct VecWidth {
-  static constexpr int value = static_cast<int>(16 / sizeof(T));
-};
-
-// Elements per x load in the projection: 16 bytes, except 8 bytes (4 elements) for 16-bit x with
-// 8+ ranks, where 8 elements times R rows of FMAs per step would exceed the register budget.
-template <int RC, typename T>
-struct ProjectWidth {
-  static constexpr int value = (sizeof(T) == 2 && RC >= 8) ? 4 : VecWidth<T>::value;
-};
-
-template <int N, typename T>
-__device__ __forceinline__ void load_vec(const T* p, float (&out)[N]) {
-  static_assert(N * sizeof(T) == 16 || N * sizeof(T) == 8, "16- or 8-byte vectors");
-  if constexpr (N * sizeof(T) == 16) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < N; ++j) out[j] = to_float(e[j]);
-  } else {
-    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int j = 0; j < N; ++j) out[j] = to_float(e[j]);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store_vec(T* p, const float (&v)[VecWidth<T>::value]) {
-  uint4 raw;
-  T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-  for (int j = 0; j < VecWidth<T>::value; ++j) store_float(e + j, v[j]);
-  *reinterpret_cast<uint4*>(p) = raw;
-}
-
-// Butterfly sum: every lane ends with the same bits (a + b == b + a at every step).
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
-  return v;
-}
-
-// Max of numbers (no lane holds NaN; NaN is tracked by warp_any).
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off >>= 1) v = lanes::vmax(__shfl_xor_sync(kFullMask, v, off), v);
-  return v;
-}
-
-__device__ __forceinline__ bool warp_any(bool v) { return __any_sync(kFullMask, v); }
-
-__device__ __forceinline__ uint64_t warp_max_key(uint64_t v) {
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off >>= 1) {
-    const uint64_t o = __shfl_xor_sync(kFullMask, v, off);
-    v = o > v ? o : v;
-  }
-  return v;
-}
-
-// The two largest order keys of the warp (every lane ends with both).
-__device__ __forceinline__ rm::BestTwo<uint64_t> warp_best_two(rm::BestTwo<uint64_t> b) {
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off >>= 1) {
-    const uint64_t ob = __shfl_xor_sync(kFullMask, b.best, off);
-    const uint64_t os = __shfl_xor_sync(kFullMask, b.second, off);
-    b.offer(ob);
-    b.offer(os);
-  }
-  return b;
-}
-
-__device__ __forceinline__ void stage_to_smem(const float* src, float* dst, int64_t n) {
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = __ldg(src + i);
-}
-
-// This lane's share of one x row: acc[j] += <rows[j], x>, sumsq += <x, x>. rows is [RC, d]; vec:
-// x row and rows are 16-byte aligned and d * sizeof(T) is a multiple of 16.
-template <int RC, typename T>
-__device__ __forceinline__ void project_lane(const T* xrow, const float* rows, int64_t d, bool vec,
-                                             int lane, float (&acc)[RC], float& sumsq) {
-  if (vec) {
-    constexpr int V = ProjectWidth<RC, T>::value;
-    for (int64_t v = lane; v < d / V; v += kWarp) {
-      float xv[V];
-      load_vec<V>(xrow + v * V, xv);
-#pragma unroll
-      for (int j = 0; j < V; ++j) sumsq = lanes::fmadd(xv[j], xv[j], sumsq);
-#pragma unroll
-      for (int k = 0; k < RC; ++k) {
-        const float* w = rows + k * d + v * V;
-#pragma unroll
-        for (int j = 0; j < V; j += 4) {
-          const float4 w4 = *reinterpret_cast<const float4*>(w + j);
-          acc[k] = lanes::fmadd(w4.x, xv[j], acc[k]);
-          acc[k] = lanes::fmadd(w4.y, xv[j + 1], acc[k]);
-          acc[k] = lanes::fmadd(w4.z, xv[j + 2], acc[k]);
-          acc[k] = lanes::fmadd(w4.w, xv[j + 3], acc[k]);
-        }
-      }
-    }
-  } else {
-    for (int64_t i = lane; i < d; i += kWarp) {
-      const float xi = to_float(xrow[i]);
-      sumsq = lanes::fmadd(xi, xi, sumsq);
-#pragma unroll
-      for (int k = 0; k < RC; ++k) acc[k] = lanes::fmadd(rows[k * d + i], xi, acc[k]);
-    }
-  }
-}
-
-// Whether a row holds a non-finite value (the warp's answer, in every lane).
-template <typename T>
-__device__ __forceinline__ bool warp_row_has_non_finite(const T* xrow, int64_t d, int lane) {
-  bool bad = false;
-  for (int64_t i = lane; i < d; i += kWarp) {
-    const float v = to_float(xrow[i]);
-    bad |= !(lanes::vabs(v) < lanes::poly::kInf);  // inf or NaN
-  }
-  return warp_any(bad);
-}
-
-// q = W_g x~ into q (registers for templated ranks, shared memory for the generic one); returns
-// rstd. A row whose mean square overflowed takes math::overflowed_row_projection.
-template <int R, typename T>
-__device__ __forceinline__ float project_token(const T* xrow, const float* proj_w, int64_t d, int rp,
-                                               bool vec, bool use_norm, float eps_norm, int lane,
-                                               float* q) {
-  float rstd = 1.f;
-  if constexpr (R > 0) {
-    float sumsq = 0.f;
-    float acc[R];
-#pragma unroll
-    for (int k = 0; k < R; ++k) acc[k] = 0.f;
-    project_lane<R>(xrow, proj_w, d, vec, lane, acc, sumsq);
-    if (use_norm) rstd = rm::rms_inv_scale(warp_sum(sumsq), d, eps_norm);
-#pragma unroll
-    for (int k = 0; k < R; ++k) q[k] = warp_sum(acc[k]) * rstd;  // rstd = 1 without norm
-  } else {
-    for (int c = 0; c < rp; c += kGenericChunk) {
-      float acc[kGenericChunk], sumsq = 0.f;
-#pragma unroll
-      for (int k = 0; k < kGenericChunk; ++k) acc[k] = 0.f;
-      project_lane<kGenericChunk>(xrow, proj_w + c * d, d, vec, lane, acc, sumsq);
-      if (c == 0 && use_norm) rstd = rm::rms_inv_scale(warp_sum(sumsq), d, eps_norm);
-#pragma unroll
-      for (int k = 0; k < kGenericChunk; ++k) {
-        const float v = warp_sum(acc[k]) * rstd;  // rstd = 1 without norm
-        if (lane == 0) q[c + k] = v;
-      }
-    }
-    __syncwarp();
-  }
-  if (use_norm && rm::rms_overflowed(rstd)) {
-    const float v = rm::overflowed_row_projection<float>(warp_row_has_non_finite(xrow, d, lane));
-    for (int k = 0; k < rp; ++k) {
-      if (R > 0 || lane == 0) q[k] = v;
-    }
-    __syncwarp();
-  }
-  return rstd;
-}
 
 // The logit of expert e for token q, and its anchors' stage-2 shift and sum (math/anchor_lse.h).
 template <int R>
@@ -247,11 +63,11 @@ __device__ __forceinline__ float warp_total(const float* v, int E, int lane) {
 }
 
 // =============================================================================================
-// Kernels
+// Backward kernels (and the prepare kernel of their folded projection and normalised anchors)
 // =============================================================================================
 
-// proj_w[k, i] = proj[k, i] * g[i] (0 for padded rows k >= r); anchor_hat[(i * H + h) * E + e] =
-// coef(|a|) a[e, h, i] (0 for padded i >= r).
+// proj_w[k, i] = proj[k, i] * g[i] (0 for padded rows k >= r; skipped when proj_w is null);
+// anchor_hat[(i * H + h) * E + e] = coef(|a|) a[e, h, i] (0 for padded i >= r).
 __global__ void route_prepare_kernel(const PrepareParams p) {
   const float* __restrict__ proj = p.proj;
   const float* __restrict__ g = p.g;
@@ -263,7 +79,7 @@ __global__ void route_prepare_kernel(const PrepareParams p) {
   const float beta = p.beta, eps = p.eps;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t n = start; n < rp * d; n += stride) {
+  for (int64_t n = start; proj_w != nullptr && n < rp * d; n += stride) {
     const int64_t k = n / d, i = n % d;
     proj_w[n] = k < rank ? (g ? proj[k * d + i] * g[i] : proj[k * d + i]) : 0.f;
   }
@@ -275,206 +91,6 @@ __global__ void route_prepare_kernel(const PrepareParams p) {
     const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r(row, row, rank)), beta, eps);
     const int64_t e = a / anchors_per_expert, h = a % anchors_per_expert;
     anchor_hat[(i * anchors_per_expert + h) * experts + e] = i < rank ? c.coef * row[i] : 0.f;
-  }
-}
-
-// Group-limited top-k: the kept groups as a bit mask, the same set as math::kept_groups (the
-// topk_groups largest order keys of (group score, group)) computed without per-thread arrays: lane
-// l holds the scores of groups l and l + 32; a group is kept when fewer than topk_groups groups
-// rank before it.
-__device__ __forceinline__ uint64_t warp_kept_groups(int E, int G, int topk_groups, GroupScore policy,
-                                                     int lane, const float* keys) {
-  const int per = E / G;
-  float score_lo = 0.f, score_hi = 0.f;  // groups lane and lane + 32
-  for (int g = 0; g < G; ++g) {
-    rm::BestTwo<uint64_t> best;
-    for (int e = g * per + lane; e < (g + 1) * per; e += kWarp) {
-      best.offer(order_key(keys[e], uint32_t(e)));
-    }
-    best = warp_best_two(best);
-    const float score = rm::group_score(order_key_value(best.best), order_key_value(best.second), policy);
-    if (g == lane) score_lo = score;
-    if (g == lane + kWarp) score_hi = score;
-  }
-  const uint64_t key_lo = order_key(score_lo, uint32_t(lane)), key_hi = order_key(score_hi, uint32_t(lane + kWarp));
-  int before_lo = 0, before_hi = 0;
-  for (int j = 0; j < G; ++j) {
-    const float sj = __shfl_sync(kFullMask, j < kWarp ? score_lo : score_hi, j % kWarp);
-    const uint64_t kj = order_key(sj, uint32_t(j));
-    before_lo += kj > key_lo ? 1 : 0;
-    before_hi += kj > key_hi ? 1 : 0;
-  }
-  const unsigned lo = __ballot_sync(kFullMask, lane < G && before_lo < topk_groups);
-  const unsigned hi = __ballot_sync(kFullMask, lane + kWarp < G && before_hi < topk_groups);
-  return (uint64_t(hi) << 32) | lo;
-}
-
-// The routing of one token from its probabilities (in probs[]): statistics partials, selection,
-// weights. keys[] is scratch for the selection keys. Every lane of the warp calls it.
-__device__ __forceinline__ void finish_token(const ForwardParams& p, int64_t t, int lane, const float* probs,
-                                             float* keys, float* prob_sum, int* counts, int* selected,
-                                             bool counted) {
-  const int E = p.c.experts, K = p.c.top_k;
-  if (counted) {
-    const float total = p.c.sigmoid ? warp_total(probs, E, lane) : 1.f;
-    for (int e = lane; e < E; e += kWarp) prob_sum[e] += rm::balance_prob(probs[e], total, p.c.sigmoid);
-  }
-  for (int e = lane; e < E; e += kWarp) keys[e] = p.bias ? rm::selection_key(probs[e], __ldg(p.bias + e)) : probs[e];
-  __syncwarp();
-  uint64_t kept = ~uint64_t(0);
-  if (p.c.num_groups > 1) kept = warp_kept_groups(E, p.c.num_groups, p.c.topk_groups, p.c.group_score, lane, keys);
-  // Round j takes the largest order key below round j-1's winner (keys are unique per expert).
-  uint64_t previous = ~uint64_t(0);
-  for (int j = 0; j < K; ++j) {
-    uint64_t best = 0;
-    for (int e = lane; e < E; e += kWarp) {
-      if (!rm::in_kept_group(e, kept, E, p.c.num_groups)) continue;
-      const uint64_t key = order_key(keys[e], uint32_t(e));
-      if (key < previous && key > best) best = key;
-    }
-    best = warp_max_key(best);
-    if (lane == 0) selected[j] = static_cast<int>(order_key_index(best));
-    previous = best;
-  }
-  __syncwarp();
-  float selected_sum = 0.f;
-  if (p.c.normalize) {
-    for (int j = 0; j < K; ++j) selected_sum += probs[selected[j]];
-  }
-  for (int j = lane; j < K; j += kWarp) {
-    const int e = selected[j];
-    p.weights[t * K + j] = rm::selected_weight(probs[e], selected_sum, p.c.normalize, p.c.scaling);
-    p.indices[t * K + j] = e;
-    if (counted) counts[e] += 1;
-  }
-  __syncwarp();
-}
-
-template <int R, typename T, RouteMode M>
-__global__ void __launch_bounds__(kThreads, forward_min_blocks(R))
-    route_forward_kernel(const ForwardParams p) {
-  extern __shared__ float4 smem_vec[];
-  float* smem = reinterpret_cast<float*>(smem_vec);
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int E = p.c.experts, H = p.c.anchors;
-  const int rp = R > 0 ? R : p.c.rp;
-  const int64_t d = p.c.d;
-
-  const float* proj_w = p.proj_w;
-  const float* anchor_hat = p.anchor_hat;
-  if constexpr (M != RouteMode::kSelect) {
-    if (p.proj_smem >= 0) {
-      stage_to_smem(p.proj_w, smem + p.proj_smem, rp * d);
-      proj_w = smem + p.proj_smem;
-    }
-    if (p.anchor_smem >= 0) {
-      stage_to_smem(p.anchor_hat, smem + p.anchor_smem, static_cast<int64_t>(E) * H * rp);
-      anchor_hat = smem + p.anchor_smem;
-    }
-  }
-  float* logits = smem + p.warp_smem + warp * p.warp_stride;
-  float* exps = logits + E;
-  float* prob_sum = exps + E;
-  int* counts = reinterpret_cast<int*>(prob_sum + E);
-  int* selected = counts + E;
-  float* q_smem = reinterpret_cast<float*>(selected + p.c.top_k);
-  for (int e = lane; e < E; e += kWarp) {
-    prob_sum[e] = 0.f;
-    counts[e] = 0;
-  }
-  int counted_tokens = 0;
-  __syncthreads();
-
-  const float scale = M != RouteMode::kSelect ? __ldg(p.scale) : 0.f;
-  const T* x = static_cast<const T*>(p.x);
-  const int64_t c = blockIdx.x;
-  const int64_t t_end = p.chunks.end(c);
-  for (int64_t t = p.chunks.begin(c) + warp; t < t_end; t += kWarpsPerBlock) {
-    if constexpr (M != RouteMode::kSelect) {
-      // --- RMSNorm + projection, SIPS against every anchor, the experts' logits.
-      float q_reg[R > 0 ? R : 1];
-      float* q = R > 0 ? q_reg : q_smem;
-      const float rstd = project_token<R>(x + t * d, proj_w, d, rp, p.vec, p.c.use_norm, p.c.eps_norm, lane, q);
-      if constexpr (R > 0) {
-#pragma unroll
-        for (int k = 0; k < R; ++k) {
-          if (k == lane && k < p.c.rank) p.q_out[t * p.c.rank + k] = q_reg[k];
-        }
-      } else {
-        for (int k = lane; k < p.c.rank; k += kWarp) p.q_out[t * p.c.rank + k] = q_smem[k];
-      }
-      if (lane == 0) p.rstd_out[t] = rstd;
-      const rm::NormCoef<float> qc = rm::query_coef(q, rp, p.c.beta, p.c.eps);
-      const float q_scale = scale * qc.coef, sot = q_scale / p.c.tau;
-      for (int e = lane; e < E; e += kWarp) {
-        logits[e] = expert_logit_of<R>(q, anchor_hat, e, E, H, rp, q_scale, sot, p.c.tau).logit;
-      }
-      if constexpr (M == RouteMode::kLogits) {
-        for (int e = lane; e < E; e += kWarp) p.logits_out[t * E + e] = logits[e];
-        __syncwarp();
-        continue;
-      }
-    } else {
-      for (int e = lane; e < E; e += kWarp) logits[e] = p.logits_in[t * E + e];
-    }
-    __syncwarp();
-    // --- Probabilities, z-loss statistic, routing.
-    const rm::SoftmaxStats<float> st = warp_softmax_stats(logits, exps, E, lane);
-    if (lane == 0) p.lse[t] = rm::stats_lse(st);
-    for (int e = lane; e < E; e += kWarp) logits[e] = rm::routing_prob(logits[e], exps[e], st.sum, p.c.sigmoid);
-    __syncwarp();
-    const bool counted = p.padding == nullptr || !p.padding[t];
-    counted_tokens += counted ? 1 : 0;
-    finish_token(p, t, lane, logits, exps, prob_sum, counts, selected, counted);
-  }
-
-  if constexpr (M != RouteMode::kLogits) {
-    // Chunk partials: the warps' sums added in warp order.
-    int* warp_tokens = reinterpret_cast<int*>(smem + p.warp_smem + kWarpsPerBlock * p.warp_stride);
-    if (lane == 0) warp_tokens[warp] = counted_tokens;
-    __syncthreads();
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-      float s = 0.f;
-      int n = 0;
-      for (int w = 0; w < kWarpsPerBlock; ++w) {
-        const float* wp = smem + p.warp_smem + w * p.warp_stride;
-        s += wp[2 * E + e];
-        n += reinterpret_cast<const int*>(wp + 3 * E)[e];
-      }
-      p.prob_partials[c * E + e] = s;
-      p.count_partials[c * E + e] = n;
-    }
-    if (threadIdx.x == 0) {
-      int n = 0;
-      for (int w = 0; w < kWarpsPerBlock; ++w) n += warp_tokens[w];
-      p.token_partials[c] = n;
-    }
-  }
-}
-
-// mean_probs[s, e] and tokens_per_expert[s, e] from the chunk partials of group s, in chunk order.
-__global__ void route_forward_finalize_kernel(const ForwardFinalizeParams p) {
-  const float* __restrict__ prob_partials = p.prob_partials;
-  const int* __restrict__ count_partials = p.count_partials;
-  const int* __restrict__ token_partials = p.token_partials;
-  float* __restrict__ mean_probs = p.mean_probs;
-  int64_t* __restrict__ tokens_per_expert = p.tokens_per_expert;
-  const TokenChunks chunks = p.chunks;
-  const int experts = p.experts;
-  const int64_t groups = chunks.count / chunks.per_seq;
-  const int64_t items = groups * experts;
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < items;
-       n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t s = n / experts, e = n % experts;
-    float sum = 0.f;
-    int64_t count = 0, tokens = 0;
-    for (int64_t c = s * chunks.per_seq; c < (s + 1) * chunks.per_seq; ++c) {
-      sum += prob_partials[c * experts + e];
-      count += count_partials[c * experts + e];
-      tokens += token_partials[c];
-    }
-    mean_probs[n] = rm::mean_over_tokens(sum, tokens);
-    tokens_per_expert[n] = count;
   }
 }
 
@@ -915,9 +531,6 @@ cudaError_t launch_route_step(const LaunchStep& s, cudaStream_t stream) {
       route_prepare_kernel<<<grid, block, s.smem_bytes, stream>>>(s.params_as<PrepareParams>());
       return cudaGetLastError();
     case RouteKernel::kForward: return launch_token_kernel<ForwardLaunch>(s, stream);
-    case RouteKernel::kForwardFinalize:
-      route_forward_finalize_kernel<<<grid, block, s.smem_bytes, stream>>>(s.params_as<ForwardFinalizeParams>());
-      return cudaGetLastError();
     case RouteKernel::kBackwardToken: return launch_token_kernel<BackwardLaunch>(s, stream);
     case RouteKernel::kBackwardColumn: return launch_column_kernel(s, stream);
     case RouteKernel::kBackwardFinalize:

@@ -18,9 +18,8 @@ namespace route {
 enum class RouteMode : int { kRoute = 0, kLogits = 1, kSelect = 2 };
 
 constexpr int kWarp = 32;
-constexpr int kWarpsPerBlock = 4;
+constexpr int kWarpsPerBlock = 4;  // backward token kernel
 constexpr int kThreads = kWarp * kWarpsPerBlock;
-constexpr int kMaxForwardBlocks = 1024;
 constexpr int kMaxBackwardBlocks = 256;
 constexpr int kColumnThreads = 256;
 constexpr int kMaxColumnChunks = 64;
@@ -29,16 +28,30 @@ constexpr int kGenericChunk = 8;  // rank chunk of the generic (r > 32) kernels
 constexpr int kElementwiseThreads = 256;
 constexpr int kMaxElementwiseBlocks = 1024;
 
-// Minimum resident blocks per SM for __launch_bounds__ (R: the template rank, 0 = generic).
-// Stating it matters: with a thread bound alone ptxas picks a register budget by its own occupancy
-// heuristic and spills to reach it. Four blocks (a 128-register budget) fit rank 1 and the
-// backward's small ranks; the forward at ranks 2-8 (projection, scoring and group-limited selection
-// state) just exceeds 128 and gets three (168); large ranks keep all their accumulators in
-// registers with two. The plan also keeps the optional shared-memory arrays within 1 / min-blocks
-// of the SM's shared memory.
-L2R_HD constexpr int forward_min_blocks(int R) { return (R == 0 || R >= 16) ? 2 : (R >= 2 ? 3 : 4); }
+// Minimum resident blocks per SM for the backward token kernel's __launch_bounds__ (R: the template
+// rank, 0 = generic): four blocks (a 128-register budget) fit its small ranks, large ranks keep all
+// their accumulators in registers with two.
 L2R_HD constexpr int backward_min_blocks(int R) { return (R == 0 || R >= 16) ? 2 : 4; }
 L2R_HD constexpr int template_rank(int rp) { return rp > 32 ? 0 : rp; }
+
+// ---- the forward kernel's token tiles ----------------------------------------------------------
+// A warp projects a tile of tokens_per_warp(R) tokens at once, `tile_rows(R)` rows of the projection
+// per pass over d (all rp rows for the templated ranks, 8 at a time for the generic one): each
+// projection value it loads from shared memory serves every token of its tile, and the tile's
+// accumulators (tokens x rows) stay within 64 registers. A block of `warps` warps routes a chunk of
+// warps * tokens_per_warp tokens (route_options.h TokenChunks: never straddling a statistics group).
+L2R_HD constexpr int tile_rows(int R) { return R > 0 ? R : kGenericChunk; }
+L2R_HD constexpr int tokens_per_warp(int R) {
+  return tile_rows(R) <= 8 ? 4 : 2;
+}
+constexpr int kMaxForwardWarps = 16;
+// Warps per block at most for template rank R (the kernel's __launch_bounds__): 16 (a 128-register
+// budget) for every rank but 32, whose 2 x 32 accumulators spill at 128 registers; it gets 8.
+L2R_HD constexpr int forward_max_warps(int R) { return R == 32 ? kMaxForwardWarps / 2 : kMaxForwardWarps; }
+// Persistent counters: words a caller keeps zero between launches (every kernel leaves them zero).
+// The forward uses [0] for its finished tiles and [1, 1 + kMaxSplitTiles) for the d-split tiles.
+constexpr int kMaxSplitTiles = 64;
+constexpr int kRouteCounterWords = 128;
 
 // route_prepare_kernel: proj_w = proj * g (zero rows past r), anchor_hat = coef(|a|) a transposed.
 struct PrepareParams {
@@ -62,10 +75,15 @@ struct KernelConfig {
   GroupScore group_score;
 };
 
+// route_forward_kernel: x (or given logits) -> routing of every token and the statistics, in one
+// launch. Projection sums of d-split tiles and the statistics' chunk partials go through the
+// workspace; the block that finishes last (an atomic ticket on `counters`) adds the partials.
 struct ForwardParams {
-  const void* x;
-  const float* proj_w;      // [rp, d]
-  const float* anchor_hat;  // [rp, H, E]
+  const void* x;            // [T, d] (kRoute, kLogits)
+  const float* proj;        // [r, d]
+  const float* norm_weight; // [d] or nullptr: folded into the projection while it is staged
+  const float* anchors;     // [E, H, r]: normalised while they are staged
+  const float* anchor_hat;  // [rp, H, E] normalised by route_prepare_kernel when they do not fit
   const float* bias;        // [E] or nullptr
   const float* scale;       // [1]
   const float* logits_in;   // [T, E] (kSelect)
@@ -76,26 +94,24 @@ struct ForwardParams {
   float* q_out;
   float* rstd_out;
   float* logits_out;        // [T, E] (kLogits)
+  float* mean_probs;        // [groups, E]
+  int64_t* tokens_per_expert;
   float* prob_partials;     // [chunks, E]
   int* count_partials;      // [chunks, E]
   int* token_partials;      // [chunks]: counted tokens
+  float* split_partials;    // [chunks, splits, tile tokens, rp + 1] (splits > 1)
+  unsigned* counters;       // kRouteCounterWords, zero at launch and left zero
   TokenChunks chunks;
   KernelConfig c;
-  bool vec;
-  int64_t proj_smem, anchor_smem;  // offsets (floats) into shared memory, -1: read from global
-  int64_t warp_smem, warp_stride;  // per-warp scratch: logits/probs [E] | exps [E] | prob sums [E]
-                                   // | counts [E] | selected [k] | q [rp]
-};
-
-// route_forward_finalize_kernel: mean_probs and tokens_per_expert from the chunk partials.
-struct ForwardFinalizeParams {
-  const float* prob_partials;
-  const int* count_partials;
-  const int* token_partials;
-  float* mean_probs;
-  int64_t* tokens_per_expert;
-  TokenChunks chunks;
-  int experts;
+  int32_t splits;           // d splits per chunk (1: a block projects whole rows)
+  int32_t split_cols;       // columns per split (a multiple of 256)
+  int32_t stage_cols;       // columns of the projection staged in shared memory at a time
+  int32_t vec;              // x rows are 16-byte vectors (aligned, d * sizeof(x) % 16 == 0)
+  int32_t proj_vec;         // proj and norm_weight rows are float4 vectors
+  int32_t finishers;        // tickets of counters[0]: blocks (splits == 1) or chunks (splits > 1)
+  // shared memory (float offsets): staged projection [tile_rows][stage_cols] (swizzled granules),
+  // normalised anchors [rp][H][E], bias [E], per-warp scratch of warp_stride floats each
+  int32_t proj_smem, anchor_smem, bias_smem, warp_smem, warp_stride, logit_stride;
 };
 
 struct BackwardParams {
@@ -167,15 +183,12 @@ L2R_FIELD_AT(KernelConfig, use_norm, 64);
 L2R_FIELD_AT(KernelConfig, num_groups, 68);
 L2R_FIELD_AT(KernelConfig, group_score, 76);
 static_assert(sizeof(KernelConfig) == 80, "KernelConfig");
-L2R_FIELD_AT(ForwardParams, chunks, 128);
-L2R_FIELD_AT(ForwardParams, c, 160);
-L2R_FIELD_AT(ForwardParams, vec, 240);
-L2R_FIELD_AT(ForwardParams, proj_smem, 248);
-L2R_FIELD_AT(ForwardParams, warp_stride, 272);
-static_assert(sizeof(ForwardParams) == 280, "ForwardParams");
-L2R_FIELD_AT(ForwardFinalizeParams, chunks, 40);
-L2R_FIELD_AT(ForwardFinalizeParams, experts, 72);
-static_assert(sizeof(ForwardFinalizeParams) == 80, "ForwardFinalizeParams");
+L2R_FIELD_AT(ForwardParams, chunks, 176);
+L2R_FIELD_AT(ForwardParams, c, 208);
+L2R_FIELD_AT(ForwardParams, splits, 288);
+L2R_FIELD_AT(ForwardParams, finishers, 308);
+L2R_FIELD_AT(ForwardParams, logit_stride, 332);
+static_assert(sizeof(ForwardParams) == 336, "ForwardParams");
 L2R_FIELD_AT(BackwardParams, bad_index, 144);
 L2R_FIELD_AT(BackwardParams, c, 152);
 L2R_FIELD_AT(BackwardParams, vec, 232);

@@ -41,6 +41,10 @@ struct RouteForwardBuffers {
   float* q = nullptr;                  // [T, r]
   float* rstd = nullptr;               // [T]
   float* logits_out = nullptr;         // [T, E] (kLogits)
+  // kRouteCounterWords words that are zero and that nothing else uses while the launch runs (the
+  // kernels leave them zero: keep one such buffer per stream), or null: the plan then zeroes words
+  // of the workspace first (one more launch; what a CUDA graph capture does).
+  unsigned* counters = nullptr;
   float* workspace = nullptr;          // route_forward_workspace_floats()
 };
 
@@ -81,7 +85,6 @@ struct RouteBackwardBuffers {
 enum class RouteKernel : int32_t {
   kPrepare = 0,
   kForward = 1,
-  kForwardFinalize = 2,
   kBackwardToken = 3,
   kBackwardColumn = 4,
   kBackwardFinalize = 5,
@@ -106,8 +109,7 @@ inline KernelRef token_kernel(RouteKernel k, RouteMode mode, int rp, DType x_typ
 
 // Every instantiation route_cuda.cu's executor can launch (what NVRTC compiles).
 inline std::vector<KernelRef> route_kernels() {
-  std::vector<KernelRef> all = {route_kernel(RouteKernel::kPrepare), route_kernel(RouteKernel::kForwardFinalize),
-                                route_kernel(RouteKernel::kBackwardFinalize)};
+  std::vector<KernelRef> all = {route_kernel(RouteKernel::kPrepare), route_kernel(RouteKernel::kBackwardFinalize)};
   for (RouteKernel k : {RouteKernel::kForward, RouteKernel::kBackwardToken}) {
     all.push_back(token_kernel(k, RouteMode::kSelect, 1, DType::kFloat32));
     for (int rank : kTemplateRanks) {
@@ -143,7 +145,6 @@ inline std::string route_kernel_name(const KernelRef& ref) {
   switch (static_cast<RouteKernel>(ref.kernel)) {
     case RouteKernel::kPrepare: return ns + "route_prepare_kernel";
     case RouteKernel::kForward: return ns + "route_forward_kernel<" + rank + ", " + type + ", " + mode + ">";
-    case RouteKernel::kForwardFinalize: return ns + "route_forward_finalize_kernel";
     case RouteKernel::kBackwardToken:
       return ns + "route_backward_token_kernel<" + rank + ", " + type + ", " + mode + ">";
     case RouteKernel::kBackwardColumn: return ns + "route_backward_column_kernel<" + rank + ", " + type + ">";
@@ -194,12 +195,6 @@ inline int route_padded_rank(int rank) {
   return (rank + kGenericChunk - 1) / kGenericChunk * kGenericChunk;
 }
 
-// At least a warp's round of tokens per chunk, at most kMaxForwardBlocks chunks per T.
-inline TokenChunks forward_chunks(const RouteShape& s) {
-  const int64_t size = std::max<int64_t>(kWarpsPerBlock, ceil_div(s.tokens, kMaxForwardBlocks));
-  return make_token_chunks(s, size);
-}
-
 inline int backward_blocks(int64_t tokens) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(tokens, kWarpsPerBlock), kMaxBackwardBlocks)));
 }
@@ -215,24 +210,6 @@ inline ColumnChunks column_chunks(int64_t tokens) {
 }
 
 // Workspace regions (floats, each 16-byte aligned).
-struct ForwardWorkspace {
-  int64_t proj_w, anchor_hat, prob_partials, count_partials, token_partials, total;
-};
-
-inline ForwardWorkspace forward_workspace(RouteMode mode, const RouteShape& s) {
-  const int rp = route_padded_rank(s.rank);
-  const int64_t chunks = forward_chunks(s).count;
-  const bool scores = mode != RouteMode::kSelect;
-  ForwardWorkspace w;
-  w.proj_w = 0;
-  w.anchor_hat = w.proj_w + (scores ? align4(rp * s.d) : 0);
-  w.prob_partials = w.anchor_hat + (scores ? align4(static_cast<int64_t>(s.experts) * s.anchors * rp) : 0);
-  w.count_partials = w.prob_partials + align4(chunks * s.experts);
-  w.token_partials = w.count_partials + align4(chunks * s.experts);
-  w.total = w.token_partials + align4(chunks);
-  return w;
-}
-
 struct BackwardWorkspace {
   int64_t proj_w, anchor_hat, grad_q, column_partials, anchor_slots, scale_slots, acc_total, total;
 };
@@ -254,10 +231,6 @@ inline BackwardWorkspace backward_workspace(RouteMode mode, const RouteShape& s)
   return w;
 }
 
-// Scratch (in floats) the plans need; the caller allocates it (any contents).
-inline int64_t route_forward_workspace_floats(RouteMode mode, const RouteShape& s) {
-  return forward_workspace(mode, s).total;
-}
 inline int64_t route_backward_workspace_floats(RouteMode mode, const RouteShape& s) {
   return backward_workspace(mode, s).total;
 }
@@ -325,8 +298,133 @@ inline void plan_prepare(LaunchPlan& plan, const float* proj, const float* g, co
 
 // ---- plans ---------------------------------------------------------------------------------------
 
+// ---- forward ------------------------------------------------------------------------------------
+
+// Rows of a token's logits in a warp's scratch: at least E, and L = 32 / TT (the lanes per token in
+// the selection) modulo 32, so that the TT tokens' rows start in distinct banks (lane t * L + m reads
+// row t, column m + L s: conflict-free).
+inline int forward_logit_stride(int experts, int tt) {
+  const int lanes_per_token = kWarp / tt;
+  return (experts - lanes_per_token + kWarp - 1) / kWarp * kWarp + lanes_per_token;
+}
+
+// A warp's scratch in floats (route_forward.cuh warp_scratch: the same regions in the same order;
+// forward_layout adds the group scores), at least 5 * 32 (the statistics finalize reuses the warps'
+// scratch as 5 floats per thread).
+inline int64_t forward_warp_floats(const RouteShape& s, RouteMode mode, int rp, int tt) {
+  const int64_t ls = forward_logit_stride(s.experts, tt);
+  const int64_t k = mode == RouteMode::kLogits ? 0 : s.top_k;
+  const int64_t n = align4(rp * tt) + 2 * align4(tt) + 2 * align4(tt * ls) + align4(tt * k) +
+                    2 * align4(s.experts) + 4;
+  return std::max<int64_t>(n, 5 * kWarp);
+}
+
+// Everything the forward plan decides: the block, the grid, the shared memory and the workspace.
+struct ForwardLayout {
+  Status status = Status::kOk;
+  int rp = 0, tt = 0, rows = 0, warps = 0, logit_stride = 0;
+  int64_t warp_floats = 0;
+  TokenChunks chunks;
+  int splits = 1, split_cols = 0, stage_cols = 0;
+  int64_t blocks = 0, finishers = 0;
+  int32_t proj_smem = 0, anchor_smem = -1, bias_smem = 0, warp_smem = 0;
+  int64_t smem_bytes = 0;
+  // workspace (floats)
+  int64_t anchor_hat = -1, prob_partials = 0, count_partials = 0, token_partials = 0, split_partials = 0,
+          counters = 0, total = 0;
+};
+
+inline int64_t round_up_to(int64_t n, int64_t m) { return ceil_div(n, m) * m; }
+
+inline ForwardLayout forward_layout(RouteMode mode, const RouteShape& s, const DeviceLimits& limits, int groups) {
+  ForwardLayout f;
+  const bool scores = mode != RouteMode::kSelect;
+  f.rp = scores ? route_padded_rank(s.rank) : 1;
+  const int R = scores ? template_rank(f.rp) : 1;
+  f.rows = scores ? tile_rows(R) : 1;
+  f.tt = tokens_per_warp(R);
+  f.logit_stride = forward_logit_stride(s.experts, f.tt);
+  f.warp_floats = forward_warp_floats(s, mode, f.rp, f.tt) + align4(static_cast<int64_t>(f.tt) * groups);
+  const int64_t sms = std::max<int64_t>(1, limits.sm_count);
+  const int64_t d_units = scores ? ceil_div(s.d, 256) : 1;
+  // Warps per block: enough tokens per block for a full grid, fewer for small T (more, smaller
+  // chunks: the decode path), at most forward_max_warps(R).
+  int64_t warps = ceil_div(s.tokens * d_units, static_cast<int64_t>(f.tt) * sms);
+  warps = std::min<int64_t>(forward_max_warps(R), std::max<int64_t>(1, warps));
+  const int64_t budget = limits.smem_per_block_optin / 4;  // floats
+  int64_t anchors = scores ? align4(static_cast<int64_t>(s.experts) * s.anchors * f.rp) : 0;
+  for (;;) {
+    const int64_t fixed = 4 + anchors + align4(s.experts) + warps * f.warp_floats;
+    const int64_t min_stage = scores ? f.rows * 256 : 0;
+    if (fixed + min_stage <= budget) break;
+    if (warps > 1) {
+      warps /= 2;
+    } else if (anchors > 0) {
+      anchors = 0;  // normalised by route_prepare_kernel into the workspace, read from global memory
+    } else {
+      f.status = Status::kSharedMemoryTooSmall;
+      return f;
+    }
+  }
+  f.warps = static_cast<int>(warps);
+  f.chunks = make_token_chunks(s, warps * f.tt);
+  // d split: a chunk's columns over several blocks when the chunks alone would leave SMs idle.
+  if (scores && f.chunks.count <= kMaxSplitTiles && 2 * f.chunks.count <= sms && d_units >= 2) {
+    const int64_t splits = std::min<int64_t>(d_units, ceil_div(sms, f.chunks.count));
+    f.split_cols = static_cast<int>(ceil_div(d_units, splits) * 256);
+    f.splits = static_cast<int>(ceil_div(s.d, f.split_cols));
+  }
+  const int64_t range = f.splits > 1 ? f.split_cols : round_up_to(s.d, 256);
+  const int64_t fixed = 4 + anchors + align4(s.experts) + warps * f.warp_floats;
+  if (scores) {
+    const int64_t fit = (budget - fixed) / f.rows / 256 * 256;
+    f.stage_cols = static_cast<int>(std::min<int64_t>(range, fit));
+  }
+  f.proj_smem = 4;
+  const int64_t proj = static_cast<int64_t>(f.rows) * f.stage_cols;
+  f.anchor_smem = anchors > 0 ? static_cast<int32_t>(f.proj_smem + proj) : -1;
+  f.bias_smem = static_cast<int32_t>(f.proj_smem + proj + anchors);
+  f.warp_smem = static_cast<int32_t>(f.bias_smem + align4(s.experts));
+  f.smem_bytes = (f.warp_smem + warps * f.warp_floats) * 4;
+  if (f.splits > 1) {
+    f.blocks = f.chunks.count * f.splits;
+    f.finishers = f.chunks.count;
+  } else {
+    const int64_t per_sm = std::max<int64_t>(
+        1, std::min<int64_t>(limits.smem_per_sm / (f.smem_bytes + 1024), 64 / warps));
+    f.blocks = std::max<int64_t>(1, std::min<int64_t>(f.chunks.count, sms * per_sm));
+    f.finishers = f.blocks;
+  }
+  // workspace
+  int64_t at = 0;
+  auto take = [&](int64_t n) {
+    const int64_t off = at;
+    at += align4(n);
+    return off;
+  };
+  if (scores && anchors == 0) f.anchor_hat = take(static_cast<int64_t>(s.experts) * s.anchors * f.rp);
+  f.prob_partials = take(f.chunks.count * s.experts);
+  f.count_partials = take(f.chunks.count * s.experts);
+  f.token_partials = take(f.chunks.count);
+  f.split_partials = take(f.splits > 1 ? f.chunks.count * f.splits * warps * f.tt * (f.rp + 1) : 0);
+  f.counters = take(kRouteCounterWords);
+  f.total = at;
+  return f;
+}
+
+inline int forward_groups(RouteMode mode, const RouteOptions& o) {
+  return mode != RouteMode::kLogits && o.num_groups > 1 ? o.num_groups : 0;
+}
+
+// Scratch (in floats) the forward plan needs on a device with these limits; the caller allocates
+// it (any contents).
+inline int64_t route_forward_workspace_floats(RouteMode mode, const RouteShape& s, const RouteOptions& o,
+                                              const DeviceLimits& limits) {
+  return forward_layout(mode, s, limits, forward_groups(mode, o)).total;
+}
+
 inline LaunchPlan route_forward_launches(RouteMode mode, const RouteShape& shape, const RouteOptions& opt,
-                                     const RouteForwardBuffers& buf, const DeviceLimits& limits) {
+                                         const RouteForwardBuffers& buf, const DeviceLimits& limits) {
   LaunchPlan plan(KernelSource::kRoute);
   if (shape.tokens == 0) {  // no tokens: one statistics group of zeros
     if (mode == RouteMode::kLogits) return plan;
@@ -339,12 +437,17 @@ inline LaunchPlan route_forward_launches(RouteMode mode, const RouteShape& shape
     plan.status = Status::kUnsupportedDType;
     return plan;
   }
-  const int rp = route_padded_rank(shape.rank);
-  const ForwardWorkspace ws = forward_workspace(mode, shape);
+  const ForwardLayout f = forward_layout(mode, shape, limits, forward_groups(mode, opt));
+  if (f.status != Status::kOk) {
+    plan.status = f.status;
+    return plan;
+  }
   ForwardParams p{};
   p.x = buf.x;
-  p.proj_w = buf.workspace + ws.proj_w;
-  p.anchor_hat = buf.workspace + ws.anchor_hat;
+  p.proj = buf.proj;
+  p.norm_weight = opt.use_norm() ? buf.norm_weight : nullptr;
+  p.anchors = buf.anchors;
+  p.anchor_hat = f.anchor_hat >= 0 ? buf.workspace + f.anchor_hat : nullptr;
   p.bias = buf.expert_bias;
   p.scale = buf.scale;
   p.logits_in = buf.logits_in;
@@ -355,40 +458,41 @@ inline LaunchPlan route_forward_launches(RouteMode mode, const RouteShape& shape
   p.q_out = buf.q;
   p.rstd_out = buf.rstd;
   p.logits_out = buf.logits_out;
-  p.prob_partials = buf.workspace + ws.prob_partials;
-  p.count_partials = reinterpret_cast<int*>(buf.workspace + ws.count_partials);
-  p.token_partials = reinterpret_cast<int*>(buf.workspace + ws.token_partials);
-  p.chunks = forward_chunks(shape);
-  p.c = kernel_config(shape, opt, rp);
-  if (mode == RouteMode::kLogits) p.c.top_k = 0;
+  p.mean_probs = buf.mean_probs;
+  p.tokens_per_expert = buf.tokens_per_expert;
+  p.prob_partials = buf.workspace + f.prob_partials;
+  p.count_partials = reinterpret_cast<int*>(buf.workspace + f.count_partials);
+  p.token_partials = reinterpret_cast<int*>(buf.workspace + f.token_partials);
+  p.split_partials = buf.workspace + f.split_partials;
+  p.counters = buf.counters != nullptr ? buf.counters : reinterpret_cast<unsigned*>(buf.workspace + f.counters);
+  p.chunks = f.chunks;
+  p.c = kernel_config(shape, opt, f.rp);
+  if (mode == RouteMode::kLogits) {
+    p.c.top_k = 0;
+    p.c.num_groups = 1;
+  }
+  p.splits = f.splits;
+  p.split_cols = f.split_cols;
+  p.stage_cols = f.stage_cols;
   p.vec = scores && rows_aligned(buf.x, shape.d, buf.x_type);
-  p.warp_stride = align4(4LL * shape.experts + p.c.top_k + rp);
-
-  const int64_t budget = smem_budget(limits, forward_min_blocks(template_rank(rp)));
-  const int64_t num_anchor_rows = static_cast<int64_t>(shape.experts) * shape.anchors;
-  const int64_t smem = place_smem(limits.smem_per_block_optin, budget, p.warp_stride, kWarpsPerBlock, &p.warp_smem,
-                                  {{scores ? num_anchor_rows * rp : 0, &p.anchor_smem},
-                                   {scores ? rp * shape.d : 0, &p.proj_smem}});
-  if (smem < 0) {
-    plan.status = Status::kSharedMemoryTooSmall;
-    return plan;
+  p.proj_vec = scores && shape.d % 4 == 0 && reinterpret_cast<uintptr_t>(buf.proj) % 16 == 0 &&
+               (p.norm_weight == nullptr || reinterpret_cast<uintptr_t>(p.norm_weight) % 16 == 0);
+  p.finishers = static_cast<int32_t>(f.finishers);
+  p.proj_smem = f.proj_smem;
+  p.anchor_smem = f.anchor_smem;
+  p.bias_smem = f.bias_smem;
+  p.warp_smem = f.warp_smem;
+  p.warp_stride = static_cast<int32_t>(f.warp_floats);
+  p.logit_stride = f.logit_stride;
+  const bool tickets = mode != RouteMode::kLogits || f.splits > 1;
+  if (buf.counters == nullptr && tickets) {
+    plan.memset(p.counters, 0, static_cast<int64_t>(sizeof(unsigned)) * kRouteCounterWords);
   }
-  if (scores) {
-    plan_prepare(plan, buf.proj, opt.use_norm() ? buf.norm_weight : nullptr, buf.anchors, shape, rp, p.c.beta,
-                 p.c.eps, buf.workspace + ws.proj_w, buf.workspace + ws.anchor_hat);
+  if (f.anchor_hat >= 0) {
+    plan_prepare(plan, buf.proj, nullptr, buf.anchors, shape, f.rp, p.c.beta, p.c.eps, nullptr,
+                 buf.workspace + f.anchor_hat);
   }
-  plan.kernel(token_kernel(RouteKernel::kForward, mode, rp, buf.x_type), p.chunks.count, kThreads, smem, p);
-  if (mode == RouteMode::kLogits) return plan;
-  ForwardFinalizeParams f{};
-  f.prob_partials = p.prob_partials;
-  f.count_partials = p.count_partials;
-  f.token_partials = p.token_partials;
-  f.mean_probs = buf.mean_probs;
-  f.tokens_per_expert = buf.tokens_per_expert;
-  f.chunks = p.chunks;
-  f.experts = shape.experts;
-  const int64_t items = (p.chunks.count / p.chunks.per_seq) * shape.experts;
-  plan.kernel(route_kernel(RouteKernel::kForwardFinalize), elementwise_blocks(items), kElementwiseThreads, 0, f);
+  plan.kernel(token_kernel(RouteKernel::kForward, mode, f.rp, buf.x_type), f.blocks, f.warps * kWarp, f.smem_bytes, p);
   return plan;
 }
 

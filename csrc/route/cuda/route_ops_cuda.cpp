@@ -116,14 +116,15 @@ ForwardResult route_forward_cuda(const at::Tensor& x_in, const at::Tensor& proj,
   if (T == 0) return result();
   const ScoringInputs in(x_in, proj, anchors, scale, norm_weight, call.opt.use_norm());
   const at::Tensor bias32 = as_f32(expert_bias), padding = padding_of(padding_mask);
-  at::Tensor workspace = at::empty({route_forward_workspace_floats(RouteMode::kRoute, s)}, f);
+  const Launcher launcher(x_in, "route");
+  at::Tensor workspace =
+      at::empty({route_forward_workspace_floats(RouteMode::kRoute, s, call.opt, launcher.limits)}, f);
   RouteForwardBuffers b;
   in.fill(b);
   fill_routing(b, out, bias32, padding);
   b.q = q.data_ptr<float>();
   b.rstd = rstd.data_ptr<float>();
   b.workspace = workspace.data_ptr<float>();
-  const Launcher launcher(x_in, "route");
   launcher.run(route_forward_launches(RouteMode::kRoute, s, call.opt, b, launcher.limits), s);
   return result();
 }
@@ -149,14 +150,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_logits_cuda(
   at::Tensor rstd = at::empty({s.tokens}, f);
   if (s.tokens == 0) return {logits, q, rstd};
   const ScoringInputs in(x_in, proj, anchors, scale, norm_weight, o.use_norm());
-  at::Tensor workspace = at::empty({route_forward_workspace_floats(RouteMode::kLogits, s)}, f);
+  const Launcher launcher(x_in, op);
+  at::Tensor workspace = at::empty({route_forward_workspace_floats(RouteMode::kLogits, s, o, launcher.limits)}, f);
   RouteForwardBuffers b;
   in.fill(b);
   b.q = q.data_ptr<float>();
   b.rstd = rstd.data_ptr<float>();
   b.logits_out = logits.data_ptr<float>();
   b.workspace = workspace.data_ptr<float>();
-  const Launcher launcher(x_in, op);
   launcher.run(route_forward_launches(RouteMode::kLogits, s, o, b, launcher.limits), s);
   return {logits, q, rstd};
 }
@@ -177,12 +178,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_sel
   const RoutingOutputs out(s, seq_len, logits_in, at::kFloat);
   if (s.tokens == 0) return out.tuple();
   const at::Tensor logits = as_f32(logits_in), bias32 = as_f32(expert_bias), padding = padding_of(padding_mask);
-  at::Tensor workspace = at::empty({route_forward_workspace_floats(RouteMode::kSelect, s)}, f);
+  const Launcher launcher(logits_in, op);
+  at::Tensor workspace =
+      at::empty({route_forward_workspace_floats(RouteMode::kSelect, s, call.opt, launcher.limits)}, f);
   RouteForwardBuffers b;
   b.logits_in = logits.data_ptr<float>();
   fill_routing(b, out, bias32, padding);
   b.workspace = workspace.data_ptr<float>();
-  const Launcher launcher(logits_in, op);
   launcher.run(route_forward_launches(RouteMode::kSelect, s, call.opt, b, launcher.limits), s);
   return out.tuple();
 }

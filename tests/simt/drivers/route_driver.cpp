@@ -2,6 +2,7 @@
 // emulated-CUDA backend of the route tests (tests/backends.py). Built by tests/simt/harness.py:
 // device pointers are host pointers there. Shapes and options come in as the framework-free
 // structs' fields; every pointer may be null where the launcher allows it.
+#include "launch/cuda/execute_plan.h"
 #include "route/cuda/route_cuda.h"
 
 using namespace l2r;
@@ -46,10 +47,12 @@ int finish(Status st, cudaError_t err) {
 
 }  // namespace
 
-extern "C" long drv_forward_workspace(int mode, long tokens, long d, int rank, int experts, int anchors,
-                                      int top_k, long seq_len) {
-  return static_cast<long>(route_forward_workspace_floats(
-      static_cast<RouteMode>(mode), make_shape(tokens, d, rank, experts, anchors, top_k, seq_len)));
+// sizes: tokens, d, rank, experts, anchors, top_k, seq_len (as drv_forward); on the emulated device.
+extern "C" long drv_forward_workspace(int mode, const long* sizes, const double* opts, const int* flags) {
+  DeviceLimits limits;
+  if (current_device_limits(&limits) != cudaSuccess) return -1;
+  const RouteShape s = make_shape(sizes[0], sizes[1], int(sizes[2]), int(sizes[3]), int(sizes[4]), int(sizes[5]), sizes[6]);
+  return static_cast<long>(route_forward_workspace_floats(static_cast<RouteMode>(mode), s, make_options(opts, flags), limits));
 }
 
 extern "C" long drv_backward_workspace(int mode, long tokens, long d, int rank, int experts, int anchors,
@@ -64,7 +67,7 @@ extern "C" int drv_forward(int mode, const long* sizes, const double* opts, cons
                            const float* scale, const float* logits_in, const float* expert_bias,
                            const bool* padding, float* weights, int64_t* indices, int64_t* tokens_per_expert,
                            float* mean_probs, float* lse, float* q, float* rstd, float* logits_out,
-                           float* workspace) {
+                           unsigned* counters, float* workspace) {
   const RouteShape s = make_shape(sizes[0], sizes[1], int(sizes[2]), int(sizes[3]), int(sizes[4]), int(sizes[5]), sizes[6]);
   RouteForwardBuffers b;
   b.x = x;
@@ -84,6 +87,7 @@ extern "C" int drv_forward(int mode, const long* sizes, const double* opts, cons
   b.q = q;
   b.rstd = rstd;
   b.logits_out = logits_out;
+  b.counters = counters;
   b.workspace = workspace;
   cudaError_t err = cudaSuccess;
   const Status st = launch_route_forward(static_cast<RouteMode>(mode), s, make_options(opts, flags), b, nullptr, &err);

@@ -1,0 +1,108 @@
+// Device helpers shared by the CUDA route kernels (route_forward.cuh, route_cuda.cu): element
+// conversions, vector loads and stores, warp reductions. Included by nvcc, NVRTC and the SIMT
+// emulator (g++): no host-only code.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../../common/lanes_array.h"
+#include "../math/all.h"
+#include "route_kernel_params.h"
+
+namespace l2r {
+namespace route {
+namespace {
+
+namespace rm = ::l2r::route::math;
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// =============================================================================================
+// Device helpers: element conversion, vector loads, warp reductions
+// =============================================================================================
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+// A 16-bit x element from its bits.
+template <typename T>
+__device__ __forceinline__ float half_bits_to_float(unsigned short bits);
+template <>
+__device__ __forceinline__ float half_bits_to_float<__nv_bfloat16>(unsigned short bits) {
+  return __bfloat162float(__ushort_as_bfloat16(bits));
+}
+template <>
+__device__ __forceinline__ float half_bits_to_float<__half>(unsigned short bits) {
+  return __half2float(__ushort_as_half(bits));
+}
+
+__device__ __forceinline__ void store_float(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_float(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
+__device__ __forceinline__ void store_float(__half* p, float v) { *p = __float2half(v); }
+
+template <typename T>
+struct VecWidth {
+  static constexpr int value = static_cast<int>(16 / sizeof(T));
+};
+
+template <int N, typename T>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[N]) {
+  static_assert(N * sizeof(T) == 16 || N * sizeof(T) == 8, "16- or 8-byte vectors");
+  if constexpr (N * sizeof(T) == 16) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = to_float(e[j]);
+  } else {
+    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = to_float(e[j]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* p, const float (&v)[VecWidth<T>::value]) {
+  uint4 raw;
+  T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int j = 0; j < VecWidth<T>::value; ++j) store_float(e + j, v[j]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// Butterfly sum: every lane ends with the same bits (a + b == b + a at every step).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+// Max of numbers (no lane holds NaN; NaN is tracked by warp_any).
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) v = lanes::vmax(__shfl_xor_sync(kFullMask, v, off), v);
+  return v;
+}
+
+__device__ __forceinline__ bool warp_any(bool v) { return __any_sync(kFullMask, v); }
+
+__device__ __forceinline__ void stage_to_smem(const float* src, float* dst, int64_t n) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = __ldg(src + i);
+}
+
+// Whether a row holds a non-finite value (the warp's answer, in every lane).
+template <typename T>
+__device__ __forceinline__ bool warp_row_has_non_finite(const T* xrow, int64_t d, int lane) {
+  bool bad = false;
+  for (int64_t i = lane; i < d; i += kWarp) {
+    const float v = to_float(xrow[i]);
+    bad |= !(lanes::vabs(v) < lanes::poly::kInf);  // inf or NaN
+  }
+  return warp_any(bad);
+}
+
+}  // namespace
+}  // namespace route
+}  // namespace l2r
