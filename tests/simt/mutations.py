@@ -273,7 +273,7 @@ CATALOGUE: list[Mutation] = [
       "      transpose_reduce_step<1, O / 2>(v, lane);",
       "shuffle", "the projection's transposed butterfly skips its plain steps: partial sums of part of the warp"),
     M("route.topk.previous_inclusive", ROUTE_FWD,
-      "      if (key < previous && key > best) best = key;", "      if (key <= previous && key > best) best = key;",
+      "      if (key < previous && key > best) {", "      if (key <= previous && key > best) {",
       "tail", "a top-k round may take the previous round's winner again"),
     M("route.order.nan_first", ORDER,
       "  uint32_t ordered = 0;  // NaN: below every number", "  uint32_t ordered = 0xffffffffu;  // NaN",

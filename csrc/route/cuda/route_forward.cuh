@@ -238,6 +238,7 @@ struct WarpScratch {
   int probs;     // [TT][logit_stride]: logits, then probabilities
   int keys;      // [TT][logit_stride]: exps, then selection keys
   int selected;  // [TT][k] (int)
+  int selprob;   // [TT][lane_rows(k)]: the selected experts' probabilities
   int group;     // [TT][G]: group scores (grouped selection)
   int prob_sum;  // [E]: this warp's sum of p^ over its counted tokens of the chunk
   int counts;    // [E] (int): its selections per expert
@@ -245,6 +246,14 @@ struct WarpScratch {
 };
 
 __device__ __forceinline__ int smem_align4(int n) { return (n + 3) / 4 * 4; }
+
+// A row stride of at least n floats that is L = 32 / tt modulo 32 (route_launch_plan.h
+// forward_logit_stride): lane t * L + m reading word m + L s of row t hits bank t * L + m + L s, so
+// the tile's tokens never share a bank.
+__device__ __forceinline__ int lane_rows(int n, int tt) {
+  const int l = kWarp / tt;
+  return (n - l + kWarp - 1) / kWarp * kWarp + l;
+}
 
 __device__ __forceinline__ WarpScratch warp_scratch(const ForwardParams& p, int tt, int warp) {
   const int rp = p.c.rp, E = p.c.experts, K = p.c.top_k, LS = p.logit_stride;
@@ -256,7 +265,8 @@ __device__ __forceinline__ WarpScratch warp_scratch(const ForwardParams& p, int 
   w.probs = w.total + smem_align4(tt);
   w.keys = w.probs + smem_align4(tt * LS);
   w.selected = w.keys + smem_align4(tt * LS);
-  w.group = w.selected + smem_align4(tt * K);
+  w.selprob = w.selected + smem_align4(tt * K);
+  w.group = w.selprob + smem_align4(tt * lane_rows(K, tt));
   w.prob_sum = w.group + smem_align4(tt * G);
   w.counts = w.prob_sum + smem_align4(E);
   w.tokens = w.counts + smem_align4(E);
@@ -537,34 +547,49 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
   // --- top-k: round j takes the largest order key below round j-1's (keys are unique per expert)
   uint64_t kept = ~uint64_t(0);
   if (p.c.num_groups > 1) kept = kept_groups_of<L>(p, keys, ws.group + t * p.c.num_groups, m);
-  const int selected = ws.selected + t * K;
+  const int selected = ws.selected + t * K, selprob = ws.selprob + t * lane_rows(K, TT);
+  const bool biased = p.bias != nullptr;
   uint64_t previous = ~uint64_t(0);
   for (int j = 0; j < K; ++j) {
+    // each lane's best candidate, then the token's best over its L lanes; its probability is the
+    // key's value without a bias, else carried along from the lane that holds the expert (the
+    // weights then read it from selprob: no gather of random experts' probabilities)
     uint64_t best = 0;
+    float best_p = 0.f;
     for (int e = m; e < E; e += L) {
       if (!rm::in_kept_group(e, kept, E, p.c.num_groups)) continue;
       const uint64_t key = order_key(smf(keys + e), static_cast<uint32_t>(e));
-      if (key < previous && key > best) best = key;
+      if (key < previous && key > best) {
+        best = key;
+        if (biased) best_p = smf(probs + e);
+      }
     }
 #pragma unroll
     for (int o = L / 2; o > 0; o >>= 1) {
       const uint64_t other = __shfl_xor_sync(kFullMask, best, o);
-      best = other > best ? other : best;
+      const float other_p = biased ? __shfl_xor_sync(kFullMask, best_p, o) : 0.f;
+      if (other > best) {
+        best = other;
+        best_p = other_p;
+      }
     }
-    if (m == 0) smi(selected + j) = static_cast<int>(order_key_index(best));
+    if (m == 0) {
+      smi(selected + j) = static_cast<int>(order_key_index(best));
+      smf(selprob + j) = biased ? best_p : order_key_value(best);
+    }
     previous = best;
   }
   __syncwarp();
   // --- weights
   float selected_sum = 0.f;
   if (p.c.normalize) {
-    for (int j = 0; j < K; ++j) selected_sum += smf(probs + smi(selected + j));
+    for (int j = 0; j < K; ++j) selected_sum += smf(selprob + j);
   }
   for (int j = m; j < K; j += L) {
     if (!live) break;
-    const int e = smi(selected + j);
-    p.weights[(t0 + t) * K + j] = rm::selected_weight(smf(probs + e), selected_sum, p.c.normalize, p.c.scaling);
-    p.indices[(t0 + t) * K + j] = e;
+    p.weights[(t0 + t) * K + j] =
+        rm::selected_weight(smf(selprob + j), selected_sum, p.c.normalize, p.c.scaling);
+    p.indices[(t0 + t) * K + j] = smi(selected + j);
   }
   __syncwarp();
   // --- this warp's statistics of the chunk: expert e = lane + 32 j sums its tokens in order

@@ -315,7 +315,7 @@ inline int64_t forward_warp_floats(const RouteShape& s, RouteMode mode, int rp, 
   const int64_t ls = forward_logit_stride(s.experts, tt);
   const int64_t k = mode == RouteMode::kLogits ? 0 : s.top_k;
   const int64_t n = align4(rp * tt) + 2 * align4(tt) + 2 * align4(tt * ls) + align4(tt * k) +
-                    2 * align4(s.experts) + 4;
+                    align4(tt * forward_logit_stride(static_cast<int>(k), tt)) + 2 * align4(s.experts) + 4;
   return std::max<int64_t>(n, 5 * kWarp);
 }
 
