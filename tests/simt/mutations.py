@@ -27,6 +27,7 @@ ROUTE_FWD = "csrc/route/cuda/route_forward.cuh"  # the one-launch forward kernel
 ROUTE_DEVICE = "csrc/route/cuda/route_device.cuh"  # warp helpers of the route kernels
 ROUTE_PLAN = "csrc/route/cuda/route_launch_plan.h"
 ROUTE_MATH = "csrc/route/math/anchor_lse.h"
+ROUTE_SELECTION = "csrc/route/math/selection.h"  # top-k insertion and group-limited selection
 ORDER = "csrc/common/order.h"  # selection order of route's top-k and permute's capacity
 SWITCH = "csrc/common/static_switch.h"
 
@@ -44,6 +45,7 @@ TESTS = {
     ROUTE_DEVICE: ROUTE_TESTS,
     ROUTE_PLAN: ROUTE_TESTS,
     ROUTE_MATH: ROUTE_TESTS,
+    ROUTE_SELECTION: ROUTE_TESTS,
     SWITCH: ROUTE_TESTS,
     ORDER: ROUTE_TESTS + PERMUTE_TESTS,
 }
@@ -278,6 +280,19 @@ CATALOGUE: list[Mutation] = [
     M("route.order.nan_first", ORDER,
       "  uint32_t ordered = 0;  // NaN: below every number", "  uint32_t ordered = 0xffffffffu;  // NaN",
       "nan-order", "NaN keys ranked above every number (route top-k and permute capacity share the order)"),
+    # ------------------------------------------------------------------ route: group-limited top-k
+    M("route.select.group_score_always_max", ROUTE_SELECTION,
+      "  return policy == GroupScore::kMax ? best : best + second;",
+      "  return best;",
+      "dispatch", "top2_sum (DeepSeek-V3) scores a group by its best expert alone, as max (V2) does"),
+    M("route.select.best_two_drops_second", ROUTE_SELECTION,
+      "    } else if (key > second) {\n      second = key;\n    }",
+      "    }",
+      "init", "a group's second-best key is only ever the previous best: a key between the two is lost"),
+    M("route.select.group_mask_ignored", ROUTE_SELECTION,
+      "  return num_groups <= 1 || ((kept_group_mask >> group_of(expert, experts, num_groups)) & 1u);",
+      "  return true;",
+      "dispatch", "group-limited top-k selects from every group, as if topk_groups == num_groups"),
     M("route.math.anchor_tail", ROUTE_MATH,
       "  V lsum = V(0);\n  for (int h = 0; h < anchors; ++h) {",
       "  V lsum = V(0);\n  for (int h = 0; h < anchors - 1; ++h) {",
