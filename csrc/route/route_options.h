@@ -44,6 +44,26 @@ struct RouteOptions {
   L2R_HD bool grouped() const { return num_groups > 1; }
 };
 
+#if !defined(__CUDACC_RTC__)
+// The options every kernel reads, in its math type: the CPU kernels' Options<A> and the CUDA
+// KernelConfig carry the same fields under the same names, filled here for both.
+template <typename KernelOptions>
+inline void set_kernel_options(KernelOptions& k, const RouteOptions& o) {
+  using A = decltype(k.beta);
+  k.beta = static_cast<A>(o.beta);
+  k.eps_norm = static_cast<A>(o.eps_norm);
+  k.eps = static_cast<A>(o.eps);
+  k.tau = static_cast<A>(o.tau);
+  k.scaling = static_cast<A>(o.routed_scaling_factor);
+  k.use_norm = o.use_norm();
+  k.sigmoid = o.sigmoid();
+  k.normalize = o.normalize;
+  k.num_groups = o.num_groups;
+  k.topk_groups = o.topk_groups;
+  k.group_score = o.group_score;
+}
+#endif  // !__CUDACC_RTC__
+
 // Tokens in chunks for the cross-token sums: chunk c holds tokens [begin(c), end(c)) of statistics
 // group seq(c), never straddling two groups, each of at most `size` tokens. The split depends on
 // the sizes only (never on threads or scheduling), so partial sums added in chunk order are

@@ -97,17 +97,7 @@ PrepareOptions prepare_options(const RouteOptions& o, int width) {
 template <typename A>
 Options<A> kernel_options(const RouteOptions& o) {
   Options<A> k;
-  k.beta = static_cast<A>(o.beta);
-  k.eps_norm = static_cast<A>(o.eps_norm);
-  k.eps = static_cast<A>(o.eps);
-  k.tau = static_cast<A>(o.tau);
-  k.scaling = static_cast<A>(o.routed_scaling_factor);
-  k.use_norm = o.use_norm();
-  k.sigmoid = o.sigmoid();
-  k.normalize = o.normalize;
-  k.num_groups = o.num_groups;
-  k.topk_groups = o.topk_groups;
-  k.group_score = o.group_score;
+  set_kernel_options(k, o);
   return k;
 }
 

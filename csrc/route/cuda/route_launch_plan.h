@@ -168,17 +168,7 @@ inline KernelConfig kernel_config(const RouteShape& s, const RouteOptions& o, in
   c.experts = s.experts;
   c.anchors = s.anchors;
   c.top_k = s.top_k;
-  c.beta = static_cast<float>(o.beta);
-  c.eps_norm = static_cast<float>(o.eps_norm);
-  c.eps = static_cast<float>(o.eps);
-  c.tau = static_cast<float>(o.tau);
-  c.scaling = static_cast<float>(o.routed_scaling_factor);
-  c.use_norm = o.use_norm();
-  c.sigmoid = o.sigmoid();
-  c.normalize = o.normalize;
-  c.num_groups = o.num_groups;
-  c.topk_groups = o.topk_groups;
-  c.group_score = o.group_score;
+  set_kernel_options(c, o);
   return c;
 }
 
