@@ -7,12 +7,23 @@
 #include <string>
 #include <vector>
 
+namespace l2r {
+namespace route {
+PyMethodDef* route_python_methods();  // route/route_python_entry.cpp
+}  // namespace route
+}  // namespace l2r
+
 // The extension is loaded by `import l2r_cuda._C` so that the static initializers below run. Its
-// only Python functions are l2r_cuda.jit's (launch/python_executor.cpp), written against the
-// Python C API (no pybind11).
+// Python functions, written against the Python C API (no pybind11), are l2r_cuda.jit's
+// (launch/python_executor.cpp) and route()'s unboxed entry (route/route_python_entry.cpp).
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, l2r::python_methods()};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddFunctions(module, l2r::route::route_python_methods()) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 
 namespace l2r {

@@ -48,6 +48,10 @@ def _to_library(value: Any, convert: Callable) -> Any:
     return value
 
 
+# Types that are never foreign arrays.
+_PLAIN_TYPES = frozenset({Tensor, torch.nn.Parameter, int, float, bool, str, type(None)})
+
+
 def dlpack_io(fn: Callable) -> Callable:
     """Wraps an op of the functional API: foreign arrays among its arguments become tensors
     (zero-copy, ``torch.from_dlpack``); when there was one, the tensors of the result go back to
@@ -55,7 +59,13 @@ def dlpack_io(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def with_dlpack(*args, **kwargs):
-        first = next((a for a in itertools.chain(args, kwargs.values()) if is_foreign_array(a)), None)
+        # Arguments of the common types are settled by their type alone: this check runs on every
+        # call, and a one-token route() costs only a few microseconds in all.
+        first = None
+        for a in itertools.chain(args, kwargs.values()) if kwargs else args:
+            if type(a) not in _PLAIN_TYPES and is_foreign_array(a):
+                first = a
+                break
         if first is None:
             return fn(*args, **kwargs)
         args = tuple(torch.from_dlpack(a) if is_foreign_array(a) else a for a in args)

@@ -34,12 +34,16 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._library import cuda_built, has_kernel
+from ._library import _C, cuda_built, has_kernel
 from .interop import dlpack_io
 from .types import DEFAULTS, NORMS, SCORES, Permutation, RouteOutput, group_args
 
 __all__ = ["route", "route_logits", "route_from_logits", "clear_prepared_cache", "permute", "unpermute",
            "dropped_counts", "routing_map", "expert_capacity"]
+
+
+_new_tuple = tuple.__new__  # a NamedTuple from a tuple without re-checking its fields
+_is_compiling = torch.compiler.is_compiling
 
 
 def _check_device(device: torch.device, op: str, name: str) -> None:
@@ -121,7 +125,6 @@ def _call_op(op, args: tuple, differentiable: tuple):
     return op(*args)
 
 
-@dlpack_io
 def route(
     x: Tensor,
     proj: Tensor,
@@ -193,6 +196,25 @@ def route_with_options(x: Tensor, proj: Tensor, anchors: Tensor, scale: Union[Te
                        norm_weight: Optional[Tensor], expert_bias: Optional[Tensor], options: tuple, *,
                        seq_len: Optional[int] = None, padding_mask: Optional[Tensor] = None) -> RouteOutput:
     """:func:`route` with its options from :func:`checked_options`."""
+    if type(scale) is float and isinstance(x, Tensor):
+        scale = _scale_tensor(scale, x.device)
+    if not _is_compiling():
+        # The op through the dispatcher's typed handle, without boxing its 20 arguments: a decode
+        # call's cost is mostly this layer's. It takes only calls that need no conversion (foreign
+        # arrays included) or message from the checked path (csrc/route/route_python_entry.cpp).
+        out = _C.route_forward_entry(x, proj, anchors, scale, norm_weight, expert_bias, padding_mask, options,
+                                     seq_len)
+        if out is not NotImplemented:
+            return _new_tuple(RouteOutput, out)
+    return _route_checked(x, proj, anchors, scale, norm_weight, expert_bias, options, seq_len=seq_len,
+                          padding_mask=padding_mask)
+
+
+@dlpack_io
+def _route_checked(x: Tensor, proj: Tensor, anchors: Tensor, scale: Union[Tensor, float],
+                   norm_weight: Optional[Tensor], expert_bias: Optional[Tensor], options: tuple, *,
+                   seq_len: Optional[int] = None, padding_mask: Optional[Tensor] = None) -> RouteOutput:
+    """:func:`route_with_options` through ``torch.ops`` with every check (and foreign arrays)."""
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError(f"l2r_cuda.route: x must be a tensor [..., d], got {type(x).__name__} "
                          f"with shape {tuple(getattr(x, 'shape', ()))}")

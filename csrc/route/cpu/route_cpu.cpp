@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstdlib>
@@ -111,12 +112,23 @@ TokenChunks cpu_chunks(const RouteShape& s) {
 // Outputs at least this large are written with non-temporal stores.
 constexpr size_t kStreamedOutputBytes = size_t(16) << 20;
 
+// The kernels' scratch: one buffer per thread, kept between calls (a decode call would otherwise
+// spend about as long in malloc/free of its ~20 KB as in its arithmetic), zeroed for each use so
+// that nothing of an earlier call can reach a result.
+template <typename A>
+A* thread_scratch(int64_t count) {
+  thread_local std::vector<A> buffer;
+  const size_t needed = static_cast<size_t>(count) + 64;
+  if (buffer.size() < needed) buffer.resize(needed);
+  A* aligned = reinterpret_cast<A*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
+  std::fill(aligned, aligned + count, A(0));
+  return aligned;
+}
+
 template <typename A, typename Args, typename Run>
 void run_chunks(const Args& args, int64_t (*scratch_size)(const Args&), Run&& run) {
   at::parallel_for(0, args.chunks.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> scratch(static_cast<size_t>(scratch_size(args)) + 64);
-    A* aligned = reinterpret_cast<A*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
-    run(args, begin, end, aligned);
+    run(args, begin, end, thread_scratch<A>(scratch_size(args)));
   });
 }
 

@@ -27,7 +27,6 @@ namespace rm = ::l2r::route::math;
 
 constexpr int kGroup = 8;               // tokens per backward projection group
 constexpr int kForwardGroup = 12;       // tokens per forward projection group
-constexpr int kMaxTile = 12;            // tokens per projection tile, at most
 constexpr int64_t kForwardBlock = 512;  // d-block of the forward projection (floats)
 constexpr int64_t kBackwardBlock = 256; // d-block of the backward projection
 constexpr int kMaxRowsInRegisters = 8;  // projection rows kept in lane accumulators at once
@@ -153,8 +152,9 @@ inline void project_tile(const X* const* xs, const ScalarOf<V>* W, int64_t w_str
 }
 
 // q[j][0, ROWS) = <W rows, x_j>, squares[j] = <x_j, x_j> when squares is not null, for the
-// count <= kForwardGroup tokens xs. acc: [kForwardGroup + kMaxTile][ROWS + 1] lanes (a partial
-// last tile repeats its last token into the spare slots).
+// count <= kForwardGroup tokens xs. acc: [kForwardGroup][ROWS + 1] lanes. Tokens past the last
+// full tile go through one-token tiles (a decode call projects its token once, not TT times);
+// every token's sums come out the same in either tile.
 template <int ROWS, typename V, typename X>
 inline void project_group_rows(const X* const* xs, int count, const ScalarOf<V>* W, int64_t w_stride,
                                int64_t d, int q_stride, ScalarOf<V>* q, ScalarOf<V>* squares, V* acc) {
@@ -162,17 +162,22 @@ inline void project_group_rows(const X* const* xs, int count, const ScalarOf<V>*
   constexpr int kW = width_of<V>();
   constexpr int TT = tile_tokens<V, ROWS>();
   const int64_t dv = d / kW * kW;
-  const int tiles = (count + TT - 1) / TT;
-  const X* tile_xs[kForwardGroup + kMaxTile];
-  for (int j = 0; j < tiles * TT; ++j) tile_xs[j] = xs[j < count ? j : count - 1];
-  for (int j = 0; j < tiles * TT * (ROWS + 1); ++j) acc[j] = V(A(0));
+  const int in_full_tiles = count / TT * TT;
+  for (int j = 0; j < count * (ROWS + 1); ++j) acc[j] = V(A(0));
   for (int64_t b0 = 0; b0 < dv; b0 += kForwardBlock) {
     const int64_t b1 = b0 + kForwardBlock < dv ? b0 + kForwardBlock : dv;
-    for (int t0 = 0; t0 < tiles * TT; t0 += TT) {
+    for (int t0 = 0; t0 < in_full_tiles; t0 += TT) {
       if (squares) {
-        project_tile<TT, ROWS, true, V, X>(tile_xs + t0, W, w_stride, b0, b1, acc + t0 * (ROWS + 1));
+        project_tile<TT, ROWS, true, V, X>(xs + t0, W, w_stride, b0, b1, acc + t0 * (ROWS + 1));
       } else {
-        project_tile<TT, ROWS, false, V, X>(tile_xs + t0, W, w_stride, b0, b1, acc + t0 * (ROWS + 1));
+        project_tile<TT, ROWS, false, V, X>(xs + t0, W, w_stride, b0, b1, acc + t0 * (ROWS + 1));
+      }
+    }
+    for (int t0 = in_full_tiles; t0 < count; ++t0) {
+      if (squares) {
+        project_tile<1, ROWS, true, V, X>(xs + t0, W, w_stride, b0, b1, acc + t0 * (ROWS + 1));
+      } else {
+        project_tile<1, ROWS, false, V, X>(xs + t0, W, w_stride, b0, b1, acc + t0 * (ROWS + 1));
       }
     }
   }
@@ -388,7 +393,7 @@ int64_t forward_scratch_size(const ForwardArgs<ScalarOf<V>>& a) {
   const int E8 = a.params ? a.params->experts_padded : a.shape.experts;
   const int H = a.params ? a.params->anchors : 1;
   return token_scores_size<ScalarOf<V>>(H, E8) +
-         int64_t(kForwardGroup + kMaxTile) * (kMaxRowsInRegisters + 1) * width_of<V>() + 4 * int64_t(a.shape.top_k) +
+         int64_t(kForwardGroup) * (kMaxRowsInRegisters + 1) * width_of<V>() + 4 * int64_t(a.shape.top_k) +
          rm::kMaxGroups + int64_t(kForwardGroup) * a.shape.rank + 256;
 }
 
@@ -444,7 +449,7 @@ void forward_chunks_typed(const ForwardArgs<ScalarOf<V>>& a, int64_t c_begin, in
   Arena<A> arena{scratch};
   const TokenScores<A> S = take_token_scores<A>(arena, H, E8);
   V* acc = reinterpret_cast<V*>(
-      arena.take(int64_t(kForwardGroup + kMaxTile) * (kMaxRowsInRegisters + 1) * width_of<V>()));
+      arena.take(int64_t(kForwardGroup) * (kMaxRowsInRegisters + 1) * width_of<V>()));
   K* top = reinterpret_cast<K*>(arena.take(4 * int64_t(a.shape.top_k)));
   A* group_scores = arena.take(rm::kMaxGroups);
   int64_t* chosen = reinterpret_cast<int64_t*>(arena.take(2 * int64_t(a.shape.top_k)));
