@@ -42,7 +42,6 @@ __all__ = ["route", "route_logits", "route_from_logits", "clear_prepared_cache",
            "dropped_counts", "routing_map", "expert_capacity"]
 
 
-_new_tuple = tuple.__new__  # a NamedTuple from a tuple without re-checking its fields
 _is_compiling = torch.compiler.is_compiling
 
 
@@ -203,9 +202,9 @@ def route_with_options(x: Tensor, proj: Tensor, anchors: Tensor, scale: Union[Te
         # call's cost is mostly this layer's. It takes only calls that need no conversion (foreign
         # arrays included) or message from the checked path (csrc/route/route_python_entry.cpp).
         out = _C.route_forward_entry(x, proj, anchors, scale, norm_weight, expert_bias, padding_mask, options,
-                                     seq_len)
+                                     seq_len, RouteOutput)
         if out is not NotImplemented:
-            return _new_tuple(RouteOutput, out)
+            return out
     return _route_checked(x, proj, anchors, scale, norm_weight, expert_bias, options, seq_len=seq_len,
                           padding_mask=padding_mask)
 

@@ -100,12 +100,19 @@ bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(
 bool requires_grad(const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); }
 
 // route_forward_entry(x [..., d], proj, anchors, scale, norm_weight, expert_bias, padding_mask,
-// options, seq_len or None) -> (weights, indices, tokens_per_expert, mean_probs, lse), or
-// NotImplemented.
+// options, seq_len or None, result_type) -> result_type(weights, indices, tokens_per_expert,
+// mean_probs, lse), or NotImplemented. result_type: a tuple subclass without fields of its own
+// (l2r_cuda.RouteOutput), built here rather than from a second tuple.
 PyObject* route_forward_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 9) {
-    PyErr_Format(PyExc_TypeError, "route_forward_entry takes 9 arguments, got %zd", nargs);
+  if (nargs != 10) {
+    PyErr_Format(PyExc_TypeError, "route_forward_entry takes 10 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  PyObject* result_type = args[9];
+  if (!PyType_Check(result_type) ||
+      !PyType_IsSubtype(reinterpret_cast<PyTypeObject*>(result_type), &PyTuple_Type)) {
+    PyErr_SetString(PyExc_TypeError, "route_forward_entry: result_type must be a tuple type");
     return nullptr;
   }
   if (at::impl::torch_function_mode_enabled()) Py_RETURN_NOTIMPLEMENTED;
@@ -172,7 +179,8 @@ PyObject* route_forward_entry(PyObject* /*module*/, PyObject* const* args, Py_ss
   } catch (const NotHere&) {
     Py_RETURN_NOTIMPLEMENTED;
   }
-  PyObject* result = PyTuple_New(kReturned);
+  PyTypeObject* type = reinterpret_cast<PyTypeObject*>(result_type);
+  PyObject* result = type->tp_alloc(type, kReturned);
   if (result == nullptr) return nullptr;
   PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(std::get<0>(out))));
   PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(std::get<1>(out))));

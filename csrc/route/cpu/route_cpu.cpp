@@ -210,9 +210,10 @@ ForwardResult route_forward_cpu(const at::Tensor& x_in, const at::Tensor& proj, 
   const auto acc = route_acc_type(x_in);
   const auto f = x_in.options().dtype(acc);
   const int64_t T = s.tokens;
-  const RoutingOutputs out(s, seq_len, x_in, acc);
-  at::Tensor q = at::empty({T, s.rank}, f);
-  at::Tensor rstd = at::empty({T}, f);
+  // run_forward's finish_statistics writes every statistics entry when there are tokens.
+  const RoutingOutputs out(s, seq_len, x_in, acc, /*statistics_written=*/T > 0);
+  at::Tensor q = empty_output({T, s.rank}, f);
+  at::Tensor rstd = empty_output({T}, f);
   const auto result = [&] { return std::tuple_cat(out.tuple(), std::make_tuple(q, rstd)); };
   if (T == 0) return result();
   const at::Tensor x = x_in.contiguous();
@@ -243,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_sel
                                                  seq_len);
   const RouteShape& s = call.shape;
   const auto acc = route_acc_type(logits_in);
-  const RoutingOutputs out(s, seq_len, logits_in, acc);
+  const RoutingOutputs out(s, seq_len, logits_in, acc, /*statistics_written=*/s.tokens > 0);
   if (s.tokens == 0) return out.tuple();
   const at::Tensor logits = logits_in.to(acc).contiguous();
   AT_DISPATCH_FLOATING_TYPES(acc, "route_select_cpu", [&] {
