@@ -12,6 +12,10 @@ namespace l2r {
 namespace permute {
 
 constexpr int kChunk = 256;         // rows per block of the counting sort (= its block size)
+constexpr int kChunkWarps = kChunk / 32;
+// Up to this many experts the chunk ranks come from per-warp counts in dynamic shared memory
+// (kChunkWarps x E int32: 32 KiB at most, no opt-in); above, from a scan over the chunk's rows.
+constexpr int64_t kTableExperts = 1024;
 constexpr int kSelectThreads = 256;
 constexpr int kRowThreads = 256;    // row copy / gather blocks
 constexpr int kIndexThreads = 256;  // group / inverse blocks

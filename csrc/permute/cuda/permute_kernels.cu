@@ -74,6 +74,9 @@ __device__ void expert_offsets(const RankScanParams& args, int64_t* s_sum) {
 // The whole counting pass but the row positions, in one launch (one block per chunk):
 // 1. expert of each row (-1 for dropped / out of range), its rank among the chunk's earlier rows
 //    of the same expert, and the chunk's histogram row hist[chunk][0, E) (every entry written).
+//    Up to kTableExperts experts: the rank in the warp from __match_any_sync, the counts of the
+//    earlier warps from a per-warp table of counts in dynamic shared memory; above: by comparing
+//    with every row of the chunk.
 // 2. The block that takes the last ticket of its segment (seg_chunks consecutive chunks) turns
 //    the segment's histogram rows into exclusive prefixes in chunk order, per expert (threads over
 //    experts: each step reads one contiguous histogram row), and writes the segment's totals.
@@ -93,6 +96,7 @@ __global__ void __launch_bounds__(kChunk) rank_scan_kernel(const RankScanParams 
   __shared__ int32_t s_expert[kChunk];
   __shared__ int64_t s_sum[kChunk];
   __shared__ int s_flag;
+  extern __shared__ int32_t s_table[];  // [kChunkWarps][E] when E <= kTableExperts
   const int tid = threadIdx.x;
   const int64_t chunk = blockIdx.x, chunks = gridDim.x;
   const int64_t r = chunk * kChunk + tid;
@@ -103,21 +107,41 @@ __global__ void __launch_bounds__(kChunk) rank_scan_kernel(const RankScanParams 
     e = static_cast<int32_t>(v);
     expert_out[r] = e;
   }
-  s_expert[tid] = e;
   int32_t* hist_row = hist + chunk * experts;
   for (int64_t x = tid; x < experts; x += kChunk) hist_row[x] = 0;
-  __syncthreads();
-  if (e >= 0) {
-    int32_t before = 0;
-    bool last = true;
-    for (int i = 0; i < kChunk; ++i) {
-      if (s_expert[i] == e) {
-        if (i < tid) ++before;
-        if (i > tid) last = false;
+  if (experts <= kTableExperts) {
+    const int lane = tid & 31, warp = tid >> 5;
+    for (int64_t x = tid; x < kChunkWarps * experts; x += kChunk) s_table[x] = 0;
+    __syncthreads();
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    const int32_t in_warp = __popc(peers & ((1u << lane) - 1u));
+    if (e >= 0 && in_warp == 0) s_table[warp * experts + e] = __popc(peers);
+    __syncthreads();
+    if (e >= 0) {
+      int32_t before = in_warp, total = 0;
+      for (int w = 0; w < kChunkWarps; ++w) {
+        const int32_t c = s_table[w * experts + e];
+        if (w < warp) before += c;
+        total += c;
       }
+      local[r] = before;
+      if (before == total - 1) hist_row[e] = total;
     }
-    local[r] = before;
-    if (last) hist_row[e] = before + 1;
+  } else {
+    s_expert[tid] = e;
+    __syncthreads();
+    if (e >= 0) {
+      int32_t before = 0;
+      bool last = true;
+      for (int i = 0; i < kChunk; ++i) {
+        if (s_expert[i] == e) {
+          if (i < tid) ++before;
+          if (i > tid) last = false;
+        }
+      }
+      local[r] = before;
+      if (last) hist_row[e] = before + 1;
+    }
   }
   // --- 2. the segment's last block
   const int64_t segment = chunk / seg_chunks, c0 = segment * seg_chunks;

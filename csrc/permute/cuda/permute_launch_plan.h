@@ -183,7 +183,8 @@ inline void plan_counting_pass(LaunchPlan& plan, const void* in, int index_bytes
                                int64_t* counts, int64_t* offsets, int64_t* dropped, int64_t* row_map,
                                int32_t* error_flag, unsigned* tickets) {
   const PlanGrid g = plan_grid(n);
-  plan.kernel(permute_kernel(PermuteKernel::kRankScan, index_bytes), g.chunks, kChunk, 0,
+  const int64_t table_bytes = experts <= kTableExperts ? kChunkWarps * experts * 4 : 0;
+  plan.kernel(permute_kernel(PermuteKernel::kRankScan, index_bytes), g.chunks, kChunk, table_bytes,
               RankScanParams{in, s.expert, s.local, s.hist, s.seg, error_flag, tickets, counts_all, counts, offsets,
                              dropped, n, experts, g.seg_chunks, align, capacity});
   if (n > 0) {
