@@ -5,7 +5,7 @@
 // scans the segment totals and the padded expert sizes into offsets (our own multi-block scan: CUB
 // cannot run in the SIMT emulator); a second pass writes row = offset[e] + segment base + chunk
 // base + rank in chunk. Capacity with router weights selects the kept rows of each expert by a
-// 64-step radix select on unique (weight, token) keys, then recounts. Row copies move 16-byte
+// radix select of 8-bit digits on unique (weight, token) keys (2 to 8 passes), then recounts. Row copies move 16-byte
 // vectors where alignment allows; reductions are token-major gathers in a fixed order (no
 // floating-point atomics), so every output is bitwise deterministic.
 #include <cuda_bf16.h>
@@ -208,7 +208,11 @@ __global__ void group_kernel(const GroupParams args) {
 }
 
 // One block per expert over more than `capacity` rows: keep the `capacity` largest capacity_key
-// (radix select of the capacity-th largest key, bit by bit), mark the others dropped.
+// (unique keys), mark the others dropped. Radix select from the top digit down, 8 bits a pass: a
+// 256-bin histogram (integer shared atomics: the same counts in any order) of the next digit of the
+// keys that share the digits found so far gives the digit of the capacity-th largest key; it stops
+// as soon as the keys with the prefix found are exactly the ones still needed: after 2 to 4 passes
+// for distinct float weights, 8 at most (64 one-bit passes before).
 __global__ void select_kernel(const SelectParams args) {
   const int64_t* __restrict__ grouped = args.grouped;
   const int64_t* __restrict__ starts = args.starts;
@@ -216,29 +220,42 @@ __global__ void select_kernel(const SelectParams args) {
   const int64_t capacity = args.capacity;
   const float* __restrict__ w = args.w;
   int32_t* __restrict__ expert = args.expert;
-  __shared__ int64_t s_red[kSelectThreads];
+  __shared__ unsigned long long s_bins[256];
+  __shared__ uint64_t s_prefix;
+  __shared__ int64_t s_need;
+  __shared__ int s_done;
   const int tid = threadIdx.x;
   const int64_t count = counts[blockIdx.x];
   if (count <= capacity) return;
   const int64_t* rows = grouped + starts[blockIdx.x];
   uint64_t threshold = 0;
   if (capacity > 0) {
-    for (int bit = 63; bit >= 0; --bit) {
-      const uint64_t candidate = threshold | (uint64_t{1} << bit);
-      int64_t c = 0;
+    uint64_t prefix = 0;  // the digits above `shift` of the capacity-th largest key
+    int64_t need = capacity;  // how many keys with that prefix are kept
+    int shift = 64;
+    for (;;) {
+      shift -= 8;
+      for (int b = tid; b < 256; b += blockDim.x) s_bins[b] = 0;
+      __syncthreads();
       for (int64_t i = tid; i < count; i += blockDim.x) {
-        c += capacity_key(w[rows[i]], rows[i]) >= candidate ? 1 : 0;
+        const uint64_t key = capacity_key(w[rows[i]], rows[i]);
+        if (shift == 56 || (key >> (shift + 8)) == prefix) atomicAdd(&s_bins[(key >> shift) & 255u], 1ull);
       }
-      s_red[tid] = c;
       __syncthreads();
-      for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (tid < s) s_red[tid] += s_red[tid + s];
-        __syncthreads();
+      if (tid == 0) {
+        int64_t above = 0;
+        int d = 255;
+        while (d > 0 && above + static_cast<int64_t>(s_bins[d]) < need) above += static_cast<int64_t>(s_bins[d--]);
+        s_prefix = (prefix << 8) | static_cast<uint64_t>(d);
+        s_need = need - above;
+        s_done = static_cast<int64_t>(s_bins[d]) == need - above ? 1 : 0;
       }
-      const int64_t total = s_red[0];
       __syncthreads();
-      if (total >= capacity) threshold = candidate;
+      prefix = s_prefix;
+      need = s_need;
+      if (s_done != 0 || shift == 0) break;
     }
+    threshold = prefix << shift;
   }
   for (int64_t i = tid; i < count; i += blockDim.x) {
     const int64_t r = rows[i];
