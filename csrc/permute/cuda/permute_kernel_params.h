@@ -97,13 +97,15 @@ struct GatherReduceParams {
   int32_t tpr;
 };
 
-// grad_rows_kernel<scalar_t, N>: grad_y[row] = w[r] * grad_out[r / k].
+// grad_rows_kernel<scalar_t, N>: grad_y[row] = w[r] * grad_out[r / k] (r = src[row], checked
+// against row_map).
 struct GradRowsParams {
   const void* grad_out;
   const int64_t* src;
+  const int64_t* row_map;
   const void* w;  // accumulation type
   void* grad_y;
-  int64_t rows, k, d;
+  int64_t rows, slots, k, d;
   int32_t tpr;
 };
 
@@ -133,9 +135,9 @@ static_assert(sizeof(CopyRowsParams) == 80, "CopyRowsParams");
 L2R_FIELD_AT(GatherReduceParams, y_stride, 32);
 L2R_FIELD_AT(GatherReduceParams, tpr, 72);
 static_assert(sizeof(GatherReduceParams) == 80, "GatherReduceParams");
-L2R_FIELD_AT(GradRowsParams, rows, 32);
-L2R_FIELD_AT(GradRowsParams, tpr, 56);
-static_assert(sizeof(GradRowsParams) == 64, "GradRowsParams");
+L2R_FIELD_AT(GradRowsParams, rows, 40);
+L2R_FIELD_AT(GradRowsParams, tpr, 72);
+static_assert(sizeof(GradRowsParams) == 80, "GradRowsParams");
 L2R_FIELD_AT(GradWeightsParams, y_stride, 32);
 static_assert(sizeof(GradWeightsParams) == 72, "GradWeightsParams");
 

@@ -379,14 +379,16 @@ __global__ void gather_reduce_kernel(const GatherReduceParams args) {
   }
 }
 
-// grad_y[row] = w[r] * grad_out[r / k] with r = src[row] (flat slot), zero where src < 0.
+// grad_y[row] = w[r] * grad_out[r / k] with r = src[row] (flat slot) when that slot maps to row
+// (src is not reset: see copy_rows_kernel), zero elsewhere.
 template <typename scalar_t, int N>
 __global__ void grad_rows_kernel(const GradRowsParams args) {
   using acc_t = typename Acc<scalar_t>::type;
   const scalar_t* __restrict__ grad_out = static_cast<const scalar_t*>(args.grad_out);
   const int64_t* __restrict__ src = args.src;
+  const int64_t* __restrict__ row_map = args.row_map;
   const acc_t* __restrict__ w = static_cast<const acc_t*>(args.w);
-  const int64_t rows = args.rows, k = args.k, d = args.d;
+  const int64_t rows = args.rows, slots = args.slots, k = args.k, d = args.d;
   const int tpr = args.tpr;
   scalar_t* __restrict__ grad_y = static_cast<scalar_t*>(args.grad_y);
   using P = Pack<scalar_t, N>;
@@ -397,7 +399,7 @@ __global__ void grad_rows_kernel(const GradRowsParams args) {
        row += static_cast<int64_t>(gridDim.x) * per_block) {
     const int64_t r = src[row];
     P* dst = reinterpret_cast<P*>(grad_y + row * d);
-    if (r < 0) {
+    if (r < 0 || r >= slots || row_map[r] != row) {
       P z;
       for (int m = 0; m < N; ++m) z.v[m] = store_cast<scalar_t, acc_t>(acc_t(0));
       for (int64_t i = lane; i < vecs; i += tpr) dst[i] = z;

@@ -272,7 +272,7 @@ inline LaunchPlan gather_reduce_launches(DType dtype, const void* y, int64_t y_r
 
 // grad_y [y_rows, d] (w[t, j] * grad_out[t] at row row_map[t, j], zero elsewhere) and grad_w
 // [T*k] (accumulation type; <y[row_map[t, j]], grad_out[t]>, zero where dropped). grad_out is
-// contiguous [T, d]; src_scratch: y_rows int64.
+// contiguous [T, d]; src_scratch: y_rows int64, any content (checked against row_map).
 inline LaunchPlan unpermute_backward_launches(DType dtype, const void* grad_out, const void* y,
                                               int64_t y_row_stride, int64_t y_rows, const int64_t* row_map,
                                               const void* w, int64_t T, int64_t k, int64_t d, int64_t* src_scratch,
@@ -284,7 +284,6 @@ inline LaunchPlan unpermute_backward_launches(DType dtype, const void* grad_out,
     return plan;
   }
   if (y_rows > 0) {
-    plan.memset(src_scratch, 0xff, y_rows * 8);
     if (n > 0) {
       plan.kernel(permute_kernel(PermuteKernel::kInverse), capped_grid(cdiv(n, kIndexThreads)), kIndexThreads, 0,
                   InverseParams{row_map, src_scratch, n, 1, y_rows});
@@ -292,7 +291,7 @@ inline LaunchPlan unpermute_backward_launches(DType dtype, const void* grad_out,
     const int pw = pack_width(dtype, grad_out, grad_y, d, d);
     const RowLayout l = row_layout(y_rows, d / pw);
     plan.kernel(permute_kernel(PermuteKernel::kGradRows, static_cast<int>(dtype), pw), l.grid, kRowThreads, 0,
-                GradRowsParams{grad_out, src_scratch, w, grad_y, y_rows, k, d, l.tpr});
+                GradRowsParams{grad_out, src_scratch, row_map, w, grad_y, y_rows, n, k, d, l.tpr});
   }
   if (n > 0) {
     plan.kernel(permute_kernel(PermuteKernel::kGradWeights, static_cast<int>(dtype)),
