@@ -2,7 +2,7 @@
 counters, without a GPU. A model, not a measurement (assumptions in benchmarks/_gpu_cost.py and in
 the report).
 
-    python -m benchmarks.gpu_model [--quick | --smoke] [--models M ...] [--json] [--out benchmarks/results]
+    python -m benchmarks.gpu_model [--quick | --smoke] [--models M ...] [--ops route permute] [--json] [--out DIR]
 
 Runs route forward/backward, permute and unpermute (bf16) at OLMoE (d=2048, E=64, k=8; r×H = 8×4
 and 2×1; T = 1, 64, 8192) and Mixtral (d=4096, E=8, k=2; r×H = 32×1; T = 1, 64, 1024: at r = 32 the
@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--smoke", action="store_true", help="OLMoE, T = 1, 64 only (seconds; used by the tests)")
     p.add_argument("--tokens", nargs="+", type=int, help="token counts T (overrides the preset)")
     p.add_argument("--models", nargs="+", choices=list(MODELS), help="only these models (default: the preset's)")
+    p.add_argument("--ops", nargs="+", choices=["route", "permute"], default=["route", "permute"],
+                   help="route (forward, backward) and/or permute (permute, unpermute); default both")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default: benchmarks/results)")
     p.add_argument("--json", action="store_true", help="also write gpu_model.json")
     p.add_argument("--devices", nargs="+", default=list(cost.DEVICES), choices=list(cost.DEVICES))
@@ -174,6 +176,12 @@ def report(results: list[dict], args, elapsed: float, devices: list[str]) -> str
     except OSError:
         sha = "?"
     cmd = "python -m benchmarks.gpu_model" + {"full": "", "quick": " --quick", "smoke": " --smoke"}[args.preset]
+    if args.tokens:
+        cmd += " --tokens " + " ".join(map(str, args.tokens))
+    if args.models != list(PRESETS[args.preset]):
+        cmd += " --models " + " ".join(args.models)
+    if sorted(args.ops) != ["permute", "route"]:
+        cmd += " --ops " + " ".join(args.ops)
     if args.json:
         cmd += " --json"
     L = [
@@ -349,6 +357,8 @@ def main(argv=None) -> int:
     registers = cost.load_registers(PTXAS)
     libs = work.build_libs()
     route_shapes, permute_shapes = shapes(args)
+    route_shapes = route_shapes if "route" in args.ops else []
+    permute_shapes = permute_shapes if "permute" in args.ops else []
     results = []
     for s in route_shapes:
         print(f"route   {s.key} ...", file=sys.stderr, flush=True)
