@@ -96,6 +96,7 @@ def run_permute(lib, s: Shape, seed: int = 0) -> dict[str, dict]:
     simt.reset_counters(lib)
     row_map, offsets, _, flag = permute_emu.plan(lib, indices, s.E, seed=seed)
     assert flag == 0
+    plan_launches = len(simt.counters(lib, reset=False))
     num_rows = int(offsets[-1])
     y = permute_emu.permute_rows(lib, x, row_map, num_rows, seed=seed)
     perm_recs = _records(lib)
@@ -104,10 +105,21 @@ def run_permute(lib, s: Shape, seed: int = 0) -> dict[str, dict]:
     rows = s.T * s.k * s.d * 2
     return {
         "permute": dict(records=perm_recs, flops={}, min_bytes=s.T * s.d * 2 + rows,
-                        min_what="read x, write T*k rows"),
+                        min_what="read x, write T*k rows", plan_launches=plan_launches),
         "unpermute": dict(records=unperm_recs, flops={"gather_reduce_kernel": 2.0 * s.T * s.k * s.d},
                           min_bytes=rows + s.T * s.d * 2, min_what="read T*k rows, write T rows"),
     }
+
+
+def run_permute_plan(lib, s: Shape, seed: int = 0) -> list[dict]:
+    """The dispatch plan alone (no row copy: its indices are all it reads) at shape s: its
+    per-launch counter records. For shapes whose rows would not fit the emulator."""
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.rand(s.T, s.E, generator=g).topk(s.k, dim=1).indices
+    simt.reset_counters(lib)
+    _, _, _, flag = permute_emu.plan(lib, indices, s.E, seed=seed)
+    assert flag == 0
+    return _records(lib)
 
 
 def build_libs():

@@ -33,7 +33,7 @@ from l2r_cuda import reference  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_JSON = ROOT / "benchmarks" / "results" / "gpu_model.json"
 ROUTE_CONTENDERS = ("l2r_native", "linear", "l2r_ref_compiled")
-MODEL_NAMES = {"olmoe": C.MODELS["olmoe"], "mixtral": C.MODELS["mixtral"]}
+MODEL_NAMES = {name: C.MODELS[name] for name in ("olmoe", "mixtral", "deepseek-v3")}
 
 
 def parse_args(argv=None):
@@ -120,6 +120,9 @@ def permute_rows(shape: dict) -> list[dict]:
 
 def attach_model(rows: list[dict], model: dict, dev: str, peak: float | None) -> None:
     by_key = {(r["op"], r["model"], r["T"], r["r"], r["H"]): r for r in model.get("results", [])}
+    acc = model.get("acceptance")
+    if acc:
+        by_key[("permute", acc["model"], acc["T"], 0, 0)] = acc
     for row in rows:
         ref = by_key.get((row["op"], row["model"], row["T"], row["r"], row["H"]))
         if ref is None:
@@ -178,6 +181,9 @@ def main(argv=None) -> int:
     for r in model.get("results", []):
         kind = "route" if r["op"].startswith("route") else "permute"
         shapes[(kind, r["model"], r["T"], r["r"], r["H"])] = r
+    acc = model.get("acceptance")  # issue 13's permute shape (T·k = 1M rows), modelled by extrapolation
+    if acc:
+        shapes[("permute", acc["model"], acc["T"], 0, 0)] = acc
     if not shapes:
         print("gpu_check: no cost-model shapes (run python -m benchmarks.gpu_model --json first)", file=sys.stderr)
         return 2

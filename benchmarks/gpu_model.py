@@ -2,12 +2,14 @@
 counters, without a GPU. A model, not a measurement (assumptions in benchmarks/_gpu_cost.py and in
 the report).
 
-    python -m benchmarks.gpu_model [--quick | --smoke] [--json] [--out benchmarks/results]
+    python -m benchmarks.gpu_model [--quick | --smoke] [--models M ...] [--ops route permute] [--json] [--out DIR]
 
 Runs route forward/backward, permute and unpermute (bf16) at OLMoE (d=2048, E=64, k=8; r×H = 8×4
 and 2×1; T = 1, 64, 8192) and Mixtral (d=4096, E=8, k=2; r×H = 32×1; T = 1, 64, 1024: at r = 32 the
 backward re-reads the 512 KB projection from global memory per token, about 2·10^9 emulated
-accesses at T = 8192, hours on the emulator) shapes on the emulator with counters on, then writes gpu_model.md (and gpu_model.json with --json) to --out: per op the
+accesses at T = 8192, hours on the emulator) shapes, permute and unpermute at DeepSeek-V3's (d=7168,
+E=256, k=8; T = 1, 64, 8192, and permute at T·k = 1M rows with its rows extrapolated), on the
+emulator with counters on, then writes gpu_model.md (and gpu_model.json with --json) to --out: per op the
 launches, unique DRAM bytes against the op's minimum, the estimated time and % of the HBM roofline
 on each device; per kernel the counters and every term of the estimate; the shared-memory
 instructions with bank conflicts, by source line.
@@ -34,15 +36,20 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 PTXAS = ROOT / "benchmarks" / "results" / "ptxas_sm90.md"
 
-MODELS = {  # name: (d, E, k, [(r, H), ...])
+MODELS = {  # name: (d, E, k, [(r, H), ...]); no (r, H): permute / unpermute only
     "olmoe": (2048, 64, 8, [(8, 4), (2, 1)]),
     "mixtral": (4096, 8, 2, [(32, 1)]),
+    "deepseek-v3": (7168, 256, 8, []),
 }
 PRESETS = {  # tokens per model
-    "full": dict(olmoe=[1, 64, 8192], mixtral=[1, 64, 1024]),
-    "quick": dict(olmoe=[1, 64, 1024], mixtral=[1, 64, 256]),
-    "smoke": dict(olmoe=[1, 64]),
+    "full": {"olmoe": [1, 64, 8192], "mixtral": [1, 64, 1024], "deepseek-v3": [1, 64, 8192]},
+    "quick": {"olmoe": [1, 64, 1024], "mixtral": [1, 64, 256], "deepseek-v3": [1, 64, 1024]},
+    "smoke": {"olmoe": [1, 64]},
 }
+# Issue 13's permute acceptance shape: T·k = 1M rows, E = 256 (DeepSeek-V3's d, E, k). Its 15 GB
+# of rows do not fit the emulator: the plan runs there at full size, the row kernels' times are
+# the largest emulated T's scaled by the row count (see acceptance()).
+ACCEPTANCE = ("deepseek-v3", 131072)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--quick", action="store_true", help="OLMoE T = 1, 64, 1024; Mixtral T = 1, 64, 256")
     g.add_argument("--smoke", action="store_true", help="OLMoE, T = 1, 64 only (seconds; used by the tests)")
     p.add_argument("--tokens", nargs="+", type=int, help="token counts T (overrides the preset)")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), help="only these models (default: the preset's)")
+    p.add_argument("--ops", nargs="+", choices=["route", "permute"], default=["route", "permute"],
+                   help="route (forward, backward) and/or permute (permute, unpermute); default both")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (default: benchmarks/results)")
     p.add_argument("--json", action="store_true", help="also write gpu_model.json")
     p.add_argument("--devices", nargs="+", default=list(cost.DEVICES), choices=list(cost.DEVICES))
@@ -58,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.preset = "smoke" if args.smoke else "quick" if args.quick else "full"
     preset = PRESETS[args.preset]
     args.tokens_by_model = {m: (args.tokens or ts) for m, ts in preset.items()}
-    args.models = list(preset)
+    args.models = [m for m in preset if args.models is None or m in args.models]
     return args
 
 
@@ -106,6 +116,7 @@ def evaluate(op: str, shape: work.Shape, run: dict, devices: list[str], register
         "dram_bytes": sum(r["dram_read"] + r["dram_write"] for r in recs),
         "min_bytes": run["min_bytes"], "min_what": run["min_what"],
         "flops": sum(run["flops"].values()), "kernels": [], "devices": {},
+        "plan_launches": run.get("plan_launches"),
     }
     for dev_name in devices:
         dev = cost.DEVICES[dev_name]
@@ -165,6 +176,12 @@ def report(results: list[dict], args, elapsed: float, devices: list[str]) -> str
     except OSError:
         sha = "?"
     cmd = "python -m benchmarks.gpu_model" + {"full": "", "quick": " --quick", "smoke": " --smoke"}[args.preset]
+    if args.tokens:
+        cmd += " --tokens " + " ".join(map(str, args.tokens))
+    if args.models != list(PRESETS[args.preset]):
+        cmd += " --models " + " ".join(args.models)
+    if sorted(args.ops) != ["permute", "route"]:
+        cmd += " --ops " + " ".join(args.ops)
     if args.json:
         cmd += " --json"
     L = [
@@ -281,12 +298,67 @@ def findings(results: list[dict], dev: str) -> list[str]:
     return out
 
 
+def acceptance(results: list[dict], lib, devices: list[str], registers: dict) -> dict | None:
+    """Permute at ACCEPTANCE's shape: the plan emulated at full size; each row kernel's estimate
+    from the largest emulated T of that model, its time past the launch gap scaled by the ratio of
+    the row counts (the row kernels stream rows in many waves, so their counts grow linearly with
+    the rows). An extrapolation, labelled so in the report."""
+    model, T = ACCEPTANCE
+    base = [r for r in results if r["op"] == "permute" and r["model"] == model]
+    if not base:
+        return None
+    base = max(base, key=lambda r: r["T"])
+    d, E, k, _ = MODELS[model]
+    shape = work.Shape(model, d, E, k, 0, 0, T)
+    print(f"permute {shape.key} (plan only) ...", file=sys.stderr, flush=True)
+    plan_recs = work.run_permute_plan(lib, shape)
+    scale = T / base["T"]
+    out = {"model": model, "T": T, "d": d, "E": E, "k": k, "base_T": base["T"], "scale": scale,
+           "launches": len(plan_recs) + base["launches"] - base["plan_launches"],
+           "plan_launches": len(plan_recs), "min_bytes": T * d * 2 + T * k * d * 2, "devices": {}}
+    for dev_name in devices:
+        dev = cost.DEVICES[dev_name]
+        plan_ests = [cost.estimate(dev, rec, registers) for rec in plan_recs]
+        rows = base["devices"][dev_name]["kernels"][base["plan_launches"]:]
+        rows_us = sum(dev.launch_gap_us + (e["time_us"] - dev.launch_gap_us) * scale for e in rows)
+        plan_us = sum(e.time_us for e in plan_ests)
+        roofline_us = out["min_bytes"] / (dev.hbm_gbs * 1e9) * 1e6
+        out["devices"][dev_name] = dict(
+            plan_us=plan_us, rows_us=rows_us, time_us=plan_us + rows_us, roofline_us=roofline_us,
+            pct_roofline=100.0 * roofline_us / (plan_us + rows_us),
+            plan_kernels=[dict(kernel=e.kernel, time_us=e.time_us, bound=e.bound) for e in plan_ests])
+    return out
+
+
+def acceptance_report(acc: dict | None, devices: list[str]) -> list[str]:
+    if acc is None:
+        return []
+    L = ["", f"## Permute at T·k = {acc['T'] * acc['k']:,} rows, E = {acc['E']} (issue 13's acceptance shape; "
+         "rows extrapolated)", "",
+         f"{acc['model']} d={acc['d']} E={acc['E']} k={acc['k']} T={acc['T']}, bf16: the plan ran on the emulator at this "
+         f"size ({acc['plan_launches']} launches); the row kernels ran at T={acc['base_T']} and their estimates past "
+         f"the launch gap are scaled ×{acc['scale']:g} (an extrapolation of the model, not an emulation). Minimum: read "
+         f"x, write T·k rows ({acc['min_bytes'] / 1e9:.2f} GB).", "",
+         "| device | launches | plan µs (emulated) | rows µs (extrapolated) | total µs | % roofline |",
+         "|---|---:|---:|---:|---:|---:|"]
+    for dev in devices:
+        dv = acc["devices"][dev]
+        L.append(f"| {dev} | {acc['launches']} | {fmt_us(dv['plan_us'])} | {fmt_us(dv['rows_us'])} | "
+                 f"{fmt_us(dv['time_us'])} | {dv['pct_roofline']:.1f} |")
+    dv = acc["devices"][devices[0]]
+    L += ["", f"Plan kernels ({devices[0]}): " + ", ".join(
+        f"`{short_kernel(k['kernel'])}` {fmt_us(k['time_us'])} µs ({k['bound']})" for k in dv["plan_kernels"]) + "."]
+    return L
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.time()
     registers = cost.load_registers(PTXAS)
     libs = work.build_libs()
     route_shapes, permute_shapes = shapes(args)
+    route_shapes = route_shapes if "route" in args.ops else []
+    permute_shapes = permute_shapes if "permute" in args.ops else []
     results = []
     for s in route_shapes:
         print(f"route   {s.key} ...", file=sys.stderr, flush=True)
@@ -298,15 +370,16 @@ def main(argv=None) -> int:
             results.append(evaluate(op, s, run, args.devices, registers, libs["permute"]._name))
     order = {"route forward": 0, "route backward": 1, "permute": 2, "unpermute": 3}
     results.sort(key=lambda r: (order[r["op"]], r["model"], r["r"], r["H"], r["T"]))
+    acc = acceptance(results, libs["permute"], args.devices, registers)
     elapsed = time.time() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    md = report(results, args, elapsed, args.devices)
+    md = report(results, args, elapsed, args.devices) + "\n".join(acceptance_report(acc, args.devices)) + "\n"
     (out / "gpu_model.md").write_text(md)
     if args.json:
         (out / "gpu_model.json").write_text(json.dumps(
             {"assumptions": cost.ASSUMPTIONS, "devices": {k: vars(v) for k, v in cost.DEVICES.items()},
-             "results": results}, indent=1))
+             "results": results, "acceptance": acc}, indent=1))
     print(md)
     print(f"wrote {out / 'gpu_model.md'}" + (f" and {out / 'gpu_model.json'}" if args.json else ""), file=sys.stderr)
     return 0

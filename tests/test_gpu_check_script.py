@@ -46,7 +46,9 @@ def test_timing_logic_dry_run_on_cpu(tmp_path):
          "devices": {"H200": {"time_us": 20.0}, "H100": {"time_us": 24.0}}},
         {"op": "permute", "model": "olmoe", "T": 8, "r": 0, "H": 0, "min_bytes": 9 * 8 * 2048 * 2,
          "devices": {"H200": {"time_us": 5.0}, "H100": {"time_us": 6.0}}},
-    ]}
+    ], "acceptance": {  # the model's extrapolated permute shape (here a small one)
+        "model": "deepseek-v3", "T": 4, "min_bytes": 9 * 4 * 7168 * 2,
+        "devices": {"H200": {"time_us": 7.0}, "H100": {"time_us": 8.0}}}}
     (tmp_path / "model.json").write_text(json.dumps(model))
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -60,6 +62,8 @@ def test_timing_logic_dry_run_on_cpu(tmp_path):
             ("permute", "native"), ("permute", "reference"), ("unpermute", "native")} <= ops
     for row in rows:
         assert "us" in row or "skipped" in row, row
+    assert any(row["op"] == "permute" and row["model"] == "deepseek-v3" and row["T"] == 4 and row["model_us"] == 8.0
+               for row in rows if row["contender"] == "native")  # cpu: the H100 figure
     native = [row for row in rows if row["contender"] in ("l2r_native", "native") and row["op"] != "unpermute"]
     assert all(row["model_us"] > 0 and row["gbs"] > 0 for row in native)
     assert "measured / model" in (out / "timing.md").read_text()

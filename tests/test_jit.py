@@ -175,7 +175,7 @@ def test_compile_errors_carry_nvrtc_log():
 def test_both_bindings_compile_the_same_cubin(monkeypatch, tmp_path):
     monkeypatch.setenv("L2R_CUDA_JIT_CACHE", str(tmp_path))
     permute = next(s for s in sources.kernel_sources().values() if s.path.startswith("permute"))
-    names = ["l2r::permute::scan_kernel", "l2r::permute::gather_reduce_kernel<__half, 8>"]
+    names = ["l2r::permute::finalize_kernel", "l2r::permute::gather_reduce_kernel<__half, 8>"]
     a = compiler.compile_kernels(permute, names, "sm_90", use_cache=False, prefer="cuda-bindings")
     b = compiler.compile_kernels(permute, names, "sm_90", use_cache=False, prefer="cupy")
     # (cupy's getCUBIN leaves out a trailing NUL byte that nvrtcGetCUBIN's buffer has)

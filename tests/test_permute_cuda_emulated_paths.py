@@ -2,7 +2,7 @@
 emulated tests (test_permute_cuda_emulated.py) leave out: every row-copy width (16-, 8-, 4- and
 2-byte vectors), gathers from row-strided y (vector and scalar loads), float64, slots whose row
 lies past y, the backward in every dtype and on both load widths with a full warp of columns, and
-NaN router weights under a capacity. Against l2r_cuda.reference."""
+NaN and tied router weights under a capacity, chunk ranks above 1024 experts. Against l2r_cuda.reference."""
 from __future__ import annotations
 
 import pathlib
@@ -108,3 +108,38 @@ def test_nan_router_weights_rank_last_under_capacity(lib):
     assert torch.equal(row_map, want_rm)
     assert torch.equal(offsets, want_off)
     assert torch.equal(dropped, want_dropped)
+
+
+@pytest.mark.parametrize("values,cap", [((0.5,), 100), ((0.25, 0.5, 1.0), 170), ((0.5, -0.0, 0.0), 233)])
+def test_tied_router_weights_under_capacity(lib, values, cap):
+    # Many equal weights: the capacity-th largest key is told from its neighbours by the token
+    # bits only, so the radix select runs down to its last digit (more rows per expert than the
+    # select block has threads; -0 and +0 tie).
+    T, E, k = 700, 2, 1
+    indices, _ = routing(T, E, k, seed=7)
+    g = torch.Generator().manual_seed(3)
+    weights = torch.tensor(values)[torch.randint(len(values), (T, k), generator=g)]
+    kw = dict(align=1, capacity=cap, weights=weights)
+    want_rm, want_off, _, want_dropped = reference.permute_plan(indices, E, **kw)
+    row_map, offsets, dropped, flag = emu.plan(lib, indices, E, **kw)
+    assert flag == 0
+    assert torch.equal(row_map, want_rm)
+    assert torch.equal(offsets, want_off)
+    assert torch.equal(dropped, want_dropped)
+
+
+def test_many_experts_rank_by_scanning_the_chunk(lib):
+    # E above kTableExperts (1024): chunk ranks come from the scan over the chunk's rows, not the
+    # per-warp table. Few distinct experts, so every chunk (the last row of each included) has rows
+    # of one expert far apart.
+    T, E, k = 300, 1500, 2
+    g = torch.Generator().manual_seed(11)
+    pool = torch.tensor(list(range(12)) + list(range(E - 12, E)))
+    indices = torch.stack([pool[torch.randperm(len(pool), generator=g)[:k]] for _ in range(T)])
+    for kw in (dict(align=8), dict(align=1, capacity=20)):
+        want_rm, want_off, _, want_dropped = reference.permute_plan(indices, E, **kw)
+        row_map, offsets, dropped, flag = emu.plan(lib, indices, E, **kw)
+        assert flag == 0
+        assert torch.equal(row_map, want_rm)
+        assert torch.equal(offsets, want_off)
+        assert torch.equal(dropped, want_dropped)

@@ -44,13 +44,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_plan_cuda(
   if (weighted) w = weights->to(at::kFloat).contiguous();
   auto workspace = at::empty({static_cast<int64_t>(plan_workspace_bytes(n, E, weighted))},
                              indices.options().dtype(at::kByte));
-  auto error_flag = at::zeros({1}, indices.options().dtype(at::kInt));
+  // the error flag and the scan's tickets (permute_plan_launches)
+  auto control = at::zeros({plan_control_words(n)}, indices.options().dtype(at::kInt));
   run(permute_plan_launches(indices.data_ptr(), indices.scalar_type() == at::kLong, T, k, E, align,
                             capacity.has_value() ? *capacity : -1, weighted ? w.data_ptr<float>() : nullptr,
                             row_map.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), dropped.data_ptr<int64_t>(),
-                            workspace.data_ptr(), error_flag.data_ptr<int32_t>()),
+                            workspace.data_ptr(), control.data_ptr<int32_t>()),
       indices, "permute");
-  at::_assert_async(error_flag.eq(0).squeeze(0),
+  at::_assert_async(control.narrow(0, 0, 1).eq(0).squeeze(0),
                     "l2r_cuda.permute: indices has a value outside [0, num_experts)");
   return {row_map, offsets, dropped};
 }

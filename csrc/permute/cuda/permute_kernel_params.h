@@ -12,7 +12,10 @@ namespace l2r {
 namespace permute {
 
 constexpr int kChunk = 256;         // rows per block of the counting sort (= its block size)
-constexpr int kScanThreads = 1024;  // the single-block scan
+constexpr int kChunkWarps = kChunk / 32;
+// Up to this many experts the chunk ranks come from per-warp counts in dynamic shared memory
+// (kChunkWarps x E int32: 32 KiB at most, no opt-in); above, from a scan over the chunk's rows.
+constexpr int64_t kTableExperts = 1024;
 constexpr int kSelectThreads = 256;
 constexpr int kRowThreads = 256;    // row copy / gather blocks
 constexpr int kIndexThreads = 256;  // group / inverse blocks
@@ -20,34 +23,34 @@ constexpr int64_t kMaxGrid = 65535 * 16;
 
 L2R_HD int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// chunk_rank_kernel<index_t>: expert, rank in chunk and chunk histogram of rows [0, n) of `in`.
-struct ChunkRankParams {
+// rank_scan_kernel<index_t> (one block per chunk of kChunk rows; at least one block): expert, rank
+// in chunk and chunk histogram of rows [0, n) of `in`; then, in the block that takes a segment's
+// last ticket, the in-segment prefixes of its chunks' histograms and the segment's totals; in the
+// block that takes the last segment ticket, the prefixes over segments, counts, offsets, dropped.
+struct RankScanParams {
   const void* in;  // index_t [n]
   int32_t* expert_out;
   int32_t* local;
-  int64_t* hist;
-  int32_t* error_flag;  // or null
-  int64_t n, experts;
-};
-
-// scan_kernel (one block): per-expert chunk prefixes, counts, offsets, dropped.
-struct ScanParams {
-  int64_t* hist;
+  int32_t* hist;              // [chunks][E]: chunk counts, then in-segment exclusive prefixes
+  int64_t* seg;               // [segments][E]: segment totals, then exclusive prefixes over segments
+  int32_t* error_flag;        // or null
+  unsigned* tickets;          // [1 + segments], zero (every ticket wraps back to zero)
   const int64_t* counts_all;  // or null
   int64_t* counts;
   int64_t* offsets;
   int64_t* dropped;  // or null
-  int64_t chunks, experts, align, capacity;
+  int64_t n, experts, seg_chunks, align, capacity;
 };
 
 // finalize_kernel: row_map from chunk prefixes and ranks.
 struct FinalizeParams {
   const int32_t* expert;
   const int32_t* local;
-  const int64_t* hist;
+  const int32_t* hist;
+  const int64_t* seg;
   const int64_t* offsets;
   int64_t* row_map;
-  int64_t n, experts, capacity;
+  int64_t n, experts, seg_chunks, capacity;
 };
 
 // group_kernel: grouped[row_map[r]] = r.
@@ -74,12 +77,13 @@ struct InverseParams {
   int64_t n, divisor, num_rows;
 };
 
-// copy_rows_kernel<V>: out rows from x rows through src.
+// copy_rows_kernel<V>: out rows from x rows through src (slots, checked against row_map).
 struct CopyRowsParams {
   const void* x;
   const int64_t* src;
+  const int64_t* row_map;
   void* out;
-  int64_t x_stride_bytes, num_rows, vecs;
+  int64_t x_stride_bytes, num_rows, vecs, slots, k;
   int32_t tpr;
 };
 
@@ -93,13 +97,15 @@ struct GatherReduceParams {
   int32_t tpr;
 };
 
-// grad_rows_kernel<scalar_t, N>: grad_y[row] = w[r] * grad_out[r / k].
+// grad_rows_kernel<scalar_t, N>: grad_y[row] = w[r] * grad_out[r / k] (r = src[row], checked
+// against row_map).
 struct GradRowsParams {
   const void* grad_out;
   const int64_t* src;
+  const int64_t* row_map;
   const void* w;  // accumulation type
   void* grad_y;
-  int64_t rows, k, d;
+  int64_t rows, slots, k, d;
   int32_t tpr;
 };
 
@@ -113,27 +119,25 @@ struct GradWeightsParams {
 };
 
 // The layout every compiler must agree on (LP64 host and 64-bit device).
-L2R_FIELD_AT(ChunkRankParams, n, 40);
-static_assert(sizeof(ChunkRankParams) == 56, "ChunkRankParams");
-L2R_FIELD_AT(ScanParams, chunks, 40);
-static_assert(sizeof(ScanParams) == 72, "ScanParams");
-L2R_FIELD_AT(FinalizeParams, n, 40);
-static_assert(sizeof(FinalizeParams) == 64, "FinalizeParams");
+L2R_FIELD_AT(RankScanParams, n, 88);
+static_assert(sizeof(RankScanParams) == 128, "RankScanParams");
+L2R_FIELD_AT(FinalizeParams, n, 48);
+static_assert(sizeof(FinalizeParams) == 80, "FinalizeParams");
 L2R_FIELD_AT(GroupParams, n, 16);
 static_assert(sizeof(GroupParams) == 24, "GroupParams");
 L2R_FIELD_AT(SelectParams, capacity, 40);
 static_assert(sizeof(SelectParams) == 48, "SelectParams");
 L2R_FIELD_AT(InverseParams, n, 16);
 static_assert(sizeof(InverseParams) == 40, "InverseParams");
-L2R_FIELD_AT(CopyRowsParams, x_stride_bytes, 24);
-L2R_FIELD_AT(CopyRowsParams, tpr, 48);
-static_assert(sizeof(CopyRowsParams) == 56, "CopyRowsParams");
+L2R_FIELD_AT(CopyRowsParams, x_stride_bytes, 32);
+L2R_FIELD_AT(CopyRowsParams, tpr, 72);
+static_assert(sizeof(CopyRowsParams) == 80, "CopyRowsParams");
 L2R_FIELD_AT(GatherReduceParams, y_stride, 32);
 L2R_FIELD_AT(GatherReduceParams, tpr, 72);
 static_assert(sizeof(GatherReduceParams) == 80, "GatherReduceParams");
-L2R_FIELD_AT(GradRowsParams, rows, 32);
-L2R_FIELD_AT(GradRowsParams, tpr, 56);
-static_assert(sizeof(GradRowsParams) == 64, "GradRowsParams");
+L2R_FIELD_AT(GradRowsParams, rows, 40);
+L2R_FIELD_AT(GradRowsParams, tpr, 72);
+static_assert(sizeof(GradRowsParams) == 80, "GradRowsParams");
 L2R_FIELD_AT(GradWeightsParams, y_stride, 32);
 static_assert(sizeof(GradWeightsParams) == 72, "GradWeightsParams");
 

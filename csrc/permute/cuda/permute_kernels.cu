@@ -1,11 +1,13 @@
-// CUDA kernels of token permutation (docs/SPEC.md "Dispatch"). The dispatch plan is a counting sort without
-// atomics: every block ranks its chunk of 256 flat (token, slot) rows per expert (chunk histogram),
-// one block scans the histograms per expert in chunk order and the padded expert sizes into
-// offsets (our own scan: CUB cannot run in the SIMT emulator), and a last pass writes
-// row = offset[e] + chunk base + rank in chunk. Capacity with router weights selects the kept rows
-// of each expert by a 64-step radix select on unique (weight, token) keys, then recounts.
-// Row copies move 16-byte vectors where alignment allows; reductions are token-major gathers in a
-// fixed order (no floating-point atomics), so every output is bitwise deterministic.
+// CUDA kernels of token permutation (docs/SPEC.md "Dispatch"). The dispatch plan is a counting sort
+// without data atomics, in two launches: every block ranks its chunk of 256 flat (token, slot) rows
+// per expert (chunk histogram); the last block of each segment of chunks (atomic tickets, the
+// "last block" pattern) scans its segment's histograms per expert in chunk order, the last segment
+// scans the segment totals and the padded expert sizes into offsets (our own multi-block scan: CUB
+// cannot run in the SIMT emulator); a second pass writes row = offset[e] + segment base + chunk
+// base + rank in chunk. Capacity with router weights selects the kept rows of each expert by a
+// radix select of 8-bit digits on unique (weight, token) keys (2 to 8 passes), then recounts. Row copies move 16-byte
+// vectors where alignment allows; reductions are token-major gathers in a fixed order (no
+// floating-point atomics), so every output is bitwise deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -18,75 +20,34 @@ namespace {
 
 // ---- dispatch plan -------------------------------------------------------------------------------
 
-// Per chunk: expert of each row (-1 for dropped / out of range), its rank among the chunk's earlier
-// rows of the same expert, and the chunk's per-expert count (written by the expert's last row;
-// the histogram is zeroed before). in may alias expert_out (pass 2 re-ranks the kept rows).
-template <typename index_t>
-__global__ void chunk_rank_kernel(const ChunkRankParams args) {
-  const index_t* in = static_cast<const index_t*>(args.in);
-  const int64_t n = args.n, experts = args.experts;
-  int32_t* expert_out = args.expert_out;
-  int32_t* __restrict__ local = args.local;
-  int64_t* __restrict__ hist = args.hist;
-  int32_t* error_flag = args.error_flag;
-  __shared__ int32_t s_expert[kChunk];
-  const int tid = threadIdx.x;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kChunk + tid;
-  int32_t e = -1;
-  if (r < n) {
-    const int64_t v = checked_expert(in[r], experts);
-    if (v < 0 && error_flag != nullptr) *error_flag = 1;
-    e = static_cast<int32_t>(v);
-    expert_out[r] = e;
-  }
-  s_expert[tid] = e;
+// The block's ticket of tickets[word] (after a __syncthreads: every write of the block is before
+// thread 0's release fence); true in every thread of the block that took the last of `count`.
+// atomicInc wraps the counter back to zero, ready for the next pass.
+__device__ __forceinline__ bool last_ticket(unsigned* tickets, int64_t word, int64_t count, int* s_flag) {
   __syncthreads();
-  if (e < 0) return;
-  int32_t before = 0;
-  bool last = true;
-  for (int i = 0; i < kChunk; ++i) {
-    if (s_expert[i] == e) {
-      if (i < tid) ++before;
-      if (i > tid) last = false;
-    }
+  if (threadIdx.x == 0) {
+    __threadfence();  // release: this block's writes before the ticket
+    const unsigned ticket = atomicInc(tickets + word, static_cast<unsigned>(count - 1));
+    __threadfence();  // acquire: the other blocks' writes before their tickets
+    *s_flag = ticket == static_cast<unsigned>(count - 1) ? 1 : 0;
   }
-  local[r] = before;
-  if (last) hist[static_cast<int64_t>(blockIdx.x) * experts + e] = before + 1;
+  __syncthreads();
+  return *s_flag != 0;
 }
 
 __device__ __forceinline__ int64_t kept_rows(int64_t count, int64_t capacity) {
   return (capacity >= 0 && count > capacity) ? capacity : count;
 }
 
-// One block. Phase A: for every expert, the exclusive prefix of its chunk counts in chunk order
-// (in place, one warp per expert, 32 chunks per step) and its total -> counts. Phase B: offsets =
-// exclusive scan over experts of round_up(min(count, capacity), align); dropped = (counts_all or
-// counts) - kept.
-__global__ void scan_kernel(const ScanParams args) {
-  int64_t* hist = args.hist;
-  const int64_t chunks = args.chunks, experts = args.experts, align = args.align, capacity = args.capacity;
+// offsets = exclusive scan over experts of round_up(min(count, capacity), align); dropped =
+// (counts_all or counts) - kept. One block; s_sum holds blockDim.x partial sums.
+__device__ void expert_offsets(const RankScanParams& args, int64_t* s_sum) {
+  const int64_t experts = args.experts, align = args.align, capacity = args.capacity;
   const int64_t* counts_all = args.counts_all;
-  int64_t* counts = args.counts;
+  const int64_t* counts = args.counts;
   int64_t* offsets = args.offsets;
   int64_t* dropped = args.dropped;
-  __shared__ int64_t s_sum[kScanThreads];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
-  for (int64_t e = warp; e < experts; e += warps) {
-    int64_t carry = 0;
-    for (int64_t b0 = 0; b0 < chunks; b0 += 32) {
-      const int64_t b = b0 + lane;
-      const int64_t v = b < chunks ? hist[b * experts + e] : 0;
-      int64_t incl = v;
-      for (int o = 1; o < 32; o <<= 1) {
-        const int64_t u = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += u;
-      }
-      if (b < chunks) hist[b * experts + e] = carry + incl - v;
-      carry += __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (lane == 0) counts[e] = carry;
-  }
-  __syncthreads();
+  const int tid = threadIdx.x;
   const int64_t per = cdiv(experts, blockDim.x);
   const int64_t lo = per * tid < experts ? per * tid : experts;
   const int64_t hi = lo + per < experts ? lo + per : experts;
@@ -110,22 +71,126 @@ __global__ void scan_kernel(const ScanParams args) {
   if (tid == static_cast<int>(blockDim.x) - 1) offsets[experts] = s_sum[tid];
 }
 
-// row_map[r] = offsets[e] + chunk base + rank in chunk; -1 when dropped (or past capacity).
+// The whole counting pass but the row positions, in one launch (one block per chunk):
+// 1. expert of each row (-1 for dropped / out of range), its rank among the chunk's earlier rows
+//    of the same expert, and the chunk's histogram row hist[chunk][0, E) (every entry written).
+//    Up to kTableExperts experts: the rank in the warp from __match_any_sync, the counts of the
+//    earlier warps from a per-warp table of counts in dynamic shared memory; above: by comparing
+//    with every row of the chunk.
+// 2. The block that takes the last ticket of its segment (seg_chunks consecutive chunks) turns
+//    the segment's histogram rows into exclusive prefixes in chunk order, per expert (threads over
+//    experts: each step reads one contiguous histogram row), and writes the segment's totals.
+// 3. The block that takes the last segment ticket turns the segment totals into exclusive prefixes
+//    in segment order, writes counts and the offsets over experts.
+// Fixed orders throughout, integer sums: positions do not depend on scheduling. in may alias
+// expert_out (pass 2 re-ranks the kept rows).
+template <typename index_t>
+__global__ void __launch_bounds__(kChunk) rank_scan_kernel(const RankScanParams args) {
+  const index_t* in = static_cast<const index_t*>(args.in);
+  const int64_t n = args.n, experts = args.experts, seg_chunks = args.seg_chunks;
+  int32_t* expert_out = args.expert_out;
+  int32_t* __restrict__ local = args.local;
+  int32_t* hist = args.hist;
+  int64_t* seg_sum = args.seg;
+  int32_t* error_flag = args.error_flag;
+  __shared__ int32_t s_expert[kChunk];
+  __shared__ int64_t s_sum[kChunk];
+  __shared__ int s_flag;
+  extern __shared__ int32_t s_table[];  // [kChunkWarps][E] when E <= kTableExperts
+  const int tid = threadIdx.x;
+  const int64_t chunk = blockIdx.x, chunks = gridDim.x;
+  const int64_t r = chunk * kChunk + tid;
+  int32_t e = -1;
+  if (r < n) {
+    const int64_t v = checked_expert(in[r], experts);
+    if (v < 0 && error_flag != nullptr) atomicOr(error_flag, 1);
+    e = static_cast<int32_t>(v);
+    expert_out[r] = e;
+  }
+  int32_t* hist_row = hist + chunk * experts;
+  for (int64_t x = tid; x < experts; x += kChunk) hist_row[x] = 0;
+  if (experts <= kTableExperts) {
+    const int lane = tid & 31, warp = tid >> 5;
+    for (int64_t x = tid; x < kChunkWarps * experts; x += kChunk) s_table[x] = 0;
+    __syncthreads();
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    const int32_t in_warp = __popc(peers & ((1u << lane) - 1u));
+    if (e >= 0 && in_warp == 0) s_table[warp * experts + e] = __popc(peers);
+    __syncthreads();
+    if (e >= 0) {
+      int32_t before = in_warp, total = 0;
+      for (int w = 0; w < kChunkWarps; ++w) {
+        const int32_t c = s_table[w * experts + e];
+        if (w < warp) before += c;
+        total += c;
+      }
+      local[r] = before;
+      if (before == total - 1) hist_row[e] = total;
+    }
+  } else {
+    s_expert[tid] = e;
+    __syncthreads();
+    if (e >= 0) {
+      int32_t before = 0;
+      bool last = true;
+      for (int i = 0; i < kChunk; ++i) {
+        if (s_expert[i] == e) {
+          if (i < tid) ++before;
+          if (i > tid) last = false;
+        }
+      }
+      local[r] = before;
+      if (last) hist_row[e] = before + 1;
+    }
+  }
+  // --- 2. the segment's last block
+  const int64_t segment = chunk / seg_chunks, c0 = segment * seg_chunks;
+  const int64_t c1 = c0 + seg_chunks < chunks ? c0 + seg_chunks : chunks;
+  if (!last_ticket(args.tickets, 1 + segment, c1 - c0, &s_flag)) return;
+  for (int64_t x = tid; x < experts; x += kChunk) {
+    int32_t run = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int32_t v = hist[c * experts + x];
+      hist[c * experts + x] = run;
+      run += v;
+    }
+    seg_sum[segment * experts + x] = run;
+  }
+  // --- 3. the last segment's block
+  const int64_t segments = cdiv(chunks, seg_chunks);
+  if (!last_ticket(args.tickets, 0, segments, &s_flag)) return;
+  for (int64_t x = tid; x < experts; x += kChunk) {
+    int64_t run = 0;
+    for (int64_t g = 0; g < segments; ++g) {
+      const int64_t v = seg_sum[g * experts + x];
+      seg_sum[g * experts + x] = run;
+      run += v;
+    }
+    args.counts[x] = run;
+  }
+  __syncthreads();
+  expert_offsets(args, s_sum);
+}
+
+// row_map[r] = offsets[e] + segment prefix + chunk prefix + rank in chunk; -1 when dropped (or
+// past capacity).
 __global__ void finalize_kernel(const FinalizeParams args) {
   const int32_t* __restrict__ expert = args.expert;
   const int32_t* __restrict__ local = args.local;
-  const int64_t* __restrict__ hist = args.hist;
+  const int32_t* __restrict__ hist = args.hist;
+  const int64_t* __restrict__ seg_sum = args.seg;
   const int64_t n = args.n, experts = args.experts, capacity = args.capacity;
   const int64_t* __restrict__ offsets = args.offsets;
   int64_t* __restrict__ row_map = args.row_map;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kChunk + threadIdx.x;
+  const int64_t chunk = blockIdx.x;
+  const int64_t r = chunk * kChunk + threadIdx.x;
   if (r >= n) return;
   const int32_t e = expert[r];
   if (e < 0) {
     row_map[r] = -1;
     return;
   }
-  const int64_t p = hist[static_cast<int64_t>(blockIdx.x) * experts + e] + local[r];
+  const int64_t p = seg_sum[(chunk / args.seg_chunks) * experts + e] + hist[chunk * experts + e] + local[r];
   row_map[r] = (capacity >= 0 && p >= capacity) ? -1 : offsets[e] + p;
 }
 
@@ -143,7 +208,11 @@ __global__ void group_kernel(const GroupParams args) {
 }
 
 // One block per expert over more than `capacity` rows: keep the `capacity` largest capacity_key
-// (radix select of the capacity-th largest key, bit by bit), mark the others dropped.
+// (unique keys), mark the others dropped. Radix select from the top digit down, 8 bits a pass: a
+// 256-bin histogram (integer shared atomics: the same counts in any order) of the next digit of the
+// keys that share the digits found so far gives the digit of the capacity-th largest key; it stops
+// as soon as the keys with the prefix found are exactly the ones still needed: after 2 to 4 passes
+// for distinct float weights, 8 at most (64 one-bit passes before).
 __global__ void select_kernel(const SelectParams args) {
   const int64_t* __restrict__ grouped = args.grouped;
   const int64_t* __restrict__ starts = args.starts;
@@ -151,29 +220,42 @@ __global__ void select_kernel(const SelectParams args) {
   const int64_t capacity = args.capacity;
   const float* __restrict__ w = args.w;
   int32_t* __restrict__ expert = args.expert;
-  __shared__ int64_t s_red[kSelectThreads];
+  __shared__ unsigned long long s_bins[256];
+  __shared__ uint64_t s_prefix;
+  __shared__ int64_t s_need;
+  __shared__ int s_done;
   const int tid = threadIdx.x;
   const int64_t count = counts[blockIdx.x];
   if (count <= capacity) return;
   const int64_t* rows = grouped + starts[blockIdx.x];
   uint64_t threshold = 0;
   if (capacity > 0) {
-    for (int bit = 63; bit >= 0; --bit) {
-      const uint64_t candidate = threshold | (uint64_t{1} << bit);
-      int64_t c = 0;
+    uint64_t prefix = 0;  // the digits above `shift` of the capacity-th largest key
+    int64_t need = capacity;  // how many keys with that prefix are kept
+    int shift = 64;
+    for (;;) {
+      shift -= 8;
+      for (int b = tid; b < 256; b += blockDim.x) s_bins[b] = 0;
+      __syncthreads();
       for (int64_t i = tid; i < count; i += blockDim.x) {
-        c += capacity_key(w[rows[i]], rows[i]) >= candidate ? 1 : 0;
+        const uint64_t key = capacity_key(w[rows[i]], rows[i]);
+        if (shift == 56 || (key >> (shift + 8)) == prefix) atomicAdd(&s_bins[(key >> shift) & 255u], 1ull);
       }
-      s_red[tid] = c;
       __syncthreads();
-      for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (tid < s) s_red[tid] += s_red[tid + s];
-        __syncthreads();
+      if (tid == 0) {
+        int64_t above = 0;
+        int d = 255;
+        while (d > 0 && above + static_cast<int64_t>(s_bins[d]) < need) above += static_cast<int64_t>(s_bins[d--]);
+        s_prefix = (prefix << 8) | static_cast<uint64_t>(d);
+        s_need = need - above;
+        s_done = static_cast<int64_t>(s_bins[d]) == need - above ? 1 : 0;
       }
-      const int64_t total = s_red[0];
       __syncthreads();
-      if (total >= capacity) threshold = candidate;
+      prefix = s_prefix;
+      need = s_need;
+      if (s_done != 0 || shift == 0) break;
     }
+    threshold = prefix << shift;
   }
   for (int64_t i = tid; i < count; i += blockDim.x) {
     const int64_t r = rows[i];
@@ -183,7 +265,7 @@ __global__ void select_kernel(const SelectParams args) {
 
 // ---- rows ----------------------------------------------------------------------------------------
 
-// src[row_map[r]] = r / divisor for rows in [0, num_rows); src was filled with -1.
+// src[row_map[r]] = r / divisor for rows in [0, num_rows) (rows no slot maps to keep what src held).
 __global__ void inverse_kernel(const InverseParams args) {
   const int64_t* __restrict__ row_map = args.row_map;
   const int64_t n = args.n, divisor = args.divisor, num_rows = args.num_rows;
@@ -195,11 +277,16 @@ __global__ void inverse_kernel(const InverseParams args) {
   }
 }
 
+// Output row `row` is x[t] when src[row] holds a slot r that maps to it (row_map[r] == row, t =
+// r / k), zero otherwise: src is not reset before the inverse, so a row no slot maps to holds
+// whatever the scratch held, and the check against row_map tells (row_map is injective on rows).
 template <typename V>
 __global__ void copy_rows_kernel(const CopyRowsParams args) {
   const char* __restrict__ x = static_cast<const char*>(args.x);
   const int64_t x_stride_bytes = args.x_stride_bytes, num_rows = args.num_rows, vecs = args.vecs;
+  const int64_t slots = args.slots, k = args.k;
   const int64_t* __restrict__ src = args.src;
+  const int64_t* __restrict__ row_map = args.row_map;
   const int tpr = args.tpr;
   char* __restrict__ out = static_cast<char*>(args.out);
   const int64_t per_block = blockDim.x / tpr;
@@ -207,9 +294,9 @@ __global__ void copy_rows_kernel(const CopyRowsParams args) {
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * per_block + threadIdx.x / tpr;
        row < num_rows; row += static_cast<int64_t>(gridDim.x) * per_block) {
     V* dst = reinterpret_cast<V*>(out + row * vecs * static_cast<int64_t>(sizeof(V)));
-    const int64_t t = src[row];
-    if (t >= 0) {
-      const V* s = reinterpret_cast<const V*>(x + t * x_stride_bytes);
+    const int64_t r = src[row];
+    if (r >= 0 && r < slots && row_map[r] == row) {
+      const V* s = reinterpret_cast<const V*>(x + (r / k) * x_stride_bytes);
       for (int64_t i = lane; i < vecs; i += tpr) dst[i] = s[i];
     } else {
       const V zero{};
@@ -292,14 +379,16 @@ __global__ void gather_reduce_kernel(const GatherReduceParams args) {
   }
 }
 
-// grad_y[row] = w[r] * grad_out[r / k] with r = src[row] (flat slot), zero where src < 0.
+// grad_y[row] = w[r] * grad_out[r / k] with r = src[row] (flat slot) when that slot maps to row
+// (src is not reset: see copy_rows_kernel), zero elsewhere.
 template <typename scalar_t, int N>
 __global__ void grad_rows_kernel(const GradRowsParams args) {
   using acc_t = typename Acc<scalar_t>::type;
   const scalar_t* __restrict__ grad_out = static_cast<const scalar_t*>(args.grad_out);
   const int64_t* __restrict__ src = args.src;
+  const int64_t* __restrict__ row_map = args.row_map;
   const acc_t* __restrict__ w = static_cast<const acc_t*>(args.w);
-  const int64_t rows = args.rows, k = args.k, d = args.d;
+  const int64_t rows = args.rows, slots = args.slots, k = args.k, d = args.d;
   const int tpr = args.tpr;
   scalar_t* __restrict__ grad_y = static_cast<scalar_t*>(args.grad_y);
   using P = Pack<scalar_t, N>;
@@ -310,7 +399,7 @@ __global__ void grad_rows_kernel(const GradRowsParams args) {
        row += static_cast<int64_t>(gridDim.x) * per_block) {
     const int64_t r = src[row];
     P* dst = reinterpret_cast<P*>(grad_y + row * d);
-    if (r < 0) {
+    if (r < 0 || r >= slots || row_map[r] != row) {
       P z;
       for (int m = 0; m < N; ++m) z.v[m] = store_cast<scalar_t, acc_t>(acc_t(0));
       for (int64_t i = lane; i < vecs; i += tpr) dst[i] = z;
@@ -413,15 +502,12 @@ cudaError_t launch_permute_step(const LaunchStep& s, cudaStream_t stream) {
   const KernelRef& k = s.kernel;
   cudaError_t err = cudaErrorInvalidValue;  // an instantiation no plan asks for
   switch (static_cast<PermuteKernel>(k.kernel)) {
-    case PermuteKernel::kChunkRank:
+    case PermuteKernel::kRankScan:
       if (k.arg0 == 8) {
-        chunk_rank_kernel<int64_t><<<grid, block, s.smem_bytes, stream>>>(s.params_as<ChunkRankParams>());
+        rank_scan_kernel<int64_t><<<grid, block, s.smem_bytes, stream>>>(s.params_as<RankScanParams>());
       } else {
-        chunk_rank_kernel<int32_t><<<grid, block, s.smem_bytes, stream>>>(s.params_as<ChunkRankParams>());
+        rank_scan_kernel<int32_t><<<grid, block, s.smem_bytes, stream>>>(s.params_as<RankScanParams>());
       }
-      return cudaGetLastError();
-    case PermuteKernel::kScan:
-      scan_kernel<<<grid, block, s.smem_bytes, stream>>>(s.params_as<ScanParams>());
       return cudaGetLastError();
     case PermuteKernel::kFinalize:
       finalize_kernel<<<grid, block, s.smem_bytes, stream>>>(s.params_as<FinalizeParams>());
@@ -467,10 +553,10 @@ cudaError_t execute_permute_plan(const LaunchPlan& plan, cudaStream_t stream) {
 cudaError_t launch_permute_plan(const void* indices, bool indices_int64, int64_t T, int64_t k,
                                 int64_t experts, int64_t align, int64_t capacity,
                                 const float* weights, int64_t* row_map, int64_t* offsets,
-                                int64_t* dropped, void* workspace, int32_t* error_flag,
+                                int64_t* dropped, void* workspace, int32_t* control,
                                 cudaStream_t stream) {
   return run(permute_plan_launches(indices, indices_int64, T, k, experts, align, capacity, weights, row_map,
-                                   offsets, dropped, workspace, error_flag),
+                                   offsets, dropped, workspace, control),
              stream);
 }
 

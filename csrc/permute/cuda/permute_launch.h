@@ -21,7 +21,7 @@ cudaError_t execute_permute_plan(const LaunchPlan& plan, cudaStream_t stream);
 cudaError_t launch_permute_plan(const void* indices, bool indices_int64, int64_t T, int64_t k,
                                 int64_t experts, int64_t align, int64_t capacity,
                                 const float* weights, int64_t* row_map, int64_t* offsets,
-                                int64_t* dropped, void* workspace, int32_t* error_flag,
+                                int64_t* dropped, void* workspace, int32_t* control,
                                 cudaStream_t stream);
 cudaError_t launch_permute_rows(const void* x, int64_t x_row_stride_bytes, int64_t row_bytes,
                                 const int64_t* row_map, int64_t T, int64_t k, int64_t num_rows,

@@ -15,21 +15,20 @@
 namespace l2r {
 namespace permute {
 
-// KernelRef.kernel of permute_kernels.cu. Template arguments: kChunkRank arg0 = bytes of the index
+// KernelRef.kernel of permute_kernels.cu. Template arguments: kRankScan arg0 = bytes of the index
 // type (4, 8); kCopyRows arg0 = bytes of the copied vector (16, 8, 4, 2); kGatherReduce and
 // kGradRows arg0 = DType, arg1 = elements per load (1 or 16 bytes' worth); kGradWeights arg0 =
 // DType.
 enum class PermuteKernel : int32_t {
-  kChunkRank = 0,
-  kScan = 1,
-  kFinalize = 2,
-  kGroup = 3,
-  kSelect = 4,
-  kInverse = 5,
-  kCopyRows = 6,
-  kGatherReduce = 7,
-  kGradRows = 8,
-  kGradWeights = 9,
+  kRankScan = 0,
+  kFinalize = 1,
+  kGroup = 2,
+  kSelect = 3,
+  kInverse = 4,
+  kCopyRows = 5,
+  kGatherReduce = 6,
+  kGradRows = 7,
+  kGradWeights = 8,
 };
 
 constexpr DType kRowTypes[] = {DType::kFloat32, DType::kFloat64, DType::kFloat16, DType::kBFloat16};
@@ -46,8 +45,8 @@ inline int wide_width(DType t) { return static_cast<int>(16 / element_bytes(t));
 
 // Every instantiation permute_kernels.cu's executor can launch (what NVRTC compiles).
 inline std::vector<KernelRef> permute_kernels() {
-  std::vector<KernelRef> all = {permute_kernel(PermuteKernel::kChunkRank, 4), permute_kernel(PermuteKernel::kChunkRank, 8),
-                                permute_kernel(PermuteKernel::kScan), permute_kernel(PermuteKernel::kFinalize),
+  std::vector<KernelRef> all = {permute_kernel(PermuteKernel::kRankScan, 4), permute_kernel(PermuteKernel::kRankScan, 8),
+                                permute_kernel(PermuteKernel::kFinalize),
                                 permute_kernel(PermuteKernel::kGroup), permute_kernel(PermuteKernel::kSelect),
                                 permute_kernel(PermuteKernel::kInverse)};
   for (int bytes : kCopyBytes) all.push_back(permute_kernel(PermuteKernel::kCopyRows, bytes));
@@ -78,8 +77,7 @@ inline std::string permute_kernel_name(const KernelRef& ref) {
   };
   const std::string n = std::to_string(ref.arg1);
   switch (static_cast<PermuteKernel>(ref.kernel)) {
-    case PermuteKernel::kChunkRank: return ns + "chunk_rank_kernel<" + (ref.arg0 == 8 ? "int64_t" : "int32_t") + ">";
-    case PermuteKernel::kScan: return ns + "scan_kernel";
+    case PermuteKernel::kRankScan: return ns + "rank_scan_kernel<" + (ref.arg0 == 8 ? "int64_t" : "int32_t") + ">";
     case PermuteKernel::kFinalize: return ns + "finalize_kernel";
     case PermuteKernel::kGroup: return ns + "group_kernel";
     case PermuteKernel::kSelect: return ns + "select_kernel";
@@ -118,11 +116,29 @@ inline int pack_width(DType t, const void* a, const void* b, int64_t stride, int
   return ok ? wide : 1;
 }
 
+// The counting sort's blocks: one per chunk of kChunk rows (at least one: its last block writes
+// counts and offsets), grouped into segments of about sqrt(chunks) chunks, so that both levels of
+// the multi-block scan (a segment's chunks, then the segments) are short.
+struct PlanGrid {
+  int64_t chunks, seg_chunks, segments;
+};
+
+inline PlanGrid plan_grid(int64_t n) {
+  const int64_t chunks = n > 0 ? cdiv(n, kChunk) : 1;
+  int64_t seg = 1;
+  while (seg * seg < chunks) ++seg;
+  return {chunks, seg, cdiv(chunks, seg)};
+}
+
+// int32 words of the control block permute_plan_launches takes, zeroed by the caller: the error
+// flag, then the scan's tickets (the final one, one per segment).
+inline int64_t plan_control_words(int64_t n) { return 2 + plan_grid(n).segments; }
+
 // Bytes of scratch memory permute_plan_launches needs for n = T * k rows and E experts.
 inline size_t plan_workspace_bytes(int64_t n, int64_t experts, bool with_weights) {
-  const int64_t chunks = cdiv(n, kChunk);
-  int64_t b = 2 * align_bytes(n * 4) + align_bytes(chunks * experts * 8) + align_bytes(experts * 8) +
-              align_bytes((experts + 1) * 8);
+  const PlanGrid g = plan_grid(n);
+  int64_t b = 2 * align_bytes(n * 4) + align_bytes(g.chunks * experts * 4) + align_bytes(g.segments * experts * 8) +
+              align_bytes(experts * 8) + align_bytes((experts + 1) * 8);
   if (with_weights) b += align_bytes(n * 8);
   return static_cast<size_t>(b);
 }
@@ -130,7 +146,8 @@ inline size_t plan_workspace_bytes(int64_t n, int64_t experts, bool with_weights
 struct PlanScratch {
   int32_t* expert;
   int32_t* local;
-  int64_t* hist;
+  int32_t* hist;
+  int64_t* seg;
   int64_t* counts;
   int64_t* starts;
   int64_t* grouped;
@@ -138,14 +155,16 @@ struct PlanScratch {
 
 inline PlanScratch carve(void* workspace, int64_t n, int64_t experts, bool with_weights) {
   char* p = static_cast<char*>(workspace);
-  const int64_t chunks = cdiv(n, kChunk);
+  const PlanGrid g = plan_grid(n);
   PlanScratch s{};
   s.expert = reinterpret_cast<int32_t*>(p);
   p += align_bytes(n * 4);
   s.local = reinterpret_cast<int32_t*>(p);
   p += align_bytes(n * 4);
-  s.hist = reinterpret_cast<int64_t*>(p);
-  p += align_bytes(chunks * experts * 8);
+  s.hist = reinterpret_cast<int32_t*>(p);
+  p += align_bytes(g.chunks * experts * 4);
+  s.seg = reinterpret_cast<int64_t*>(p);
+  p += align_bytes(g.segments * experts * 8);
   s.counts = reinterpret_cast<int64_t*>(p);
   p += align_bytes(experts * 8);
   s.starts = reinterpret_cast<int64_t*>(p);
@@ -156,47 +175,50 @@ inline PlanScratch carve(void* workspace, int64_t n, int64_t experts, bool with_
 
 // ---- plans ---------------------------------------------------------------------------------------
 
-// Histogram + scan + finalize over the rows of `in` (indices on pass 1, the masked experts after).
+// Histogram + multi-block scan (one launch), then the row positions (a second one), over the rows
+// of `in` (indices on pass 1, the masked experts after). tickets: the zeroed tickets of the control
+// block (they wrap back to zero, so the second pass of a capacity plan reuses them).
 inline void plan_counting_pass(LaunchPlan& plan, const void* in, int index_bytes, int64_t n, int64_t experts,
                                int64_t align, int64_t capacity, const int64_t* counts_all, const PlanScratch& s,
                                int64_t* counts, int64_t* offsets, int64_t* dropped, int64_t* row_map,
-                               int32_t* error_flag) {
-  const int64_t chunks = cdiv(n, kChunk);
-  if (chunks > 0) {
-    plan.memset(s.hist, 0, chunks * experts * 8);
-    plan.kernel(permute_kernel(PermuteKernel::kChunkRank, index_bytes), chunks, kChunk, 0,
-                ChunkRankParams{in, s.expert, s.local, s.hist, error_flag, n, experts});
-  }
-  plan.kernel(permute_kernel(PermuteKernel::kScan), 1, kScanThreads, 0,
-              ScanParams{s.hist, counts_all, counts, offsets, dropped, chunks, experts, align, capacity});
-  if (chunks > 0) {
-    plan.kernel(permute_kernel(PermuteKernel::kFinalize), chunks, kChunk, 0,
-                FinalizeParams{s.expert, s.local, s.hist, offsets, row_map, n, experts, capacity});
+                               int32_t* error_flag, unsigned* tickets) {
+  const PlanGrid g = plan_grid(n);
+  const int64_t table_bytes = experts <= kTableExperts ? kChunkWarps * experts * 4 : 0;
+  plan.kernel(permute_kernel(PermuteKernel::kRankScan, index_bytes), g.chunks, kChunk, table_bytes,
+              RankScanParams{in, s.expert, s.local, s.hist, s.seg, error_flag, tickets, counts_all, counts, offsets,
+                             dropped, n, experts, g.seg_chunks, align, capacity});
+  if (n > 0) {
+    plan.kernel(permute_kernel(PermuteKernel::kFinalize), g.chunks, kChunk, 0,
+                FinalizeParams{s.expert, s.local, s.hist, s.seg, offsets, row_map, n, experts, g.seg_chunks, capacity});
   }
 }
 
 // Counting-sort dispatch plan of indices [T, k] (int64 when indices_int64, else int32): row_map
 // [T*k] int64, offsets [E+1] int64, dropped [E] int64. capacity < 0: none. weights (float32 [T*k],
-// nullable) only matter with a capacity. *error_flag (zeroed by the caller) is set to 1 when an
-// index is outside [0, E); such slots are dropped. Positions are stable by flat row (token, slot)
+// nullable) only matter with a capacity. control: plan_control_words(T * k) int32 words zeroed by
+// the caller; control[0], the error flag, is set to 1 when an index is outside [0, E) (such slots
+// are dropped), the others are tickets (zero again when the plan has run). Without a capacity: two
+// launches. Positions are stable by flat row (token, slot)
 // and do not depend on scheduling.
 inline LaunchPlan permute_plan_launches(const void* indices, bool indices_int64, int64_t T, int64_t k,
                                         int64_t experts, int64_t align, int64_t capacity, const float* weights,
                                         int64_t* row_map, int64_t* offsets, int64_t* dropped, void* workspace,
-                                        int32_t* error_flag) {
+                                        int32_t* control) {
   LaunchPlan plan(KernelSource::kPermute);
   const int64_t n = T * k;
   const int index_bytes = indices_int64 ? 8 : 4;
   const bool weighted = capacity >= 0 && weights != nullptr;
   const PlanScratch s = carve(workspace, n, experts, weighted);
+  int32_t* error_flag = control;
+  unsigned* tickets = reinterpret_cast<unsigned*>(control + 1);
   if (!weighted) {
     plan_counting_pass(plan, indices, index_bytes, n, experts, align, capacity, nullptr, s, s.counts, offsets,
-                       dropped, row_map, error_flag);
+                       dropped, row_map, error_flag, tickets);
     return plan;
   }
   // Pass 1: group every row by expert (unpadded), select the kept rows of full experts.
   plan_counting_pass(plan, indices, index_bytes, n, experts, 1, -1, nullptr, s, s.counts, s.starts, nullptr,
-                     row_map, error_flag);
+                     row_map, error_flag, tickets);
   if (n > 0) {
     plan.kernel(permute_kernel(PermuteKernel::kGroup), capped_grid(cdiv(n, kIndexThreads)), kIndexThreads, 0,
                 GroupParams{row_map, s.grouped, n});
@@ -206,22 +228,22 @@ inline LaunchPlan permute_plan_launches(const void* indices, bool indices_int64,
   // Pass 2: rank the kept rows again, padded; dropped = all rows - kept rows.
   // (s.starts is free again and receives the kept counts.)
   plan_counting_pass(plan, s.expert, 4, n, experts, align, -1, s.counts, s, s.starts, offsets, dropped, row_map,
-                     nullptr);
+                     nullptr, tickets);
   return plan;
 }
 
 // out [num_rows, row_bytes]: row row_map[t, j] is x[t] (rows x_row_stride_bytes apart), other
-// rows zero. src_scratch: num_rows int64.
+// rows zero. src_scratch: num_rows int64, any content (the copy checks every entry against
+// row_map, so it needs no reset): two launches.
 inline LaunchPlan permute_rows_launches(const void* x, int64_t x_row_stride_bytes, int64_t row_bytes,
                                         const int64_t* row_map, int64_t T, int64_t k, int64_t num_rows,
                                         int64_t* src_scratch, void* out) {
   LaunchPlan plan(KernelSource::kPermute);
   const int64_t n = T * k;
   if (num_rows == 0 || row_bytes == 0) return plan;
-  plan.memset(src_scratch, 0xff, num_rows * 8);
   if (n > 0) {
     plan.kernel(permute_kernel(PermuteKernel::kInverse), capped_grid(cdiv(n, kIndexThreads)), kIndexThreads, 0,
-                InverseParams{row_map, src_scratch, n, k, num_rows});
+                InverseParams{row_map, src_scratch, n, 1, num_rows});
   }
   const uintptr_t a = reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out) |
                       static_cast<uintptr_t>(x_row_stride_bytes) | static_cast<uintptr_t>(row_bytes);
@@ -229,7 +251,7 @@ inline LaunchPlan permute_rows_launches(const void* x, int64_t x_row_stride_byte
   const int64_t vecs = row_bytes / bytes;
   const RowLayout l = row_layout(num_rows, vecs);
   plan.kernel(permute_kernel(PermuteKernel::kCopyRows, bytes), l.grid, kRowThreads, 0,
-              CopyRowsParams{x, src_scratch, out, x_row_stride_bytes, num_rows, vecs, l.tpr});
+              CopyRowsParams{x, src_scratch, row_map, out, x_row_stride_bytes, num_rows, vecs, n, k, l.tpr});
   return plan;
 }
 
@@ -250,7 +272,7 @@ inline LaunchPlan gather_reduce_launches(DType dtype, const void* y, int64_t y_r
 
 // grad_y [y_rows, d] (w[t, j] * grad_out[t] at row row_map[t, j], zero elsewhere) and grad_w
 // [T*k] (accumulation type; <y[row_map[t, j]], grad_out[t]>, zero where dropped). grad_out is
-// contiguous [T, d]; src_scratch: y_rows int64.
+// contiguous [T, d]; src_scratch: y_rows int64, any content (checked against row_map).
 inline LaunchPlan unpermute_backward_launches(DType dtype, const void* grad_out, const void* y,
                                               int64_t y_row_stride, int64_t y_rows, const int64_t* row_map,
                                               const void* w, int64_t T, int64_t k, int64_t d, int64_t* src_scratch,
@@ -262,7 +284,6 @@ inline LaunchPlan unpermute_backward_launches(DType dtype, const void* grad_out,
     return plan;
   }
   if (y_rows > 0) {
-    plan.memset(src_scratch, 0xff, y_rows * 8);
     if (n > 0) {
       plan.kernel(permute_kernel(PermuteKernel::kInverse), capped_grid(cdiv(n, kIndexThreads)), kIndexThreads, 0,
                   InverseParams{row_map, src_scratch, n, 1, y_rows});
@@ -270,7 +291,7 @@ inline LaunchPlan unpermute_backward_launches(DType dtype, const void* grad_out,
     const int pw = pack_width(dtype, grad_out, grad_y, d, d);
     const RowLayout l = row_layout(y_rows, d / pw);
     plan.kernel(permute_kernel(PermuteKernel::kGradRows, static_cast<int>(dtype), pw), l.grid, kRowThreads, 0,
-                GradRowsParams{grad_out, src_scratch, w, grad_y, y_rows, k, d, l.tpr});
+                GradRowsParams{grad_out, src_scratch, row_map, w, grad_y, y_rows, n, k, d, l.tpr});
   }
   if (n > 0) {
     plan.kernel(permute_kernel(PermuteKernel::kGradWeights, static_cast<int>(dtype)),

@@ -20,11 +20,13 @@ def build(sanitize: bool | None = None, root: Path = ROOT) -> ctypes.CDLL:
                      driver_source=root / "tests/simt/drivers/permute_driver.cpp", name="permute",
                      sanitize=sanitize)
     lib.drv_plan_ws.restype = L
+    lib.drv_plan_control_words.restype = L
     return lib
 
 
 def plan(lib, indices, E, align=1, capacity=None, weights=None, seed=0):
-    """launch_permute_plan -> (row_map [T, k], offsets [E + 1], dropped [E], error flag)."""
+    """launch_permute_plan -> (row_map [T, k], offsets [E + 1], dropped [E], error flag). Checks
+    that the plan leaves its tickets at zero (they wrap back), as the next call needs them."""
     T, k = indices.shape
     n = T * k
     weighted = capacity is not None and weights is not None
@@ -32,19 +34,17 @@ def plan(lib, indices, E, align=1, capacity=None, weights=None, seed=0):
     row_map = torch.full((T, k), -7, dtype=torch.int64)
     offsets = torch.full((E + 1,), -7, dtype=torch.int64)
     dropped = torch.full((E,), -7, dtype=torch.int64)
-    flag = torch.zeros(1, dtype=torch.int32)
+    control = torch.zeros(lib.drv_plan_control_words(L(n)), dtype=torch.int32)  # error flag, tickets
     w = weights.float().contiguous() if weighted else None
     idx = indices.contiguous()
     rc = simt.call(lib, "drv_plan", simt.ptr(idx, "indices"), ctypes.c_int(int(idx.dtype == torch.int64)),
                    L(T), L(k), L(E), L(align), L(-1 if capacity is None else capacity),
                    simt.ptr(w, "weights") if w is not None else None, simt.ptr(row_map, "row_map"),
                    simt.ptr(offsets, "offsets"), simt.ptr(dropped, "dropped"), simt.ptr(ws, "workspace"),
-                   # every thread that meets a bad index stores 1 to the flag with a plain write:
-                   # the same value, benign in practice, but a race by the memory model (an atomic
-                   # store would be exact), so racecheck is off for this one word
-                   simt.ptr(flag, "error_flag", racecheck=False), seed=seed)
+                   simt.ptr(control, "control"), seed=seed)
     assert rc == 0
-    return row_map, offsets, dropped, int(flag)
+    assert int(control[1:].abs().sum()) == 0, f"tickets not back at zero: {control[1:].tolist()}"
+    return row_map, offsets, dropped, int(control[0])
 
 
 def permute_rows(lib, x, row_map, num_rows, seed=0, pad=8):
@@ -56,7 +56,10 @@ def permute_rows(lib, x, row_map, num_rows, seed=0, pad=8):
         buf[:, :d] = x
         x = buf[:, :d]
     out = torch.full((num_rows, d), float("nan")).to(x.dtype)
-    src = torch.empty(max(1, num_rows), dtype=torch.int64)
+    # The scratch is not reset by the launcher (at::empty on the GPU): hand it the worst garbage,
+    # slot numbers that look valid, so a copy that trusted them would show.
+    n = row_map.numel()
+    src = (torch.arange(max(1, num_rows), dtype=torch.int64) * 7919 + 13) % max(1, n)
     es = x.element_size()
     rc = simt.call(lib, "drv_rows", simt.ptr(x, "x"), L(x.stride(0) * es), L(d * es),
                    simt.ptr(row_map, "row_map"), L(row_map.shape[0]), L(row_map.shape[1]), L(num_rows),
@@ -86,7 +89,7 @@ def unpermute_backward(lib, g, y, row_map, w, seed=1):
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     grad_y = torch.full((N, d), float("nan")).to(y.dtype)
     grad_w = torch.full((T, k), float("nan"), dtype=acc)
-    src = torch.empty(max(1, N), dtype=torch.int64)
+    src = (torch.arange(max(1, N), dtype=torch.int64) * 7919 + 13) % max(1, T * k)  # valid-looking garbage
     rc = simt.call(lib, "drv_unpermute_bwd", ctypes.c_int(DTYPE_CODE[y.dtype]), simt.ptr(g, "grad_out"),
                    simt.ptr(y, "y"), L(y.stride(0)), L(N), simt.ptr(row_map, "row_map"),
                    simt.ptr(w.to(acc).contiguous(), "w"), L(T), L(k), L(d), simt.ptr(src, "src_scratch"),

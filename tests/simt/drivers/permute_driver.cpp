@@ -6,11 +6,12 @@ using namespace l2r::permute;
 extern "C" long drv_plan_ws(long n, long experts, int weighted) {
   return (long)plan_workspace_bytes(n, experts, weighted != 0);
 }
+extern "C" long drv_plan_control_words(long n) { return (long)plan_control_words(n); }
 extern "C" int drv_plan(const void* idx, int is64, long T, long k, long E, long align, long cap,
                         const float* w, long* row_map, long* offsets, long* dropped, void* ws,
-                        int* flag) {
+                        int* control) {
   return (int)launch_permute_plan(idx, is64 != 0, T, k, E, align, cap, w, (int64_t*)row_map,
-                                  (int64_t*)offsets, (int64_t*)dropped, ws, flag, nullptr);
+                                  (int64_t*)offsets, (int64_t*)dropped, ws, control, nullptr);
 }
 extern "C" int drv_rows(const void* x, long stride_bytes, long row_bytes, const long* row_map,
                         long T, long k, long num_rows, long* src, void* out) {
