@@ -10,10 +10,12 @@
 // Backward layout: one warp per token, the experts spread over its lanes (expert e on lane e % 32).
 // The folded projection proj * norm_weight [rp][d] and the pre-normalized anchors coef(|a|) * a,
 // transposed to [rp][H][E] so that the lanes of a warp read consecutive words, are prepared in
-// fp32 by route_prepare_kernel and staged in shared memory when they fit. A grid-stride loop over
-// tokens with per-warp partials of the anchor gradients, a column kernel for the projection's
-// gradient and a finalize kernel. No floating-point atomics: every result is bitwise reproducible
-// run to run.
+// fp32 by route_prepare_kernel and staged in shared memory when they fit. One wave of blocks loops
+// over the tokens; each block leaves one slot of anchor-gradient and scale partials (its warps' sums
+// added in warp order). A column kernel computes the projection's gradient in token chunks, and the
+// finalize kernel adds chunks and slots with all its threads (striped, then the warps' sums in warp
+// order), the block that finishes last completing the anchor rows. No floating-point atomics: every
+// result is bitwise reproducible run to run.
 #include "route_device.cuh"
 #include "route_forward.cuh"
 
@@ -79,6 +81,7 @@ __global__ void route_prepare_kernel(const PrepareParams p) {
   const float beta = p.beta, eps = p.eps;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (p.counters != nullptr && start == 0) *p.counters = 0u;  // the finalize kernel's ticket word
   for (int64_t n = start; proj_w != nullptr && n < rp * d; n += stride) {
     const int64_t k = n / d, i = n % d;
     proj_w[n] = k < rank ? (g ? proj[k * d + i] * g[i] : proj[k * d + i]) : 0.f;
@@ -162,7 +165,7 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
   const int rp = R > 0 ? R : p.c.rp;
   const int64_t d = p.c.d;
   const int64_t acc_size = static_cast<int64_t>(E) * H * rp;
-  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  const int64_t warp_slot = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;  // acc_smem < 0
 
   const float* proj_w = p.proj_w;
   const float* anchor_hat = p.anchor_hat;
@@ -187,7 +190,7 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
   float* lane_dah = dah_smem + rp;  // [rp, 32], generic rank only
   float* acc = nullptr;
   if (M != RouteMode::kSelect && p.need_param_grads) {
-    acc = p.acc_smem >= 0 ? smem + p.acc_smem + warp * acc_size : p.anchor_slots + slot * acc_size;
+    acc = p.acc_smem >= 0 ? smem + p.acc_smem + warp * acc_size : p.anchor_slots + warp_slot * acc_size;
     for (int64_t i = lane; i < acc_size; i += kWarp) acc[i] = 0.f;
   }
   __syncthreads();
@@ -354,12 +357,25 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
 
   if constexpr (M != RouteMode::kSelect) {
     if (p.need_param_grads) {
-      // This warp's slot: its anchor accumulators (from shared memory when they live there).
       if (p.acc_smem >= 0) {
-        float* dst = p.anchor_slots + slot * acc_size;
-        for (int64_t i = lane; i < acc_size; i += kWarp) dst[i] = acc[i];
+        // The block's slot: its warps' accumulators and scale sums added in warp order.
+        if (lane == 0) logits[0] = grad_scale;  // (the warp's scratch is free after its last token)
+        __syncthreads();
+        const float* warp_acc = smem + p.acc_smem;
+        float* dst = p.anchor_slots + static_cast<int64_t>(blockIdx.x) * acc_size;
+        for (int64_t i = threadIdx.x; i < acc_size; i += blockDim.x) {
+          float s = warp_acc[i];
+          for (int w = 1; w < kWarpsPerBlock; ++w) s += warp_acc[w * acc_size + i];
+          dst[i] = s;
+        }
+        if (threadIdx.x == 0) {
+          float s = smem[p.warp_smem];
+          for (int w = 1; w < kWarpsPerBlock; ++w) s += smem[p.warp_smem + w * p.warp_stride];
+          p.scale_slots[blockIdx.x] = s;
+        }
+      } else if (lane == 0) {
+        p.scale_slots[warp_slot] = grad_scale;  // the warp's accumulators are already its slot
       }
-      if (lane == 0) p.scale_slots[slot] = grad_scale;
     }
   }
 }
@@ -393,57 +409,75 @@ __global__ void __launch_bounds__(kColumnThreads)
   for (int k = 0; k < RC; ++k) partials[(blockIdx.y * static_cast<int64_t>(rp) + k0 + k) * d + i] = acc[k];
 }
 
-// Parameter gradients from the partials, each added in a fixed order. Items: d columns
-// (grad_proj, grad_norm_weight), E * H anchors, 1 scale.
-__global__ void route_backward_finalize_kernel(const BackwardFinalizeParams p) {
-  const float* __restrict__ column_partials = p.column_partials;
-  const float* __restrict__ anchor_slots = p.anchor_slots;
-  const float* __restrict__ scale_slots = p.scale_slots;
-  const float* __restrict__ proj = p.proj;
-  const float* __restrict__ g = p.g;
-  const float* __restrict__ anchors = p.anchors;
-  float* __restrict__ acc_total = p.acc_total;
-  float* __restrict__ grad_proj = p.grad_proj;
-  float* __restrict__ grad_norm_weight = p.grad_norm_weight;
-  float* __restrict__ grad_anchors = p.grad_anchors;
-  float* __restrict__ grad_scale = p.grad_scale;
-  const int64_t slots = p.slots, d = p.d;
-  const int chunks = p.chunks, rank = p.rank, rp = p.rp, experts = p.experts;
-  const int anchors_per_expert = p.anchors_per_expert;
-  const float beta = p.beta, eps = p.eps;
-  const int64_t rows = static_cast<int64_t>(experts) * anchors_per_expert;
-  const int64_t items = d + rows + 1;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < items; n += stride) {
-    if (n < d) {
-      // grad_proj[k, i] = g_i * M[k, i]; grad_g[i] = sum_k proj[k, i] * M[k, i].
-      float gg = 0.f;
-      for (int k = 0; k < rank; ++k) {
-        float m = 0.f;
-        for (int c = 0; c < chunks; ++c) m += column_partials[(static_cast<int64_t>(c) * rp + k) * d + n];
-        grad_proj[k * d + n] = g ? g[n] * m : m;
-        gg = lanes::fmadd(proj[k * d + n], m, gg);
+// Parameter gradients from the partials, every sum in a fixed order (no float atomics). Block b <
+// column_units adds the column partials of columns [32 b, 32 b + 32) (lane: column; warp w: chunks
+// w, w + 16, ...; then the warps' sums in warp order) into grad_proj and grad_norm_weight; the other
+// blocks add the anchor slots of 32 consecutive accumulator elements ([rp][H][E]) the same way into
+// acc_total ([E * H][rp]). The block that takes the last ticket then finishes every anchor row
+// (anchor_grad needs the whole row) and the scale.
+__device__ __forceinline__ float finalize_warps_sum(int lane) {
+  float s = smf(4 + lane);
+#pragma unroll
+  for (int w = 1; w < kFinalizeWarps; ++w) s += smf(4 + w * kWarp + lane);
+  return s;
+}
+
+__global__ void __launch_bounds__(kFinalizeThreads) route_backward_finalize_kernel(const BackwardFinalizeParams p) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t d = p.d, slots = p.slots;
+  const int rank = p.rank, rp = p.rp, E = p.experts, H = p.anchors_per_expert;
+  const int64_t rows = static_cast<int64_t>(E) * H;
+  const int64_t acc_size = rows * rp;
+  const int red = 4 + warp * kWarp + lane;  // this thread's word of the warps' sums
+  if (blockIdx.x < static_cast<unsigned>(p.column_units)) {
+    // grad_proj[k, i] = g_i * M[k, i]; grad_g[i] = sum_k proj[k, i] * M[k, i].
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarp + lane;
+    float gg = 0.f;
+    for (int k = 0; k < rank; ++k) {
+      float m = 0.f;
+      if (i < d) {
+        for (int c = warp; c < p.chunks; c += kFinalizeWarps) m += p.column_partials[(static_cast<int64_t>(c) * rp + k) * d + i];
       }
-      if (g) grad_norm_weight[n] = gg;
-    } else if (n < d + rows) {
-      const int64_t a = n - d;  // anchor row e * H + h
-      const int64_t e = a / anchors_per_expert, h = a % anchors_per_expert;
-      const int64_t acc_size = rows * rp;
-      float* acc = acc_total + a * rp;
-      for (int i = 0; i < rp; ++i) {
-        const int64_t off = (static_cast<int64_t>(i) * anchors_per_expert + h) * experts + e;
-        float s = 0.f;
-        for (int64_t sl = 0; sl < slots; ++sl) s += anchor_slots[sl * acc_size + off];
-        acc[i] = s;
+      smf(red) = m;
+      __syncthreads();
+      if (warp == 0 && i < d) {
+        m = finalize_warps_sum(lane);
+        p.grad_proj[k * d + i] = p.g ? p.g[i] * m : m;
+        gg = lanes::fmadd(p.proj[k * d + i], m, gg);
       }
-      const float* row = anchors + a * rank;
-      const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r(row, row, rank)), beta, eps);
-      rm::anchor_grad(acc, row, c, rank, grad_anchors + a * rank);
-    } else {
-      float s = 0.f;
-      for (int64_t sl = 0; sl < slots; ++sl) s += scale_slots[sl];
-      *grad_scale = s;
+      __syncthreads();
     }
+    if (warp == 0 && i < d && p.g) p.grad_norm_weight[i] = gg;
+  } else {
+    const int64_t o = (static_cast<int64_t>(blockIdx.x) - p.column_units) * kWarp + lane;  // [rp][H][E]
+    float s = 0.f;
+    if (o < acc_size) {
+      for (int64_t sl = warp; sl < slots; sl += kFinalizeWarps) s += p.anchor_slots[sl * acc_size + o];
+    }
+    smf(red) = s;
+    __syncthreads();
+    if (warp == 0 && o < acc_size) {
+      const int64_t i = o / rows, a = (o % rows) % E * H + (o % rows) / E;  // row a = e * H + h
+      p.acc_total[a * rp + i] = finalize_warps_sum(lane);
+    }
+  }
+  if (!last_ticket(p.counters, 0, gridDim.x)) return;
+  // --- the last block: every anchor row, then the scale (its slots striped over the threads, the
+  // threads' sums added in thread order by the warps' sums)
+  for (int64_t a = threadIdx.x; a < rows; a += blockDim.x) {
+    const float* row = p.anchors + a * rank;
+    const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r(row, row, rank)), p.beta, p.eps);
+    rm::anchor_grad(p.acc_total + a * rp, row, c, rank, p.grad_anchors + a * rank);
+  }
+  float s = 0.f;
+  for (int64_t sl = threadIdx.x; sl < slots; sl += blockDim.x) s += p.scale_slots[sl];
+  s = warp_sum(s);
+  if (lane == 0) smf(4 + warp) = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = smf(4);
+    for (int w = 1; w < kFinalizeWarps; ++w) total += smf(4 + w);
+    *p.grad_scale = total;
   }
 }
 

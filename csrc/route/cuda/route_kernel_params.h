@@ -20,12 +20,15 @@ enum class RouteMode : int { kRoute = 0, kLogits = 1, kSelect = 2 };
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 4;  // backward token kernel
 constexpr int kThreads = kWarp * kWarpsPerBlock;
-constexpr int kMaxBackwardBlocks = 256;
 constexpr int kColumnThreads = 256;
 constexpr int kMaxColumnChunks = 64;
 constexpr int kMinColumnChunk = 64;
 constexpr int kGenericChunk = 8;  // rank chunk of the generic (r > 32) kernels
 constexpr int kElementwiseThreads = 256;
+// route_backward_finalize_kernel: a block adds the slots (or column chunks) of 32 consecutive
+// elements, its warps striding over them, then the warps' sums in warp order.
+constexpr int kFinalizeWarps = 16;
+constexpr int kFinalizeThreads = kWarp * kFinalizeWarps;
 constexpr int kMaxElementwiseBlocks = 1024;
 
 // Minimum resident blocks per SM for the backward token kernel's __launch_bounds__ (R: the template
@@ -63,6 +66,7 @@ struct PrepareParams {
   int64_t d;
   int rank, rp, experts, anchors_per_expert;
   float beta, eps;
+  unsigned* counters;    // a word zeroed here for a later launch's tickets, or null
 };
 
 // Sizes and options every route kernel reads (from RouteShape and RouteOptions, in float).
@@ -131,7 +135,8 @@ struct BackwardParams {
   void* grad_x;
   float* grad_logits_out;  // kSelect
   float* grad_q;           // [T, rp] for the column kernel
-  float* anchor_slots;     // [slots, rp * H * E], one slot per warp
+  float* anchor_slots;     // [slots, rp * H * E]: one slot per block (per warp when the warps'
+                           // accumulators do not fit in shared memory: acc_smem < 0)
   float* scale_slots;      // [slots]
   int32_t* bad_index;
   KernelConfig c;
@@ -154,29 +159,35 @@ struct ColumnParams {
   bool use_norm;
 };
 
-// route_backward_finalize_kernel: parameter gradients from the partials and slots.
+// route_backward_finalize_kernel: parameter gradients from the partials and slots. Blocks
+// [0, column_units) add the column partials of 32 columns each, the others the anchor slots of 32
+// accumulator elements each; the block that takes the last ticket finishes the anchor rows and the
+// scale.
 struct BackwardFinalizeParams {
-  const float* column_partials;
-  const float* anchor_slots;
-  const float* scale_slots;
+  const float* column_partials;  // [chunks, rp, d]
+  const float* anchor_slots;     // [slots, rp * H * E]
+  const float* scale_slots;      // [slots]
   const float* proj;
   const float* g;
   const float* anchors;
-  float* acc_total;
+  float* acc_total;              // [E * H, rp]: the anchor accumulators summed over the slots
   float* grad_proj;
   float* grad_norm_weight;
   float* grad_anchors;
   float* grad_scale;
+  unsigned* counters;            // one word, zero at launch (route_prepare_kernel), left zero
   int64_t slots, d;
   int chunks, rank, rp, experts, anchors_per_expert;
   float beta, eps;
+  int32_t column_units;
 };
 
 // The layout every compiler must agree on (LP64 host and 64-bit device).
 L2R_FIELD_AT(PrepareParams, d, 40);
 L2R_FIELD_AT(PrepareParams, anchors_per_expert, 60);
 L2R_FIELD_AT(PrepareParams, eps, 68);
-static_assert(sizeof(PrepareParams) == 72, "PrepareParams");
+L2R_FIELD_AT(PrepareParams, counters, 72);
+static_assert(sizeof(PrepareParams) == 80, "PrepareParams");
 L2R_FIELD_AT(KernelConfig, rank, 24);
 L2R_FIELD_AT(KernelConfig, beta, 44);
 L2R_FIELD_AT(KernelConfig, use_norm, 64);
@@ -200,11 +211,12 @@ L2R_FIELD_AT(ColumnParams, tokens, 32);
 L2R_FIELD_AT(ColumnParams, rp, 56);
 L2R_FIELD_AT(ColumnParams, use_norm, 60);
 static_assert(sizeof(ColumnParams) == 64, "ColumnParams");
-L2R_FIELD_AT(BackwardFinalizeParams, slots, 88);
-L2R_FIELD_AT(BackwardFinalizeParams, chunks, 104);
-L2R_FIELD_AT(BackwardFinalizeParams, anchors_per_expert, 120);
-L2R_FIELD_AT(BackwardFinalizeParams, eps, 128);
-static_assert(sizeof(BackwardFinalizeParams) == 136, "BackwardFinalizeParams");
+L2R_FIELD_AT(BackwardFinalizeParams, slots, 96);
+L2R_FIELD_AT(BackwardFinalizeParams, chunks, 112);
+L2R_FIELD_AT(BackwardFinalizeParams, anchors_per_expert, 128);
+L2R_FIELD_AT(BackwardFinalizeParams, eps, 136);
+L2R_FIELD_AT(BackwardFinalizeParams, column_units, 140);
+static_assert(sizeof(BackwardFinalizeParams) == 144, "BackwardFinalizeParams");
 
 }  // namespace route
 }  // namespace l2r
