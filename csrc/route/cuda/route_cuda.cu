@@ -153,6 +153,45 @@ __device__ __forceinline__ void token_logit_grads(const BackwardParams& p, int64
   __syncwarp();
 }
 
+// dL/dx_hat of the V = 4 or 8 columns [c, c + V) of a row (c a multiple of 4): sum_k gq[k] proj_w[k, i]
+// (the scalar path's order), proj_w read as 16-byte granules. With V = 8 each lane reads two
+// granules 32 bytes apart from the next lane's; lanes whose bit 2 is set read them in swapped order,
+// so that the 8 lanes of each quarter-warp request fall in distinct banks.
+template <int R, int V>
+__device__ __forceinline__ void hat_grad_vec(const float* proj_w, int64_t d, int n, const float* gq, int64_t c,
+                                             int lane, float (&out)[V]) {
+  static_assert(V == 4 || V == 8, "16-byte x vectors of float or 16-bit elements");
+  const int swap = V == 8 ? (lane >> 2) & 1 : 0;
+  auto granules = [&](int k, float(&w)[V]) {
+    const float4* row = reinterpret_cast<const float4*>(proj_w + k * d + c);
+    const float4 a = row[swap];
+    float4 lo = a;
+    if constexpr (V == 8) {
+      const float4 b = row[swap ^ 1];
+      lo = swap ? b : a;
+      const float4 hi = swap ? a : b;
+      w[4] = hi.x;
+      w[5] = hi.y;
+      w[6] = hi.z;
+      w[7] = hi.w;
+    }
+    w[0] = lo.x;
+    w[1] = lo.y;
+    w[2] = lo.z;
+    w[3] = lo.w;
+  };
+  float w[V];
+  granules(0, w);
+#pragma unroll
+  for (int j = 0; j < V; ++j) out[j] = gq[0] * w[j];
+#pragma unroll
+  for (int k = 1; k < (R > 0 ? R : n); ++k) {
+    granules(k, w);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = lanes::fmadd(gq[k], w[j], out[j]);
+  }
+}
+
 // Per token: dL/dq (saved for the column kernel), dL/dx, and this warp's shares of the anchor
 // accumulators and of dL/dscale.
 template <int R, typename T, RouteMode M>
@@ -316,9 +355,9 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
           for (int64_t v = lane; v < d / V; v += kWarp) {
             float xv[V], out[V];
             load_vec<V>(xrow + v * V, xv);
+            hat_grad_vec<R>(proj_w, d, n, gq, v * V, lane, out);
 #pragma unroll
             for (int j = 0; j < V; ++j) {
-              out[j] = hat_grad(v * V + j);
               mean_dot = lanes::fmadd(out[j], rm::rms_normalized(xv[j], rstd), mean_dot);
             }
             if (!p.c.use_norm) store_vec(gxrow + v * V, out);
@@ -337,9 +376,10 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
             for (int64_t v = lane; v < d / V; v += kWarp) {
               float xv[V], out[V];
               load_vec<V>(xrow + v * V, xv);
+              hat_grad_vec<R>(proj_w, d, n, gq, v * V, lane, out);
 #pragma unroll
               for (int j = 0; j < V; ++j) {
-                out[j] = rm::rms_norm_input_grad(hat_grad(v * V + j), rm::rms_normalized(xv[j], rstd), rstd, mean_dot);
+                out[j] = rm::rms_norm_input_grad(out[j], rm::rms_normalized(xv[j], rstd), rstd, mean_dot);
               }
               store_vec(gxrow + v * V, out);
             }

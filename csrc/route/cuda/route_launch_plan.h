@@ -185,10 +185,11 @@ inline int route_padded_rank(int rank) {
   return (rank + kGenericChunk - 1) / kGenericChunk * kGenericChunk;
 }
 
-// Blocks of the backward token kernel: one wave of the blocks its __launch_bounds__ keeps resident
-// (backward_min_blocks per SM), fewer when there are fewer tokens than warps.
-inline int backward_blocks(int64_t tokens, int rp, const DeviceLimits& limits) {
-  const int64_t wave = std::max<int64_t>(1, limits.sm_count) * backward_min_blocks(template_rank(rp));
+// Blocks of the backward token kernel: one wave of blocks_per_sm blocks per SM (what its shared
+// memory and its __launch_bounds__ keep resident: backward_smem), fewer when there are fewer tokens
+// than warps.
+inline int backward_blocks(int64_t tokens, int blocks_per_sm, const DeviceLimits& limits) {
+  const int64_t wave = std::max<int64_t>(1, limits.sm_count) * blocks_per_sm;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(tokens, kWarpsPerBlock), wave)));
 }
 
@@ -255,23 +256,33 @@ inline int64_t place_smem(int64_t limit_bytes, int64_t budget_bytes, int64_t war
 }
 
 // The backward token kernel's shared memory: per-warp scratch, then (in priority order, while they
-// fit) the warps' anchor accumulators, the normalised anchors and the folded projection.
+// fit) the warps' anchor accumulators, the normalised anchors and the folded projection, within the
+// share of backward_min_blocks blocks per SM; when the projection is then left in global memory
+// (where every token re-reads it) but fits the share of 2 blocks per SM, 2 blocks per SM.
 struct BackwardSmem {
   int64_t warp_stride = 0, warp_smem = 0, acc_smem = -1, anchor_smem = -1, proj_smem = -1, bytes = -1;
+  int blocks_per_sm = 1;
 };
 
 inline BackwardSmem backward_smem(RouteMode mode, const RouteShape& s, const DeviceLimits& limits, bool param_grads) {
   const bool scores = mode != RouteMode::kSelect;
   const int rp = route_padded_rank(s.rank);
-  BackwardSmem b;
-  b.warp_stride = align4(5LL * s.experts + 3LL * rp + (rp > 32 ? kWarp * rp : 0));
-  const int64_t budget = smem_budget(limits, backward_min_blocks(template_rank(rp)));
   const int64_t acc_size = static_cast<int64_t>(s.experts) * s.anchors * rp;
-  b.bytes = place_smem(limits.smem_per_block_optin, budget, b.warp_stride, 0, &b.warp_smem,
-                       {{scores && param_grads ? acc_size * kWarpsPerBlock : 0, &b.acc_smem},
-                        {scores ? acc_size : 0, &b.anchor_smem},
-                        {scores ? rp * s.d : 0, &b.proj_smem}});
-  return b;
+  auto place = [&](int blocks_per_sm) {
+    BackwardSmem b;
+    b.blocks_per_sm = blocks_per_sm;
+    b.warp_stride = align4(5LL * s.experts + 3LL * rp + (rp > 32 ? kWarp * rp : 0));
+    b.bytes = place_smem(limits.smem_per_block_optin, smem_budget(limits, blocks_per_sm), b.warp_stride, 0,
+                         &b.warp_smem,
+                         {{scores && param_grads ? acc_size * kWarpsPerBlock : 0, &b.acc_smem},
+                          {scores ? acc_size : 0, &b.anchor_smem},
+                          {scores ? rp * s.d : 0, &b.proj_smem}});
+    return b;
+  };
+  const BackwardSmem most = place(backward_min_blocks(template_rank(rp)));
+  if (!scores || most.bytes < 0 || most.proj_smem >= 0 || most.blocks_per_sm <= 2) return most;
+  const BackwardSmem two = place(2);
+  return two.proj_smem >= 0 ? two : most;
 }
 
 // The finalize kernel's shared memory: its ticket flag (4 floats) and the warps' sums [warps][32].
@@ -279,8 +290,9 @@ inline int64_t backward_finalize_smem_bytes() { return (4 + kFinalizeWarps * kWa
 
 // Anchor and scale slots of the token kernel's grid (see BackwardWorkspace).
 inline int64_t backward_slots(RouteMode mode, const RouteShape& s, const DeviceLimits& limits) {
-  const int64_t blocks = backward_blocks(s.tokens, route_padded_rank(s.rank), limits);
-  return backward_smem(mode, s, limits, true).acc_smem >= 0 ? blocks : blocks * kWarpsPerBlock;
+  const BackwardSmem sm = backward_smem(mode, s, limits, true);
+  const int64_t blocks = backward_blocks(s.tokens, sm.blocks_per_sm, limits);
+  return sm.acc_smem >= 0 ? blocks : blocks * kWarpsPerBlock;
 }
 
 inline int64_t route_backward_workspace_floats(RouteMode mode, const RouteShape& s, const DeviceLimits& limits) {
@@ -584,7 +596,7 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
     plan_prepare(plan, buf.proj, g, buf.anchors, shape, rp, p.c.beta, p.c.eps, buf.workspace + ws.proj_w,
                  buf.workspace + ws.anchor_hat, p.need_param_grads ? counters : nullptr);
   }
-  const int blocks = backward_blocks(shape.tokens, scores ? rp : 1, limits);
+  const int blocks = backward_blocks(shape.tokens, sm.blocks_per_sm, limits);
   plan.kernel(token_kernel(RouteKernel::kBackwardToken, mode, rp, buf.x_type), blocks, kThreads, sm.bytes, p);
   if (!p.need_param_grads) return plan;
 
