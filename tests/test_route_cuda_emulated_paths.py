@@ -154,6 +154,14 @@ def test_backward_warps_loop_over_tokens_and_column_chunks():
     check_route(cfg, inputs(cfg, 0))
 
 
+def test_backward_projection_kept_in_shared_memory_at_two_blocks_per_sm():
+    # r = 8, d = 1024, E * H = 256: accumulators, anchors and the 32 KiB projection exceed the
+    # shared-memory share of 4 blocks per SM but fit that of 2 (the plan then takes 2); bf16 x rows
+    # (the column kernel's 16-byte path: 256 columns per block, 4 column groups).
+    cfg = dict(T=9, d=1024, r=8, H=4, E=64, k=8, dtype=torch.bfloat16)
+    check_route(cfg, inputs(cfg, 2))
+
+
 def test_backward_anchor_accumulators_in_global_memory():
     # E * H * r = 8192 accumulators per warp (4 x 32 KiB) leave the backward's shared-memory budget
     # at r = 8: the warps accumulate in their own global slots (one slot per warp, not per block).

@@ -421,32 +421,82 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
 }
 
 // Column partials M[c, k, i] = sum over chunk c's tokens of grad_q[t, k] * x_hat[t, i]; grid
-// (columns / kColumnThreads, chunks, rank chunks of RC).
-template <int RC, typename T>
-__global__ void __launch_bounds__(kColumnThreads)
-    route_backward_column_kernel(const ColumnParams p) {
+// (column groups of 32 V, chunks, rank chunks of RC). Lane l of every warp takes the V columns
+// [V l, V l + V) of the group (one 16-byte x load per token on the vector path, V = 1 otherwise), the
+// block's warps split the chunk's tokens (warp w: tokens w, w + 8, ...), and their sums are added in
+// warp order through shared memory, one rank row at a time: M[c, k] of the group's columns is one
+// partial per block.
+template <int RC, typename T, int V>
+__device__ __forceinline__ void column_partials(const ColumnParams& p) {
+  constexpr int kWarps = kColumnThreads / kWarp;
+  // the warps' sums [warp][j][lane], rows of kWarp + kWarp / V floats: the adding threads (block
+  // column c = V l + j) then read distinct banks
+  constexpr int kRow = kWarp + kWarp / V;
+  __shared__ float red[kWarps * V * kRow];
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const float* __restrict__ rstd = p.rstd;
   const float* __restrict__ grad_q = p.grad_q;
-  float* __restrict__ partials = p.partials;
   const int64_t tokens = p.tokens, d = p.d, chunk = p.chunk;
   const int rp = p.rp;
   const bool use_norm = p.use_norm;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kColumnThreads + threadIdx.x;
-  if (i >= d) return;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * (kWarp * V);
+  const int64_t i0 = group + static_cast<int64_t>(lane) * V;  // V divides d on the vector path
   const int k0 = blockIdx.z * RC;
   const int64_t t0 = blockIdx.y * chunk;
   const int64_t t1 = t0 + chunk < tokens ? t0 + chunk : tokens;
-  float acc[RC];
+  float acc[RC][V];
 #pragma unroll
-  for (int k = 0; k < RC; ++k) acc[k] = 0.f;
-  for (int64_t t = t0; t < t1; ++t) {
-    const float xh = use_norm ? rm::rms_normalized(to_float(x[t * d + i]), __ldg(rstd + t)) : to_float(x[t * d + i]);
+  for (int k = 0; k < RC; ++k) {
 #pragma unroll
-    for (int k = 0; k < RC; ++k) acc[k] = lanes::fmadd(__ldg(grad_q + t * rp + k0 + k), xh, acc[k]);
+    for (int j = 0; j < V; ++j) acc[k][j] = 0.f;
   }
+  if (i0 < d) {
+    for (int64_t t = t0 + warp; t < t1; t += kWarps) {
+      float xh[V];
+      if constexpr (V > 1) {
+        load_vec<V>(x + t * d + i0, xh);
+      } else {
+        xh[0] = to_float(x[t * d + i0]);
+      }
+      if (use_norm) {
+        const float r = __ldg(rstd + t);
 #pragma unroll
-  for (int k = 0; k < RC; ++k) partials[(blockIdx.y * static_cast<int64_t>(rp) + k0 + k) * d + i] = acc[k];
+        for (int j = 0; j < V; ++j) xh[j] = rm::rms_normalized(xh[j], r);
+      }
+#pragma unroll
+      for (int k = 0; k < RC; ++k) {
+        const float g = __ldg(grad_q + t * rp + k0 + k);
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[k][j] = lanes::fmadd(g, xh[j], acc[k][j]);
+      }
+    }
+  }
+  const int c = threadIdx.x;  // the block column this thread adds: lane c / V's column j = c % V
+  const int64_t i = group + c;
+#pragma unroll
+  for (int k = 0; k < RC; ++k) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) red[(warp * V + j) * kRow + lane] = acc[k][j];
+    __syncthreads();
+    if (c < kWarp * V && i < d) {
+      float s = red[(c % V) * kRow + c / V];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) s += red[(w * V + c % V) * kRow + c / V];
+      p.partials[(blockIdx.y * static_cast<int64_t>(rp) + k0 + k) * d + i] = s;
+    }
+    __syncthreads();
+  }
+}
+
+template <int RC, typename T>
+__global__ void __launch_bounds__(kColumnThreads)
+    route_backward_column_kernel(const ColumnParams p) {
+  if (p.vec) {
+    column_partials<RC, T, VecWidth<T>::value>(p);
+  } else {
+    column_partials<RC, T, 1>(p);
+  }
 }
 
 // Parameter gradients from the partials, every sum in a fixed order (no float atomics). Block b <

@@ -147,8 +147,8 @@ struct BackwardParams {
                                    // sum dL/ds a_hat [rp] | lane partials [rp, 32] (generic rank)
 };
 
-// route_backward_column_kernel: partials[c, k, i] over chunk c's tokens; grid (columns, chunks,
-// rank chunks).
+// route_backward_column_kernel: partials[c, k, i] over chunk c's tokens; grid (column groups of
+// 32 x-vector widths, chunks, rank chunks).
 struct ColumnParams {
   const void* x;
   const float* rstd;
@@ -157,6 +157,7 @@ struct ColumnParams {
   int64_t tokens, d, chunk;
   int rp;
   bool use_norm;
+  bool vec;  // x rows are 16-byte vectors (route_launch_plan.h rows_aligned)
 };
 
 // route_backward_finalize_kernel: parameter gradients from the partials and slots. Blocks
@@ -210,6 +211,7 @@ static_assert(sizeof(BackwardParams) == 280, "BackwardParams");
 L2R_FIELD_AT(ColumnParams, tokens, 32);
 L2R_FIELD_AT(ColumnParams, rp, 56);
 L2R_FIELD_AT(ColumnParams, use_norm, 60);
+L2R_FIELD_AT(ColumnParams, vec, 61);
 static_assert(sizeof(ColumnParams) == 64, "ColumnParams");
 L2R_FIELD_AT(BackwardFinalizeParams, slots, 96);
 L2R_FIELD_AT(BackwardFinalizeParams, chunks, 112);

@@ -303,8 +303,11 @@ inline int elementwise_blocks(int64_t n) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kElementwiseThreads), kMaxElementwiseBlocks)));
 }
 
+// Bytes of one element of a scoring kernel's x (float32, float16 or bfloat16).
+inline int64_t score_elem_bytes(DType type) { return type == DType::kFloat32 ? 4 : 2; }
+
 inline bool rows_aligned(const void* x, int64_t d, DType type) {
-  const int64_t elem = type == DType::kFloat32 ? 4 : 2;
+  const int64_t elem = score_elem_bytes(type);
   return reinterpret_cast<uintptr_t>(x) % 16 == 0 && (d * elem) % 16 == 0;
 }
 
@@ -611,9 +614,11 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
   c.chunk = chunks.size;
   c.rp = rp;
   c.use_norm = opt.use_norm();
+  c.vec = rows_aligned(buf.x, shape.d, buf.x_type);
   const int rc = rp < kGenericChunk ? rp : kGenericChunk;
+  const int64_t group = kWarp * (c.vec ? 16 / score_elem_bytes(buf.x_type) : 1);  // columns per block
   plan.kernel(route_kernel(RouteKernel::kBackwardColumn, rc, buf.x_type),
-              static_cast<uint32_t>(ceil_div(shape.d, kColumnThreads)), static_cast<uint32_t>(chunks.count),
+              static_cast<uint32_t>(ceil_div(shape.d, group)), static_cast<uint32_t>(chunks.count),
               static_cast<uint32_t>(rp / rc), kColumnThreads, 0, c);
 
   BackwardFinalizeParams f{};
