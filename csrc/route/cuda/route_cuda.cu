@@ -337,12 +337,13 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
       }
       const float* gq = R > 0 ? gq_reg : gq_smem;
 
-      // --- Back through q = (proj * g) x_hat and RMSNorm: two passes over the row (the second
-      // needs mean(dL/dx_hat * x_hat)).
+      // --- Back through q = (proj * g) x_hat and RMSNorm, in one pass over the row: RMSNorm's
+      // mean(dL/dx_hat * x_hat) is <grad_q, q> / d, as q = proj_w x_hat (the forward's q).
       if (p.need_grad_x) {
         const T* xrow = x + t * d;
         T* gxrow = grad_x + t * d;
-        const float rstd = p.c.use_norm ? p.rstd_saved[t] : 1.f;
+        const bool norm = p.c.use_norm;
+        const float rstd = norm ? p.rstd_saved[t] : 1.f;
         const int n = R > 0 ? R : rp;
         auto hat_grad = [&](int64_t i) {
           float s = gq[0] * proj_w[i];
@@ -350,44 +351,31 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
           return s;
         };
         float mean_dot = 0.f;
+        if (norm) {
+#pragma unroll
+          for (int k = 0; k < (R > 0 ? R : n); ++k) mean_dot = lanes::fmadd(gq[k], q[k], mean_dot);
+          mean_dot /= static_cast<float>(d);
+        }
         if (p.vec) {
           constexpr int V = VecWidth<T>::value;
           for (int64_t v = lane; v < d / V; v += kWarp) {
             float xv[V], out[V];
             load_vec<V>(xrow + v * V, xv);
             hat_grad_vec<R>(proj_w, d, n, gq, v * V, lane, out);
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-              mean_dot = lanes::fmadd(out[j], rm::rms_normalized(xv[j], rstd), mean_dot);
-            }
-            if (!p.c.use_norm) store_vec(gxrow + v * V, out);
-          }
-        } else {
-          for (int64_t i = lane; i < d; i += kWarp) {
-            const float gh = hat_grad(i);
-            mean_dot = lanes::fmadd(gh, rm::rms_normalized(to_float(xrow[i]), rstd), mean_dot);
-            if (!p.c.use_norm) store_float(gxrow + i, gh);
-          }
-        }
-        if (p.c.use_norm) {
-          mean_dot = warp_sum(mean_dot) / static_cast<float>(d);
-          if (p.vec) {
-            constexpr int V = VecWidth<T>::value;
-            for (int64_t v = lane; v < d / V; v += kWarp) {
-              float xv[V], out[V];
-              load_vec<V>(xrow + v * V, xv);
-              hat_grad_vec<R>(proj_w, d, n, gq, v * V, lane, out);
+            if (norm) {
 #pragma unroll
               for (int j = 0; j < V; ++j) {
                 out[j] = rm::rms_norm_input_grad(out[j], rm::rms_normalized(xv[j], rstd), rstd, mean_dot);
               }
-              store_vec(gxrow + v * V, out);
             }
-          } else {
-            for (int64_t i = lane; i < d; i += kWarp) {
-              store_float(gxrow + i, rm::rms_norm_input_grad(hat_grad(i), rm::rms_normalized(to_float(xrow[i]), rstd),
-                                                             rstd, mean_dot));
-            }
+            store_vec(gxrow + v * V, out);
+          }
+        } else {
+          for (int64_t i = lane; i < d; i += kWarp) {
+            const float gh = hat_grad(i);
+            store_float(gxrow + i, norm ? rm::rms_norm_input_grad(gh, rm::rms_normalized(to_float(xrow[i]), rstd),
+                                                                   rstd, mean_dot)
+                                        : gh);
           }
         }
       }
