@@ -162,6 +162,22 @@ def test_backward_projection_kept_in_shared_memory_at_two_blocks_per_sm():
     check_route(cfg, inputs(cfg, 2))
 
 
+@pytest.mark.parametrize("x_aligned", [True, False])
+def test_backward_projection_read_from_global_memory(x_aligned):
+    # r = 32, d = 1024: the 128 KiB projection exceeds the shared memory of 2 blocks per SM, so the
+    # token kernel reads proj from global memory and multiplies it by the norm weight on the fly
+    # (16-byte granules; scalar loads when x rows are not 16-byte vectors).
+    cfg = dict(T=5, d=1024, r=32, H=1, E=8, k=2)
+    t = inputs(cfg, 3)
+    x = None
+    if not x_aligned:
+        buf = torch.empty(cfg["T"] * cfg["d"] + 2, dtype=torch.float32)
+        x = buf[2:].view(cfg["T"], cfg["d"])
+        x.copy_(t["x"])
+        assert x.data_ptr() % 16 == 8
+    check_route(cfg, t, x=x)
+
+
 def test_backward_anchor_accumulators_in_global_memory():
     # E * H * r = 8192 accumulators per warp (4 x 32 KiB) leave the backward's shared-memory budget
     # at r = 8: the warps accumulate in their own global slots (one slot per warp, not per block).

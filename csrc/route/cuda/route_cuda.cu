@@ -68,24 +68,15 @@ __device__ __forceinline__ float warp_total(const float* v, int E, int lane) {
 // Backward kernels (and the prepare kernel of their folded projection and normalised anchors)
 // =============================================================================================
 
-// proj_w[k, i] = proj[k, i] * g[i] (0 for padded rows k >= r; skipped when proj_w is null);
-// anchor_hat[(i * H + h) * E + e] = coef(|a|) a[e, h, i] (0 for padded i >= r).
+// anchor_hat[(i * H + h) * E + e] = coef(|a|) a[e, h, i] (0 for padded i >= r): the normalised
+// anchors of token kernels whose shared memory cannot hold them (they stage them otherwise).
 __global__ void route_prepare_kernel(const PrepareParams p) {
-  const float* __restrict__ proj = p.proj;
-  const float* __restrict__ g = p.g;
   const float* __restrict__ anchors = p.anchors;
-  float* __restrict__ proj_w = p.proj_w;
   float* __restrict__ anchor_hat = p.anchor_hat;
-  const int64_t d = p.d;
   const int rank = p.rank, rp = p.rp, experts = p.experts, anchors_per_expert = p.anchors_per_expert;
   const float beta = p.beta, eps = p.eps;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (p.counters != nullptr && start == 0) *p.counters = 0u;  // the finalize kernel's ticket word
-  for (int64_t n = start; proj_w != nullptr && n < rp * d; n += stride) {
-    const int64_t k = n / d, i = n % d;
-    proj_w[n] = k < rank ? (g ? proj[k * d + i] * g[i] : proj[k * d + i]) : 0.f;
-  }
   const int64_t rows = static_cast<int64_t>(experts) * anchors_per_expert;
   for (int64_t n = start; n < rows * rp; n += stride) {
     const int64_t a = n / rp;  // anchor row e * H + h
@@ -94,6 +85,35 @@ __global__ void route_prepare_kernel(const PrepareParams p) {
     const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r(row, row, rank)), beta, eps);
     const int64_t e = a / anchors_per_expert, h = a % anchors_per_expert;
     anchor_hat[(i * anchors_per_expert + h) * experts + e] = i < rank ? c.coef * row[i] : 0.f;
+  }
+}
+
+// The folded projection proj * g into shared memory [rp][d] (rows k >= r zero), 16-byte granules
+// when proj_vec.
+__device__ __forceinline__ void stage_folded_projection(const BackwardParams& p, float* dst, int rp) {
+  const float* __restrict__ proj = p.proj;
+  const float* __restrict__ g = p.g;
+  const int64_t d = p.c.d;
+  const int rank = p.c.rank;
+  if (p.proj_vec) {
+    const int64_t granules = d / 4;
+    for (int64_t n = threadIdx.x; n < rp * granules; n += blockDim.x) {
+      const int64_t k = n / granules, c = 4 * (n % granules);
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (k < rank) {  // padded rows stay zero
+        v = __ldg(reinterpret_cast<const float4*>(proj + k * d + c));
+        if (g != nullptr) {
+          const float4 gv = __ldg(reinterpret_cast<const float4*>(g + c));
+          v = make_float4(v.x * gv.x, v.y * gv.y, v.z * gv.z, v.w * gv.w);
+        }
+      }
+      *reinterpret_cast<float4*>(dst + k * d + c) = v;
+    }
+  } else {
+    for (int64_t n = threadIdx.x; n < rp * d; n += blockDim.x) {
+      const int64_t k = n / d, i = n % d;
+      dst[n] = k < rank ? (g ? proj[k * d + i] * g[i] : proj[k * d + i]) : 0.f;
+    }
   }
 }
 
@@ -153,40 +173,55 @@ __device__ __forceinline__ void token_logit_grads(const BackwardParams& p, int64
   __syncwarp();
 }
 
-// dL/dx_hat of the V = 4 or 8 columns [c, c + V) of a row (c a multiple of 4): sum_k gq[k] proj_w[k, i]
-// (the scalar path's order), proj_w read as 16-byte granules. With V = 8 each lane reads two
-// granules 32 bytes apart from the next lane's; lanes whose bit 2 is set read them in swapped order,
-// so that the 8 lanes of each quarter-warp request fall in distinct banks.
+// dL/dx_hat of the V = 4 or 8 columns [c, c + V) of a row (c a multiple of 4): sum_k gq[k] w[k, i]
+// (the scalar path's order) with w = proj * g: rows [0, rows) of `w_rows` (the rest zero), times g
+// when g is not null (w_rows then is proj in global memory; staged rows are folded already), read
+// as 16-byte granules. With V = 8 each lane reads two granules 32 bytes apart from the next lane's;
+// lanes whose bit 2 is set read them in swapped order, so that the 8 lanes of each quarter-warp
+// request fall in distinct banks.
 template <int R, int V>
-__device__ __forceinline__ void hat_grad_vec(const float* proj_w, int64_t d, int n, const float* gq, int64_t c,
-                                             int lane, float (&out)[V]) {
+__device__ __forceinline__ void hat_grad_vec(const float* w_rows, const float* g, int rows, int64_t d, int n,
+                                             const float* gq, int64_t c, int lane, float (&out)[V]) {
   static_assert(V == 4 || V == 8, "16-byte x vectors of float or 16-bit elements");
   const int swap = V == 8 ? (lane >> 2) & 1 : 0;
-  auto granules = [&](int k, float(&w)[V]) {
-    const float4* row = reinterpret_cast<const float4*>(proj_w + k * d + c);
+  // the granules of row k in column order (lo, hi), from base
+  auto granules = [&](const float* base, float4& lo, float4& hi) {
+    const float4* row = reinterpret_cast<const float4*>(base);
     const float4 a = row[swap];
-    float4 lo = a;
+    lo = a;
     if constexpr (V == 8) {
       const float4 b = row[swap ^ 1];
       lo = swap ? b : a;
-      const float4 hi = swap ? a : b;
-      w[4] = hi.x;
-      w[5] = hi.y;
-      w[6] = hi.z;
-      w[7] = hi.w;
+      hi = swap ? a : b;
+    }
+  };
+  float4 g_lo = make_float4(1.f, 1.f, 1.f, 1.f), g_hi = g_lo;
+  if (g != nullptr) granules(g + c, g_lo, g_hi);
+  auto row_values = [&](int k, float(&w)[V]) {
+    float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
+    if (k < rows) granules(w_rows + k * d + c, lo, hi);
+    if (g != nullptr) {
+      lo = make_float4(lo.x * g_lo.x, lo.y * g_lo.y, lo.z * g_lo.z, lo.w * g_lo.w);
+      hi = make_float4(hi.x * g_hi.x, hi.y * g_hi.y, hi.z * g_hi.z, hi.w * g_hi.w);
     }
     w[0] = lo.x;
     w[1] = lo.y;
     w[2] = lo.z;
     w[3] = lo.w;
+    if constexpr (V == 8) {
+      w[4] = hi.x;
+      w[5] = hi.y;
+      w[6] = hi.z;
+      w[7] = hi.w;
+    }
   };
   float w[V];
-  granules(0, w);
+  row_values(0, w);
 #pragma unroll
   for (int j = 0; j < V; ++j) out[j] = gq[0] * w[j];
 #pragma unroll
   for (int k = 1; k < (R > 0 ? R : n); ++k) {
-    granules(k, w);
+    row_values(k, w);
 #pragma unroll
     for (int j = 0; j < V; ++j) out[j] = lanes::fmadd(gq[k], w[j], out[j]);
   }
@@ -197,8 +232,7 @@ __device__ __forceinline__ void hat_grad_vec(const float* proj_w, int64_t d, int
 template <int R, typename T, RouteMode M>
 __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
     route_backward_token_kernel(const BackwardParams p) {
-  extern __shared__ float4 smem_vec[];
-  float* smem = reinterpret_cast<float*>(smem_vec);
+  float* smem = smem_base();
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int E = p.c.experts, H = p.c.anchors;
   const int rp = R > 0 ? R : p.c.rp;
@@ -206,15 +240,21 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
   const int64_t acc_size = static_cast<int64_t>(E) * H * rp;
   const int64_t warp_slot = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;  // acc_smem < 0
 
-  const float* proj_w = p.proj_w;
+  // The projection's rows: proj in global memory times g on the fly, or proj * g staged here.
+  const float* w_rows = p.proj;
+  const float* w_g = p.g;
+  int w_nrows = p.c.rank;
   const float* anchor_hat = p.anchor_hat;
   if constexpr (M != RouteMode::kSelect) {
+    if (p.counters != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *p.counters = 0u;  // the finalize's ticket
     if (p.proj_smem >= 0) {
-      stage_to_smem(p.proj_w, smem + p.proj_smem, rp * d);
-      proj_w = smem + p.proj_smem;
+      stage_folded_projection(p, smem + p.proj_smem, rp);
+      w_rows = smem + p.proj_smem;
+      w_g = nullptr;
+      w_nrows = rp;
     }
     if (p.anchor_smem >= 0) {
-      stage_to_smem(p.anchor_hat, smem + p.anchor_smem, acc_size);
+      stage_anchors(p.anchors, p.c, static_cast<int>(p.anchor_smem));
       anchor_hat = smem + p.anchor_smem;
     }
   }
@@ -338,16 +378,19 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
       const float* gq = R > 0 ? gq_reg : gq_smem;
 
       // --- Back through q = (proj * g) x_hat and RMSNorm, in one pass over the row: RMSNorm's
-      // mean(dL/dx_hat * x_hat) is <grad_q, q> / d, as q = proj_w x_hat (the forward's q).
+      // mean(dL/dx_hat * x_hat) is <grad_q, q> / d, as q = (proj * g) x_hat (the forward's q).
       if (p.need_grad_x) {
         const T* xrow = x + t * d;
         T* gxrow = grad_x + t * d;
         const bool norm = p.c.use_norm;
         const float rstd = norm ? p.rstd_saved[t] : 1.f;
         const int n = R > 0 ? R : rp;
+        auto w_at = [&](int k, int64_t i) {
+          return k < w_nrows ? (w_g ? w_rows[k * d + i] * w_g[i] : w_rows[k * d + i]) : 0.f;
+        };
         auto hat_grad = [&](int64_t i) {
-          float s = gq[0] * proj_w[i];
-          for (int k = 1; k < n; ++k) s = lanes::fmadd(gq[k], proj_w[k * d + i], s);
+          float s = gq[0] * w_at(0, i);
+          for (int k = 1; k < n; ++k) s = lanes::fmadd(gq[k], w_at(k, i), s);
           return s;
         };
         float mean_dot = 0.f;
@@ -356,12 +399,13 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
           for (int k = 0; k < (R > 0 ? R : n); ++k) mean_dot = lanes::fmadd(gq[k], q[k], mean_dot);
           mean_dot /= static_cast<float>(d);
         }
-        if (p.vec) {
+        // 16-byte x vectors, and projection rows read as 16-byte granules (staged, or aligned)
+        if (p.vec && (p.proj_smem >= 0 || p.proj_vec)) {
           constexpr int V = VecWidth<T>::value;
           for (int64_t v = lane; v < d / V; v += kWarp) {
             float xv[V], out[V];
             load_vec<V>(xrow + v * V, xv);
-            hat_grad_vec<R>(proj_w, d, n, gq, v * V, lane, out);
+            hat_grad_vec<R>(w_rows, w_g, w_nrows, d, n, gq, v * V, lane, out);
             if (norm) {
 #pragma unroll
               for (int j = 0; j < V; ++j) {

@@ -56,17 +56,13 @@ L2R_HD constexpr int forward_max_warps(int R) { return R == 32 ? kMaxForwardWarp
 constexpr int kMaxSplitTiles = 64;
 constexpr int kRouteCounterWords = 128;
 
-// route_prepare_kernel: proj_w = proj * g (zero rows past r), anchor_hat = coef(|a|) a transposed.
+// route_prepare_kernel: anchor_hat = coef(|a|) a transposed, for token kernels whose shared
+// memory cannot hold the normalised anchors.
 struct PrepareParams {
-  const float* proj;     // [r, d]
-  const float* g;        // [d] or null
   const float* anchors;  // [E, H, r]
-  float* proj_w;         // [rp, d]
   float* anchor_hat;     // [rp, H, E]
-  int64_t d;
   int rank, rp, experts, anchors_per_expert;
   float beta, eps;
-  unsigned* counters;    // a word zeroed here for a later launch's tickets, or null
 };
 
 // Sizes and options every route kernel reads (from RouteShape and RouteOptions, in float).
@@ -124,8 +120,10 @@ struct BackwardParams {
   const float* grad_lse;         // [T] or nullptr
   const float* grad_logits;      // [T, E] (kLogits)
   const void* x;
-  const float* proj_w;
-  const float* anchor_hat;
+  const float* proj;        // [r, d]: staged times g (zero rows to rp) when proj_smem >= 0
+  const float* g;           // [d] norm weight folded into the projection, or nullptr
+  const float* anchors;     // [E, H, r]: normalised and transposed while staged (anchor_smem >= 0)
+  const float* anchor_hat;  // [rp, H, E] by route_prepare_kernel (anchor_smem < 0)
   const float* scale;
   const float* logits_in;        // kSelect
   const bool* padding;
@@ -139,8 +137,10 @@ struct BackwardParams {
                            // accumulators do not fit in shared memory: acc_smem < 0)
   float* scale_slots;      // [slots]
   int32_t* bad_index;
+  unsigned* counters;      // the finalize kernel's ticket word, zeroed here (or nullptr)
   KernelConfig c;
   bool vec, need_grad_x, need_param_grads;
+  bool proj_vec;           // d % 4 == 0 and proj, g 16-byte aligned: staged as float4
   int64_t proj_smem, anchor_smem, acc_smem;  // shared-memory offsets (floats) or -1
   int64_t warp_smem, warp_stride;  // per-warp scratch: logits [E] | probs [E] | dL/dp [E] |
                                    // lsum [E] | shift [E] | q [rp] | grad_q [rp] |
@@ -176,7 +176,7 @@ struct BackwardFinalizeParams {
   float* grad_norm_weight;
   float* grad_anchors;
   float* grad_scale;
-  unsigned* counters;            // one word, zero at launch (route_prepare_kernel), left zero
+  unsigned* counters;            // one word, zero at launch (the token kernel zeroes it), left zero
   int64_t slots, d;
   int chunks, rank, rp, experts, anchors_per_expert;
   float beta, eps;
@@ -184,11 +184,9 @@ struct BackwardFinalizeParams {
 };
 
 // The layout every compiler must agree on (LP64 host and 64-bit device).
-L2R_FIELD_AT(PrepareParams, d, 40);
-L2R_FIELD_AT(PrepareParams, anchors_per_expert, 60);
-L2R_FIELD_AT(PrepareParams, eps, 68);
-L2R_FIELD_AT(PrepareParams, counters, 72);
-static_assert(sizeof(PrepareParams) == 80, "PrepareParams");
+L2R_FIELD_AT(PrepareParams, rank, 16);
+L2R_FIELD_AT(PrepareParams, eps, 36);
+static_assert(sizeof(PrepareParams) == 40, "PrepareParams");
 L2R_FIELD_AT(KernelConfig, rank, 24);
 L2R_FIELD_AT(KernelConfig, beta, 44);
 L2R_FIELD_AT(KernelConfig, use_norm, 64);
@@ -201,13 +199,14 @@ L2R_FIELD_AT(ForwardParams, splits, 288);
 L2R_FIELD_AT(ForwardParams, finishers, 308);
 L2R_FIELD_AT(ForwardParams, logit_stride, 332);
 static_assert(sizeof(ForwardParams) == 336, "ForwardParams");
-L2R_FIELD_AT(BackwardParams, bad_index, 144);
-L2R_FIELD_AT(BackwardParams, c, 152);
-L2R_FIELD_AT(BackwardParams, vec, 232);
-L2R_FIELD_AT(BackwardParams, need_param_grads, 234);
-L2R_FIELD_AT(BackwardParams, proj_smem, 240);
-L2R_FIELD_AT(BackwardParams, warp_stride, 272);
-static_assert(sizeof(BackwardParams) == 280, "BackwardParams");
+L2R_FIELD_AT(BackwardParams, bad_index, 160);
+L2R_FIELD_AT(BackwardParams, c, 176);
+L2R_FIELD_AT(BackwardParams, vec, 256);
+L2R_FIELD_AT(BackwardParams, need_param_grads, 258);
+L2R_FIELD_AT(BackwardParams, proj_vec, 259);
+L2R_FIELD_AT(BackwardParams, proj_smem, 264);
+L2R_FIELD_AT(BackwardParams, warp_stride, 296);
+static_assert(sizeof(BackwardParams) == 304, "BackwardParams");
 L2R_FIELD_AT(ColumnParams, tokens, 32);
 L2R_FIELD_AT(ColumnParams, rp, 56);
 L2R_FIELD_AT(ColumnParams, use_norm, 60);

@@ -206,7 +206,7 @@ inline ColumnChunks column_chunks(int64_t tokens) {
 // Workspace regions (floats, each 16-byte aligned). Anchor and scale slots: one per block of the
 // token kernel, or one per warp when its warps' accumulators stay in global memory (backward_slots).
 struct BackwardWorkspace {
-  int64_t proj_w, anchor_hat, grad_q, column_partials, anchor_slots, scale_slots, acc_total, counters, total;
+  int64_t anchor_hat, grad_q, column_partials, anchor_slots, scale_slots, acc_total, counters, total;
 };
 
 inline BackwardWorkspace backward_workspace(RouteMode mode, const RouteShape& s, int64_t slots) {
@@ -214,8 +214,7 @@ inline BackwardWorkspace backward_workspace(RouteMode mode, const RouteShape& s,
   const int64_t acc = static_cast<int64_t>(s.experts) * s.anchors * rp;
   BackwardWorkspace w{};
   if (mode == RouteMode::kSelect) return w;
-  w.proj_w = 0;
-  w.anchor_hat = w.proj_w + align4(rp * s.d);
+  w.anchor_hat = 0;
   w.grad_q = w.anchor_hat + align4(acc);
   w.column_partials = w.grad_q + align4(s.tokens * rp);
   w.anchor_slots = w.column_partials + align4(static_cast<int64_t>(column_chunks(s.tokens).count) * rp * s.d);
@@ -311,29 +310,28 @@ inline bool rows_aligned(const void* x, int64_t d, DType type) {
   return reinterpret_cast<uintptr_t>(x) % 16 == 0 && (d * elem) % 16 == 0;
 }
 
+// proj rows (and the norm weight, when given) are float4 vectors.
+inline bool proj_rows_aligned(const float* proj, const float* g, int64_t d) {
+  return d % 4 == 0 && reinterpret_cast<uintptr_t>(proj) % 16 == 0 && (g == nullptr || reinterpret_cast<uintptr_t>(g) % 16 == 0);
+}
+
 inline bool supported_score_type(DType t) {
   return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
 }
 
-inline void plan_prepare(LaunchPlan& plan, const float* proj, const float* g, const float* anchors,
-                         const RouteShape& s, int rp, float beta, float eps, float* proj_w, float* anchor_hat,
-                         unsigned* counters = nullptr) {
+inline void plan_prepare(LaunchPlan& plan, const float* anchors, const RouteShape& s, int rp, float beta, float eps,
+                         float* anchor_hat) {
   PrepareParams pp{};
-  pp.proj = proj;
-  pp.g = g;
   pp.anchors = anchors;
-  pp.proj_w = proj_w;
   pp.anchor_hat = anchor_hat;
-  pp.d = s.d;
   pp.rank = s.rank;
   pp.rp = rp;
   pp.experts = s.experts;
   pp.anchors_per_expert = s.anchors;
   pp.beta = beta;
   pp.eps = eps;
-  pp.counters = counters;
-  const int64_t items = std::max<int64_t>(rp * s.d, static_cast<int64_t>(s.experts) * s.anchors * rp);
-  plan.kernel(route_kernel(RouteKernel::kPrepare), elementwise_blocks(items), kElementwiseThreads, 0, pp);
+  plan.kernel(route_kernel(RouteKernel::kPrepare), elementwise_blocks(static_cast<int64_t>(s.experts) * s.anchors * rp),
+              kElementwiseThreads, 0, pp);
 }
 
 // ---- plans ---------------------------------------------------------------------------------------
@@ -515,8 +513,7 @@ inline LaunchPlan route_forward_launches(RouteMode mode, const RouteShape& shape
   p.split_cols = f.split_cols;
   p.stage_cols = f.stage_cols;
   p.vec = scores && rows_aligned(buf.x, shape.d, buf.x_type);
-  p.proj_vec = scores && shape.d % 4 == 0 && reinterpret_cast<uintptr_t>(buf.proj) % 16 == 0 &&
-               (p.norm_weight == nullptr || reinterpret_cast<uintptr_t>(p.norm_weight) % 16 == 0);
+  p.proj_vec = scores && proj_rows_aligned(buf.proj, p.norm_weight, shape.d);
   p.finishers = static_cast<int32_t>(f.finishers);
   p.proj_smem = f.proj_smem;
   p.anchor_smem = f.anchor_smem;
@@ -529,8 +526,7 @@ inline LaunchPlan route_forward_launches(RouteMode mode, const RouteShape& shape
     plan.memset(p.counters, 0, static_cast<int64_t>(sizeof(unsigned)) * kRouteCounterWords);
   }
   if (f.anchor_hat >= 0) {
-    plan_prepare(plan, buf.proj, nullptr, buf.anchors, shape, f.rp, p.c.beta, p.c.eps, nullptr,
-                 buf.workspace + f.anchor_hat);
+    plan_prepare(plan, buf.anchors, shape, f.rp, p.c.beta, p.c.eps, buf.workspace + f.anchor_hat);
   }
   plan.kernel(token_kernel(RouteKernel::kForward, mode, f.rp, buf.x_type), f.blocks, f.warps * kWarp, f.smem_bytes, p);
   return plan;
@@ -565,7 +561,9 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
   p.grad_lse = buf.grad_lse;
   p.grad_logits = buf.grad_logits;
   p.x = buf.x;
-  p.proj_w = buf.workspace + ws.proj_w;
+  p.proj = buf.proj;
+  p.g = g;
+  p.anchors = buf.anchors;
   p.anchor_hat = buf.workspace + ws.anchor_hat;
   p.scale = buf.scale;
   p.logits_in = buf.logits_in;
@@ -595,9 +593,10 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
   p.anchor_smem = sm.anchor_smem;
   p.proj_smem = sm.proj_smem;
   unsigned* counters = reinterpret_cast<unsigned*>(buf.workspace + ws.counters);
-  if (scores) {
-    plan_prepare(plan, buf.proj, g, buf.anchors, shape, rp, p.c.beta, p.c.eps, buf.workspace + ws.proj_w,
-                 buf.workspace + ws.anchor_hat, p.need_param_grads ? counters : nullptr);
+  p.counters = p.need_param_grads ? counters : nullptr;
+  p.proj_vec = scores && proj_rows_aligned(buf.proj, g, shape.d);
+  if (scores && sm.anchor_smem < 0) {  // anchors the token kernel cannot stage: normalised first
+    plan_prepare(plan, buf.anchors, shape, rp, p.c.beta, p.c.eps, buf.workspace + ws.anchor_hat);
   }
   const int blocks = backward_blocks(shape.tokens, sm.blocks_per_sm, limits);
   plan.kernel(token_kernel(RouteKernel::kBackwardToken, mode, rp, buf.x_type), blocks, kThreads, sm.bytes, p);
