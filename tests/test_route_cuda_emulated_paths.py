@@ -1,8 +1,8 @@
 """The CUDA route kernels on the SIMT emulator (tests/backends.py's simt backend, memory checker on),
 on the paths the sample-driven route tests leave out: every rank instantiation in every x dtype on
 both the 16-byte vector and the scalar x path, for route and route_logits; warps that loop over
-several tokens (the forward's token chunks, the backward's block-count cap); several column
-chunks with a ragged last one; x rows that are 8- but not 16-byte aligned; top-k keys that mix
+several tokens (the forward's token chunks, the backward's one wave of blocks); backward anchor
+accumulators in global memory; several column chunks with a ragged last one; x rows that are 8- but not 16-byte aligned; top-k keys that mix
 NaN with numbers. Forward outputs and gradients against the pure-PyTorch reference (+ autograd)."""
 from __future__ import annotations
 
@@ -147,11 +147,42 @@ def test_forward_zeroes_its_own_counters_without_a_buffer(T, monkeypatch):
 
 
 def test_backward_warps_loop_over_tokens_and_column_chunks():
-    # More tokens than the backward's 256 blocks x 4 warps (grad_scale and the anchor accumulators
-    # carry over tokens), 18 column chunks of 62 tokens, the last one ragged, and every anchor slot
-    # holding a token.
-    cfg = dict(T=1100, d=40, r=4, H=2, E=5, k=2, beta=0.5, tau=0.7)
+    # More tokens than one wave of the backward's blocks (132 SMs x 2 blocks x 4 warps at r = 16:
+    # grad_scale and the anchor accumulators carry over tokens), 18 column chunks of 62 tokens, the
+    # last one ragged, and every block's anchor slot holding tokens.
+    cfg = dict(T=1100, d=40, r=16, H=2, E=5, k=2, beta=0.5, tau=0.7)
     check_route(cfg, inputs(cfg, 0))
+
+
+def test_backward_projection_kept_in_shared_memory_at_two_blocks_per_sm():
+    # r = 8, d = 1024, E * H = 256: accumulators, anchors and the 32 KiB projection exceed the
+    # shared-memory share of 4 blocks per SM but fit that of 2 (the plan then takes 2); bf16 x rows
+    # (the column kernel's 16-byte path: 256 columns per block, 4 column groups).
+    cfg = dict(T=9, d=1024, r=8, H=4, E=64, k=8, dtype=torch.bfloat16)
+    check_route(cfg, inputs(cfg, 2))
+
+
+@pytest.mark.parametrize("x_aligned", [True, False])
+def test_backward_projection_read_from_global_memory(x_aligned):
+    # r = 32, d = 1024: the 128 KiB projection exceeds the shared memory of 2 blocks per SM, so the
+    # token kernel reads proj from global memory and multiplies it by the norm weight on the fly
+    # (16-byte granules; scalar loads when x rows are not 16-byte vectors).
+    cfg = dict(T=5, d=1024, r=32, H=1, E=8, k=2)
+    t = inputs(cfg, 3)
+    x = None
+    if not x_aligned:
+        buf = torch.empty(cfg["T"] * cfg["d"] + 2, dtype=torch.float32)
+        x = buf[2:].view(cfg["T"], cfg["d"])
+        x.copy_(t["x"])
+        assert x.data_ptr() % 16 == 8
+    check_route(cfg, t, x=x)
+
+
+def test_backward_anchor_accumulators_in_global_memory():
+    # E * H * r = 8192 accumulators per warp (4 x 32 KiB) leave the backward's shared-memory budget
+    # at r = 8: the warps accumulate in their own global slots (one slot per warp, not per block).
+    cfg = dict(T=37, d=24, r=8, H=2, E=512, k=4)
+    check_route(cfg, inputs(cfg, 1))
 
 
 def test_x_rows_8_but_not_16_byte_aligned():

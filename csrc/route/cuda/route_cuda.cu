@@ -10,10 +10,12 @@
 // Backward layout: one warp per token, the experts spread over its lanes (expert e on lane e % 32).
 // The folded projection proj * norm_weight [rp][d] and the pre-normalized anchors coef(|a|) * a,
 // transposed to [rp][H][E] so that the lanes of a warp read consecutive words, are prepared in
-// fp32 by route_prepare_kernel and staged in shared memory when they fit. A grid-stride loop over
-// tokens with per-warp partials of the anchor gradients, a column kernel for the projection's
-// gradient and a finalize kernel. No floating-point atomics: every result is bitwise reproducible
-// run to run.
+// fp32 by route_prepare_kernel and staged in shared memory when they fit. One wave of blocks loops
+// over the tokens; each block leaves one slot of anchor-gradient and scale partials (its warps' sums
+// added in warp order). A column kernel computes the projection's gradient in token chunks, and the
+// finalize kernel adds chunks and slots with all its threads (striped, then the warps' sums in warp
+// order), the block that finishes last completing the anchor rows. No floating-point atomics: every
+// result is bitwise reproducible run to run.
 #include "route_device.cuh"
 #include "route_forward.cuh"
 
@@ -66,23 +68,15 @@ __device__ __forceinline__ float warp_total(const float* v, int E, int lane) {
 // Backward kernels (and the prepare kernel of their folded projection and normalised anchors)
 // =============================================================================================
 
-// proj_w[k, i] = proj[k, i] * g[i] (0 for padded rows k >= r; skipped when proj_w is null);
-// anchor_hat[(i * H + h) * E + e] = coef(|a|) a[e, h, i] (0 for padded i >= r).
+// anchor_hat[(i * H + h) * E + e] = coef(|a|) a[e, h, i] (0 for padded i >= r): the normalised
+// anchors of token kernels whose shared memory cannot hold them (they stage them otherwise).
 __global__ void route_prepare_kernel(const PrepareParams p) {
-  const float* __restrict__ proj = p.proj;
-  const float* __restrict__ g = p.g;
   const float* __restrict__ anchors = p.anchors;
-  float* __restrict__ proj_w = p.proj_w;
   float* __restrict__ anchor_hat = p.anchor_hat;
-  const int64_t d = p.d;
   const int rank = p.rank, rp = p.rp, experts = p.experts, anchors_per_expert = p.anchors_per_expert;
   const float beta = p.beta, eps = p.eps;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t n = start; proj_w != nullptr && n < rp * d; n += stride) {
-    const int64_t k = n / d, i = n % d;
-    proj_w[n] = k < rank ? (g ? proj[k * d + i] * g[i] : proj[k * d + i]) : 0.f;
-  }
   const int64_t rows = static_cast<int64_t>(experts) * anchors_per_expert;
   for (int64_t n = start; n < rows * rp; n += stride) {
     const int64_t a = n / rp;  // anchor row e * H + h
@@ -91,6 +85,35 @@ __global__ void route_prepare_kernel(const PrepareParams p) {
     const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r(row, row, rank)), beta, eps);
     const int64_t e = a / anchors_per_expert, h = a % anchors_per_expert;
     anchor_hat[(i * anchors_per_expert + h) * experts + e] = i < rank ? c.coef * row[i] : 0.f;
+  }
+}
+
+// The folded projection proj * g into shared memory [rp][d] (rows k >= r zero), 16-byte granules
+// when proj_vec.
+__device__ __forceinline__ void stage_folded_projection(const BackwardParams& p, float* dst, int rp) {
+  const float* __restrict__ proj = p.proj;
+  const float* __restrict__ g = p.g;
+  const int64_t d = p.c.d;
+  const int rank = p.c.rank;
+  if (p.proj_vec) {
+    const int64_t granules = d / 4;
+    for (int64_t n = threadIdx.x; n < rp * granules; n += blockDim.x) {
+      const int64_t k = n / granules, c = 4 * (n % granules);
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (k < rank) {  // padded rows stay zero
+        v = __ldg(reinterpret_cast<const float4*>(proj + k * d + c));
+        if (g != nullptr) {
+          const float4 gv = __ldg(reinterpret_cast<const float4*>(g + c));
+          v = make_float4(v.x * gv.x, v.y * gv.y, v.z * gv.z, v.w * gv.w);
+        }
+      }
+      *reinterpret_cast<float4*>(dst + k * d + c) = v;
+    }
+  } else {
+    for (int64_t n = threadIdx.x; n < rp * d; n += blockDim.x) {
+      const int64_t k = n / d, i = n % d;
+      dst[n] = k < rank ? (g ? proj[k * d + i] * g[i] : proj[k * d + i]) : 0.f;
+    }
   }
 }
 
@@ -150,29 +173,88 @@ __device__ __forceinline__ void token_logit_grads(const BackwardParams& p, int64
   __syncwarp();
 }
 
+// dL/dx_hat of the V = 4 or 8 columns [c, c + V) of a row (c a multiple of 4): sum_k gq[k] w[k, i]
+// (the scalar path's order) with w = proj * g: rows [0, rows) of `w_rows` (the rest zero), times g
+// when g is not null (w_rows then is proj in global memory; staged rows are folded already), read
+// as 16-byte granules. With V = 8 each lane reads two granules 32 bytes apart from the next lane's;
+// lanes whose bit 2 is set read them in swapped order, so that the 8 lanes of each quarter-warp
+// request fall in distinct banks.
+template <int R, int V>
+__device__ __forceinline__ void hat_grad_vec(const float* w_rows, const float* g, int rows, int64_t d, int n,
+                                             const float* gq, int64_t c, int lane, float (&out)[V]) {
+  static_assert(V == 4 || V == 8, "16-byte x vectors of float or 16-bit elements");
+  const int swap = V == 8 ? (lane >> 2) & 1 : 0;
+  // the granules of row k in column order (lo, hi), from base
+  auto granules = [&](const float* base, float4& lo, float4& hi) {
+    const float4* row = reinterpret_cast<const float4*>(base);
+    const float4 a = row[swap];
+    lo = a;
+    if constexpr (V == 8) {
+      const float4 b = row[swap ^ 1];
+      lo = swap ? b : a;
+      hi = swap ? a : b;
+    }
+  };
+  float4 g_lo = make_float4(1.f, 1.f, 1.f, 1.f), g_hi = g_lo;
+  if (g != nullptr) granules(g + c, g_lo, g_hi);
+  auto row_values = [&](int k, float(&w)[V]) {
+    float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
+    if (k < rows) granules(w_rows + k * d + c, lo, hi);
+    if (g != nullptr) {
+      lo = make_float4(lo.x * g_lo.x, lo.y * g_lo.y, lo.z * g_lo.z, lo.w * g_lo.w);
+      hi = make_float4(hi.x * g_hi.x, hi.y * g_hi.y, hi.z * g_hi.z, hi.w * g_hi.w);
+    }
+    w[0] = lo.x;
+    w[1] = lo.y;
+    w[2] = lo.z;
+    w[3] = lo.w;
+    if constexpr (V == 8) {
+      w[4] = hi.x;
+      w[5] = hi.y;
+      w[6] = hi.z;
+      w[7] = hi.w;
+    }
+  };
+  float w[V];
+  row_values(0, w);
+#pragma unroll
+  for (int j = 0; j < V; ++j) out[j] = gq[0] * w[j];
+#pragma unroll
+  for (int k = 1; k < (R > 0 ? R : n); ++k) {
+    row_values(k, w);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = lanes::fmadd(gq[k], w[j], out[j]);
+  }
+}
+
 // Per token: dL/dq (saved for the column kernel), dL/dx, and this warp's shares of the anchor
 // accumulators and of dL/dscale.
 template <int R, typename T, RouteMode M>
 __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
     route_backward_token_kernel(const BackwardParams p) {
-  extern __shared__ float4 smem_vec[];
-  float* smem = reinterpret_cast<float*>(smem_vec);
+  float* smem = smem_base();
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int E = p.c.experts, H = p.c.anchors;
   const int rp = R > 0 ? R : p.c.rp;
   const int64_t d = p.c.d;
   const int64_t acc_size = static_cast<int64_t>(E) * H * rp;
-  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  const int64_t warp_slot = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;  // acc_smem < 0
 
-  const float* proj_w = p.proj_w;
+  // The projection's rows: proj in global memory times g on the fly, or proj * g staged here.
+  const float* w_rows = p.proj;
+  const float* w_g = p.g;
+  int w_nrows = p.c.rank;
   const float* anchor_hat = p.anchor_hat;
   if constexpr (M != RouteMode::kSelect) {
+    if (p.counters != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *p.counters = 0u;  // the finalize's ticket
     if (p.proj_smem >= 0) {
-      stage_to_smem(p.proj_w, smem + p.proj_smem, rp * d);
-      proj_w = smem + p.proj_smem;
+      stage_folded_projection(p, smem + p.proj_smem, rp);
+      w_rows = smem + p.proj_smem;
+      w_g = nullptr;
+      w_nrows = rp;
     }
     if (p.anchor_smem >= 0) {
-      stage_to_smem(p.anchor_hat, smem + p.anchor_smem, acc_size);
+      stage_anchors(p.anchors, p.c, static_cast<int>(p.anchor_smem));
       anchor_hat = smem + p.anchor_smem;
     }
   }
@@ -187,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
   float* lane_dah = dah_smem + rp;  // [rp, 32], generic rank only
   float* acc = nullptr;
   if (M != RouteMode::kSelect && p.need_param_grads) {
-    acc = p.acc_smem >= 0 ? smem + p.acc_smem + warp * acc_size : p.anchor_slots + slot * acc_size;
+    acc = p.acc_smem >= 0 ? smem + p.acc_smem + warp * acc_size : p.anchor_slots + warp_slot * acc_size;
     for (int64_t i = lane; i < acc_size; i += kWarp) acc[i] = 0.f;
   }
   __syncthreads();
@@ -295,56 +377,49 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
       }
       const float* gq = R > 0 ? gq_reg : gq_smem;
 
-      // --- Back through q = (proj * g) x_hat and RMSNorm: two passes over the row (the second
-      // needs mean(dL/dx_hat * x_hat)).
+      // --- Back through q = (proj * g) x_hat and RMSNorm, in one pass over the row: RMSNorm's
+      // mean(dL/dx_hat * x_hat) is <grad_q, q> / d, as q = (proj * g) x_hat (the forward's q).
       if (p.need_grad_x) {
         const T* xrow = x + t * d;
         T* gxrow = grad_x + t * d;
-        const float rstd = p.c.use_norm ? p.rstd_saved[t] : 1.f;
+        const bool norm = p.c.use_norm;
+        const float rstd = norm ? p.rstd_saved[t] : 1.f;
         const int n = R > 0 ? R : rp;
+        auto w_at = [&](int k, int64_t i) {
+          return k < w_nrows ? (w_g ? w_rows[k * d + i] * w_g[i] : w_rows[k * d + i]) : 0.f;
+        };
         auto hat_grad = [&](int64_t i) {
-          float s = gq[0] * proj_w[i];
-          for (int k = 1; k < n; ++k) s = lanes::fmadd(gq[k], proj_w[k * d + i], s);
+          float s = gq[0] * w_at(0, i);
+          for (int k = 1; k < n; ++k) s = lanes::fmadd(gq[k], w_at(k, i), s);
           return s;
         };
         float mean_dot = 0.f;
-        if (p.vec) {
+        if (norm) {
+#pragma unroll
+          for (int k = 0; k < (R > 0 ? R : n); ++k) mean_dot = lanes::fmadd(gq[k], q[k], mean_dot);
+          mean_dot /= static_cast<float>(d);
+        }
+        // 16-byte x vectors, and projection rows read as 16-byte granules (staged, or aligned)
+        if (p.vec && (p.proj_smem >= 0 || p.proj_vec)) {
           constexpr int V = VecWidth<T>::value;
           for (int64_t v = lane; v < d / V; v += kWarp) {
             float xv[V], out[V];
             load_vec<V>(xrow + v * V, xv);
+            hat_grad_vec<R>(w_rows, w_g, w_nrows, d, n, gq, v * V, lane, out);
+            if (norm) {
 #pragma unroll
-            for (int j = 0; j < V; ++j) {
-              out[j] = hat_grad(v * V + j);
-              mean_dot = lanes::fmadd(out[j], rm::rms_normalized(xv[j], rstd), mean_dot);
+              for (int j = 0; j < V; ++j) {
+                out[j] = rm::rms_norm_input_grad(out[j], rm::rms_normalized(xv[j], rstd), rstd, mean_dot);
+              }
             }
-            if (!p.c.use_norm) store_vec(gxrow + v * V, out);
+            store_vec(gxrow + v * V, out);
           }
         } else {
           for (int64_t i = lane; i < d; i += kWarp) {
             const float gh = hat_grad(i);
-            mean_dot = lanes::fmadd(gh, rm::rms_normalized(to_float(xrow[i]), rstd), mean_dot);
-            if (!p.c.use_norm) store_float(gxrow + i, gh);
-          }
-        }
-        if (p.c.use_norm) {
-          mean_dot = warp_sum(mean_dot) / static_cast<float>(d);
-          if (p.vec) {
-            constexpr int V = VecWidth<T>::value;
-            for (int64_t v = lane; v < d / V; v += kWarp) {
-              float xv[V], out[V];
-              load_vec<V>(xrow + v * V, xv);
-#pragma unroll
-              for (int j = 0; j < V; ++j) {
-                out[j] = rm::rms_norm_input_grad(hat_grad(v * V + j), rm::rms_normalized(xv[j], rstd), rstd, mean_dot);
-              }
-              store_vec(gxrow + v * V, out);
-            }
-          } else {
-            for (int64_t i = lane; i < d; i += kWarp) {
-              store_float(gxrow + i, rm::rms_norm_input_grad(hat_grad(i), rm::rms_normalized(to_float(xrow[i]), rstd),
-                                                             rstd, mean_dot));
-            }
+            store_float(gxrow + i, norm ? rm::rms_norm_input_grad(gh, rm::rms_normalized(to_float(xrow[i]), rstd),
+                                                                   rstd, mean_dot)
+                                        : gh);
           }
         }
       }
@@ -354,96 +429,178 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
 
   if constexpr (M != RouteMode::kSelect) {
     if (p.need_param_grads) {
-      // This warp's slot: its anchor accumulators (from shared memory when they live there).
       if (p.acc_smem >= 0) {
-        float* dst = p.anchor_slots + slot * acc_size;
-        for (int64_t i = lane; i < acc_size; i += kWarp) dst[i] = acc[i];
+        // The block's slot: its warps' accumulators and scale sums added in warp order.
+        if (lane == 0) logits[0] = grad_scale;  // (the warp's scratch is free after its last token)
+        __syncthreads();
+        const float* warp_acc = smem + p.acc_smem;
+        float* dst = p.anchor_slots + static_cast<int64_t>(blockIdx.x) * acc_size;
+        for (int64_t i = threadIdx.x; i < acc_size; i += blockDim.x) {
+          float s = warp_acc[i];
+          for (int w = 1; w < kWarpsPerBlock; ++w) s += warp_acc[w * acc_size + i];
+          dst[i] = s;
+        }
+        if (threadIdx.x == 0) {
+          float s = smem[p.warp_smem];
+          for (int w = 1; w < kWarpsPerBlock; ++w) s += smem[p.warp_smem + w * p.warp_stride];
+          p.scale_slots[blockIdx.x] = s;
+        }
+      } else if (lane == 0) {
+        p.scale_slots[warp_slot] = grad_scale;  // the warp's accumulators are already its slot
       }
-      if (lane == 0) p.scale_slots[slot] = grad_scale;
     }
   }
 }
 
 // Column partials M[c, k, i] = sum over chunk c's tokens of grad_q[t, k] * x_hat[t, i]; grid
-// (columns / kColumnThreads, chunks, rank chunks of RC).
-template <int RC, typename T>
-__global__ void __launch_bounds__(kColumnThreads)
-    route_backward_column_kernel(const ColumnParams p) {
+// (column groups of 32 V, chunks, rank chunks of RC). Lane l of every warp takes the V columns
+// [V l, V l + V) of the group (one 16-byte x load per token on the vector path, V = 1 otherwise), the
+// block's warps split the chunk's tokens (warp w: tokens w, w + 8, ...), and their sums are added in
+// warp order through shared memory, one rank row at a time: M[c, k] of the group's columns is one
+// partial per block.
+template <int RC, typename T, int V>
+__device__ __forceinline__ void column_partials(const ColumnParams& p) {
+  constexpr int kWarps = kColumnThreads / kWarp;
+  // the warps' sums [warp][j][lane], rows of kWarp + kWarp / V floats: the adding threads (block
+  // column c = V l + j) then read distinct banks
+  constexpr int kRow = kWarp + kWarp / V;
+  __shared__ float red[kWarps * V * kRow];
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const float* __restrict__ rstd = p.rstd;
   const float* __restrict__ grad_q = p.grad_q;
-  float* __restrict__ partials = p.partials;
   const int64_t tokens = p.tokens, d = p.d, chunk = p.chunk;
   const int rp = p.rp;
   const bool use_norm = p.use_norm;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kColumnThreads + threadIdx.x;
-  if (i >= d) return;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t group = static_cast<int64_t>(blockIdx.x) * (kWarp * V);
+  const int64_t i0 = group + static_cast<int64_t>(lane) * V;  // V divides d on the vector path
   const int k0 = blockIdx.z * RC;
   const int64_t t0 = blockIdx.y * chunk;
   const int64_t t1 = t0 + chunk < tokens ? t0 + chunk : tokens;
-  float acc[RC];
+  float acc[RC][V];
 #pragma unroll
-  for (int k = 0; k < RC; ++k) acc[k] = 0.f;
-  for (int64_t t = t0; t < t1; ++t) {
-    const float xh = use_norm ? rm::rms_normalized(to_float(x[t * d + i]), __ldg(rstd + t)) : to_float(x[t * d + i]);
+  for (int k = 0; k < RC; ++k) {
 #pragma unroll
-    for (int k = 0; k < RC; ++k) acc[k] = lanes::fmadd(__ldg(grad_q + t * rp + k0 + k), xh, acc[k]);
+    for (int j = 0; j < V; ++j) acc[k][j] = 0.f;
   }
+  if (i0 < d) {
+    for (int64_t t = t0 + warp; t < t1; t += kWarps) {
+      float xh[V];
+      if constexpr (V > 1) {
+        load_vec<V>(x + t * d + i0, xh);
+      } else {
+        xh[0] = to_float(x[t * d + i0]);
+      }
+      if (use_norm) {
+        const float r = __ldg(rstd + t);
 #pragma unroll
-  for (int k = 0; k < RC; ++k) partials[(blockIdx.y * static_cast<int64_t>(rp) + k0 + k) * d + i] = acc[k];
+        for (int j = 0; j < V; ++j) xh[j] = rm::rms_normalized(xh[j], r);
+      }
+#pragma unroll
+      for (int k = 0; k < RC; ++k) {
+        const float g = __ldg(grad_q + t * rp + k0 + k);
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[k][j] = lanes::fmadd(g, xh[j], acc[k][j]);
+      }
+    }
+  }
+  const int c = threadIdx.x;  // the block column this thread adds: lane c / V's column j = c % V
+  const int64_t i = group + c;
+#pragma unroll
+  for (int k = 0; k < RC; ++k) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) red[(warp * V + j) * kRow + lane] = acc[k][j];
+    __syncthreads();
+    if (c < kWarp * V && i < d) {
+      float s = red[(c % V) * kRow + c / V];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) s += red[(w * V + c % V) * kRow + c / V];
+      p.partials[(blockIdx.y * static_cast<int64_t>(rp) + k0 + k) * d + i] = s;
+    }
+    __syncthreads();
+  }
 }
 
-// Parameter gradients from the partials, each added in a fixed order. Items: d columns
-// (grad_proj, grad_norm_weight), E * H anchors, 1 scale.
-__global__ void route_backward_finalize_kernel(const BackwardFinalizeParams p) {
-  const float* __restrict__ column_partials = p.column_partials;
-  const float* __restrict__ anchor_slots = p.anchor_slots;
-  const float* __restrict__ scale_slots = p.scale_slots;
-  const float* __restrict__ proj = p.proj;
-  const float* __restrict__ g = p.g;
-  const float* __restrict__ anchors = p.anchors;
-  float* __restrict__ acc_total = p.acc_total;
-  float* __restrict__ grad_proj = p.grad_proj;
-  float* __restrict__ grad_norm_weight = p.grad_norm_weight;
-  float* __restrict__ grad_anchors = p.grad_anchors;
-  float* __restrict__ grad_scale = p.grad_scale;
-  const int64_t slots = p.slots, d = p.d;
-  const int chunks = p.chunks, rank = p.rank, rp = p.rp, experts = p.experts;
-  const int anchors_per_expert = p.anchors_per_expert;
-  const float beta = p.beta, eps = p.eps;
-  const int64_t rows = static_cast<int64_t>(experts) * anchors_per_expert;
-  const int64_t items = d + rows + 1;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < items; n += stride) {
-    if (n < d) {
-      // grad_proj[k, i] = g_i * M[k, i]; grad_g[i] = sum_k proj[k, i] * M[k, i].
-      float gg = 0.f;
-      for (int k = 0; k < rank; ++k) {
-        float m = 0.f;
-        for (int c = 0; c < chunks; ++c) m += column_partials[(static_cast<int64_t>(c) * rp + k) * d + n];
-        grad_proj[k * d + n] = g ? g[n] * m : m;
-        gg = lanes::fmadd(proj[k * d + n], m, gg);
+// (2 blocks per SM: without a minimum ptxas 13 keeps <1, bf16> at 32 registers and spills on sm_80)
+template <int RC, typename T>
+__global__ void __launch_bounds__(kColumnThreads, 2)
+    route_backward_column_kernel(const ColumnParams p) {
+  if (p.vec) {
+    column_partials<RC, T, VecWidth<T>::value>(p);
+  } else {
+    column_partials<RC, T, 1>(p);
+  }
+}
+
+// Parameter gradients from the partials, every sum in a fixed order (no float atomics). Block b <
+// column_units adds the column partials of columns [32 b, 32 b + 32) (lane: column; warp w: chunks
+// w, w + 16, ...; then the warps' sums in warp order) into grad_proj and grad_norm_weight; the other
+// blocks add the anchor slots of 32 consecutive accumulator elements ([rp][H][E]) the same way into
+// acc_total ([E * H][rp]). The block that takes the last ticket then finishes every anchor row
+// (anchor_grad needs the whole row) and the scale.
+__device__ __forceinline__ float finalize_warps_sum(int lane) {
+  float s = smf(4 + lane);
+#pragma unroll
+  for (int w = 1; w < kFinalizeWarps; ++w) s += smf(4 + w * kWarp + lane);
+  return s;
+}
+
+__global__ void __launch_bounds__(kFinalizeThreads) route_backward_finalize_kernel(const BackwardFinalizeParams p) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t d = p.d, slots = p.slots;
+  const int rank = p.rank, rp = p.rp, E = p.experts, H = p.anchors_per_expert;
+  const int64_t rows = static_cast<int64_t>(E) * H;
+  const int64_t acc_size = rows * rp;
+  const int red = 4 + warp * kWarp + lane;  // this thread's word of the warps' sums
+  if (blockIdx.x < static_cast<unsigned>(p.column_units)) {
+    // grad_proj[k, i] = g_i * M[k, i]; grad_g[i] = sum_k proj[k, i] * M[k, i].
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarp + lane;
+    float gg = 0.f;
+    for (int k = 0; k < rank; ++k) {
+      float m = 0.f;
+      if (i < d) {
+        for (int c = warp; c < p.chunks; c += kFinalizeWarps) m += p.column_partials[(static_cast<int64_t>(c) * rp + k) * d + i];
       }
-      if (g) grad_norm_weight[n] = gg;
-    } else if (n < d + rows) {
-      const int64_t a = n - d;  // anchor row e * H + h
-      const int64_t e = a / anchors_per_expert, h = a % anchors_per_expert;
-      const int64_t acc_size = rows * rp;
-      float* acc = acc_total + a * rp;
-      for (int i = 0; i < rp; ++i) {
-        const int64_t off = (static_cast<int64_t>(i) * anchors_per_expert + h) * experts + e;
-        float s = 0.f;
-        for (int64_t sl = 0; sl < slots; ++sl) s += anchor_slots[sl * acc_size + off];
-        acc[i] = s;
+      smf(red) = m;
+      __syncthreads();
+      if (warp == 0 && i < d) {
+        m = finalize_warps_sum(lane);
+        p.grad_proj[k * d + i] = p.g ? p.g[i] * m : m;
+        gg = lanes::fmadd(p.proj[k * d + i], m, gg);
       }
-      const float* row = anchors + a * rank;
-      const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r(row, row, rank)), beta, eps);
-      rm::anchor_grad(acc, row, c, rank, grad_anchors + a * rank);
-    } else {
-      float s = 0.f;
-      for (int64_t sl = 0; sl < slots; ++sl) s += scale_slots[sl];
-      *grad_scale = s;
+      __syncthreads();
     }
+    if (warp == 0 && i < d && p.g) p.grad_norm_weight[i] = gg;
+  } else {
+    const int64_t o = (static_cast<int64_t>(blockIdx.x) - p.column_units) * kWarp + lane;  // [rp][H][E]
+    float s = 0.f;
+    if (o < acc_size) {
+      for (int64_t sl = warp; sl < slots; sl += kFinalizeWarps) s += p.anchor_slots[sl * acc_size + o];
+    }
+    smf(red) = s;
+    __syncthreads();
+    if (warp == 0 && o < acc_size) {
+      const int64_t i = o / rows, a = (o % rows) % E * H + (o % rows) / E;  // row a = e * H + h
+      p.acc_total[a * rp + i] = finalize_warps_sum(lane);
+    }
+  }
+  if (!last_ticket(p.counters, 0, gridDim.x)) return;
+  // --- the last block: every anchor row, then the scale (its slots striped over the threads, the
+  // threads' sums added in thread order by the warps' sums)
+  for (int64_t a = threadIdx.x; a < rows; a += blockDim.x) {
+    const float* row = p.anchors + a * rank;
+    const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r(row, row, rank)), p.beta, p.eps);
+    rm::anchor_grad(p.acc_total + a * rp, row, c, rank, p.grad_anchors + a * rank);
+  }
+  float s = 0.f;
+  for (int64_t sl = threadIdx.x; sl < slots; sl += blockDim.x) s += p.scale_slots[sl];
+  s = warp_sum(s);
+  if (lane == 0) smf(4 + warp) = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = smf(4);
+    for (int w = 1; w < kFinalizeWarps; ++w) total += smf(4 + w);
+    *p.grad_scale = total;
   }
 }
 

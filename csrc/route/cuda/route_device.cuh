@@ -88,10 +88,6 @@ __device__ __forceinline__ float warp_max(float v) {
 
 __device__ __forceinline__ bool warp_any(bool v) { return __any_sync(kFullMask, v); }
 
-__device__ __forceinline__ void stage_to_smem(const float* src, float* dst, int64_t n) {
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = __ldg(src + i);
-}
-
 // Whether a row holds a non-finite value (the warp's answer, in every lane).
 template <typename T>
 __device__ __forceinline__ bool warp_row_has_non_finite(const T* xrow, int64_t d, int lane) {

@@ -124,12 +124,12 @@ __device__ __forceinline__ void stage_projection(const ForwardParams& p, int row
 
 // anchor_hat[(i * H + h) * E + e] = coef(|a_eh|) a_eh[i] (0 for i >= rank): one (e, h) row per
 // thread, e fastest so that the transposed stores are consecutive words.
-__device__ __forceinline__ void stage_anchors(const ForwardParams& p, int anchor_hat) {
-  const int E = p.c.experts, H = p.c.anchors, rank = p.c.rank, rp = p.c.rp;
+__device__ __forceinline__ void stage_anchors(const float* anchors, const KernelConfig& kc, int anchor_hat) {
+  const int E = kc.experts, H = kc.anchors, rank = kc.rank, rp = kc.rp;
   for (int row = threadIdx.x; row < E * H; row += blockDim.x) {
     const int e = row % E, h = row / E;
-    const float* a = p.anchors + (static_cast<int64_t>(e) * H + h) * rank;
-    const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r(a, a, rank)), p.c.beta, p.c.eps);
+    const float* a = anchors + (static_cast<int64_t>(e) * H + h) * rank;
+    const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r(a, a, rank)), kc.beta, kc.eps);
     for (int i = 0; i < rp; ++i) smf(anchor_hat + (i * H + h) * E + e) = i < rank ? c.coef * a[i] : 0.f;
   }
 }
@@ -713,7 +713,7 @@ __global__ void __launch_bounds__(forward_max_warps(R) * kWarp, 1) route_forward
   bool resident = false;
   if constexpr (M != RouteMode::kSelect) {
     // normalised anchors: staged here, or prepared in global memory when they do not fit
-    if (p.anchor_smem >= 0) stage_anchors(p, p.anchor_smem);
+    if (p.anchor_smem >= 0) stage_anchors(p.anchors, p.c, p.anchor_smem);
     // One row block whose columns all fit: staged once for every chunk of this block.
     const int64_t range = p.splits > 1 ? p.split_cols : p.c.d;
     resident = tile_rows(R) == p.c.rp && range <= p.stage_cols;

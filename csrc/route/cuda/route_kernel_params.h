@@ -20,12 +20,15 @@ enum class RouteMode : int { kRoute = 0, kLogits = 1, kSelect = 2 };
 constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 4;  // backward token kernel
 constexpr int kThreads = kWarp * kWarpsPerBlock;
-constexpr int kMaxBackwardBlocks = 256;
 constexpr int kColumnThreads = 256;
 constexpr int kMaxColumnChunks = 64;
 constexpr int kMinColumnChunk = 64;
 constexpr int kGenericChunk = 8;  // rank chunk of the generic (r > 32) kernels
 constexpr int kElementwiseThreads = 256;
+// route_backward_finalize_kernel: a block adds the slots (or column chunks) of 32 consecutive
+// elements, its warps striding over them, then the warps' sums in warp order.
+constexpr int kFinalizeWarps = 16;
+constexpr int kFinalizeThreads = kWarp * kFinalizeWarps;
 constexpr int kMaxElementwiseBlocks = 1024;
 
 // Minimum resident blocks per SM for the backward token kernel's __launch_bounds__ (R: the template
@@ -53,14 +56,11 @@ L2R_HD constexpr int forward_max_warps(int R) { return R == 32 ? kMaxForwardWarp
 constexpr int kMaxSplitTiles = 64;
 constexpr int kRouteCounterWords = 128;
 
-// route_prepare_kernel: proj_w = proj * g (zero rows past r), anchor_hat = coef(|a|) a transposed.
+// route_prepare_kernel: anchor_hat = coef(|a|) a transposed, for token kernels whose shared
+// memory cannot hold the normalised anchors.
 struct PrepareParams {
-  const float* proj;     // [r, d]
-  const float* g;        // [d] or null
   const float* anchors;  // [E, H, r]
-  float* proj_w;         // [rp, d]
   float* anchor_hat;     // [rp, H, E]
-  int64_t d;
   int rank, rp, experts, anchors_per_expert;
   float beta, eps;
 };
@@ -120,8 +120,10 @@ struct BackwardParams {
   const float* grad_lse;         // [T] or nullptr
   const float* grad_logits;      // [T, E] (kLogits)
   const void* x;
-  const float* proj_w;
-  const float* anchor_hat;
+  const float* proj;        // [r, d]: staged times g (zero rows to rp) when proj_smem >= 0
+  const float* g;           // [d] norm weight folded into the projection, or nullptr
+  const float* anchors;     // [E, H, r]: normalised and transposed while staged (anchor_smem >= 0)
+  const float* anchor_hat;  // [rp, H, E] by route_prepare_kernel (anchor_smem < 0)
   const float* scale;
   const float* logits_in;        // kSelect
   const bool* padding;
@@ -131,19 +133,22 @@ struct BackwardParams {
   void* grad_x;
   float* grad_logits_out;  // kSelect
   float* grad_q;           // [T, rp] for the column kernel
-  float* anchor_slots;     // [slots, rp * H * E], one slot per warp
+  float* anchor_slots;     // [slots, rp * H * E]: one slot per block (per warp when the warps'
+                           // accumulators do not fit in shared memory: acc_smem < 0)
   float* scale_slots;      // [slots]
   int32_t* bad_index;
+  unsigned* counters;      // the finalize kernel's ticket word, zeroed here (or nullptr)
   KernelConfig c;
   bool vec, need_grad_x, need_param_grads;
+  bool proj_vec;           // d % 4 == 0 and proj, g 16-byte aligned: staged as float4
   int64_t proj_smem, anchor_smem, acc_smem;  // shared-memory offsets (floats) or -1
   int64_t warp_smem, warp_stride;  // per-warp scratch: logits [E] | probs [E] | dL/dp [E] |
                                    // lsum [E] | shift [E] | q [rp] | grad_q [rp] |
                                    // sum dL/ds a_hat [rp] | lane partials [rp, 32] (generic rank)
 };
 
-// route_backward_column_kernel: partials[c, k, i] over chunk c's tokens; grid (columns, chunks,
-// rank chunks).
+// route_backward_column_kernel: partials[c, k, i] over chunk c's tokens; grid (column groups of
+// 32 x-vector widths, chunks, rank chunks).
 struct ColumnParams {
   const void* x;
   const float* rstd;
@@ -152,31 +157,36 @@ struct ColumnParams {
   int64_t tokens, d, chunk;
   int rp;
   bool use_norm;
+  bool vec;  // x rows are 16-byte vectors (route_launch_plan.h rows_aligned)
 };
 
-// route_backward_finalize_kernel: parameter gradients from the partials and slots.
+// route_backward_finalize_kernel: parameter gradients from the partials and slots. Blocks
+// [0, column_units) add the column partials of 32 columns each, the others the anchor slots of 32
+// accumulator elements each; the block that takes the last ticket finishes the anchor rows and the
+// scale.
 struct BackwardFinalizeParams {
-  const float* column_partials;
-  const float* anchor_slots;
-  const float* scale_slots;
+  const float* column_partials;  // [chunks, rp, d]
+  const float* anchor_slots;     // [slots, rp * H * E]
+  const float* scale_slots;      // [slots]
   const float* proj;
   const float* g;
   const float* anchors;
-  float* acc_total;
+  float* acc_total;              // [E * H, rp]: the anchor accumulators summed over the slots
   float* grad_proj;
   float* grad_norm_weight;
   float* grad_anchors;
   float* grad_scale;
+  unsigned* counters;            // one word, zero at launch (the token kernel zeroes it), left zero
   int64_t slots, d;
   int chunks, rank, rp, experts, anchors_per_expert;
   float beta, eps;
+  int32_t column_units;
 };
 
 // The layout every compiler must agree on (LP64 host and 64-bit device).
-L2R_FIELD_AT(PrepareParams, d, 40);
-L2R_FIELD_AT(PrepareParams, anchors_per_expert, 60);
-L2R_FIELD_AT(PrepareParams, eps, 68);
-static_assert(sizeof(PrepareParams) == 72, "PrepareParams");
+L2R_FIELD_AT(PrepareParams, rank, 16);
+L2R_FIELD_AT(PrepareParams, eps, 36);
+static_assert(sizeof(PrepareParams) == 40, "PrepareParams");
 L2R_FIELD_AT(KernelConfig, rank, 24);
 L2R_FIELD_AT(KernelConfig, beta, 44);
 L2R_FIELD_AT(KernelConfig, use_norm, 64);
@@ -189,22 +199,25 @@ L2R_FIELD_AT(ForwardParams, splits, 288);
 L2R_FIELD_AT(ForwardParams, finishers, 308);
 L2R_FIELD_AT(ForwardParams, logit_stride, 332);
 static_assert(sizeof(ForwardParams) == 336, "ForwardParams");
-L2R_FIELD_AT(BackwardParams, bad_index, 144);
-L2R_FIELD_AT(BackwardParams, c, 152);
-L2R_FIELD_AT(BackwardParams, vec, 232);
-L2R_FIELD_AT(BackwardParams, need_param_grads, 234);
-L2R_FIELD_AT(BackwardParams, proj_smem, 240);
-L2R_FIELD_AT(BackwardParams, warp_stride, 272);
-static_assert(sizeof(BackwardParams) == 280, "BackwardParams");
+L2R_FIELD_AT(BackwardParams, bad_index, 160);
+L2R_FIELD_AT(BackwardParams, c, 176);
+L2R_FIELD_AT(BackwardParams, vec, 256);
+L2R_FIELD_AT(BackwardParams, need_param_grads, 258);
+L2R_FIELD_AT(BackwardParams, proj_vec, 259);
+L2R_FIELD_AT(BackwardParams, proj_smem, 264);
+L2R_FIELD_AT(BackwardParams, warp_stride, 296);
+static_assert(sizeof(BackwardParams) == 304, "BackwardParams");
 L2R_FIELD_AT(ColumnParams, tokens, 32);
 L2R_FIELD_AT(ColumnParams, rp, 56);
 L2R_FIELD_AT(ColumnParams, use_norm, 60);
+L2R_FIELD_AT(ColumnParams, vec, 61);
 static_assert(sizeof(ColumnParams) == 64, "ColumnParams");
-L2R_FIELD_AT(BackwardFinalizeParams, slots, 88);
-L2R_FIELD_AT(BackwardFinalizeParams, chunks, 104);
-L2R_FIELD_AT(BackwardFinalizeParams, anchors_per_expert, 120);
-L2R_FIELD_AT(BackwardFinalizeParams, eps, 128);
-static_assert(sizeof(BackwardFinalizeParams) == 136, "BackwardFinalizeParams");
+L2R_FIELD_AT(BackwardFinalizeParams, slots, 96);
+L2R_FIELD_AT(BackwardFinalizeParams, chunks, 112);
+L2R_FIELD_AT(BackwardFinalizeParams, anchors_per_expert, 128);
+L2R_FIELD_AT(BackwardFinalizeParams, eps, 136);
+L2R_FIELD_AT(BackwardFinalizeParams, column_units, 140);
+static_assert(sizeof(BackwardFinalizeParams) == 144, "BackwardFinalizeParams");
 
 }  // namespace route
 }  // namespace l2r

@@ -185,8 +185,12 @@ inline int route_padded_rank(int rank) {
   return (rank + kGenericChunk - 1) / kGenericChunk * kGenericChunk;
 }
 
-inline int backward_blocks(int64_t tokens) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(tokens, kWarpsPerBlock), kMaxBackwardBlocks)));
+// Blocks of the backward token kernel: one wave of blocks_per_sm blocks per SM (what its shared
+// memory and its __launch_bounds__ keep resident: backward_smem), fewer when there are fewer tokens
+// than warps.
+inline int backward_blocks(int64_t tokens, int blocks_per_sm, const DeviceLimits& limits) {
+  const int64_t wave = std::max<int64_t>(1, limits.sm_count) * blocks_per_sm;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(tokens, kWarpsPerBlock), wave)));
 }
 
 struct ColumnChunks {
@@ -199,30 +203,26 @@ inline ColumnChunks column_chunks(int64_t tokens) {
   return {ceil_div(tokens, count), static_cast<int>(count)};
 }
 
-// Workspace regions (floats, each 16-byte aligned).
+// Workspace regions (floats, each 16-byte aligned). Anchor and scale slots: one per block of the
+// token kernel, or one per warp when its warps' accumulators stay in global memory (backward_slots).
 struct BackwardWorkspace {
-  int64_t proj_w, anchor_hat, grad_q, column_partials, anchor_slots, scale_slots, acc_total, total;
+  int64_t anchor_hat, grad_q, column_partials, anchor_slots, scale_slots, acc_total, counters, total;
 };
 
-inline BackwardWorkspace backward_workspace(RouteMode mode, const RouteShape& s) {
+inline BackwardWorkspace backward_workspace(RouteMode mode, const RouteShape& s, int64_t slots) {
   const int rp = route_padded_rank(s.rank);
-  const int64_t slots = static_cast<int64_t>(backward_blocks(s.tokens)) * kWarpsPerBlock;
   const int64_t acc = static_cast<int64_t>(s.experts) * s.anchors * rp;
   BackwardWorkspace w{};
   if (mode == RouteMode::kSelect) return w;
-  w.proj_w = 0;
-  w.anchor_hat = w.proj_w + align4(rp * s.d);
+  w.anchor_hat = 0;
   w.grad_q = w.anchor_hat + align4(acc);
   w.column_partials = w.grad_q + align4(s.tokens * rp);
   w.anchor_slots = w.column_partials + align4(static_cast<int64_t>(column_chunks(s.tokens).count) * rp * s.d);
   w.scale_slots = w.anchor_slots + align4(slots * acc);
   w.acc_total = w.scale_slots + align4(slots);
-  w.total = w.acc_total + align4(acc);
+  w.counters = w.acc_total + align4(acc);
+  w.total = w.counters + 4;
   return w;
-}
-
-inline int64_t route_backward_workspace_floats(RouteMode mode, const RouteShape& s) {
-  return backward_workspace(mode, s).total;
 }
 
 // ---- shared memory -------------------------------------------------------------------------------
@@ -254,36 +254,84 @@ inline int64_t place_smem(int64_t limit_bytes, int64_t budget_bytes, int64_t war
   return used * 4;
 }
 
+// The backward token kernel's shared memory: per-warp scratch, then (in priority order, while they
+// fit) the warps' anchor accumulators, the normalised anchors and the folded projection, within the
+// share of backward_min_blocks blocks per SM; when the projection is then left in global memory
+// (where every token re-reads it) but fits the share of 2 blocks per SM, 2 blocks per SM.
+struct BackwardSmem {
+  int64_t warp_stride = 0, warp_smem = 0, acc_smem = -1, anchor_smem = -1, proj_smem = -1, bytes = -1;
+  int blocks_per_sm = 1;
+};
+
+inline BackwardSmem backward_smem(RouteMode mode, const RouteShape& s, const DeviceLimits& limits, bool param_grads) {
+  const bool scores = mode != RouteMode::kSelect;
+  const int rp = route_padded_rank(s.rank);
+  const int64_t acc_size = static_cast<int64_t>(s.experts) * s.anchors * rp;
+  auto place = [&](int blocks_per_sm) {
+    BackwardSmem b;
+    b.blocks_per_sm = blocks_per_sm;
+    b.warp_stride = align4(5LL * s.experts + 3LL * rp + (rp > 32 ? kWarp * rp : 0));
+    b.bytes = place_smem(limits.smem_per_block_optin, smem_budget(limits, blocks_per_sm), b.warp_stride, 0,
+                         &b.warp_smem,
+                         {{scores && param_grads ? acc_size * kWarpsPerBlock : 0, &b.acc_smem},
+                          {scores ? acc_size : 0, &b.anchor_smem},
+                          {scores ? rp * s.d : 0, &b.proj_smem}});
+    return b;
+  };
+  const BackwardSmem most = place(backward_min_blocks(template_rank(rp)));
+  if (!scores || most.bytes < 0 || most.proj_smem >= 0 || most.blocks_per_sm <= 2) return most;
+  const BackwardSmem two = place(2);
+  return two.proj_smem >= 0 ? two : most;
+}
+
+// The finalize kernel's shared memory: its ticket flag (4 floats) and the warps' sums [warps][32].
+inline int64_t backward_finalize_smem_bytes() { return (4 + kFinalizeWarps * kWarp) * 4; }
+
+// Anchor and scale slots of the token kernel's grid (see BackwardWorkspace).
+inline int64_t backward_slots(RouteMode mode, const RouteShape& s, const DeviceLimits& limits) {
+  const BackwardSmem sm = backward_smem(mode, s, limits, true);
+  const int64_t blocks = backward_blocks(s.tokens, sm.blocks_per_sm, limits);
+  return sm.acc_smem >= 0 ? blocks : blocks * kWarpsPerBlock;
+}
+
+inline int64_t route_backward_workspace_floats(RouteMode mode, const RouteShape& s, const DeviceLimits& limits) {
+  return backward_workspace(mode, s, backward_slots(mode, s, limits)).total;
+}
+
 inline int elementwise_blocks(int64_t n) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kElementwiseThreads), kMaxElementwiseBlocks)));
 }
 
+// Bytes of one element of a scoring kernel's x (float32, float16 or bfloat16).
+inline int64_t score_elem_bytes(DType type) { return type == DType::kFloat32 ? 4 : 2; }
+
 inline bool rows_aligned(const void* x, int64_t d, DType type) {
-  const int64_t elem = type == DType::kFloat32 ? 4 : 2;
+  const int64_t elem = score_elem_bytes(type);
   return reinterpret_cast<uintptr_t>(x) % 16 == 0 && (d * elem) % 16 == 0;
+}
+
+// proj rows (and the norm weight, when given) are float4 vectors.
+inline bool proj_rows_aligned(const float* proj, const float* g, int64_t d) {
+  return d % 4 == 0 && reinterpret_cast<uintptr_t>(proj) % 16 == 0 && (g == nullptr || reinterpret_cast<uintptr_t>(g) % 16 == 0);
 }
 
 inline bool supported_score_type(DType t) {
   return t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16;
 }
 
-inline void plan_prepare(LaunchPlan& plan, const float* proj, const float* g, const float* anchors,
-                         const RouteShape& s, int rp, float beta, float eps, float* proj_w, float* anchor_hat) {
+inline void plan_prepare(LaunchPlan& plan, const float* anchors, const RouteShape& s, int rp, float beta, float eps,
+                         float* anchor_hat) {
   PrepareParams pp{};
-  pp.proj = proj;
-  pp.g = g;
   pp.anchors = anchors;
-  pp.proj_w = proj_w;
   pp.anchor_hat = anchor_hat;
-  pp.d = s.d;
   pp.rank = s.rank;
   pp.rp = rp;
   pp.experts = s.experts;
   pp.anchors_per_expert = s.anchors;
   pp.beta = beta;
   pp.eps = eps;
-  const int64_t items = std::max<int64_t>(rp * s.d, static_cast<int64_t>(s.experts) * s.anchors * rp);
-  plan.kernel(route_kernel(RouteKernel::kPrepare), elementwise_blocks(items), kElementwiseThreads, 0, pp);
+  plan.kernel(route_kernel(RouteKernel::kPrepare), elementwise_blocks(static_cast<int64_t>(s.experts) * s.anchors * rp),
+              kElementwiseThreads, 0, pp);
 }
 
 // ---- plans ---------------------------------------------------------------------------------------
@@ -465,8 +513,7 @@ inline LaunchPlan route_forward_launches(RouteMode mode, const RouteShape& shape
   p.split_cols = f.split_cols;
   p.stage_cols = f.stage_cols;
   p.vec = scores && rows_aligned(buf.x, shape.d, buf.x_type);
-  p.proj_vec = scores && shape.d % 4 == 0 && reinterpret_cast<uintptr_t>(buf.proj) % 16 == 0 &&
-               (p.norm_weight == nullptr || reinterpret_cast<uintptr_t>(p.norm_weight) % 16 == 0);
+  p.proj_vec = scores && proj_rows_aligned(buf.proj, p.norm_weight, shape.d);
   p.finishers = static_cast<int32_t>(f.finishers);
   p.proj_smem = f.proj_smem;
   p.anchor_smem = f.anchor_smem;
@@ -479,8 +526,7 @@ inline LaunchPlan route_forward_launches(RouteMode mode, const RouteShape& shape
     plan.memset(p.counters, 0, static_cast<int64_t>(sizeof(unsigned)) * kRouteCounterWords);
   }
   if (f.anchor_hat >= 0) {
-    plan_prepare(plan, buf.proj, nullptr, buf.anchors, shape, f.rp, p.c.beta, p.c.eps, nullptr,
-                 buf.workspace + f.anchor_hat);
+    plan_prepare(plan, buf.anchors, shape, f.rp, p.c.beta, p.c.eps, buf.workspace + f.anchor_hat);
   }
   plan.kernel(token_kernel(RouteKernel::kForward, mode, f.rp, buf.x_type), f.blocks, f.warps * kWarp, f.smem_bytes, p);
   return plan;
@@ -506,7 +552,8 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
     return plan;
   }
   const int rp = route_padded_rank(shape.rank);
-  const BackwardWorkspace ws = backward_workspace(mode, shape);
+  const int64_t slots = backward_slots(mode, shape, limits);
+  const BackwardWorkspace ws = backward_workspace(mode, shape, slots);
   const float* g = opt.use_norm() ? buf.norm_weight : nullptr;
   BackwardParams p{};
   p.grad_weights = buf.grad_weights;
@@ -514,7 +561,9 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
   p.grad_lse = buf.grad_lse;
   p.grad_logits = buf.grad_logits;
   p.x = buf.x;
-  p.proj_w = buf.workspace + ws.proj_w;
+  p.proj = buf.proj;
+  p.g = g;
+  p.anchors = buf.anchors;
   p.anchor_hat = buf.workspace + ws.anchor_hat;
   p.scale = buf.scale;
   p.logits_in = buf.logits_in;
@@ -533,25 +582,24 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
   p.need_param_grads = scores && buf.need_param_grads;
   p.vec = scores && rows_aligned(buf.x, shape.d, buf.x_type) &&
           (!p.need_grad_x || rows_aligned(buf.grad_x, shape.d, buf.x_type));
-  const bool generic = rp > 32;
-  p.warp_stride = align4(5LL * shape.experts + 3LL * rp + (generic ? kWarp * rp : 0));
-
-  const int64_t budget = smem_budget(limits, backward_min_blocks(template_rank(rp)));
-  const int64_t acc_size = static_cast<int64_t>(shape.experts) * shape.anchors * rp;
-  const int64_t smem = place_smem(limits.smem_per_block_optin, budget, p.warp_stride, 0, &p.warp_smem,
-                                  {{p.need_param_grads ? acc_size * kWarpsPerBlock : 0, &p.acc_smem},
-                                   {scores ? acc_size : 0, &p.anchor_smem},
-                                   {scores ? rp * shape.d : 0, &p.proj_smem}});
-  if (smem < 0) {
+  const BackwardSmem sm = backward_smem(mode, shape, limits, p.need_param_grads);
+  if (sm.bytes < 0) {
     plan.status = Status::kSharedMemoryTooSmall;
     return plan;
   }
-  if (scores) {
-    plan_prepare(plan, buf.proj, g, buf.anchors, shape, rp, p.c.beta, p.c.eps, buf.workspace + ws.proj_w,
-                 buf.workspace + ws.anchor_hat);
+  p.warp_stride = sm.warp_stride;
+  p.warp_smem = sm.warp_smem;
+  p.acc_smem = sm.acc_smem;
+  p.anchor_smem = sm.anchor_smem;
+  p.proj_smem = sm.proj_smem;
+  unsigned* counters = reinterpret_cast<unsigned*>(buf.workspace + ws.counters);
+  p.counters = p.need_param_grads ? counters : nullptr;
+  p.proj_vec = scores && proj_rows_aligned(buf.proj, g, shape.d);
+  if (scores && sm.anchor_smem < 0) {  // anchors the token kernel cannot stage: normalised first
+    plan_prepare(plan, buf.anchors, shape, rp, p.c.beta, p.c.eps, buf.workspace + ws.anchor_hat);
   }
-  const int blocks = backward_blocks(shape.tokens);
-  plan.kernel(token_kernel(RouteKernel::kBackwardToken, mode, rp, buf.x_type), blocks, kThreads, smem, p);
+  const int blocks = backward_blocks(shape.tokens, sm.blocks_per_sm, limits);
+  plan.kernel(token_kernel(RouteKernel::kBackwardToken, mode, rp, buf.x_type), blocks, kThreads, sm.bytes, p);
   if (!p.need_param_grads) return plan;
 
   const ColumnChunks chunks = column_chunks(shape.tokens);
@@ -565,9 +613,11 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
   c.chunk = chunks.size;
   c.rp = rp;
   c.use_norm = opt.use_norm();
+  c.vec = rows_aligned(buf.x, shape.d, buf.x_type);
   const int rc = rp < kGenericChunk ? rp : kGenericChunk;
+  const int64_t group = kWarp * (c.vec ? 16 / score_elem_bytes(buf.x_type) : 1);  // columns per block
   plan.kernel(route_kernel(RouteKernel::kBackwardColumn, rc, buf.x_type),
-              static_cast<uint32_t>(ceil_div(shape.d, kColumnThreads)), static_cast<uint32_t>(chunks.count),
+              static_cast<uint32_t>(ceil_div(shape.d, group)), static_cast<uint32_t>(chunks.count),
               static_cast<uint32_t>(rp / rc), kColumnThreads, 0, c);
 
   BackwardFinalizeParams f{};
@@ -582,7 +632,8 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
   f.grad_norm_weight = buf.grad_norm_weight;
   f.grad_anchors = buf.grad_anchors;
   f.grad_scale = buf.grad_scale;
-  f.slots = static_cast<int64_t>(blocks) * kWarpsPerBlock;
+  f.counters = counters;
+  f.slots = p.acc_smem >= 0 ? blocks : static_cast<int64_t>(blocks) * kWarpsPerBlock;
   f.d = shape.d;
   f.chunks = chunks.count;
   f.rank = shape.rank;
@@ -591,8 +642,10 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
   f.anchors_per_expert = shape.anchors;
   f.beta = p.c.beta;
   f.eps = p.c.eps;
-  const int64_t items = shape.d + static_cast<int64_t>(shape.experts) * shape.anchors + 1;
-  plan.kernel(route_kernel(RouteKernel::kBackwardFinalize), elementwise_blocks(items), kElementwiseThreads, 0, f);
+  f.column_units = static_cast<int32_t>(ceil_div(shape.d, kWarp));
+  const int64_t anchor_units = ceil_div(static_cast<int64_t>(shape.experts) * shape.anchors * rp, kWarp);
+  plan.kernel(route_kernel(RouteKernel::kBackwardFinalize), f.column_units + anchor_units, kFinalizeThreads,
+              backward_finalize_smem_bytes(), f);
   return plan;
 }
 

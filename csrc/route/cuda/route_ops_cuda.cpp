@@ -210,7 +210,8 @@ BackwardResult run_scoring_backward(RouteMode mode, const RouteCall& call, Route
   if (s.tokens > 0 && (output_mask[0] || output_mask[1])) {
     const ScoringInputs in(x_in, proj, anchors, scale, norm_weight, has_norm_weight);
     const at::Tensor q = as_f32(q_in), rstd = as_f32(rstd_in), padding = padding_of(padding_mask);
-    at::Tensor workspace = at::empty({route_backward_workspace_floats(mode, s)}, f);
+    const Launcher launcher(x_in, op);
+    at::Tensor workspace = at::empty({route_backward_workspace_floats(mode, s, launcher.limits)}, f);
     at::Tensor bad_index = at::zeros({1}, x_in.options().dtype(at::kInt));
     in.fill(b);
     b.padding = padding.defined() ? padding.data_ptr<bool>() : nullptr;
@@ -225,7 +226,6 @@ BackwardResult run_scoring_backward(RouteMode mode, const RouteCall& call, Route
     b.grad_norm_weight = has_norm_weight ? grad_norm_weight.data_ptr<float>() : nullptr;
     b.bad_index = bad_index.data_ptr<int32_t>();
     b.workspace = workspace.data_ptr<float>();
-    const Launcher launcher(x_in, op);
     launcher.run(route_backward_launches(mode, s, call.opt, b, launcher.limits), s);
     at::_assert_async(bad_index.eq(0).squeeze(0), "l2r_cuda.route_backward: indices has a value outside [0, E)");
   }
@@ -302,8 +302,9 @@ at::Tensor route_select_backward_cuda(const c10::optional<at::Tensor>& grad_weig
   const at::Tensor gm = grad_mean_probs.has_value()
                             ? mean_grad_per_token(*grad_mean_probs, s, padding_mask, at::kFloat) : at::Tensor();
   const at::Tensor indices = indices_in.to(at::kLong).contiguous(), padding = padding_of(padding_mask);
-  at::Tensor workspace = at::empty({std::max<int64_t>(1, route_backward_workspace_floats(RouteMode::kSelect, s))},
-                                   logits.options());
+  const Launcher launcher(logits_in, op);
+  at::Tensor workspace = at::empty(
+      {std::max<int64_t>(1, route_backward_workspace_floats(RouteMode::kSelect, s, launcher.limits))}, logits.options());
   at::Tensor bad_index = at::zeros({1}, logits.options().dtype(at::kInt));
   RouteBackwardBuffers b;
   b.grad_weights = ptr_or_null(gw);
@@ -315,7 +316,6 @@ at::Tensor route_select_backward_cuda(const c10::optional<at::Tensor>& grad_weig
   b.grad_logits_out = grad_logits.data_ptr<float>();
   b.bad_index = bad_index.data_ptr<int32_t>();
   b.workspace = workspace.data_ptr<float>();
-  const Launcher launcher(logits_in, op);
   launcher.run(route_backward_launches(RouteMode::kSelect, s, call.opt, b, launcher.limits), s);
   at::_assert_async(bad_index.eq(0).squeeze(0), "l2r_cuda.route_from_logits backward: indices has a value outside [0, E)");
   return grad_logits;

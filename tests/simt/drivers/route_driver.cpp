@@ -57,8 +57,10 @@ extern "C" long drv_forward_workspace(int mode, const long* sizes, const double*
 
 extern "C" long drv_backward_workspace(int mode, long tokens, long d, int rank, int experts, int anchors,
                                        int top_k, long seq_len) {
+  DeviceLimits limits;
+  if (current_device_limits(&limits) != cudaSuccess) return -1;
   return static_cast<long>(route_backward_workspace_floats(
-      static_cast<RouteMode>(mode), make_shape(tokens, d, rank, experts, anchors, top_k, seq_len)));
+      static_cast<RouteMode>(mode), make_shape(tokens, d, rank, experts, anchors, top_k, seq_len), limits));
 }
 
 // sizes: tokens, d, rank, experts, anchors, top_k, seq_len
