@@ -27,11 +27,13 @@ from l2r_cuda.jit.ptxas import strip_internal_namespaces
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 ARCHS = ("80", "90")
-# The kernels that address dynamic shared memory through pointers (extern __shared__ + offsets).
-# nvcc keeps such pointers in 32-bit registers (its default short shared-memory pointers); NVRTC
-# 13.0 has no option for that and keeps them in 64 bits, so their register counts differ (see
+# The route kernels that address shared memory through computed offsets in their hot loops (the
+# token kernels' extern __shared__ scratch, the column kernel's static array of the warps' sums).
+# nvcc keeps shared addresses in 32-bit registers (its default short shared-memory pointers); NVRTC
+# 13.0 has no option for that (-Xnvvm passes neither -nvptx-short-ptr nor an llc form of it) and
+# keeps them in 64 bits, so their register counts may differ (see
 # test_nvrtc_addresses_shared_memory_in_64_bits). Every other kernel must match nvcc exactly.
-SHORT_POINTER_KERNELS = ("route_forward_kernel", "route_backward_token_kernel")
+SHORT_POINTER_KERNELS = ("route_forward_kernel", "route_backward_token_kernel", "route_backward_column_kernel")
 
 NO_NVRTC = nvrtc.binding() is None or sources.cuda_include_dir() is None or sources.csrc_dir() is None
 needs_nvrtc = pytest.mark.skipif(NO_NVRTC, reason="no NVRTC binding (cuda-bindings/cupy) or CUDA headers")
@@ -93,7 +95,7 @@ def write_register_table(arch: str, rows: list[tuple[str, int, int]]) -> pathlib
     lines = [f"# Registers per kernel, sm_{arch}: nvcc vs NVRTC", "",
              f"nvcc: tests/test_cuda_compile.py (`ptxas_sm{arch}.md`); NVRTC: `python -m l2r_cuda.jit --check "
              f"--arch sm_{arch}`, both with the flags of l2r_cuda/jit/flags.py. Written by tests/test_jit.py.",
-             "Kernels marked * address dynamic shared memory through pointers, which nvcc keeps in 32 bits and",
+             "Kernels marked * address shared memory through computed offsets, which nvcc keeps in 32 bits and",
              "NVRTC in 64 bits (no NVRTC option changes that): their counts may differ; all others must match.",
              "", "| kernel | nvcc | NVRTC | difference |", "|---|---:|---:|---:|"]
     for kernel, a, b in sorted(rows):
