@@ -90,11 +90,14 @@ std::optional<c10::string_view> optional_str_arg(PyObject* obj) {
   return str_arg(obj);
 }
 
-// Whether route_forward has a CUDA kernel now (nvcc-built, or registered by l2r_cuda.jit later).
-bool has_cuda_kernel() {
+// route_forward's operator, looked up once (the schema lives as long as the library).
+const c10::OperatorHandle& route_forward_operator() {
   static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("l2r_cuda::route_forward", "");
-  return op.hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+  return op;
 }
+
+// Whether route_forward has a CUDA kernel now (nvcc-built, or registered by l2r_cuda.jit later).
+bool has_cuda_kernel() { return route_forward_operator().hasKernelForDispatchKey(c10::DispatchKey::CUDA); }
 
 bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
 bool requires_grad(const std::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); }
@@ -156,9 +159,7 @@ PyObject* route_forward_entry(PyObject* /*module*/, PyObject* const* args, Py_ss
     const int64_t seq_len = args[8] == Py_None ? 0 : int_arg(args[8]);
     if (args[8] != Py_None && seq_len < 1) throw NotHere{};
 
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("l2r_cuda::route_forward", "")
-                               .typed<ForwardSignature>();
+    static const auto op = route_forward_operator().typed<ForwardSignature>();
     const auto call = [&] {
       return op.call(x, proj, anchors, scale, norm_weight, expert_bias, padding_mask, top_k, beta, norm, eps_norm,
                      eps, tau, score, normalize, num_groups, topk_groups, group_score, routed_scaling_factor,
