@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../../common/aten_dtype.h"
+#include "../../common/cache_aligned.h"
 #include "../math/all.h"
 #include "../route_checks.h"
 #include "../route_outputs.h"
@@ -143,7 +144,7 @@ std::vector<int64_t> counted_per_group(const RouteShape& s, const bool* padding)
 // mean_probs [groups, E] and tokens_per_expert (every entry written) from the chunk partials, each
 // group's chunks added in chunk order.
 template <typename A>
-void finish_statistics(const std::vector<A>& prob_partials, const std::vector<int64_t>& count_partials,
+void finish_statistics(const CacheAlignedVector<A>& prob_partials, const std::vector<int64_t>& count_partials,
                        const TokenChunks& chunks, int64_t groups, int E, int E8,
                        const std::vector<int64_t>& counted, A* mean_probs, int64_t* tokens_per_expert) {
   for (int64_t s = 0; s < groups; ++s) {
@@ -182,7 +183,7 @@ void run_forward(ForwardArgs<A>& args, const Kernels<A>& kernels, const RouteSha
     args.padding = padding.data_ptr<bool>();
   }
   args.chunks = cpu_chunks(s);
-  std::vector<A> prob_partials(args.chunks.count * E8, A(0));
+  CacheAlignedVector<A> prob_partials(args.chunks.count * E8, A(0));
   std::vector<int64_t> count_partials(args.chunks.count * E8, 0);
   args.prob_partials = prob_partials.data();
   args.count_partials = count_partials.data();
@@ -374,7 +375,7 @@ BackwardResult run_backward(BackwardArgs<A>& args, const Kernels<A>& kernels, co
   args.need_grad_x = need_grad_x;
   args.need_param_grads = need_param_grads;
   args.chunks = cpu_chunks(s);
-  std::vector<A> partials(need_param_grads ? args.chunks.count * args.partial_size() : 0, A(0));
+  CacheAlignedVector<A> partials(need_param_grads ? args.chunks.count * args.partial_size() : 0, A(0));
   args.partials = need_param_grads ? partials.data() : nullptr;
   if (T > 0 && run_backward_chunks(args, kernels)) report_bad_index(indices, E);
   at::Tensor grad_proj, grad_anchors, grad_scale, grad_norm_weight;
@@ -404,7 +405,7 @@ BackwardResult run_backward(BackwardArgs<A>& args, const Kernels<A>& kernels, co
     grad_norm_weight = has_norm_weight
                            ? at::from_blob(totals.data() + args.proj_partial() + args.anchor_partial(), {d}, f).clone()
                            : at::empty({0}, f);
-    grad_scale = at::full(scale.sizes(), totals[size - 1], f);
+    grad_scale = at::full(scale.sizes(), totals[args.scale_offset()], f);
   } else {
     grad_proj = at::zeros({R, d}, f);
     grad_anchors = at::zeros({E, H, R}, f);

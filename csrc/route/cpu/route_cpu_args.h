@@ -96,7 +96,10 @@ struct BackwardArgs {
     return int64_t(shape.rank) * shape.anchors * (params ? params->experts_padded : 0);
   }
   int64_t norm_partial() const { return params && params->norm_weight ? shape.d : 0; }
-  int64_t partial_size() const { return proj_partial() + anchor_partial() + norm_partial() + 1; }
+  int64_t scale_offset() const { return proj_partial() + anchor_partial() + norm_partial(); }
+  // Rounded up to 16 values, so that every chunk's share starts 64-byte aligned (in aligned storage)
+  // and with it each grad_proj row the kernels load and store a vector at a time.
+  int64_t partial_size() const { return (scale_offset() + 1 + 15) / 16 * 16; }
 };
 
 // The kernels of one instruction set for one math type.

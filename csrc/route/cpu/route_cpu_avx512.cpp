@@ -4,8 +4,10 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")
 #define L2R_ISA avx512
-// GCC 12 warns about its own _mm512_undefined_* placeholders inside the intrinsics headers.
+// GCC 12 warns about its own _mm512_undefined_* / _mm256_undefined_* placeholders inside the
+// intrinsics headers (as "maybe" or, once inlined into the side-by-side scoring, as certain).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include "../../common/lanes_avx512.h"
 #include "route_cpu_kernel.h"

@@ -9,6 +9,7 @@
 #include <memory>
 #include <vector>
 
+#include "../../common/cache_aligned.h"
 #include "../math/all.h"
 #include "../param_version.h"
 #include "route_cpu_args.h"
@@ -21,7 +22,9 @@ inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 template <typename A>
 struct PreparedStorage {
-  std::vector<A> proj_w, proj, norm_weight, anchors_t, anchors;
+  // 64-byte aligned: the kernels load proj_w / proj rows (their stride is a multiple of 16 floats)
+  // and anchors_t rows a whole vector at a time.
+  CacheAlignedVector<A> proj_w, proj, norm_weight, anchors_t, anchors;
   std::vector<math::NormCoef<A>> anchor_coef;  // [E * H]
   Prepared<A> view;
 };
