@@ -39,6 +39,16 @@ def padded_rows(y: torch.Tensor, pad: int) -> torch.Tensor:
     return buf[:, : y.shape[1]]
 
 
+def assert_plan_is_the_reference(lib, indices, E, **kw):
+    """The emulated plan (row map, offsets, dropped counts) equals the reference's, flag clear."""
+    want_rm, want_off, _, want_dropped = reference.permute_plan(indices, E, **kw)
+    row_map, offsets, dropped, flag = emu.plan(lib, indices, E, **kw)
+    assert flag == 0
+    assert torch.equal(row_map, want_rm)
+    assert torch.equal(offsets, want_off)
+    assert torch.equal(dropped, want_dropped)
+
+
 # dtype, d -> row bytes 16 / 8 / 4 / 2 multiples, hence uint4 / uint2 / u32 / u16 copies
 @pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 8), (torch.bfloat16, 4), (torch.bfloat16, 2),
                                      (torch.bfloat16, 3), (torch.float32, 2), (torch.float64, 3)])
@@ -102,12 +112,7 @@ def test_nan_router_weights_rank_last_under_capacity(lib):
     weights[::3, 0] = float("nan")
     weights[1::7, 1] = float("nan")
     kw = dict(align=1, capacity=cap, weights=weights)
-    want_rm, want_off, _, want_dropped = reference.permute_plan(indices, E, **kw)
-    row_map, offsets, dropped, flag = emu.plan(lib, indices, E, **kw)
-    assert flag == 0
-    assert torch.equal(row_map, want_rm)
-    assert torch.equal(offsets, want_off)
-    assert torch.equal(dropped, want_dropped)
+    assert_plan_is_the_reference(lib, indices, E, **kw)
 
 
 @pytest.mark.parametrize("values,cap", [((0.5,), 100), ((0.25, 0.5, 1.0), 170), ((0.5, -0.0, 0.0), 233)])
@@ -120,12 +125,7 @@ def test_tied_router_weights_under_capacity(lib, values, cap):
     g = torch.Generator().manual_seed(3)
     weights = torch.tensor(values)[torch.randint(len(values), (T, k), generator=g)]
     kw = dict(align=1, capacity=cap, weights=weights)
-    want_rm, want_off, _, want_dropped = reference.permute_plan(indices, E, **kw)
-    row_map, offsets, dropped, flag = emu.plan(lib, indices, E, **kw)
-    assert flag == 0
-    assert torch.equal(row_map, want_rm)
-    assert torch.equal(offsets, want_off)
-    assert torch.equal(dropped, want_dropped)
+    assert_plan_is_the_reference(lib, indices, E, **kw)
 
 
 def test_many_experts_rank_by_scanning_the_chunk(lib):
@@ -137,9 +137,4 @@ def test_many_experts_rank_by_scanning_the_chunk(lib):
     pool = torch.tensor(list(range(12)) + list(range(E - 12, E)))
     indices = torch.stack([pool[torch.randperm(len(pool), generator=g)[:k]] for _ in range(T)])
     for kw in (dict(align=8), dict(align=1, capacity=20)):
-        want_rm, want_off, _, want_dropped = reference.permute_plan(indices, E, **kw)
-        row_map, offsets, dropped, flag = emu.plan(lib, indices, E, **kw)
-        assert flag == 0
-        assert torch.equal(row_map, want_rm)
-        assert torch.equal(offsets, want_off)
-        assert torch.equal(dropped, want_dropped)
+        assert_plan_is_the_reference(lib, indices, E, **kw)
