@@ -90,47 +90,63 @@ __device__ __forceinline__ int swizzled(int col) {
 
 // proj * norm_weight, rows [row0, row0 + rows) (zero past the rank), columns [col0, col0 + ncols)
 // (zero past d), into shared w + k * stride + swizzled(c - col0). Every thread of the block calls it.
+// An item is one column granule (consecutive threads: consecutive granules, coalesced) of up to
+// kStageRowsPerItem rows: the norm weight is loaded once per item, not once per row, and the items
+// stay small enough to spread evenly over the threads (no warp with a long chain of loads).
 __device__ __forceinline__ void stage_projection(const ForwardParams& p, int row0, int rows, int64_t col0, int ncols,
                                                  int w, int stride) {
   const int64_t d = p.c.d;
   const int rank = p.c.rank;
   const float* __restrict__ proj = p.proj;
   const float* __restrict__ g = p.norm_weight;
-  if (p.proj_vec) {
-    const int granules = ncols / 4;
-    for (int n = threadIdx.x; n < rows * granules; n += blockDim.x) {
-      const int k = n / granules, gr = n % granules;
-      const int64_t c = col0 + 4 * gr;
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (row0 + k < rank && c < d) {
-        v = __ldg(reinterpret_cast<const float4*>(proj + (row0 + k) * d + c));
-        if (g != nullptr) {
-          const float4 gv = __ldg(reinterpret_cast<const float4*>(g + c));
-          v = make_float4(v.x * gv.x, v.y * gv.y, v.z * gv.z, v.w * gv.w);
+  const int per = p.proj_vec ? 4 : 1;  // columns per granule
+  const int granules = ncols / per;
+  constexpr int kStageRowsPerItem = 4;
+  const int per_group = rows < kStageRowsPerItem ? rows : kStageRowsPerItem;
+  const int groups = (rows + per_group - 1) / per_group;
+  for (int n = threadIdx.x; n < groups * granules; n += blockDim.x) {
+    const int gr = n % granules, k0 = (n / granules) * per_group;
+    const int k1 = k0 + per_group < rows ? k0 + per_group : rows;
+    const int64_t c = col0 + static_cast<int64_t>(per) * gr;
+    if (p.proj_vec) {
+      float4 gv = make_float4(1.f, 1.f, 1.f, 1.f);
+      if (g != nullptr && c < d) gv = __ldg(reinterpret_cast<const float4*>(g + c));
+      for (int k = k0; k < k1; ++k) {
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (row0 + k < rank && c < d) {
+          v = __ldg(reinterpret_cast<const float4*>(proj + (row0 + k) * d + c));
+          if (g != nullptr) v = make_float4(v.x * gv.x, v.y * gv.y, v.z * gv.z, v.w * gv.w);
         }
+        smf4(w + k * stride + swizzled(4 * gr)) = v;
       }
-      smf4(w + k * stride + swizzled(4 * gr)) = v;
-    }
-  } else {
-    for (int n = threadIdx.x; n < rows * ncols; n += blockDim.x) {
-      const int k = n / ncols, cc = n % ncols;
-      const int64_t c = col0 + cc;
-      float v = 0.f;
-      if (row0 + k < rank && c < d) v = g != nullptr ? proj[(row0 + k) * d + c] * g[c] : proj[(row0 + k) * d + c];
-      smf(w + k * stride + swizzled(cc)) = v;
+    } else {
+      const float gc = g != nullptr && c < d ? g[c] : 1.f;
+      for (int k = k0; k < k1; ++k) {
+        float v = 0.f;
+        if (row0 + k < rank && c < d) v = g != nullptr ? proj[(row0 + k) * d + c] * gc : proj[(row0 + k) * d + c];
+        smf(w + k * stride + swizzled(gr)) = v;
+      }
     }
   }
 }
 
-// anchor_hat[(i * H + h) * E + e] = coef(|a_eh|) a_eh[i] (0 for i >= rank): one (e, h) row per
-// thread, e fastest so that the transposed stores are consecutive words.
+// anchor_hat[(i * H + h) * E + e] = coef(|a_eh|) a_eh[i] (0 for i >= rank), in two steps: the raw
+// coordinates copied to their transposed places (element n of the staged array per thread: the
+// stores are consecutive words), then one (e, h) column per thread, e fastest (consecutive words
+// again), its norm from the staged copy and the column scaled in place. Every thread of the block
+// calls it; it ends with a __syncthreads.
 __device__ __forceinline__ void stage_anchors(const float* anchors, const KernelConfig& kc, int anchor_hat) {
   const int E = kc.experts, H = kc.anchors, rank = kc.rank, rp = kc.rp;
+  for (int n = threadIdx.x; n < rank * H * E; n += blockDim.x) {
+    const int e = n % E, h = (n / E) % H, i = n / (E * H);
+    smf(anchor_hat + n) = __ldg(anchors + (static_cast<int64_t>(e) * H + h) * rank + i);
+  }
+  __syncthreads();
   for (int row = threadIdx.x; row < E * H; row += blockDim.x) {
     const int e = row % E, h = row / E;
-    const float* a = anchors + (static_cast<int64_t>(e) * H + h) * rank;
-    const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r(a, a, rank)), kc.beta, kc.eps);
-    for (int i = 0; i < rp; ++i) smf(anchor_hat + (i * H + h) * E + e) = i < rank ? c.coef * a[i] : 0.f;
+    auto a = [&](int i) { return smf(anchor_hat + (i * H + h) * E + e); };
+    const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r_at<float>(a, a, rank)), kc.beta, kc.eps);
+    for (int i = 0; i < rp; ++i) smf(anchor_hat + (i * H + h) * E + e) = i < rank ? c.coef * a(i) : 0.f;
   }
 }
 
