@@ -252,7 +252,7 @@ struct WarpScratch {
   int ss;        // [TT]: raw sums of squares
   int total;     // [TT]: sum of p over experts (sigmoid balance)
   int probs;     // [TT][logit_stride]: logits, then probabilities
-  int keys;      // [TT][logit_stride]: exps, then selection keys
+  int keys;      // [TT][logit_stride]: exps, then selection keys, then selection flags (int)
   int selected;  // [TT][k] (int)
   int selprob;   // [TT][lane_rows(k)]: the selected experts' probabilities
   int group;     // [TT][G]: group scores (grouped selection)
@@ -524,12 +524,29 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
   const int t = lane / L, m = lane % L;
   const bool live = t < ntok;
   const int probs = ws.probs + t * LS, keys = ws.keys + t * LS;
+  // The lane's first kCachedExperts experts (m, m + L, ...) stay in registers from the logits to
+  // the top-k (logit, exp, probability, selection key); the others go through shared memory at
+  // every pass. Every pass visits the lane's experts in ascending order either way.
+  constexpr int kCachedExperts = 4;
+  const bool biased = p.bias != nullptr;
+  float cl[kCachedExperts];  // logits, then probabilities
+  float ck[kCachedExperts];  // exps, then selection keys
   // --- softmax statistics over the token's experts (its L lanes)
   float mx = -lanes::poly::kInf;
   bool nan = false;
-  for (int e = m; e < E; e += L) {
-    nan |= lanes::is_nan(smf(probs + e));
-    mx = lanes::vmax(smf(probs + e), mx);
+#pragma unroll
+  for (int s = 0; s < kCachedExperts; ++s) {
+    const int e = m + s * L;
+    cl[s] = e < E ? smf(probs + e) : 0.f;
+    if (e < E) {
+      nan |= lanes::is_nan(cl[s]);
+      mx = lanes::vmax(cl[s], mx);
+    }
+  }
+  for (int e = m + kCachedExperts * L; e < E; e += L) {
+    const float l = smf(probs + e);
+    nan |= lanes::is_nan(l);
+    mx = lanes::vmax(l, mx);
   }
 #pragma unroll
   for (int o = L / 2; o > 0; o >>= 1) mx = lanes::vmax(__shfl_xor_sync(kFullMask, mx, o), mx);
@@ -538,7 +555,14 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
   st.max = (__ballot_sync(kFullMask, nan) & group_bits) ? lanes::from_bits(int32_t(0x7fc00000)) : mx;
   const float shift = rm::softmax_shift(st.max);
   float sum = 0.f;
-  for (int e = m; e < E; e += L) {
+#pragma unroll
+  for (int s = 0; s < kCachedExperts; ++s) {
+    if (m + s * L < E) {
+      ck[s] = rm::logit_exp(cl[s], shift);
+      sum += ck[s];
+    }
+  }
+  for (int e = m + kCachedExperts * L; e < E; e += L) {
     const float ex = rm::logit_exp(smf(probs + e), shift);
     smf(keys + e) = ex;
     sum += ex;
@@ -548,10 +572,21 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
   st.sum = sum;
   if (m == 0 && live) p.lse[t0 + t] = rm::stats_lse(st);
   float total = 0.f;
-  for (int e = m; e < E; e += L) {
+#pragma unroll
+  for (int s = 0; s < kCachedExperts; ++s) {
+    const int e = m + s * L;
+    if (e < E) {
+      cl[s] = rm::routing_prob(cl[s], ck[s], st.sum, p.c.sigmoid);
+      ck[s] = biased ? rm::selection_key(cl[s], smf(p.bias_smem + e)) : cl[s];
+      smf(probs + e) = cl[s];
+      smf(keys + e) = ck[s];  // group-limited selection reads every key of the token
+      total += cl[s];
+    }
+  }
+  for (int e = m + kCachedExperts * L; e < E; e += L) {
     const float pe = rm::routing_prob(smf(probs + e), smf(keys + e), st.sum, p.c.sigmoid);
     smf(probs + e) = pe;
-    smf(keys + e) = p.bias != nullptr ? rm::selection_key(pe, smf(p.bias_smem + e)) : pe;
+    smf(keys + e) = biased ? rm::selection_key(pe, smf(p.bias_smem + e)) : pe;
     total += pe;
   }
   if (p.c.sigmoid) {
@@ -564,7 +599,17 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
   uint64_t kept = ~uint64_t(0);
   if (p.c.num_groups > 1) kept = kept_groups_of<L>(p, keys, ws.group + t * p.c.num_groups, m);
   const int selected = ws.selected + t * K, selprob = ws.selprob + t * lane_rows(K, TT);
-  const bool biased = p.bias != nullptr;
+  // the cached experts as order keys (0: past E or outside the kept groups), with their
+  // probabilities when biased
+  uint64_t cached[kCachedExperts];
+  float cached_p[kCachedExperts];
+#pragma unroll
+  for (int s = 0; s < kCachedExperts; ++s) {
+    const int e = m + s * L;
+    const bool candidate = e < E && rm::in_kept_group(e, kept, E, p.c.num_groups);
+    cached[s] = candidate ? order_key(ck[s], static_cast<uint32_t>(e)) : 0;
+    cached_p[s] = candidate && biased ? cl[s] : 0.f;
+  }
   uint64_t previous = ~uint64_t(0);
   for (int j = 0; j < K; ++j) {
     // each lane's best candidate, then the token's best over its L lanes; its probability is the
@@ -572,7 +617,14 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
     // weights then read it from selprob: no gather of random experts' probabilities)
     uint64_t best = 0;
     float best_p = 0.f;
-    for (int e = m; e < E; e += L) {
+#pragma unroll
+    for (int s = 0; s < kCachedExperts; ++s) {
+      if (cached[s] < previous && cached[s] > best) {
+        best = cached[s];
+        best_p = cached_p[s];
+      }
+    }
+    for (int e = m + kCachedExperts * L; e < E; e += L) {
       if (!rm::in_kept_group(e, kept, E, p.c.num_groups)) continue;
       const uint64_t key = order_key(smf(keys + e), static_cast<uint32_t>(e));
       if (key < previous && key > best) {
@@ -595,6 +647,18 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
     }
     previous = best;
   }
+  // Selection flags over the keys, for the statistics: the selected experts are the candidates
+  // whose (unique) order keys are at least the last round's.
+#pragma unroll
+  for (int s = 0; s < kCachedExperts; ++s) {
+    const int e = m + s * L;
+    if (e < E) smi(keys + e) = cached[s] != 0 && cached[s] >= previous ? 1 : 0;
+  }
+  for (int e = m + kCachedExperts * L; e < E; e += L) {
+    const uint64_t key =
+        rm::in_kept_group(e, kept, E, p.c.num_groups) ? order_key(smf(keys + e), static_cast<uint32_t>(e)) : 0;
+    smi(keys + e) = key != 0 && key >= previous ? 1 : 0;
+  }
   __syncwarp();
   // --- weights
   float selected_sum = 0.f;
@@ -615,7 +679,7 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
     for (int u = 0; u < ntok; ++u) {
       if (!token_counted(p, t0 + u)) continue;
       s += rm::balance_prob(smf(ws.probs + u * LS + e), smf(ws.total + u), p.c.sigmoid);
-      for (int j = 0; j < K; ++j) n += smi(ws.selected + u * K + j) == e ? 1 : 0;
+      n += smi(ws.keys + u * LS + e);  // the selection flag
     }
     smf(ws.prob_sum + e) = s;
     smi(ws.counts + e) = n;
