@@ -90,47 +90,63 @@ __device__ __forceinline__ int swizzled(int col) {
 
 // proj * norm_weight, rows [row0, row0 + rows) (zero past the rank), columns [col0, col0 + ncols)
 // (zero past d), into shared w + k * stride + swizzled(c - col0). Every thread of the block calls it.
+// An item is one column granule (consecutive threads: consecutive granules, coalesced) of up to
+// kStageRowsPerItem rows: the norm weight is loaded once per item, not once per row, and the items
+// stay small enough to spread evenly over the threads (no warp with a long chain of loads).
 __device__ __forceinline__ void stage_projection(const ForwardParams& p, int row0, int rows, int64_t col0, int ncols,
                                                  int w, int stride) {
   const int64_t d = p.c.d;
   const int rank = p.c.rank;
   const float* __restrict__ proj = p.proj;
   const float* __restrict__ g = p.norm_weight;
-  if (p.proj_vec) {
-    const int granules = ncols / 4;
-    for (int n = threadIdx.x; n < rows * granules; n += blockDim.x) {
-      const int k = n / granules, gr = n % granules;
-      const int64_t c = col0 + 4 * gr;
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (row0 + k < rank && c < d) {
-        v = __ldg(reinterpret_cast<const float4*>(proj + (row0 + k) * d + c));
-        if (g != nullptr) {
-          const float4 gv = __ldg(reinterpret_cast<const float4*>(g + c));
-          v = make_float4(v.x * gv.x, v.y * gv.y, v.z * gv.z, v.w * gv.w);
+  const int per = p.proj_vec ? 4 : 1;  // columns per granule
+  const int granules = ncols / per;
+  constexpr int kStageRowsPerItem = 4;
+  const int per_group = rows < kStageRowsPerItem ? rows : kStageRowsPerItem;
+  const int groups = (rows + per_group - 1) / per_group;
+  for (int n = threadIdx.x; n < groups * granules; n += blockDim.x) {
+    const int gr = n % granules, k0 = (n / granules) * per_group;
+    const int k1 = k0 + per_group < rows ? k0 + per_group : rows;
+    const int64_t c = col0 + static_cast<int64_t>(per) * gr;
+    if (p.proj_vec) {
+      float4 gv = make_float4(1.f, 1.f, 1.f, 1.f);
+      if (g != nullptr && c < d) gv = __ldg(reinterpret_cast<const float4*>(g + c));
+      for (int k = k0; k < k1; ++k) {
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (row0 + k < rank && c < d) {
+          v = __ldg(reinterpret_cast<const float4*>(proj + (row0 + k) * d + c));
+          if (g != nullptr) v = make_float4(v.x * gv.x, v.y * gv.y, v.z * gv.z, v.w * gv.w);
         }
+        smf4(w + k * stride + swizzled(4 * gr)) = v;
       }
-      smf4(w + k * stride + swizzled(4 * gr)) = v;
-    }
-  } else {
-    for (int n = threadIdx.x; n < rows * ncols; n += blockDim.x) {
-      const int k = n / ncols, cc = n % ncols;
-      const int64_t c = col0 + cc;
-      float v = 0.f;
-      if (row0 + k < rank && c < d) v = g != nullptr ? proj[(row0 + k) * d + c] * g[c] : proj[(row0 + k) * d + c];
-      smf(w + k * stride + swizzled(cc)) = v;
+    } else {
+      const float gc = g != nullptr && c < d ? g[c] : 1.f;
+      for (int k = k0; k < k1; ++k) {
+        float v = 0.f;
+        if (row0 + k < rank && c < d) v = g != nullptr ? proj[(row0 + k) * d + c] * gc : proj[(row0 + k) * d + c];
+        smf(w + k * stride + swizzled(gr)) = v;
+      }
     }
   }
 }
 
-// anchor_hat[(i * H + h) * E + e] = coef(|a_eh|) a_eh[i] (0 for i >= rank): one (e, h) row per
-// thread, e fastest so that the transposed stores are consecutive words.
+// anchor_hat[(i * H + h) * E + e] = coef(|a_eh|) a_eh[i] (0 for i >= rank), in two steps: the raw
+// coordinates copied to their transposed places (element n of the staged array per thread: the
+// stores are consecutive words), then one (e, h) column per thread, e fastest (consecutive words
+// again), its norm from the staged copy and the column scaled in place. Every thread of the block
+// calls it; it ends with a __syncthreads.
 __device__ __forceinline__ void stage_anchors(const float* anchors, const KernelConfig& kc, int anchor_hat) {
   const int E = kc.experts, H = kc.anchors, rank = kc.rank, rp = kc.rp;
+  for (int n = threadIdx.x; n < rank * H * E; n += blockDim.x) {
+    const int e = n % E, h = (n / E) % H, i = n / (E * H);
+    smf(anchor_hat + n) = __ldg(anchors + (static_cast<int64_t>(e) * H + h) * rank + i);
+  }
+  __syncthreads();
   for (int row = threadIdx.x; row < E * H; row += blockDim.x) {
     const int e = row % E, h = row / E;
-    const float* a = anchors + (static_cast<int64_t>(e) * H + h) * rank;
-    const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r(a, a, rank)), kc.beta, kc.eps);
-    for (int i = 0; i < rp; ++i) smf(anchor_hat + (i * H + h) * E + e) = i < rank ? c.coef * a[i] : 0.f;
+    auto a = [&](int i) { return smf(anchor_hat + (i * H + h) * E + e); };
+    const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r_at<float>(a, a, rank)), kc.beta, kc.eps);
+    for (int i = 0; i < rp; ++i) smf(anchor_hat + (i * H + h) * E + e) = i < rank ? c.coef * a(i) : 0.f;
   }
 }
 
@@ -236,7 +252,7 @@ struct WarpScratch {
   int ss;        // [TT]: raw sums of squares
   int total;     // [TT]: sum of p over experts (sigmoid balance)
   int probs;     // [TT][logit_stride]: logits, then probabilities
-  int keys;      // [TT][logit_stride]: exps, then selection keys
+  int keys;      // [TT][logit_stride]: exps, then selection keys, then selection flags (int)
   int selected;  // [TT][k] (int)
   int selprob;   // [TT][lane_rows(k)]: the selected experts' probabilities
   int group;     // [TT][G]: group scores (grouped selection)
@@ -508,12 +524,29 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
   const int t = lane / L, m = lane % L;
   const bool live = t < ntok;
   const int probs = ws.probs + t * LS, keys = ws.keys + t * LS;
+  // The lane's first kCachedExperts experts (m, m + L, ...) stay in registers from the logits to
+  // the top-k (logit, exp, probability, selection key); the others go through shared memory at
+  // every pass. Every pass visits the lane's experts in ascending order either way.
+  constexpr int kCachedExperts = 4;
+  const bool biased = p.bias != nullptr;
+  float cl[kCachedExperts];  // logits, then probabilities
+  float ck[kCachedExperts];  // exps, then selection keys
   // --- softmax statistics over the token's experts (its L lanes)
   float mx = -lanes::poly::kInf;
   bool nan = false;
-  for (int e = m; e < E; e += L) {
-    nan |= lanes::is_nan(smf(probs + e));
-    mx = lanes::vmax(smf(probs + e), mx);
+#pragma unroll
+  for (int s = 0; s < kCachedExperts; ++s) {
+    const int e = m + s * L;
+    cl[s] = e < E ? smf(probs + e) : 0.f;
+    if (e < E) {
+      nan |= lanes::is_nan(cl[s]);
+      mx = lanes::vmax(cl[s], mx);
+    }
+  }
+  for (int e = m + kCachedExperts * L; e < E; e += L) {
+    const float l = smf(probs + e);
+    nan |= lanes::is_nan(l);
+    mx = lanes::vmax(l, mx);
   }
 #pragma unroll
   for (int o = L / 2; o > 0; o >>= 1) mx = lanes::vmax(__shfl_xor_sync(kFullMask, mx, o), mx);
@@ -522,7 +555,14 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
   st.max = (__ballot_sync(kFullMask, nan) & group_bits) ? lanes::from_bits(int32_t(0x7fc00000)) : mx;
   const float shift = rm::softmax_shift(st.max);
   float sum = 0.f;
-  for (int e = m; e < E; e += L) {
+#pragma unroll
+  for (int s = 0; s < kCachedExperts; ++s) {
+    if (m + s * L < E) {
+      ck[s] = rm::logit_exp(cl[s], shift);
+      sum += ck[s];
+    }
+  }
+  for (int e = m + kCachedExperts * L; e < E; e += L) {
     const float ex = rm::logit_exp(smf(probs + e), shift);
     smf(keys + e) = ex;
     sum += ex;
@@ -532,10 +572,21 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
   st.sum = sum;
   if (m == 0 && live) p.lse[t0 + t] = rm::stats_lse(st);
   float total = 0.f;
-  for (int e = m; e < E; e += L) {
+#pragma unroll
+  for (int s = 0; s < kCachedExperts; ++s) {
+    const int e = m + s * L;
+    if (e < E) {
+      cl[s] = rm::routing_prob(cl[s], ck[s], st.sum, p.c.sigmoid);
+      ck[s] = biased ? rm::selection_key(cl[s], smf(p.bias_smem + e)) : cl[s];
+      smf(probs + e) = cl[s];
+      smf(keys + e) = ck[s];  // group-limited selection reads every key of the token
+      total += cl[s];
+    }
+  }
+  for (int e = m + kCachedExperts * L; e < E; e += L) {
     const float pe = rm::routing_prob(smf(probs + e), smf(keys + e), st.sum, p.c.sigmoid);
     smf(probs + e) = pe;
-    smf(keys + e) = p.bias != nullptr ? rm::selection_key(pe, smf(p.bias_smem + e)) : pe;
+    smf(keys + e) = biased ? rm::selection_key(pe, smf(p.bias_smem + e)) : pe;
     total += pe;
   }
   if (p.c.sigmoid) {
@@ -548,7 +599,17 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
   uint64_t kept = ~uint64_t(0);
   if (p.c.num_groups > 1) kept = kept_groups_of<L>(p, keys, ws.group + t * p.c.num_groups, m);
   const int selected = ws.selected + t * K, selprob = ws.selprob + t * lane_rows(K, TT);
-  const bool biased = p.bias != nullptr;
+  // the cached experts as order keys (0: past E or outside the kept groups), with their
+  // probabilities when biased
+  uint64_t cached[kCachedExperts];
+  float cached_p[kCachedExperts];
+#pragma unroll
+  for (int s = 0; s < kCachedExperts; ++s) {
+    const int e = m + s * L;
+    const bool candidate = e < E && rm::in_kept_group(e, kept, E, p.c.num_groups);
+    cached[s] = candidate ? order_key(ck[s], static_cast<uint32_t>(e)) : 0;
+    cached_p[s] = candidate && biased ? cl[s] : 0.f;
+  }
   uint64_t previous = ~uint64_t(0);
   for (int j = 0; j < K; ++j) {
     // each lane's best candidate, then the token's best over its L lanes; its probability is the
@@ -556,7 +617,14 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
     // weights then read it from selprob: no gather of random experts' probabilities)
     uint64_t best = 0;
     float best_p = 0.f;
-    for (int e = m; e < E; e += L) {
+#pragma unroll
+    for (int s = 0; s < kCachedExperts; ++s) {
+      if (cached[s] < previous && cached[s] > best) {
+        best = cached[s];
+        best_p = cached_p[s];
+      }
+    }
+    for (int e = m + kCachedExperts * L; e < E; e += L) {
       if (!rm::in_kept_group(e, kept, E, p.c.num_groups)) continue;
       const uint64_t key = order_key(smf(keys + e), static_cast<uint32_t>(e));
       if (key < previous && key > best) {
@@ -579,6 +647,18 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
     }
     previous = best;
   }
+  // Selection flags over the keys, for the statistics: the selected experts are the candidates
+  // whose (unique) order keys are at least the last round's.
+#pragma unroll
+  for (int s = 0; s < kCachedExperts; ++s) {
+    const int e = m + s * L;
+    if (e < E) smi(keys + e) = cached[s] != 0 && cached[s] >= previous ? 1 : 0;
+  }
+  for (int e = m + kCachedExperts * L; e < E; e += L) {
+    const uint64_t key =
+        rm::in_kept_group(e, kept, E, p.c.num_groups) ? order_key(smf(keys + e), static_cast<uint32_t>(e)) : 0;
+    smi(keys + e) = key != 0 && key >= previous ? 1 : 0;
+  }
   __syncwarp();
   // --- weights
   float selected_sum = 0.f;
@@ -599,7 +679,7 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
     for (int u = 0; u < ntok; ++u) {
       if (!token_counted(p, t0 + u)) continue;
       s += rm::balance_prob(smf(ws.probs + u * LS + e), smf(ws.total + u), p.c.sigmoid);
-      for (int j = 0; j < K; ++j) n += smi(ws.selected + u * K + j) == e ? 1 : 0;
+      n += smi(ws.keys + u * LS + e);  // the selection flag
     }
     smf(ws.prob_sum + e) = s;
     smi(ws.counts + e) = n;

@@ -51,6 +51,9 @@ constexpr int kMaxForwardWarps = 16;
 // Warps per block at most for template rank R (the kernel's __launch_bounds__): 16 (a 128-register
 // budget) for every rank but 32, whose 2 x 32 accumulators spill at 128 registers; it gets 8.
 L2R_HD constexpr int forward_max_warps(int R) { return R == 32 ? kMaxForwardWarps / 2 : kMaxForwardWarps; }
+// Few-token grids (fewer blocks than SMs): warps per block that leave each thread at most this many
+// 16-byte loads of the staged projection (route_launch_plan.h forward_layout).
+constexpr int kStageGranulesPerThread = 8;
 // Persistent counters: words a caller keeps zero between launches (every kernel leaves them zero).
 // The forward uses [0] for its finished tiles and [1, 1 + kMaxSplitTiles) for the d-split tiles.
 constexpr int kMaxSplitTiles = 64;

@@ -404,7 +404,6 @@ inline ForwardLayout forward_layout(RouteMode mode, const RouteShape& s, const D
       return f;
     }
   }
-  f.warps = static_cast<int>(warps);
   f.chunks = make_token_chunks(s, warps * f.tt);
   // d split: a chunk's columns over several blocks when the chunks alone would leave SMs idle.
   if (scores && f.chunks.count <= kMaxSplitTiles && 2 * f.chunks.count <= sms && d_units >= 2) {
@@ -413,6 +412,21 @@ inline ForwardLayout forward_layout(RouteMode mode, const RouteShape& s, const D
     f.splits = static_cast<int>(ceil_div(s.d, f.split_cols));
   }
   const int64_t range = f.splits > 1 ? f.split_cols : round_up_to(s.d, 256);
+  // Staging warps: a grid of fewer blocks than SMs (few tokens) is bound by each block's chain of
+  // projection loads (rows x range floats staged by its threads), so such a block gets more warps
+  // than it has token tiles (the chunks keep their size: the extra warps get no tokens and only
+  // stage), for at most kStageGranulesPerThread 16-byte loads per thread, while the staged range
+  // still fits.
+  if (scores && f.chunks.count * f.splits < sms) {
+    const int64_t want = ceil_div(f.rows * range / 4, kWarp * kStageGranulesPerThread);
+    int64_t staging = std::min<int64_t>(forward_max_warps(R), std::max<int64_t>(warps, want));
+    while (staging > warps &&
+           4 + anchors + align4(s.experts) + staging * f.warp_floats + f.rows * range > budget) {
+      staging = std::max<int64_t>(warps, staging / 2);
+    }
+    warps = staging;
+  }
+  f.warps = static_cast<int>(warps);
   const int64_t fixed = 4 + anchors + align4(s.experts) + warps * f.warp_floats;
   if (scores) {
     const int64_t fit = (budget - fixed) / f.rows / 256 * 256;

@@ -30,12 +30,18 @@ L2R_HD NormCoef<V> sips_norm_coef(V n, V beta, V eps) {
   return c;
 }
 
-// <a, b> over the routing dims, in one fixed order (first product, then FMAs).
+// <a, b> over the routing dims, in one fixed order (first product, then FMAs); a_at(i), b_at(i):
+// the coordinates wherever they are (e.g. a strided column of shared memory).
+template <typename T, typename AAt, typename BAt>
+L2R_HD T dot_r_at(AAt&& a_at, BAt&& b_at, int n) {
+  T s = a_at(0) * b_at(0);
+  for (int i = 1; i < n; ++i) s = fmadd(a_at(i), b_at(i), s);
+  return s;
+}
+
 template <typename T>
 L2R_HD T dot_r(const T* a, const T* b, int n) {
-  T s = a[0] * b[0];
-  for (int i = 1; i < n; ++i) s = fmadd(a[i], b[i], s);
-  return s;
+  return dot_r_at<T>([&](int i) { return a[i]; }, [&](int i) { return b[i]; }, n);
 }
 
 // <q, anchor_hat> of one token against the anchors in lanes: a_hat(i) gives lane values of
