@@ -134,7 +134,7 @@ __device__ __forceinline__ void stage_projection(const ForwardParams& p, int row
 // coordinates copied to their transposed places (element n of the staged array per thread: the
 // stores are consecutive words), then one (e, h) column per thread, e fastest (consecutive words
 // again), its norm from the staged copy and the column scaled in place. Every thread of the block
-// calls it; it ends with a __syncthreads.
+// calls it (a __syncthreads separates the two steps); callers __syncthreads before reading it.
 __device__ __forceinline__ void stage_anchors(const float* anchors, const KernelConfig& kc, int anchor_hat) {
   const int E = kc.experts, H = kc.anchors, rank = kc.rank, rp = kc.rp;
   for (int n = threadIdx.x; n < rank * H * E; n += blockDim.x) {
