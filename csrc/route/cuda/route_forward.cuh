@@ -714,8 +714,9 @@ __device__ __forceinline__ void write_chunk_partials(const ForwardParams& p, int
 
 // mean_probs and tokens_per_expert of every statistics group from the chunk partials, each
 // group's chunks added in chunk order: item (group, expert) over `parts` threads, each adding a
-// fixed run of chunks, then the runs in order. scratch: shared offset of 5 * blockDim.x floats
-// (8-byte aligned).
+// fixed run of chunks, then the runs in order. The runs sit part-major ([part][item]) so that
+// consecutive threads touch consecutive shared words (and consecutive experts' partials in global
+// memory). scratch: shared offset of 5 * blockDim.x floats (8-byte aligned).
 __device__ __forceinline__ void finalize_statistics(const ForwardParams& p, int scratch) {
   const TokenChunks& ch = p.chunks;
   const int E = p.c.experts;
@@ -728,7 +729,7 @@ __device__ __forceinline__ void finalize_statistics(const ForwardParams& p, int 
   int64_t* part_count = reinterpret_cast<int64_t*>(part_sum + threads);
   int64_t* part_tokens = part_count + threads;
   for (int64_t n = threadIdx.x; n < items * parts; n += threads) {
-    const int64_t item = n / parts, part = n % parts;
+    const int64_t part = n / items, item = n % items;
     const int64_t s = item / E, e = item % E;
     const int64_t c0 = s * ch.per_seq + part * per_part;
     const int64_t c1 = c0 + per_part < (s + 1) * ch.per_seq ? c0 + per_part : (s + 1) * ch.per_seq;
@@ -754,9 +755,9 @@ __device__ __forceinline__ void finalize_statistics(const ForwardParams& p, int 
     float sum = 0.f;
     int64_t count = 0, tokens = 0;
     for (int64_t part = 0; part < parts; ++part) {
-      sum += part_sum[item * parts + part];
-      count += part_count[item * parts + part];
-      tokens += part_tokens[item * parts + part];
+      sum += part_sum[part * items + item];
+      count += part_count[part * items + item];
+      tokens += part_tokens[part * items + item];
     }
     p.mean_probs[item] = rm::mean_over_tokens(sum, tokens);
     p.tokens_per_expert[item] = count;
