@@ -22,6 +22,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+import tempfile
 
 from setuptools import setup
 from setuptools.command.build_py import build_py as _build_py
@@ -104,6 +105,19 @@ _FLAGS = runpy.run_path(os.path.join(ROOT, "l2r_cuda", "jit", "flags.py"))
 DEVICE_FLAGS = list(_FLAGS["NVCC_ONLY"]) + list(_FLAGS["FP_CONTRACT"])
 
 
+def nvcc_accepts(cuda_home: str, flags: list[str]) -> bool:
+    """Whether this toolkit's nvcc compiles a trivial kernel with `flags` (for undocumented ones)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cu")
+        with open(src, "w") as f:
+            f.write("__global__ void probe(float* p) { p[threadIdx.x] = 1.0f; }\n")
+        cmd = [os.path.join(cuda_home, "bin", "nvcc"), "-ptx", src, "-o", os.path.join(tmp, "probe.ptx"), *flags]
+        try:
+            return subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
+
+
 def kernel_source_files() -> list[str]:
     """What l2r_cuda.jit compiles at run time: the .cu kernels and every header under csrc/."""
     return sorted(p for ext in ("cu", "cuh", "h") for p in glob.glob(os.path.join("csrc", "**", f"*.{ext}"), recursive=True))
@@ -154,6 +168,13 @@ def extensions():
         _log(f"building with CUDA ({why}); archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
         nvcc += DEVICE_FLAGS + ["-DL2R_WITH_CUDA"]
+        # NVRTC's 64-bit shared-memory addressing, so l2r_cuda.jit's kernels match these (flags.py)
+        shared_pointers = list(_FLAGS["NVCC_SHARED_POINTERS_AS_NVRTC"])
+        if nvcc_accepts(cuda_home, shared_pointers):
+            nvcc += shared_pointers
+        else:
+            _log(f"warning: this nvcc rejects {' '.join(shared_pointers)}; building with its default 32-bit "
+                 "shared-memory addresses (l2r_cuda.jit's NVRTC kernels may then differ in registers)")
         ext = cpp_extension.CUDAExtension(
             "l2r_cuda._C", srcs,
             extra_compile_args={"cxx": cxx + ["-DL2R_WITH_CUDA"], "nvcc": nvcc},

@@ -38,8 +38,8 @@ def load_jit_file(name: str):
 _flags = load_jit_file("flags")
 parse_ptxas = load_jit_file("ptxas").parse_ptxas
 # The device flags of setup.py's release build (torch adds the half defines and the C++ standard).
-FLAGS = [_flags.CXX_STANDARD, "-O3", *_flags.NVCC_ONLY, "-DL2R_WITH_CUDA", *_flags.FP_CONTRACT,
-         *_flags.TORCH_HALF_DEFINES, "-Xptxas", "-v"]
+FLAGS = [_flags.CXX_STANDARD, "-O3", *_flags.NVCC_ONLY, *_flags.NVCC_SHARED_POINTERS_AS_NVRTC, "-DL2R_WITH_CUDA",
+         *_flags.FP_CONTRACT, *_flags.TORCH_HALF_DEFINES, "-Xptxas", "-v"]
 
 
 def find_nvcc() -> str | None:

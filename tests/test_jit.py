@@ -21,19 +21,12 @@ import l2r_cuda
 from l2r_cuda import _library
 from l2r_cuda.jit import backend, cache, compiler, nvrtc, sources
 from l2r_cuda.jit.executor import CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, NvrtcExecutor
-from l2r_cuda.jit.flags import FP_CONTRACT, NVCC_ONLY, TORCH_HALF_DEFINES
+from l2r_cuda.jit.flags import FP_CONTRACT, NVCC_ONLY, NVCC_SHARED_POINTERS_AS_NVRTC, TORCH_HALF_DEFINES
 from l2r_cuda.jit.ptxas import strip_internal_namespaces
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 ARCHS = ("80", "90")
-# The route kernels that address shared memory through computed offsets in their hot loops (the
-# token kernels' extern __shared__ scratch, the column kernel's static array of the warps' sums).
-# nvcc keeps shared addresses in 32-bit registers (its default short shared-memory pointers); NVRTC
-# 13.0 has no option for that (-Xnvvm passes neither -nvptx-short-ptr nor an llc form of it) and
-# keeps them in 64 bits, so their register counts may differ (see
-# test_nvrtc_addresses_shared_memory_in_64_bits). Every other kernel must match nvcc exactly.
-SHORT_POINTER_KERNELS = ("route_forward_kernel", "route_backward_token_kernel", "route_backward_column_kernel")
 
 NO_NVRTC = nvrtc.binding() is None or sources.cuda_include_dir() is None or sources.csrc_dir() is None
 needs_nvrtc = pytest.mark.skipif(NO_NVRTC, reason="no NVRTC binding (cuda-bindings/cupy) or CUDA headers")
@@ -95,12 +88,11 @@ def write_register_table(arch: str, rows: list[tuple[str, int, int]]) -> pathlib
     lines = [f"# Registers per kernel, sm_{arch}: nvcc vs NVRTC", "",
              f"nvcc: tests/test_cuda_compile.py (`ptxas_sm{arch}.md`); NVRTC: `python -m l2r_cuda.jit --check "
              f"--arch sm_{arch}`, both with the flags of l2r_cuda/jit/flags.py. Written by tests/test_jit.py.",
-             "Kernels marked * address shared memory through computed offsets, which nvcc keeps in 32 bits and",
-             "NVRTC in 64 bits (no NVRTC option changes that): their counts may differ; all others must match.",
+             "nvcc compiles with NVRTC's 64-bit shared-memory addressing (flags.py: NVCC_SHARED_POINTERS_AS_NVRTC),",
+             "so every kernel must match.",
              "", "| kernel | nvcc | NVRTC | difference |", "|---|---:|---:|---:|"]
     for kernel, a, b in sorted(rows):
-        mark = " *" if any(k in kernel for k in SHORT_POINTER_KERNELS) else ""
-        lines.append(f"| `{kernel}`{mark} | {a} | {b} | {b - a:+d} |")
+        lines.append(f"| `{kernel}` | {a} | {b} | {b - a:+d} |")
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -114,32 +106,26 @@ def test_nvrtc_registers_match_nvcc(nvrtc_records, arch):
                                     f"only nvcc: {sorted(set(nvcc) - set(ours))[:3]}")
     rows = [(ours[name]["kernel"], nvcc[name]["registers"], ours[name]["registers"]) for name in ours]
     write_register_table(arch, rows)
-    differ = [(kernel, a, b) for kernel, a, b in rows if a != b and not any(k in kernel for k in SHORT_POINTER_KERNELS)]
-    assert not differ, f"sm_{arch}: NVRTC and nvcc registers differ: {differ[:5]}"
-    matched = sum(1 for _, a, b in rows if a == b)
-    assert matched >= len(rows) // 2, f"sm_{arch}: only {matched} of {len(rows)} kernels match nvcc's registers"
+    differ = [(kernel, a, b) for kernel, a, b in rows if a != b]
+    assert not differ, (f"sm_{arch}: NVRTC and nvcc registers differ for {len(differ)} of {len(rows)} kernels "
+                        f"(does this nvcc take {' '.join(NVCC_SHARED_POINTERS_AS_NVRTC)}?): {differ[:5]}")
 
 
 @needs_nvrtc
-def test_nvrtc_addresses_shared_memory_in_64_bits():
-    """Why SHORT_POINTER_KERNELS differ: a minimal kernel through NVRTC addresses shared memory with
-    64-bit registers (nvcc: 32-bit; checked where nvcc exists)."""
+def test_nvcc_addresses_shared_memory_as_nvrtc_does():
+    """Why the nvcc build takes NVCC_SHARED_POINTERS_AS_NVRTC: NVRTC addresses shared memory with
+    64-bit registers, nvcc by default with 32-bit ones (different PTX, so different registers), and
+    with that flag nvcc does as NVRTC does (checked where nvcc exists)."""
     src = ("extern __shared__ float smem[];\n__global__ void k(const float* x, float* y, long n) {\n"
            "  for (long i = threadIdx.x; i < n; i += blockDim.x) smem[i] = x[i];\n  __syncthreads();\n"
            "  y[threadIdx.x] = smem[n - 1 - threadIdx.x];\n}\n")
     options = ["--gpu-architecture=sm_90", "-Xptxas=-v"]
     compiled = nvrtc.compile_program(src, "shared.cu", ["k"], options)
     assert compiled.cubin
-    import test_cuda_compile as tcc
 
-    if tcc.NVCC is None:
-        return
-    tmp = ROOT / "build" / "jit_shared_probe"
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "shared.cu").write_text(src)
-    subprocess.run([tcc.NVCC, "-arch=sm_90", "-ptx", str(tmp / "shared.cu"), "-o", str(tmp / "nvcc.ptx")], check=True)
-    nvcc_store = next(line for line in (tmp / "nvcc.ptx").read_text().splitlines() if "st.shared" in line)
-    assert "[%r" in nvcc_store, nvcc_store  # nvcc: a 32-bit shared address
+    def shared_store(ptx: str) -> str:
+        return next(line for line in ptx.splitlines() if "st.shared" in line)
+
     if nvrtc.binding() == "cuda-bindings":
         from cuda.bindings import nvrtc as nv
 
@@ -149,8 +135,21 @@ def test_nvrtc_addresses_shared_memory_in_64_bits():
         ptx = b" " * size
         nv.nvrtcGetPTX(prog, ptx)
         nv.nvrtcDestroyProgram(prog)
-        store = next(line for line in ptx.decode().splitlines() if "st.shared" in line)
-        assert "[%rd" in store, store  # NVRTC: a 64-bit one
+        store = shared_store(ptx.decode())
+        assert re.search(r"\[%rd\d+\]", store), store  # NVRTC: a 64-bit shared address
+    import test_cuda_compile as tcc
+
+    if tcc.NVCC is None:
+        return
+    tmp = ROOT / "build" / "jit_shared_probe"
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "shared.cu").write_text(src)
+    for flags, register in (([], "%r"), (list(NVCC_SHARED_POINTERS_AS_NVRTC), "%rd")):
+        out = tmp / f"nvcc{len(flags)}.ptx"
+        subprocess.run([tcc.NVCC, "-arch=sm_90", "-ptx", str(tmp / "shared.cu"), "-o", str(out), *flags], check=True)
+        store = shared_store(out.read_text())
+        address = re.search(r"\[(%[a-z]+)\d+\]", store)  # the register class of the address
+        assert address is not None and address.group(1) == register, (flags, store)
 
 
 def test_flags_are_the_extension_builds():
@@ -163,6 +162,7 @@ def test_flags_are_the_extension_builds():
         assert flag in options
     setup_py = (ROOT / "setup.py").read_text()
     assert 'list(_FLAGS["NVCC_ONLY"]) + list(_FLAGS["FP_CONTRACT"])' in setup_py
+    assert '_FLAGS["NVCC_SHARED_POINTERS_AS_NVRTC"]' in setup_py
 
 
 @needs_nvrtc
