@@ -69,10 +69,11 @@ def run_route(lib, s: Shape, seed: int = 0) -> dict[str, dict]:
     scale = torch.tensor([4.0])
     norm_weight = 1.0 + 0.1 * torch.randn(s.d, generator=g)
     simt.reset_counters(lib)
-    # As the torch op runs it (route_ops_cuda.cpp keeps no persistent counter buffer): the plan
-    # zeroes its ticket counters with a memset step, one more launch.
+    # As an eager call of the torch op runs it: the executor keeps the ticket counters zero for the
+    # stream (route_ops_cuda.cpp persistent_counters), so the plan has no memset step. (Captured
+    # into a CUDA graph, the plan zeroes a workspace slice instead: one more launch, ~2 us here.)
     fwd = backends._forward(call, x, proj, anchors, scale, norm_weight, None, None, None, seed=seed,
-                            persistent_counters=False)
+                            persistent_counters=True)
     fwd_recs = _records(lib)
     grads = (torch.randn(s.T, s.k, generator=g), torch.randn(s.E, generator=g), None, None)
     saved = (x, proj, anchors, scale, norm_weight, None, None, fwd["indices"], fwd["q"], fwd["rstd"])

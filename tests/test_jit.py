@@ -290,6 +290,14 @@ class FakeDriver:
 class FakeRuntime:
     def __init__(self):
         self.calls = []
+        self.capturing = set()  # streams being captured into a CUDA graph
+
+    def streamIsCapturing(self, stream):
+        return stream in self.capturing
+
+    def malloc(self, size):
+        self.calls.append(("malloc", size))
+        return 0x100000 * len([c for c in self.calls if c[0] == "malloc"])
 
     def memsetAsync(self, ptr, value, size, stream):
         self.calls.append(("memset", ptr, value, size, stream))
@@ -325,6 +333,25 @@ def test_executor_launches_plan_steps_through_the_driver():
     ex.run(0, [(0, "b", (1, 1, 1), (32, 1, 1), 0, params)], 1, 7)
     assert ("device", 1) not in runtime.calls  # a current context: no device switch
     assert compiled[-1] == ("route/cuda/route_cuda.cu", ("b",), (9, 0))
+
+
+def test_executor_keeps_zero_words_per_stream_except_while_capturing():
+    driver, runtime = FakeDriver(), FakeRuntime()
+    ex = NvrtcExecutor(driver=driver, runtime=runtime, compile=None, sources={}, capability=lambda device: (9, 0))
+    words = NvrtcExecutor.ZERO_WORDS_PER_STREAM
+    first = ex.stream_zero_words(0, 0xA, 128)
+    assert first != 0 and runtime.calls == [("device", 0), ("malloc", 4 * words), ("memset", first, 0, 4 * words, 0xA)]
+    assert ex.stream_zero_words(0, 0xA, words) == first  # kept: no second allocation or memset
+    assert len(runtime.calls) == 3
+    other = ex.stream_zero_words(0, 0xB, 128)  # another stream: its own words
+    assert other not in (0, first) and runtime.calls[-1] == ("memset", other, 0, 4 * words, 0xB)
+    assert ex.stream_zero_words(1, 0xA, 128) not in (0, first, other)  # another device: its own too
+    runtime.capturing.add(0xC)
+    calls = len(runtime.calls)
+    assert ex.stream_zero_words(0, 0xC, 128) == 0 and len(runtime.calls) == calls  # a graph zeroes its own
+    runtime.capturing.add(0xA)
+    assert ex.stream_zero_words(0, 0xA, 128) == 0  # even a stream that has words, while it captures
+    assert ex.stream_zero_words(0, 0xB, words + 1) == 0 and ex.stream_zero_words(0, 0xB, 0) == 0
 
 
 def test_executor_needs_cupy():

@@ -128,6 +128,27 @@ def test_bitwise_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("T", [1, 3, 4099])  # T=1, 3: d split over blocks (one ticket word per chunk)
+def test_forward_counters_per_stream(T):
+    """Eager forwards use ticket counters the executor keeps zero per stream (no memset step): calls
+    on concurrent streams, each its own counters, give the default stream's results bit for bit."""
+    inp = make(T=T, d=2048, r=8, E=64, H=4)
+    args = forward_args(*inp, 8)
+    expected = torch.ops.l2r_cuda.route_forward(*args)
+    streams = [torch.cuda.Stream() for _ in range(3)]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    outs = []
+    for _ in range(4):  # interleaved: every stream has several forwards in flight at once
+        for s in streams:
+            with torch.cuda.stream(s):
+                outs.append(torch.ops.l2r_cuda.route_forward(*args))
+    torch.cuda.synchronize()
+    for out in outs:
+        for a, b in zip(out, expected):
+            assert torch.equal(a, b)
+
+
 def test_cuda_graph_capture():
     x, proj, anchors, scale, g, bias = make(T=64, d=128, r=2, E=16, H=2)
     args = forward_args(x, proj, anchors, scale, g, bias, 2)

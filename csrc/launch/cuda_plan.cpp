@@ -23,6 +23,11 @@ DeviceLimits cuda_device_limits(PlanExecutor& executor, const c10::Device& devic
   return limits;
 }
 
+unsigned* cuda_stream_zero_words(PlanExecutor& executor, const c10::Device& device, int words) {
+  const c10::Stream stream = c10::impl::getDeviceGuardImpl(device.type())->getStream(device);
+  return executor.stream_zero_words(device.index(), stream.native_handle(), words);
+}
+
 void run_cuda_plan(PlanExecutor& executor, const LaunchPlan& plan, const c10::Device& device, const char* op) {
   TORCH_CHECK(plan.ok(), "l2r_cuda.", op, ": ", status_message(plan.status));
   if (plan.count == 0) return;

@@ -17,6 +17,9 @@ PlanExecutor& cuda_plan_executor(const char* op);
 // The shared-memory limits of a CUDA device, from the executor.
 DeviceLimits cuda_device_limits(PlanExecutor& executor, const c10::Device& device, const char* op);
 
+// Words of `device` kept zero for the current stream by the executor (PlanExecutor::stream_zero_words),
+// or null (while the stream is captured into a CUDA graph, or when the executor keeps none).
+unsigned* cuda_stream_zero_words(PlanExecutor& executor, const c10::Device& device, int words);
 // Enqueues plan (which must be ok()) on the current stream of `device`; raises what failed.
 void run_cuda_plan(PlanExecutor& executor, const LaunchPlan& plan, const c10::Device& device, const char* op);
 

@@ -22,6 +22,18 @@ class PlanExecutor {
   // Enqueues every step of `plan` on `stream` (a cudaStream_t of `device`) without waiting for
   // them; "" or what failed.
   virtual std::string run(const LaunchPlan& plan, int device, void* stream) = 0;
+
+  // `words` 32-bit words of `device`'s memory, zero now in `stream`'s order, that the executor keeps
+  // for this (device, stream) for the life of the process: for kernels that leave what they use of
+  // them zero (route_kernel_params.h's persistent counters), so a plan needs no memset step before
+  // them. Null (the plan then zeroes a workspace slice itself) when `stream` is being captured into
+  // a CUDA graph (a graph must not depend on memory it did not allocate or zero), when the memory
+  // cannot be had, or from executors that do not keep any. Thread-safe. Streams of one device run
+  // such kernels in their own order, so two streams never share words.
+  virtual unsigned* stream_zero_words(int device, void* stream, int words) {
+    (void)device, (void)stream, (void)words;
+    return nullptr;
+  }
 };
 
 // The executor in use: the override when one is set, else the nvcc kernels of a CUDA build, else

@@ -103,6 +103,25 @@ class PythonExecutor final : public PlanExecutor {
     return {};
   }
 
+  // executor.stream_zero_words(device, stream, words) -> device pointer or 0 (optional method).
+  unsigned* stream_zero_words(int device, void* stream, int words) override {
+    const Gil gil;
+    if (!PyObject_HasAttrString(executor_, "stream_zero_words")) return nullptr;
+    PyObject* result = PyObject_CallMethod(executor_, "stream_zero_words", "iKi", device,
+                                           static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(stream)), words);
+    if (result == nullptr) {
+      PyErr_Clear();  // no words: the plan zeroes its own (the op still runs)
+      return nullptr;
+    }
+    const unsigned long long address = PyLong_AsUnsignedLongLong(result);
+    Py_DECREF(result);
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      return nullptr;
+    }
+    return reinterpret_cast<unsigned*>(static_cast<uintptr_t>(address));
+  }
+
  private:
   PyObject* executor_;
 };
@@ -121,7 +140,9 @@ void register_cuda_ops_once() {
 }
 
 // _C.set_plan_executor(executor or None): executor.limits(device) -> (per-block opt-in, per-SM)
-// shared-memory bytes; executor.run(source, steps, device, stream) enqueues the steps.
+// shared-memory bytes; executor.run(source, steps, device, stream) enqueues the steps; optionally
+// executor.stream_zero_words(device, stream, words) -> the address of words kept zero for that
+// stream, or 0 (PlanExecutor::stream_zero_words).
 PyObject* set_plan_executor(PyObject*, PyObject* executor) {
   // Executors are never freed: a running op may still hold the previous one.
   static std::vector<std::unique_ptr<PythonExecutor>> installed;

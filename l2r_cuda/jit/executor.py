@@ -37,8 +37,8 @@ CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 
 class NvrtcExecutor:
-    """The Python object l2r_cuda._C.set_plan_executor() takes: ``limits(device)`` and
-    ``run(source, steps, device, stream)``. ``driver``/``runtime`` (cupy's modules), ``compile``
+    """The Python object l2r_cuda._C.set_plan_executor() takes: ``limits(device)``,
+    ``run(source, steps, device, stream)`` and ``stream_zero_words(device, stream, words)``. ``driver``/``runtime`` (cupy's modules), ``compile``
     (compile_kernels), ``sources`` and ``capability`` are injectable for tests without a GPU."""
 
     def __init__(self, driver=None, runtime=None, compile: Callable = compile_kernels,
@@ -54,6 +54,7 @@ class NvrtcExecutor:
         self._capability = capability
         self._functions: dict[tuple[int, int, str], int] = {}
         self._modules: list[int] = []  # loaded modules stay loaded for the life of the process
+        self._zero_words: dict[tuple[int, int], int] = {}  # (device, stream) -> device address
         self._lock = threading.Lock()
 
     # -- what l2r_cuda._C calls ---------------------------------------------------------------------
@@ -82,6 +83,28 @@ class NvrtcExecutor:
             struct = ctypes.create_string_buffer(params, len(params))
             pointers = (ctypes.c_void_p * 1)(ctypes.addressof(struct))
             self._driver.launchKernel(function, *grid, *block, smem, stream, ctypes.addressof(pointers), 0)
+
+    # Words per stream kept zero for kernels that leave them zero (the route forward's ticket
+    # counters, csrc/route/cuda/route_kernel_params.h kRouteCounterWords; nvcc_executor.cu keeps as many).
+    ZERO_WORDS_PER_STREAM = 256
+
+    def stream_zero_words(self, device: int, stream: int, words: int) -> int:
+        """The address of ``words`` 32-bit words of ``device``, zero in ``stream``'s order and kept for
+        that stream (the plan then needs no memset step before the kernels that use them), or 0: while
+        ``stream`` is being captured into a CUDA graph, or for more words than are kept."""
+        if not 0 < words <= self.ZERO_WORDS_PER_STREAM or self._runtime.streamIsCapturing(stream):
+            return 0
+        key = (device, stream)
+        with self._lock:
+            found = self._zero_words.get(key)
+            if found is None:
+                if self._driver.ctxGetCurrent() == 0:  # as in run()
+                    self._runtime.setDevice(device)
+                nbytes = 4 * self.ZERO_WORDS_PER_STREAM
+                found = self._runtime.malloc(nbytes)  # never freed: a later op on the stream reuses it
+                self._runtime.memsetAsync(found, 0, nbytes, stream)
+                self._zero_words[key] = found
+        return found
 
     # -- kernels ------------------------------------------------------------------------------------
 

@@ -3,7 +3,10 @@
 // (streams come in as void*), like the kernels it launches.
 #include <cuda_runtime.h>
 
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 #include "../../permute/cuda/permute_launch.h"
 #include "../../route/cuda/route_cuda.h"
@@ -32,6 +35,43 @@ class NvccExecutor final : public PlanExecutor {
                                                                 : permute::execute_permute_plan(plan, s);
     return err == cudaSuccess ? std::string() : cuda_failure("CUDA kernel launch failed", err);
   }
+
+  unsigned* stream_zero_words(int device, void* stream, int words) override {
+    if (words <= 0 || words > kZeroWordsPerStream) return nullptr;
+    const cudaStream_t s = static_cast<cudaStream_t>(stream);
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(s, &capture) != cudaSuccess) {
+      (void)cudaGetLastError();  // e.g. the legacy stream while another thread captures: no words
+      return nullptr;
+    }
+    if (capture != cudaStreamCaptureStatusNone) return nullptr;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const auto key = std::make_pair(device, stream);
+    const auto found = zero_words_.find(key);
+    if (found != zero_words_.end()) return found->second;
+    // The caller's device guard has made `device` current. Once per stream (cudaMalloc may wait for
+    // the device; every later call is this lookup). Kept for the life of the process (a stream
+    // handle may be reused by a later stream: the words are zero between kernels anyway).
+    void* words_ptr = nullptr;
+    if (cudaMalloc(&words_ptr, sizeof(unsigned) * kZeroWordsPerStream) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return nullptr;
+    }
+    if (cudaMemsetAsync(words_ptr, 0, sizeof(unsigned) * kZeroWordsPerStream, s) != cudaSuccess) {
+      (void)cudaGetLastError();
+      (void)cudaFree(words_ptr);
+      return nullptr;
+    }
+    unsigned* ptr = static_cast<unsigned*>(words_ptr);
+    zero_words_.emplace(key, ptr);
+    return ptr;
+  }
+
+ private:
+  // Enough for every kernel that takes such words (route_kernel_params.h kRouteCounterWords).
+  static constexpr int kZeroWordsPerStream = 256;
+  std::mutex mutex_;
+  std::map<std::pair<int, void*>, unsigned*> zero_words_;
 };
 
 }  // namespace

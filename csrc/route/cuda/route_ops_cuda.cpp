@@ -85,6 +85,11 @@ struct Launcher {
       : executor(cuda_plan_executor(op_name)), device(t.device()), limits(cuda_device_limits(executor, device, op_name)),
         op(op_name) {}
 
+  // The forward's ticket counters (route_kernel_params.h): words the executor keeps zero for the
+  // current stream, so the plan has no memset step; null while a CUDA graph is being captured (the
+  // plan then zeroes a workspace slice, inside the graph).
+  unsigned* persistent_counters() const { return cuda_stream_zero_words(executor, device, kRouteCounterWords); }
+
   void run(const LaunchPlan& plan, const RouteShape& s) const {
     TORCH_CHECK(plan.status != Status::kSharedMemoryTooSmall, "l2r_cuda.", op, ": E = ", s.experts, ", k = ",
                 s.top_k, ", r = ", s.rank, ": ", status_message(plan.status));
@@ -125,6 +130,7 @@ ForwardResult route_forward_cuda(const at::Tensor& x_in, const at::Tensor& proj,
   b.q = q.data_ptr<float>();
   b.rstd = rstd.data_ptr<float>();
   b.workspace = workspace.data_ptr<float>();
+  b.counters = launcher.persistent_counters();
   launcher.run(route_forward_launches(RouteMode::kRoute, s, call.opt, b, launcher.limits), s);
   return result();
 }
@@ -158,6 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_logits_cuda(
   b.rstd = rstd.data_ptr<float>();
   b.logits_out = logits.data_ptr<float>();
   b.workspace = workspace.data_ptr<float>();
+  b.counters = launcher.persistent_counters();
   launcher.run(route_forward_launches(RouteMode::kLogits, s, o, b, launcher.limits), s);
   return {logits, q, rstd};
 }
@@ -185,6 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_sel
   b.logits_in = logits.data_ptr<float>();
   fill_routing(b, out, bias32, padding);
   b.workspace = workspace.data_ptr<float>();
+  b.counters = launcher.persistent_counters();
   launcher.run(route_forward_launches(RouteMode::kSelect, s, call.opt, b, launcher.limits), s);
   return out.tuple();
 }
