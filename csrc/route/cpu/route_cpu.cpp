@@ -382,11 +382,14 @@ BackwardResult run_backward(BackwardArgs<A>& args, const Kernels<A>& kernels, co
   if (need_param_grads) {
     const int64_t size = args.partial_size();
     std::vector<A> totals(size, A(0));
+    // Each total adds its chunks in chunk order from zero; a block of totals at a time takes one
+    // chunk's values after the other (contiguous, vectorizable) rather than one total all its chunks
+    // (a strided gather per value).
     at::parallel_for(0, size, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        A sum = A(0);
-        for (int64_t c = 0; c < args.chunks.count; ++c) sum += partials[c * size + i];
-        totals[i] = sum;
+      A* total = totals.data();
+      for (int64_t c = 0; c < args.chunks.count; ++c) {
+        const A* part = partials.data() + c * size;
+        for (int64_t i = begin; i < end; ++i) total[i] += part[i];
       }
     });
     grad_proj = at::from_blob(totals.data(), {R, d}, {args.proj_row_stride(), 1}, f).clone(at::MemoryFormat::Contiguous);

@@ -617,7 +617,7 @@ int64_t backward_scratch_size(const BackwardArgs<ScalarOf<V>>& a) {
   const int64_t R = a.shape.rank, W = width_of<V>();
   return token_scores_size<ScalarOf<V>>(H, E8) + 2 * int64_t(E8) + R * W + 4 * R +
          int64_t(kGroup) * R + int64_t(kGroup) * W + int64_t(kGroup) * kBackwardBlock +
-         int64_t(kGroup) * (a.shape.d + 16) + 256;
+         2 * int64_t(kGroup) * (a.shape.d + 16) + 256;
 }
 
 // dL/dp of one token: through mean_probs (balancing probabilities) and the selected weights.
@@ -766,6 +766,8 @@ struct ProjectionBackward {
   int64_t stride;
   X* const* gx;           // [count] rows of grad_x
   V* mean_dot;            // [count] lanes of sum_i dL/dx_hat_i * x_hat_i
+  A* row_mean_dot;        // [count] out: mean_i dL/dx_hat_i * x_hat_i (with RMSNorm)
+  const X* const* next_xs;  // [kGroup] rows of the next group (prefetched into L2), or null
 };
 
 // Tokens per backward tile for a row chunk of ROWS: the TT x ROWS grad_q values and 4 lane values
@@ -812,7 +814,15 @@ inline void projection_backward_tile(const ProjectionBackward<V, X>& a, int t0, 
     gx[t] = a.gx[t0 + t];
     stream[t] = streams_row<V>(gx[t], a.stream);
   }
+  const X* next[TT];
+  const bool prefetch = a.next_xs != nullptr;
+#pragma GCC unroll 16
+  for (int t = 0; t < TT; ++t) next[t] = prefetch ? a.next_xs[t0 + t] : nullptr;
   for (int64_t i = b0; i < b1; i += kW) {
+    if (prefetch) {  // the next group's x, position for position: it arrives while that group scores
+#pragma GCC unroll 16
+      for (int t = 0; t < TT; ++t) __builtin_prefetch(next[t] + i, 0, 2);
+    }
     const V gv = g ? lane_load<V>(g + i) : V(A(1));
     V xhat[TT], sum[TT];
 #pragma GCC unroll 16
@@ -939,7 +949,8 @@ inline void projection_backward_tiles(const ProjectionBackward<V, X>& a, int cou
 // that the blocks of W, of grad_proj and of the norm weight stay in L1 while the group's tiles use
 // them, rows in chunks of kMaxRowsInRegisters:
 //   dL/dx~ = W^T grad_q, grad_norm_weight += dL/dx~ * x_hat (token order),
-//   grad_proj += grad_q x~^T (token order), grad_x = rms_norm_input_grad(...).
+//   grad_proj += grad_q x~^T (token order); with RMSNorm dL/dx_hat left in the buffer and each row's
+//   mean_dot in row_mean_dot for grad_x_row, without it grad_x = dL/dx~ written here.
 template <typename V, typename X>
 inline void projection_backward_group(const ProjectionBackward<V, X>& a, int count) {
   using A = ScalarOf<V>;
@@ -1014,19 +1025,52 @@ inline void projection_backward_group(const ProjectionBackward<V, X>& a, int cou
       mean_dot = fmadd(gxn, xhat, mean_dot);
       buf[i] = gxn;
     }
-    if (!a.use_norm || !a.need_grad_x) continue;
-    mean_dot = mean_dot / static_cast<A>(d);
-    const V vr(r), vmd(mean_dot);
-    X* const gxj = a.gx[j];
-    const bool stream = streams_row<V>(gxj, a.stream);
-    for (int64_t i = 0; i < dv; i += kW) {
-      const V xhat = rm::rms_normalized(LaneIO<V>::load(xt + i), vr);
-      store_grad_x(gxj + i, rm::rms_norm_input_grad(lane_load<V>(buf + i), xhat, vr, vmd), stream);
-    }
-    for (int64_t i = dv; i < d; ++i) {
-      const A xhat = rm::rms_normalized(LaneIO<A>::load(xt + i), r);
-      LaneIO<A>::store(a.gx[j] + i, rm::rms_norm_input_grad(buf[i], xhat, r, mean_dot));
-    }
+    if (a.use_norm) a.row_mean_dot[j] = mean_dot / static_cast<A>(d);
+  }
+}
+
+// The RMSNorm rows of grad_x of one group, finished after projection_backward_group (which leaves
+// dL/dx_hat in buffer and mean_dot per row) and written a row at a time by grad_x_row while the next
+// group scores: the row's stores (non-temporal, for a large grad_x) drain while the core computes
+// scores, rather than in one burst that holds the projection up.
+template <typename A, typename X>
+struct PendingGradX {
+  const X* xs[kGroup];
+  X* gx[kGroup];
+  A rstd[kGroup];
+  A mean_dot[kGroup];
+  const A* buffer = nullptr;  // [count][stride] dL/dx_hat
+  int64_t stride = 0;
+  int count = 0;              // rows in the group
+  int done = 0;               // rows written
+};
+
+// grad_x = rms_norm_input_grad(dL/dx_hat, x_hat, rstd, mean_dot) for one row.
+template <typename V, typename X>
+inline void grad_x_row(const X* xt, const ScalarOf<V>* buf, ScalarOf<V> r, ScalarOf<V> mean_dot, int64_t d,
+                       X* gxj, bool stream_output) {
+  using A = ScalarOf<V>;
+  constexpr int kW = width_of<V>();
+  const int64_t dv = d / kW * kW;
+  const V vr(r), vmd(mean_dot);
+  const bool stream = streams_row<V>(gxj, stream_output);
+  for (int64_t i = 0; i < dv; i += kW) {
+    const V xhat = rm::rms_normalized(LaneIO<V>::load(xt + i), vr);
+    store_grad_x(gxj + i, rm::rms_norm_input_grad(lane_load<V>(buf + i), xhat, vr, vmd), stream);
+  }
+  for (int64_t i = dv; i < d; ++i) {
+    const A xhat = rm::rms_normalized(LaneIO<A>::load(xt + i), r);
+    LaneIO<A>::store(gxj + i, rm::rms_norm_input_grad(buf[i], xhat, r, mean_dot));
+  }
+}
+
+// Writes the pending group's rows up to `upto` (at most its count).
+template <typename V, typename X>
+inline void write_pending_grad_x(PendingGradX<ScalarOf<V>, X>& p, int upto, int64_t d, bool stream) {
+  if (upto > p.count) upto = p.count;
+  for (; p.done < upto; ++p.done) {
+    const int j = p.done;
+    grad_x_row<V, X>(p.xs[j], p.buffer + j * p.stride, p.rstd[j], p.mean_dot[j], d, p.gx[j], stream);
   }
 }
 
@@ -1049,9 +1093,13 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
   A* grad_q = arena.take(int64_t(kGroup) * R);
   V* mean_dot = reinterpret_cast<V*>(arena.take(int64_t(kGroup) * width_of<V>()));
   A* xn = arena.take(int64_t(kGroup) * kBackwardBlock);
-  A* buffer = arena.take(int64_t(kGroup) * stride);
+  // Two group buffers: one group's dL/dx_hat waits in one (pending) while the next fills the other.
+  A* buffers[2] = {arena.take(int64_t(kGroup) * stride), arena.take(int64_t(kGroup) * stride)};
+  int buffer_turn = 0;
   const X* x = static_cast<const X*>(a.x);
   X* grad_x = static_cast<X*>(a.grad_x);
+  const bool defer_grad_x = a.need_grad_x && a.opt.use_norm;
+  PendingGradX<A, X> pending;
 
   for (int64_t c = c_begin; c < c_end; ++c) {
     const int64_t t_begin = a.chunks.begin(c), t_end = a.chunks.end(c);
@@ -1096,8 +1144,12 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
       for (int i = 0; i < R; ++i) gq[i] = rm::query_grad(q[i], ds_anchor_hat[i], ds_u_sum, P->scale, qc);
       xs[j_group] = x + t * d;
       gxs[j_group] = grad_x ? grad_x + t * d : nullptr;
+      if (defer_grad_x) write_pending_grad_x<V, X>(pending, j_group + 1, d, a.stream_grad_x);
       if (j_group == kGroup - 1 || t + 1 == t_end) {
         const int64_t t0 = t - j_group;
+        if (defer_grad_x) write_pending_grad_x<V, X>(pending, kGroup, d, a.stream_grad_x);
+        A* buffer = buffers[buffer_turn];
+        A row_mean_dot[kGroup];
         ProjectionBackward<V, X> pb;
         pb.xs = xs;
         pb.W = P->proj;
@@ -1117,12 +1169,33 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
         pb.stride = stride;
         pb.gx = gxs;
         pb.mean_dot = mean_dot;
+        pb.row_mean_dot = row_mean_dot;
         pb.stream = a.stream_grad_x;
         pb.xn = xn;
+        const X* next_xs[kGroup];
+        for (int j = 0; j < kGroup; ++j) {
+          const int64_t tn = t0 + kGroup + j < a.shape.tokens ? t0 + kGroup + j : a.shape.tokens - 1;
+          next_xs[j] = x + tn * d;
+        }
+        pb.next_xs = next_xs;
         projection_backward_group<V, X>(pb, j_group + 1);
+        if (defer_grad_x) {
+          pending.count = j_group + 1;
+          pending.done = 0;
+          pending.buffer = buffer;
+          pending.stride = stride;
+          for (int j = 0; j < pending.count; ++j) {
+            pending.xs[j] = xs[j];
+            pending.gx[j] = gxs[j];
+            pending.rstd[j] = a.rstd[t0 + j];
+            pending.mean_dot[j] = row_mean_dot[j];
+          }
+          buffer_turn ^= 1;
+        }
       }
     }
   }
+  if (defer_grad_x) write_pending_grad_x<V, X>(pending, kGroup, d, a.stream_grad_x);
 }
 
 template <typename V>
