@@ -59,8 +59,8 @@ def test_kernel_sources_list_every_planned_instantiation():
         assert len(set(s.kernels)) == len(s.kernels), f"duplicate instantiations in {s.path}"
     route = next(s for s in listed.values() if s.path.startswith("route"))
     # 7 ranks x 3 x types x 2 modes + the select kernel, for forward and backward; 4 x 3 column
-    # kernels; prepare and the backward's finalize kernel (the forward's last block finalizes).
-    assert len(route.kernels) == 2 * (7 * 3 * 2 + 1) + 4 * 3 + 2
+    # kernels; prepare (the forward's and the column kernel's last blocks finalize).
+    assert len(route.kernels) == 2 * (7 * 3 * 2 + 1) + 4 * 3 + 1
     assert "l2r::route::route_forward_kernel<0, __nv_bfloat16, l2r::route::RouteMode::kLogits>" in route.kernels
 
 

@@ -2,7 +2,8 @@
 on the paths the sample-driven route tests leave out: every rank instantiation in every x dtype on
 both the 16-byte vector and the scalar x path, for route and route_logits; warps that loop over
 several tokens (the forward's token chunks, the backward's one wave of blocks); backward anchor
-accumulators in global memory; several column chunks with a ragged last one; x rows that are 8- but not 16-byte aligned; top-k keys that mix
+accumulators in global memory; several column chunks with a ragged last one, chunks of several
+staged tiles, the column groups' sums striped over threads; x rows that are 8- but not 16-byte aligned; top-k keys that mix
 NaN with numbers. Forward outputs and gradients against the pure-PyTorch reference (+ autograd)."""
 from __future__ import annotations
 
@@ -152,6 +153,23 @@ def test_backward_warps_loop_over_tokens_and_column_chunks():
     # last one ragged, and every block's anchor slot holding tokens.
     cfg = dict(T=1100, d=40, r=16, H=2, E=5, k=2, beta=0.5, tau=0.7)
     check_route(cfg, inputs(cfg, 0))
+
+
+def test_backward_column_chunks_span_several_staged_tiles():
+    # x rows of 34 floats (not 16-byte vectors: the scalar column path, 2 column groups, the second
+    # of 2 columns) and r = 64 (8 rank chunks of the generic column kernel): 16 column blocks per
+    # chunk leave 16 chunks in one wave of 264 blocks, so 4800 tokens make chunks of 300, staged as
+    # a tile of 256 tokens and a ragged one of 44; the last block of each column group adds the 16
+    # chunks of every rank row.
+    cfg = dict(T=4800, d=34, r=64, H=1, E=5, k=2)
+    check_route(cfg, inputs(cfg, 4))
+
+
+def test_backward_column_group_sum_striped_over_threads():
+    # r = 1, d = 24 (one column group of 6 float4 units): the last block's 256 threads add the 11
+    # chunks in 42 stripes of 6 units (4 threads left out), then the stripes in order.
+    cfg = dict(T=700, d=24, r=1, H=3, E=6, k=2)
+    check_route(cfg, inputs(cfg, 5))
 
 
 def test_backward_projection_kept_in_shared_memory_at_two_blocks_per_sm():

@@ -12,10 +12,12 @@
 // transposed to [rp][H][E] so that the lanes of a warp read consecutive words, are prepared in
 // fp32 by route_prepare_kernel and staged in shared memory when they fit. One wave of blocks loops
 // over the tokens; each block leaves one slot of anchor-gradient and scale partials (its warps' sums
-// added in warp order). A column kernel computes the projection's gradient in token chunks, and the
-// finalize kernel adds chunks and slots with all its threads (striped, then the warps' sums in warp
-// order), the block that finishes last completing the anchor rows. No floating-point atomics: every
-// result is bitwise reproducible run to run.
+// added in warp order). The column kernel computes the projection's gradient in token chunks (one
+// wave of blocks) and finalizes every parameter gradient in the same launch: the block that takes a
+// column group's last ticket adds that group's chunks, extra blocks add the anchor slots, and the one
+// of those that finishes last completes the anchor rows and the scale. Two launches (three with
+// route_prepare_kernel when the anchors do not fit in shared memory). No floating-point atomics:
+// every sum has a fixed order, so every result is bitwise reproducible run to run.
 #include "route_device.cuh"
 #include "route_forward.cuh"
 
@@ -246,7 +248,9 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
   int w_nrows = p.c.rank;
   const float* anchor_hat = p.anchor_hat;
   if constexpr (M != RouteMode::kSelect) {
-    if (p.counters != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *p.counters = 0u;  // the finalize's ticket
+    if (p.counters != nullptr && blockIdx.x == 0) {  // the column kernel's tickets
+      for (int n = threadIdx.x; n < p.counter_words; n += blockDim.x) p.counters[n] = 0u;
+    }
     if (p.proj_smem >= 0) {
       stage_folded_projection(p, smem + p.proj_smem, rp);
       w_rows = smem + p.proj_smem;
@@ -452,19 +456,21 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
   }
 }
 
-// Column partials M[c, k, i] = sum over chunk c's tokens of grad_q[t, k] * x_hat[t, i]; grid
-// (column groups of 32 V, chunks, rank chunks of RC). Lane l of every warp takes the V columns
-// [V l, V l + V) of the group (one 16-byte x load per token on the vector path, V = 1 otherwise), the
-// block's warps split the chunk's tokens (warp w: tokens w, w + 8, ...), and their sums are added in
-// warp order through shared memory, one rank row at a time: M[c, k] of the group's columns is one
-// partial per block.
+// ---- route_backward_column_kernel (route_kernel_params.h ColumnParams) ---------------------------
+
+// Column partials M[c, k, i] = sum over chunk c's tokens of grad_q[t, k] * x_hat[t, i] of the
+// block's column group (32 V columns), chunk c and rank chunk [k0, k0 + RC). Lane l of every warp
+// takes the V columns [V l, V l + V) of the group (one 16-byte x load per token on the vector path,
+// V = 1 otherwise), the block's warps split the chunk's tokens (warp w: tokens w, w + 8, ...), whose
+// grad_q and rstd rows the block stages in shared memory kColumnTile tokens at a time (one x load
+// per token in each warp's chain), and their sums are added in warp order through `red`, one rank
+// row at a time: M[c, k] of the group's columns is one partial per block.
 template <int RC, typename T, int V>
-__device__ __forceinline__ void column_partials(const ColumnParams& p) {
-  constexpr int kWarps = kColumnThreads / kWarp;
+__device__ __forceinline__ void column_partials(const ColumnParams& p, int64_t group, int64_t c, int k0, float* red,
+                                                float* gq_tile, float* rstd_tile) {
   // the warps' sums [warp][j][lane], rows of kWarp + kWarp / V floats: the adding threads (block
   // column c = V l + j) then read distinct banks
   constexpr int kRow = kWarp + kWarp / V;
-  __shared__ float red[kWarps * V * kRow];
   const T* __restrict__ x = static_cast<const T*>(p.x);
   const float* __restrict__ rstd = p.rstd;
   const float* __restrict__ grad_q = p.grad_q;
@@ -472,10 +478,8 @@ __device__ __forceinline__ void column_partials(const ColumnParams& p) {
   const int rp = p.rp;
   const bool use_norm = p.use_norm;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t group = static_cast<int64_t>(blockIdx.x) * (kWarp * V);
   const int64_t i0 = group + static_cast<int64_t>(lane) * V;  // V divides d on the vector path
-  const int k0 = blockIdx.z * RC;
-  const int64_t t0 = blockIdx.y * chunk;
+  const int64_t t0 = c * chunk;
   const int64_t t1 = t0 + chunk < tokens ? t0 + chunk : tokens;
   float acc[RC][V];
 #pragma unroll
@@ -483,110 +487,183 @@ __device__ __forceinline__ void column_partials(const ColumnParams& p) {
 #pragma unroll
     for (int j = 0; j < V; ++j) acc[k][j] = 0.f;
   }
-  if (i0 < d) {
-    for (int64_t t = t0 + warp; t < t1; t += kWarps) {
-      float xh[V];
-      if constexpr (V > 1) {
-        load_vec<V>(x + t * d + i0, xh);
-      } else {
-        xh[0] = to_float(x[t * d + i0]);
+  for (int64_t s0 = t0; s0 < t1; s0 += kColumnTile) {
+    const int n = static_cast<int>(t1 - s0 < kColumnTile ? t1 - s0 : kColumnTile);
+    if constexpr (RC % 4 == 0) {  // rows of RC floats at multiples of 4 (rp, k0 too): 16-byte loads
+      for (int m = threadIdx.x; m < n * (RC / 4); m += kColumnThreads) {
+        const int u = m / (RC / 4), kk = 4 * (m % (RC / 4));
+        *reinterpret_cast<float4*>(gq_tile + u * RC + kk) =
+            __ldg(reinterpret_cast<const float4*>(grad_q + (s0 + u) * rp + k0 + kk));
       }
-      if (use_norm) {
-        const float r = __ldg(rstd + t);
-#pragma unroll
-        for (int j = 0; j < V; ++j) xh[j] = rm::rms_normalized(xh[j], r);
-      }
-#pragma unroll
-      for (int k = 0; k < RC; ++k) {
-        const float g = __ldg(grad_q + t * rp + k0 + k);
-#pragma unroll
-        for (int j = 0; j < V; ++j) acc[k][j] = lanes::fmadd(g, xh[j], acc[k][j]);
+    } else {
+      for (int m = threadIdx.x; m < n * RC; m += kColumnThreads) {
+        gq_tile[m] = __ldg(grad_q + (s0 + m / RC) * rp + k0 + m % RC);
       }
     }
+    if (use_norm) {
+      for (int m = threadIdx.x; m < n; m += kColumnThreads) rstd_tile[m] = __ldg(rstd + s0 + m);
+    }
+    __syncthreads();
+    if (i0 < d) {
+      for (int u = warp; u < n; u += kColumnWarps) {
+        const int64_t t = s0 + u;
+        float xh[V];
+        if constexpr (V > 1) {
+          load_vec<V>(x + t * d + i0, xh);
+        } else {
+          xh[0] = to_float(x[t * d + i0]);
+        }
+        if (use_norm) {
+          const float r = rstd_tile[u];
+#pragma unroll
+          for (int j = 0; j < V; ++j) xh[j] = rm::rms_normalized(xh[j], r);
+        }
+#pragma unroll
+        for (int k = 0; k < RC; ++k) {
+          const float g = gq_tile[u * RC + k];
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[k][j] = lanes::fmadd(g, xh[j], acc[k][j]);
+        }
+      }
+    }
+    __syncthreads();  // the tile is read before the next one overwrites it
   }
-  const int c = threadIdx.x;  // the block column this thread adds: lane c / V's column j = c % V
-  const int64_t i = group + c;
+  const int col = threadIdx.x;  // the block column this thread adds: lane col / V's column j = col % V
+  const int64_t i = group + col;
 #pragma unroll
   for (int k = 0; k < RC; ++k) {
 #pragma unroll
     for (int j = 0; j < V; ++j) red[(warp * V + j) * kRow + lane] = acc[k][j];
     __syncthreads();
-    if (c < kWarp * V && i < d) {
-      float s = red[(c % V) * kRow + c / V];
+    if (col < kWarp * V && i < d) {
+      float s = red[(col % V) * kRow + col / V];
 #pragma unroll
-      for (int w = 1; w < kWarps; ++w) s += red[(w * V + c % V) * kRow + c / V];
-      p.partials[(blockIdx.y * static_cast<int64_t>(rp) + k0 + k) * d + i] = s;
+      for (int w = 1; w < kColumnWarps; ++w) s += red[(w * V + col % V) * kRow + col / V];
+      p.partials[(c * static_cast<int64_t>(rp) + k0 + k) * d + i] = s;
     }
     __syncthreads();
   }
 }
 
-// (2 blocks per SM: without a minimum ptxas 13 keeps <1, bf16> at 32 registers and spills on sm_80)
-template <int RC, typename T>
-__global__ void __launch_bounds__(kColumnThreads, 2)
-    route_backward_column_kernel(const ColumnParams p) {
-  if (p.vec) {
-    column_partials<RC, T, VecWidth<T>::value>(p);
+// W consecutive floats (W = 4: one 16-byte load; the caller keeps them aligned).
+template <int W>
+__device__ __forceinline__ void load_floats(const float* src, float (&v)[W]) {
+  if constexpr (W == 4) {
+    const float4 a = *reinterpret_cast<const float4*>(src);
+    v[0] = a.x;
+    v[1] = a.y;
+    v[2] = a.z;
+    v[3] = a.w;
   } else {
-    column_partials<RC, T, 1>(p);
+#pragma unroll
+    for (int j = 0; j < W; ++j) v[j] = src[j];
   }
 }
 
-// Parameter gradients from the partials, every sum in a fixed order (no float atomics). Block b <
-// column_units adds the column partials of columns [32 b, 32 b + 32) (lane: column; warp w: chunks
-// w, w + 16, ...; then the warps' sums in warp order) into grad_proj and grad_norm_weight; the other
-// blocks add the anchor slots of 32 consecutive accumulator elements ([rp][H][E]) the same way into
-// acc_total ([E * H][rp]). The block that takes the last ticket then finishes every anchor row
-// (anchor_grad needs the whole row) and the scale.
-__device__ __forceinline__ float finalize_warps_sum(int lane) {
-  float s = smf(4 + lane);
+// The block that took its column group's last ticket: the group's partials of every chunk added
+// (units of W columns of one rank row: thread u % per of a pass adds the chunks s, s + stripes, ...
+// of stripe s = tid / per, then the stripes in order), the totals M[k, i] written over chunk 0's
+// partials; then per column grad_proj[k, i] = g_i M[k, i] and grad_g[i] = sum_k proj[k, i] M[k, i].
+template <int W>
+__device__ __forceinline__ void finish_column_group(const ColumnParams& p, int64_t group, int cols, float* red) {
+  const int64_t d = p.d;
+  const int rp = p.rp, chunks = p.chunks;
+  const int per_row = cols / W;
+  const int units = rp * per_row;
+  const int stripes = units < kColumnThreads ? kColumnThreads / units : 1;
+  const int per = kColumnThreads / stripes;  // units of one pass
+  const int tid = threadIdx.x, s = tid / per, slot = tid % per;
+  for (int base = 0; base < units; base += per) {
+    const int u = base + slot;
+    const int64_t off = static_cast<int64_t>(u / per_row) * d + group + static_cast<int64_t>(u % per_row) * W;
+    float v[W];
 #pragma unroll
-  for (int w = 1; w < kFinalizeWarps; ++w) s += smf(4 + w * kWarp + lane);
-  return s;
-}
-
-__global__ void __launch_bounds__(kFinalizeThreads) route_backward_finalize_kernel(const BackwardFinalizeParams p) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t d = p.d, slots = p.slots;
-  const int rank = p.rank, rp = p.rp, E = p.experts, H = p.anchors_per_expert;
-  const int64_t rows = static_cast<int64_t>(E) * H;
-  const int64_t acc_size = rows * rp;
-  const int red = 4 + warp * kWarp + lane;  // this thread's word of the warps' sums
-  if (blockIdx.x < static_cast<unsigned>(p.column_units)) {
-    // grad_proj[k, i] = g_i * M[k, i]; grad_g[i] = sum_k proj[k, i] * M[k, i].
-    const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarp + lane;
+    for (int j = 0; j < W; ++j) v[j] = 0.f;
+    if (u < units && s < stripes) {
+      for (int c = s; c < chunks; c += stripes) {
+        float m[W];
+        load_floats<W>(p.partials + static_cast<int64_t>(c) * rp * d + off, m);
+#pragma unroll
+        for (int j = 0; j < W; ++j) v[j] += m[j];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < W; ++j) red[j * kColumnThreads + tid] = v[j];
+    __syncthreads();
+    if (s == 0 && u < units) {
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        float total = red[j * kColumnThreads + slot];
+        for (int q = 1; q < stripes; ++q) total += red[j * kColumnThreads + q * per + slot];
+        p.partials[off + j] = total;
+      }
+    }
+    __syncthreads();
+  }
+  for (int j = tid; j < cols; j += kColumnThreads) {
+    const int64_t i = group + j;
     float gg = 0.f;
-    for (int k = 0; k < rank; ++k) {
-      float m = 0.f;
-      if (i < d) {
-        for (int c = warp; c < p.chunks; c += kFinalizeWarps) m += p.column_partials[(static_cast<int64_t>(c) * rp + k) * d + i];
-      }
-      smf(red) = m;
-      __syncthreads();
-      if (warp == 0 && i < d) {
-        m = finalize_warps_sum(lane);
-        p.grad_proj[k * d + i] = p.g ? p.g[i] * m : m;
-        gg = lanes::fmadd(p.proj[k * d + i], m, gg);
-      }
-      __syncthreads();
+    for (int k = 0; k < p.rank; ++k) {
+      const float m = p.partials[k * d + i];
+      p.grad_proj[k * d + i] = p.g ? p.g[i] * m : m;
+      gg = lanes::fmadd(p.proj[k * d + i], m, gg);
     }
-    if (warp == 0 && i < d && p.g) p.grad_norm_weight[i] = gg;
-  } else {
-    const int64_t o = (static_cast<int64_t>(blockIdx.x) - p.column_units) * kWarp + lane;  // [rp][H][E]
-    float s = 0.f;
-    if (o < acc_size) {
-      for (int64_t sl = warp; sl < slots; sl += kFinalizeWarps) s += p.anchor_slots[sl * acc_size + o];
-    }
-    smf(red) = s;
-    __syncthreads();
-    if (warp == 0 && o < acc_size) {
-      const int64_t i = o / rows, a = (o % rows) % E * H + (o % rows) / E;  // row a = e * H + h
-      p.acc_total[a * rp + i] = finalize_warps_sum(lane);
+    if (p.g) p.grad_norm_weight[i] = gg;
+  }
+}
+
+// Anchor unit b: the anchor slots of the 32 accumulator elements [32 b, 32 b + 32) ([rp][H][E])
+// added into acc_total ([E * H][rp]): W consecutive elements per thread (W = 4, one 16-byte load,
+// when the slots are 16-byte rows), the 32 / W units of W elements over 256 / (32 / W) stripes of
+// slots (thread: unit tid % (32 / W), slots s, s + stripes, ... of stripe s = tid / (32 / W)), then
+// the stripes' sums in stripe order. The unit that takes the last ticket of counters[0] then
+// finishes every anchor row (anchor_grad needs the whole row) and the scale (its slots striped over
+// the threads, the threads' sums added in thread order by the warps' sums).
+template <int W>
+__device__ __forceinline__ void add_anchor_slots(const ColumnParams& p, int64_t unit, int64_t acc_size, float* red) {
+  constexpr int kUnits = kWarp / W, kStripes = kColumnThreads / kUnits;
+  const int q = threadIdx.x % kUnits, s = threadIdx.x / kUnits;
+  const int64_t o = unit * kWarp + q * W;  // [rp][H][E]; with W = 4 a unit is all in or all out
+  float v[W];
+#pragma unroll
+  for (int j = 0; j < W; ++j) v[j] = 0.f;
+  if (o < acc_size) {
+    for (int64_t sl = s; sl < p.slots; sl += kStripes) {
+      float m[W];
+      load_floats<W>(p.anchor_slots + sl * acc_size + o, m);
+#pragma unroll
+      for (int j = 0; j < W; ++j) v[j] += m[j];
     }
   }
-  if (!last_ticket(p.counters, 0, gridDim.x)) return;
-  // --- the last block: every anchor row, then the scale (its slots striped over the threads, the
-  // threads' sums added in thread order by the warps' sums)
+  if constexpr (W == 4) {
+    *reinterpret_cast<float4*>(red + s * kWarp + q * W) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+    red[s * kWarp + q] = v[0];
+  }
+  __syncthreads();
+  const int e = threadIdx.x;
+  const int64_t oe = unit * kWarp + e;
+  if (e < kWarp && oe < acc_size) {
+    float total = red[e];
+    for (int w = 1; w < kStripes; ++w) total += red[w * kWarp + e];
+    const int64_t rows = static_cast<int64_t>(p.experts) * p.anchors_per_expert;
+    const int64_t i = oe / rows, a = (oe % rows) % p.experts * p.anchors_per_expert + (oe % rows) / p.experts;
+    p.acc_total[a * p.rp + i] = total;  // row a = e * H + h
+  }
+}
+
+__device__ __forceinline__ void finish_anchors(const ColumnParams& p, int64_t unit, float* red) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t slots = p.slots;
+  const int rank = p.rank, rp = p.rp;
+  const int64_t rows = static_cast<int64_t>(p.experts) * p.anchors_per_expert;
+  const int64_t acc_size = rows * rp;
+  if (acc_size % 4 == 0) {
+    add_anchor_slots<4>(p, unit, acc_size, red);
+  } else {
+    add_anchor_slots<1>(p, unit, acc_size, red);
+  }
+  if (!last_ticket(p.counters, 0, static_cast<unsigned>(p.anchor_units))) return;
   for (int64_t a = threadIdx.x; a < rows; a += blockDim.x) {
     const float* row = p.anchors + a * rank;
     const rm::NormCoef<float> c = rm::sips_norm_coef(lanes::vsqrt(rm::dot_r(row, row, rank)), p.beta, p.eps);
@@ -595,12 +672,49 @@ __global__ void __launch_bounds__(kFinalizeThreads) route_backward_finalize_kern
   float s = 0.f;
   for (int64_t sl = threadIdx.x; sl < slots; sl += blockDim.x) s += p.scale_slots[sl];
   s = warp_sum(s);
-  if (lane == 0) smf(4 + warp) = s;
+  if (lane == 0) red[warp] = s;
   __syncthreads();
   if (threadIdx.x == 0) {
-    float total = smf(4);
-    for (int w = 1; w < kFinalizeWarps; ++w) total += smf(4 + w);
+    float total = red[0];
+    for (int w = 1; w < kColumnWarps; ++w) total += red[w];
     *p.grad_scale = total;
+  }
+}
+
+// (2 blocks per SM, kColumnMinBlocks: without a minimum ptxas 13 keeps <1, bf16> at 32 registers
+// and spills on sm_80). Dynamic shared memory: the ticket flag (4 floats).
+template <int RC, typename T>
+__global__ void __launch_bounds__(kColumnThreads, kColumnMinBlocks)
+    route_backward_column_kernel(const ColumnParams p) {
+  constexpr int V = VecWidth<T>::value;
+  // the warps' sums of column_partials ([warps][V][32 + 32 / V] floats; at least the 4 * 256 of
+  // finish_column_group)
+  constexpr int kRed = kColumnWarps * V * (kWarp + kWarp / V) > 4 * kColumnThreads
+                           ? kColumnWarps * V * (kWarp + kWarp / V) : 4 * kColumnThreads;
+  __shared__ float red[kRed];
+  __shared__ float gq_tile[kColumnTile * RC];  // the staged tile's grad_q rows [token][k - k0]
+  __shared__ float rstd_tile[kColumnTile];
+  const int64_t column_blocks = static_cast<int64_t>(p.groups) * p.chunks * p.rank_chunks;
+  const int64_t b = blockIdx.x;
+  if (b >= column_blocks) {
+    finish_anchors(p, b - column_blocks, red);
+    return;
+  }
+  const int64_t g = b % p.groups, c = (b / p.groups) % p.chunks;
+  const int k0 = static_cast<int>(b / (static_cast<int64_t>(p.groups) * p.chunks)) * RC;
+  const int width = p.vec ? V : 1;
+  const int64_t group = g * kWarp * width;
+  if (p.vec) {
+    column_partials<RC, T, V>(p, group, c, k0, red, gq_tile, rstd_tile);
+  } else {
+    column_partials<RC, T, 1>(p, group, c, k0, red, gq_tile, rstd_tile);
+  }
+  if (!last_ticket(p.counters, 1 + static_cast<int>(g), static_cast<unsigned>(p.chunks * p.rank_chunks))) return;
+  const int cols = static_cast<int>(p.d - group < kWarp * width ? p.d - group : kWarp * width);
+  if (p.vec) {
+    finish_column_group<4>(p, group, cols, red);
+  } else {
+    finish_column_group<1>(p, group, cols, red);
   }
 }
 
@@ -690,9 +804,6 @@ cudaError_t launch_route_step(const LaunchStep& s, cudaStream_t stream) {
     case RouteKernel::kForward: return launch_token_kernel<ForwardLaunch>(s, stream);
     case RouteKernel::kBackwardToken: return launch_token_kernel<BackwardLaunch>(s, stream);
     case RouteKernel::kBackwardColumn: return launch_column_kernel(s, stream);
-    case RouteKernel::kBackwardFinalize:
-      route_backward_finalize_kernel<<<grid, block, s.smem_bytes, stream>>>(s.params_as<BackwardFinalizeParams>());
-      return cudaGetLastError();
   }
   return cudaErrorInvalidValue;
 }

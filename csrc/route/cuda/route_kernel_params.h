@@ -25,10 +25,12 @@ constexpr int kMaxColumnChunks = 64;
 constexpr int kMinColumnChunk = 64;
 constexpr int kGenericChunk = 8;  // rank chunk of the generic (r > 32) kernels
 constexpr int kElementwiseThreads = 256;
-// route_backward_finalize_kernel: a block adds the slots (or column chunks) of 32 consecutive
-// elements, its warps striding over them, then the warps' sums in warp order.
-constexpr int kFinalizeWarps = 16;
-constexpr int kFinalizeThreads = kWarp * kFinalizeWarps;
+constexpr int kColumnWarps = kColumnThreads / kWarp;
+// Blocks of route_backward_column_kernel its __launch_bounds__ keeps resident per SM: the plan
+// sizes its column chunks so that the grid is one wave of them.
+constexpr int kColumnMinBlocks = 2;
+// Tokens of a column chunk whose grad_q and rstd rows a block stages in shared memory at a time.
+constexpr int kColumnTile = 256;
 constexpr int kMaxElementwiseBlocks = 1024;
 
 // Minimum resident blocks per SM for the backward token kernel's __launch_bounds__ (R: the template
@@ -140,35 +142,29 @@ struct BackwardParams {
                            // accumulators do not fit in shared memory: acc_smem < 0)
   float* scale_slots;      // [slots]
   int32_t* bad_index;
-  unsigned* counters;      // the finalize kernel's ticket word, zeroed here (or nullptr)
+  unsigned* counters;      // the column kernel's ticket words, zeroed here (or nullptr)
   KernelConfig c;
   bool vec, need_grad_x, need_param_grads;
   bool proj_vec;           // d % 4 == 0 and proj, g 16-byte aligned: staged as float4
+  int32_t counter_words;   // words of counters this kernel zeroes (the column kernel's tickets)
   int64_t proj_smem, anchor_smem, acc_smem;  // shared-memory offsets (floats) or -1
   int64_t warp_smem, warp_stride;  // per-warp scratch: logits [E] | probs [E] | dL/dp [E] |
                                    // lsum [E] | shift [E] | q [rp] | grad_q [rp] |
                                    // sum dL/ds a_hat [rp] | lane partials [rp, 32] (generic rank)
 };
 
-// route_backward_column_kernel: partials[c, k, i] over chunk c's tokens; grid (column groups of
-// 32 x-vector widths, chunks, rank chunks).
+// route_backward_column_kernel: the projection's gradient and, in the same launch, the finalize
+// of every parameter gradient. A 1-D grid: blocks [0, groups * chunks * rank_chunks) write the
+// column partials partials[c, k, i] of chunk c (column group, then chunk, then rank chunk from the
+// block index); the block that takes its column group's last ticket (counters[1 + group]) adds the
+// group's chunks into grad_proj and grad_norm_weight. The anchor_units blocks after them add the
+// anchor slots of 32 accumulator elements each into acc_total, and the one that takes the last
+// ticket of counters[0] finishes every anchor row and the scale.
 struct ColumnParams {
   const void* x;
   const float* rstd;
-  const float* grad_q;
-  float* partials;
-  int64_t tokens, d, chunk;
-  int rp;
-  bool use_norm;
-  bool vec;  // x rows are 16-byte vectors (route_launch_plan.h rows_aligned)
-};
-
-// route_backward_finalize_kernel: parameter gradients from the partials and slots. Blocks
-// [0, column_units) add the column partials of 32 columns each, the others the anchor slots of 32
-// accumulator elements each; the block that takes the last ticket finishes the anchor rows and the
-// scale.
-struct BackwardFinalizeParams {
-  const float* column_partials;  // [chunks, rp, d]
+  const float* grad_q;           // [T, rp]
+  float* partials;               // [chunks, rp, d]
   const float* anchor_slots;     // [slots, rp * H * E]
   const float* scale_slots;      // [slots]
   const float* proj;
@@ -179,11 +175,15 @@ struct BackwardFinalizeParams {
   float* grad_norm_weight;
   float* grad_anchors;
   float* grad_scale;
-  unsigned* counters;            // one word, zero at launch (the token kernel zeroes it), left zero
-  int64_t slots, d;
-  int chunks, rank, rp, experts, anchors_per_expert;
+  unsigned* counters;            // 1 + groups words, zero at launch (the token kernel zeroes them), left zero
+  int64_t tokens, d, chunk, slots;
+  int32_t chunks, rank, rp, experts, anchors_per_expert;
+  int32_t groups;                // column groups of 32 x-vector widths
+  int32_t rank_chunks;           // rp / RC
+  int32_t anchor_units;          // blocks of 32 anchor accumulator elements
   float beta, eps;
-  int32_t column_units;
+  bool use_norm;
+  bool vec;  // x rows are 16-byte vectors (route_launch_plan.h rows_aligned)
 };
 
 // The layout every compiler must agree on (LP64 host and 64-bit device).
@@ -207,20 +207,17 @@ L2R_FIELD_AT(BackwardParams, c, 176);
 L2R_FIELD_AT(BackwardParams, vec, 256);
 L2R_FIELD_AT(BackwardParams, need_param_grads, 258);
 L2R_FIELD_AT(BackwardParams, proj_vec, 259);
+L2R_FIELD_AT(BackwardParams, counter_words, 260);
 L2R_FIELD_AT(BackwardParams, proj_smem, 264);
 L2R_FIELD_AT(BackwardParams, warp_stride, 296);
 static_assert(sizeof(BackwardParams) == 304, "BackwardParams");
-L2R_FIELD_AT(ColumnParams, tokens, 32);
-L2R_FIELD_AT(ColumnParams, rp, 56);
-L2R_FIELD_AT(ColumnParams, use_norm, 60);
-L2R_FIELD_AT(ColumnParams, vec, 61);
-static_assert(sizeof(ColumnParams) == 64, "ColumnParams");
-L2R_FIELD_AT(BackwardFinalizeParams, slots, 96);
-L2R_FIELD_AT(BackwardFinalizeParams, chunks, 112);
-L2R_FIELD_AT(BackwardFinalizeParams, anchors_per_expert, 128);
-L2R_FIELD_AT(BackwardFinalizeParams, eps, 136);
-L2R_FIELD_AT(BackwardFinalizeParams, column_units, 140);
-static_assert(sizeof(BackwardFinalizeParams) == 144, "BackwardFinalizeParams");
+L2R_FIELD_AT(ColumnParams, tokens, 120);
+L2R_FIELD_AT(ColumnParams, chunks, 152);
+L2R_FIELD_AT(ColumnParams, groups, 172);
+L2R_FIELD_AT(ColumnParams, beta, 184);
+L2R_FIELD_AT(ColumnParams, use_norm, 192);
+L2R_FIELD_AT(ColumnParams, vec, 193);
+static_assert(sizeof(ColumnParams) == 200, "ColumnParams");
 
 }  // namespace route
 }  // namespace l2r

@@ -87,7 +87,6 @@ enum class RouteKernel : int32_t {
   kForward = 1,
   kBackwardToken = 3,
   kBackwardColumn = 4,
-  kBackwardFinalize = 5,
 };
 
 // Template ranks of the forward/backward token kernels (L2R_RANK_SWITCH) and of the column kernel,
@@ -109,7 +108,7 @@ inline KernelRef token_kernel(RouteKernel k, RouteMode mode, int rp, DType x_typ
 
 // Every instantiation route_cuda.cu's executor can launch (what NVRTC compiles).
 inline std::vector<KernelRef> route_kernels() {
-  std::vector<KernelRef> all = {route_kernel(RouteKernel::kPrepare), route_kernel(RouteKernel::kBackwardFinalize)};
+  std::vector<KernelRef> all = {route_kernel(RouteKernel::kPrepare)};
   for (RouteKernel k : {RouteKernel::kForward, RouteKernel::kBackwardToken}) {
     all.push_back(token_kernel(k, RouteMode::kSelect, 1, DType::kFloat32));
     for (int rank : kTemplateRanks) {
@@ -148,7 +147,6 @@ inline std::string route_kernel_name(const KernelRef& ref) {
     case RouteKernel::kBackwardToken:
       return ns + "route_backward_token_kernel<" + rank + ", " + type + ", " + mode + ">";
     case RouteKernel::kBackwardColumn: return ns + "route_backward_column_kernel<" + rank + ", " + type + ">";
-    case RouteKernel::kBackwardFinalize: return ns + "route_backward_finalize_kernel";
   }
   return "";
 }
@@ -198,10 +196,30 @@ struct ColumnChunks {
   int count;
 };
 
-inline ColumnChunks column_chunks(int64_t tokens) {
-  const int64_t count = std::max<int64_t>(1, std::min<int64_t>(kMaxColumnChunks, ceil_div(tokens, kMinColumnChunk)));
+// Column chunks at most (what the workspace holds partials for): kMinColumnChunk tokens each at
+// least, kMaxColumnChunks at most.
+inline int max_column_chunks(int64_t tokens) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxColumnChunks, ceil_div(tokens, kMinColumnChunk))));
+}
+
+// The column kernel's chunks: as many as keep its column blocks (column_blocks per chunk) and its
+// anchor_units blocks within one wave of kColumnMinBlocks blocks per SM, within max_column_chunks.
+// One wave: every warp's chain of x loads is as short as the grid allows, and the chunks the last
+// block of a column group adds are few.
+inline ColumnChunks column_chunks(int64_t tokens, int64_t column_blocks, int64_t anchor_units,
+                                  const DeviceLimits& limits) {
+  const int64_t wave = std::max<int64_t>(1, limits.sm_count) * kColumnMinBlocks;
+  const int64_t count =
+      std::max<int64_t>(1, std::min<int64_t>(max_column_chunks(tokens), (wave - anchor_units) / column_blocks));
   return {ceil_div(tokens, count), static_cast<int>(count)};
 }
+
+// Column groups of the column kernel: 32 x vectors of V columns (V = 1 off the vector path).
+inline int64_t column_groups(int64_t d, int vec_width) { return ceil_div(d, static_cast<int64_t>(kWarp) * vec_width); }
+
+// The column kernel's ticket words: counters[0] for the anchor units, counters[1 + group] for each
+// column group (as many as the scalar path's groups: the most there can be).
+inline int64_t backward_counter_words(int64_t d) { return 1 + column_groups(d, 1); }
 
 // Workspace regions (floats, each 16-byte aligned). Anchor and scale slots: one per block of the
 // token kernel, or one per warp when its warps' accumulators stay in global memory (backward_slots).
@@ -217,11 +235,11 @@ inline BackwardWorkspace backward_workspace(RouteMode mode, const RouteShape& s,
   w.anchor_hat = 0;
   w.grad_q = w.anchor_hat + align4(acc);
   w.column_partials = w.grad_q + align4(s.tokens * rp);
-  w.anchor_slots = w.column_partials + align4(static_cast<int64_t>(column_chunks(s.tokens).count) * rp * s.d);
+  w.anchor_slots = w.column_partials + align4(static_cast<int64_t>(max_column_chunks(s.tokens)) * rp * s.d);
   w.scale_slots = w.anchor_slots + align4(slots * acc);
   w.acc_total = w.scale_slots + align4(slots);
   w.counters = w.acc_total + align4(acc);
-  w.total = w.counters + 4;
+  w.total = w.counters + align4(backward_counter_words(s.d));
   return w;
 }
 
@@ -284,8 +302,8 @@ inline BackwardSmem backward_smem(RouteMode mode, const RouteShape& s, const Dev
   return two.proj_smem >= 0 ? two : most;
 }
 
-// The finalize kernel's shared memory: its ticket flag (4 floats) and the warps' sums [warps][32].
-inline int64_t backward_finalize_smem_bytes() { return (4 + kFinalizeWarps * kWarp) * 4; }
+// The column kernel's dynamic shared memory: its ticket flag (4 floats; the rest is static).
+inline int64_t backward_column_smem_bytes() { return 4 * 4; }
 
 // Anchor and scale slots of the token kernel's grid (see BackwardWorkspace).
 inline int64_t backward_slots(RouteMode mode, const RouteShape& s, const DeviceLimits& limits) {
@@ -608,6 +626,7 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
   p.proj_smem = sm.proj_smem;
   unsigned* counters = reinterpret_cast<unsigned*>(buf.workspace + ws.counters);
   p.counters = p.need_param_grads ? counters : nullptr;
+  p.counter_words = static_cast<int32_t>(backward_counter_words(shape.d));
   p.proj_vec = scores && proj_rows_aligned(buf.proj, g, shape.d);
   if (scores && sm.anchor_smem < 0) {  // anchors the token kernel cannot stage: normalised first
     plan_prepare(plan, buf.anchors, shape, rp, p.c.beta, p.c.eps, buf.workspace + ws.anchor_hat);
@@ -616,50 +635,44 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
   plan.kernel(token_kernel(RouteKernel::kBackwardToken, mode, rp, buf.x_type), blocks, kThreads, sm.bytes, p);
   if (!p.need_param_grads) return plan;
 
-  const ColumnChunks chunks = column_chunks(shape.tokens);
   ColumnParams c{};
   c.x = buf.x;
   c.rstd = buf.rstd;
   c.grad_q = p.grad_q;
   c.partials = buf.workspace + ws.column_partials;
+  c.anchor_slots = p.anchor_slots;
+  c.scale_slots = p.scale_slots;
+  c.proj = buf.proj;
+  c.g = g;
+  c.anchors = buf.anchors;
+  c.acc_total = buf.workspace + ws.acc_total;
+  c.grad_proj = buf.grad_proj;
+  c.grad_norm_weight = buf.grad_norm_weight;
+  c.grad_anchors = buf.grad_anchors;
+  c.grad_scale = buf.grad_scale;
+  c.counters = counters;
+  c.vec = rows_aligned(buf.x, shape.d, buf.x_type);
+  const int rc = rp < kGenericChunk ? rp : kGenericChunk;
+  c.groups = static_cast<int32_t>(column_groups(shape.d, c.vec ? static_cast<int>(16 / score_elem_bytes(buf.x_type)) : 1));
+  c.rank_chunks = rp / rc;
+  c.anchor_units = static_cast<int32_t>(ceil_div(static_cast<int64_t>(shape.experts) * shape.anchors * rp, kWarp));
+  const ColumnChunks chunks =
+      column_chunks(shape.tokens, static_cast<int64_t>(c.groups) * c.rank_chunks, c.anchor_units, limits);
   c.tokens = shape.tokens;
   c.d = shape.d;
   c.chunk = chunks.size;
+  c.slots = p.acc_smem >= 0 ? blocks : static_cast<int64_t>(blocks) * kWarpsPerBlock;
+  c.chunks = chunks.count;
+  c.rank = shape.rank;
   c.rp = rp;
+  c.experts = shape.experts;
+  c.anchors_per_expert = shape.anchors;
+  c.beta = p.c.beta;
+  c.eps = p.c.eps;
   c.use_norm = opt.use_norm();
-  c.vec = rows_aligned(buf.x, shape.d, buf.x_type);
-  const int rc = rp < kGenericChunk ? rp : kGenericChunk;
-  const int64_t group = kWarp * (c.vec ? 16 / score_elem_bytes(buf.x_type) : 1);  // columns per block
+  const int64_t column_blocks = static_cast<int64_t>(c.groups) * c.chunks * c.rank_chunks;
   plan.kernel(route_kernel(RouteKernel::kBackwardColumn, rc, buf.x_type),
-              static_cast<uint32_t>(ceil_div(shape.d, group)), static_cast<uint32_t>(chunks.count),
-              static_cast<uint32_t>(rp / rc), kColumnThreads, 0, c);
-
-  BackwardFinalizeParams f{};
-  f.column_partials = c.partials;
-  f.anchor_slots = p.anchor_slots;
-  f.scale_slots = p.scale_slots;
-  f.proj = buf.proj;
-  f.g = g;
-  f.anchors = buf.anchors;
-  f.acc_total = buf.workspace + ws.acc_total;
-  f.grad_proj = buf.grad_proj;
-  f.grad_norm_weight = buf.grad_norm_weight;
-  f.grad_anchors = buf.grad_anchors;
-  f.grad_scale = buf.grad_scale;
-  f.counters = counters;
-  f.slots = p.acc_smem >= 0 ? blocks : static_cast<int64_t>(blocks) * kWarpsPerBlock;
-  f.d = shape.d;
-  f.chunks = chunks.count;
-  f.rank = shape.rank;
-  f.rp = rp;
-  f.experts = shape.experts;
-  f.anchors_per_expert = shape.anchors;
-  f.beta = p.c.beta;
-  f.eps = p.c.eps;
-  f.column_units = static_cast<int32_t>(ceil_div(shape.d, kWarp));
-  const int64_t anchor_units = ceil_div(static_cast<int64_t>(shape.experts) * shape.anchors * rp, kWarp);
-  plan.kernel(route_kernel(RouteKernel::kBackwardFinalize), f.column_units + anchor_units, kFinalizeThreads,
-              backward_finalize_smem_bytes(), f);
+              column_blocks + c.anchor_units, kColumnThreads, backward_column_smem_bytes(), c);
   return plan;
 }
 
