@@ -52,3 +52,26 @@ def test_large_grad_x_written_past_the_caches_has_the_same_bits(dtype, tokens):
         return torch.autograd.grad(out.weights.pow(2).sum() + out.lse.sum(), [x])[0]
 
     assert torch.equal(grads(big)[:40], grads(small))
+
+
+def test_unwanted_grad_x_is_zeros_from_a_recycled_block():
+    # x needs no gradient (output_mask [False, True]): the op still returns grad_x, zeros, and takes
+    # it from the recycled blocks (no page faults per call), so a block freed with data in it must be
+    # cleared first.
+    s = make_sample(600, 2048, 4, 16, 2, 4)
+    dirty = _grad_x(s)
+    assert torch.count_nonzero(dirty) > 0
+    ptr = dirty.data_ptr()
+    del dirty  # its block waits for reuse, its data still in it
+    reused = torch.ops.l2r_cuda.recycled_buffer_stats()[2]
+    k = s.kwargs["top_k"]
+    w, idx, _, _, _, q, rstd = torch.ops.l2r_cuda.route_forward(
+        s.x, s.proj, s.anchors, s.scale, None, None, None, k, 1.0, "rms", 1e-6, 1e-6, 1.0, "softmax", False, 1, 1,
+        "top2_sum", 1.0, 0)
+    grads = torch.ops.l2r_cuda.route_backward(
+        torch.ones_like(w), None, None, s.x, s.proj, s.anchors, s.scale, None, None, idx, q, rstd, 1.0, "rms", 1e-6,
+        1.0, "softmax", False, 1.0, 0, [False, True])
+    grad_x = grads[0]
+    assert grad_x.shape == s.x.shape and torch.count_nonzero(grad_x) == 0
+    assert grad_x.data_ptr() == ptr and torch.ops.l2r_cuda.recycled_buffer_stats()[2] == reused + 1
+    assert torch.count_nonzero(grads[1]) > 0  # the parameter gradients are still computed
