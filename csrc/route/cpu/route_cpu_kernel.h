@@ -617,7 +617,7 @@ int64_t backward_scratch_size(const BackwardArgs<ScalarOf<V>>& a) {
   const int64_t R = a.shape.rank, W = width_of<V>();
   return token_scores_size<ScalarOf<V>>(H, E8) + 2 * int64_t(E8) + R * W + 4 * R +
          int64_t(kGroup) * R + int64_t(kGroup) * W + int64_t(kGroup) * kBackwardBlock +
-         2 * int64_t(kGroup) * (a.shape.d + 16) + 256;
+         int64_t(kGroup) * (a.shape.d + 16) + 256;
 }
 
 // dL/dp of one token: through mean_probs (balancing probabilities) and the selected weights.
@@ -1029,20 +1029,18 @@ inline void projection_backward_group(const ProjectionBackward<V, X>& a, int cou
   }
 }
 
-// The RMSNorm rows of grad_x of one group, finished after projection_backward_group (which leaves
-// dL/dx_hat in buffer and mean_dot per row) and written a row at a time by grad_x_row while the next
-// group scores: the row's stores (non-temporal, for a large grad_x) drain while the core computes
-// scores, rather than in one burst that holds the projection up.
-template <typename A, typename X>
+// The RMSNorm rows of grad_x of one group (tokens t0 .. t0 + count), finished after
+// projection_backward_group (which leaves dL/dx_hat in the group buffer and each row's mean_dot here)
+// and written a row at a time by grad_x_row while the next group scores: the row's stores
+// (non-temporal, for a large grad_x) drain while the core computes scores, rather than in one burst
+// that holds the projection up. Every row is written before the next group's projection refills the
+// buffer.
+template <typename A>
 struct PendingGradX {
-  const X* xs[kGroup];
-  X* gx[kGroup];
-  A rstd[kGroup];
   A mean_dot[kGroup];
-  const A* buffer = nullptr;  // [count][stride] dL/dx_hat
-  int64_t stride = 0;
-  int count = 0;              // rows in the group
-  int done = 0;               // rows written
+  int64_t t0 = 0;
+  int count = 0;  // rows in the group
+  int done = 0;   // rows written
 };
 
 // grad_x = rms_norm_input_grad(dL/dx_hat, x_hat, rstd, mean_dot) for one row.
@@ -1064,13 +1062,18 @@ inline void grad_x_row(const X* xt, const ScalarOf<V>* buf, ScalarOf<V> r, Scala
   }
 }
 
-// Writes the pending group's rows up to `upto` (at most its count).
+// Writes the pending group's rows up to `upto` (at most its count); buffer: [count][stride] dL/dx_hat.
 template <typename V, typename X>
-inline void write_pending_grad_x(PendingGradX<ScalarOf<V>, X>& p, int upto, int64_t d, bool stream) {
+inline void write_pending_grad_x(PendingGradX<ScalarOf<V>>& p, int upto, const BackwardArgs<ScalarOf<V>>& a,
+                                 const ScalarOf<V>* buffer, int64_t stride) {
+  const int64_t d = a.shape.d;
+  const X* x = static_cast<const X*>(a.x);
+  X* grad_x = static_cast<X*>(a.grad_x);
   if (upto > p.count) upto = p.count;
   for (; p.done < upto; ++p.done) {
-    const int j = p.done;
-    grad_x_row<V, X>(p.xs[j], p.buffer + j * p.stride, p.rstd[j], p.mean_dot[j], d, p.gx[j], stream);
+    const int64_t t = p.t0 + p.done;
+    grad_x_row<V, X>(x + t * d, buffer + p.done * stride, a.rstd[t], p.mean_dot[p.done], d, grad_x + t * d,
+                     a.stream_grad_x);
   }
 }
 
@@ -1093,13 +1096,11 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
   A* grad_q = arena.take(int64_t(kGroup) * R);
   V* mean_dot = reinterpret_cast<V*>(arena.take(int64_t(kGroup) * width_of<V>()));
   A* xn = arena.take(int64_t(kGroup) * kBackwardBlock);
-  // Two group buffers: one group's dL/dx_hat waits in one (pending) while the next fills the other.
-  A* buffers[2] = {arena.take(int64_t(kGroup) * stride), arena.take(int64_t(kGroup) * stride)};
-  int buffer_turn = 0;
+  A* buffer = arena.take(int64_t(kGroup) * stride);
   const X* x = static_cast<const X*>(a.x);
   X* grad_x = static_cast<X*>(a.grad_x);
   const bool defer_grad_x = a.need_grad_x && a.opt.use_norm;
-  PendingGradX<A, X> pending;
+  PendingGradX<A> pending;
 
   for (int64_t c = c_begin; c < c_end; ++c) {
     const int64_t t_begin = a.chunks.begin(c), t_end = a.chunks.end(c);
@@ -1144,12 +1145,10 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
       for (int i = 0; i < R; ++i) gq[i] = rm::query_grad(q[i], ds_anchor_hat[i], ds_u_sum, P->scale, qc);
       xs[j_group] = x + t * d;
       gxs[j_group] = grad_x ? grad_x + t * d : nullptr;
-      if (defer_grad_x) write_pending_grad_x<V, X>(pending, j_group + 1, d, a.stream_grad_x);
+      if (defer_grad_x) write_pending_grad_x<V, X>(pending, j_group + 1, a, buffer, stride);
       if (j_group == kGroup - 1 || t + 1 == t_end) {
         const int64_t t0 = t - j_group;
-        if (defer_grad_x) write_pending_grad_x<V, X>(pending, kGroup, d, a.stream_grad_x);
-        A* buffer = buffers[buffer_turn];
-        A row_mean_dot[kGroup];
+        if (defer_grad_x) write_pending_grad_x<V, X>(pending, kGroup, a, buffer, stride);  // frees the buffer
         ProjectionBackward<V, X> pb;
         pb.xs = xs;
         pb.W = P->proj;
@@ -1169,7 +1168,7 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
         pb.stride = stride;
         pb.gx = gxs;
         pb.mean_dot = mean_dot;
-        pb.row_mean_dot = row_mean_dot;
+        pb.row_mean_dot = pending.mean_dot;
         pb.stream = a.stream_grad_x;
         pb.xn = xn;
         const X* next_xs[kGroup];
@@ -1180,22 +1179,14 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
         pb.next_xs = next_xs;
         projection_backward_group<V, X>(pb, j_group + 1);
         if (defer_grad_x) {
+          pending.t0 = t0;
           pending.count = j_group + 1;
           pending.done = 0;
-          pending.buffer = buffer;
-          pending.stride = stride;
-          for (int j = 0; j < pending.count; ++j) {
-            pending.xs[j] = xs[j];
-            pending.gx[j] = gxs[j];
-            pending.rstd[j] = a.rstd[t0 + j];
-            pending.mean_dot[j] = row_mean_dot[j];
-          }
-          buffer_turn ^= 1;
         }
       }
     }
   }
-  if (defer_grad_x) write_pending_grad_x<V, X>(pending, kGroup, d, a.stream_grad_x);
+  if (defer_grad_x) write_pending_grad_x<V, X>(pending, kGroup, a, buffer, stride);
 }
 
 template <typename V>

@@ -545,7 +545,8 @@ __device__ __forceinline__ void column_partials(const ColumnParams& p, int64_t g
   }
 }
 
-// W consecutive floats (W = 4: one 16-byte load; the caller keeps them aligned).
+// W consecutive floats (W = 4: one 16-byte load; the caller keeps them aligned). Not load_vec: its
+// __ldg goes through the read-only cache, and these are partials other blocks wrote in this launch.
 template <int W>
 __device__ __forceinline__ void load_floats(const float* src, float (&v)[W]) {
   if constexpr (W == 4) {
