@@ -615,7 +615,7 @@ int64_t backward_scratch_size(const BackwardArgs<ScalarOf<V>>& a) {
   const int E8 = a.params ? a.params->experts_padded : a.shape.experts;
   const int H = a.params ? a.params->anchors : 1;
   const int64_t R = a.shape.rank, W = width_of<V>();
-  return token_scores_size<ScalarOf<V>>(H, E8) + 2 * int64_t(E8) + R * W + 4 * R +
+  return kScoredTogether * token_scores_size<ScalarOf<V>>(H, E8) + 2 * int64_t(E8) + R * W + 4 * R +
          int64_t(kGroup) * R + int64_t(kGroup) * kBackwardBlock + int64_t(kGroup) * (a.shape.d + 16) + 256;
 }
 
@@ -1040,7 +1040,9 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
   const int64_t d = a.shape.d;
   const int64_t stride = d + 16;
   Arena<A> arena{scratch};
-  const TokenScores<A> S = take_token_scores<A>(arena, H, E8);
+  TokenScores<A> scored[kScoredTogether];
+  for (int n = 0; n < kScoredTogether; ++n) scored[n] = take_token_scores<A>(arena, H, E8);
+  rm::SoftmaxStats<A> scored_st[kScoredTogether];
   A* grad_probs = arena.take(E8);
   A* dl = arena.take(E8);
   A* lanes = arena.take(int64_t(R) * width_of<V>());
@@ -1063,14 +1065,27 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
     X* gxs[kGroup];
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int j_group = static_cast<int>((t - t_begin) % kGroup);
-      rm::SoftmaxStats<A> st;
+      // The scores again, kScoredTogether tokens side by side as the forward scores them (each
+      // token's values exactly as alone): the first token of each run scores the run.
+      const int slot = a.logits_in ? 0 : static_cast<int>((t - t_begin) % kScoredTogether);
+      const TokenScores<A>& S = scored[slot];
       if (a.logits_in) {
-        st = score_from_logits<V>(a.logits_in + t * E, E, E8, a.opt.sigmoid, S);
-      } else {
-        const A* q = a.q + t * R;
-        const rm::NormCoef<A> qc = rm::query_coef(q, R, a.opt.beta, a.opt.eps);
-        st = score_token<V>(q, *P, P->scale * qc.coef, a.opt.tau, a.opt.sigmoid, S);
+        scored_st[0] = score_from_logits<V>(a.logits_in + t * E, E, E8, a.opt.sigmoid, S);
+      } else if (slot == 0) {
+        const int run = t_end - t >= kScoredTogether ? kScoredTogether : static_cast<int>(t_end - t);
+        const A* qs[kScoredTogether];
+        A q_scales[kScoredTogether];
+        for (int n = 0; n < run; ++n) {
+          qs[n] = a.q + (t + n) * R;
+          q_scales[n] = P->scale * rm::query_coef(qs[n], R, a.opt.beta, a.opt.eps).coef;
+        }
+        if (run == kScoredTogether) {
+          score_tokens<V, kScoredTogether>(qs, *P, q_scales, a.opt.tau, a.opt.sigmoid, scored, scored_st);
+        } else {
+          for (int n = 0; n < run; ++n) scored_st[n] = score_token<V>(qs[n], *P, q_scales[n], a.opt.tau, a.opt.sigmoid, scored[n]);
+        }
       }
+      const rm::SoftmaxStats<A> st = scored_st[slot];
       if (a.grad_logits) {
         for (int e = 0; e < E; ++e) dl[e] = a.grad_logits[t * E + e];
         for (int e = E; e < E8; ++e) dl[e] = A(0);
