@@ -690,18 +690,26 @@ inline void token_logit_grads(const BackwardArgs<ScalarOf<V>>& a, int64_t t, int
 
 // Back through the anchors' log-sum-exp and SIPS for one token: anchor accumulators
 // acc[r][H][E_pad] += ds * q_scale * q (skipped when acc is null), ds_anchor_hat[r] =
-// sum ds * anchor_hat; returns sum ds * u.
-template <typename V>
-inline ScalarOf<V> scores_backward(const ScalarOf<V>* q, const Prepared<ScalarOf<V>>& P,
-                                   ScalarOf<V> q_scale, const TokenScores<ScalarOf<V>>& S,
-                                   const ScalarOf<V>* dl, ScalarOf<V>* acc, ScalarOf<V>* ds_anchor_hat,
-                                   ScalarOf<V>* lanes /* [r][W] */) {
+// sum ds * anchor_hat; returns sum ds * u. RMAX > 0: rank <= RMAX, the ds_anchor_hat lanes in
+// registers (each a chain of FMAs in the same order as through memory, where every step waited on
+// the previous one's store); RMAX = 0: any rank, the lanes in `lanes`.
+template <int RMAX, typename V>
+inline ScalarOf<V> scores_backward_ranked(const ScalarOf<V>* q, const Prepared<ScalarOf<V>>& P,
+                                          ScalarOf<V> q_scale, const TokenScores<ScalarOf<V>>& S,
+                                          const ScalarOf<V>* dl, ScalarOf<V>* acc, ScalarOf<V>* ds_anchor_hat,
+                                          ScalarOf<V>* lanes /* [r][W] */) {
   using A = ScalarOf<V>;
   constexpr int kW = width_of<V>();
   const int R = P.rank, H = P.anchors, E8 = P.experts_padded;
   const int64_t row = int64_t(H) * E8;
   V dsu(A(0));
-  for (int i = 0; i < R; ++i) lane_store(lanes + i * kW, V(A(0)));
+  V reg[RMAX > 0 ? RMAX : 1];
+  if constexpr (RMAX > 0) {
+#pragma GCC unroll 16
+    for (int i = 0; i < RMAX; ++i) reg[i] = V(A(0));
+  } else {
+    for (int i = 0; i < R; ++i) lane_store(lanes + i * kW, V(A(0)));
+  }
   const V vq_scale(q_scale);
   for (int b = 0; b < E8; b += kW) {
     const V dlv = lane_load<V>(dl + b);
@@ -712,18 +720,49 @@ inline ScalarOf<V> scores_backward(const ScalarOf<V>* q, const Prepared<ScalarOf
       const V ds = rm::score_grad(dlv, share);
       dsu = fmadd(ds, lane_load<V>(S.u + off), dsu);
       const V ds_q = rm::anchor_acc_coef(ds, vq_scale);
-      for (int i = 0; i < R; ++i) {
-        A* lane = lanes + i * kW;
-        lane_store(lane, fmadd(ds, lane_load<V>(P.anchors_t + i * row + off), lane_load<V>(lane)));
-        if (acc) {
-          A* ai = acc + i * row + off;
-          lane_store(ai, fmadd(ds_q, V(q[i]), lane_load<V>(ai)));
+      if constexpr (RMAX > 0) {
+#pragma GCC unroll 16
+        for (int i = 0; i < RMAX; ++i) {
+          if (i < R) {
+            reg[i] = fmadd(ds, lane_load<V>(P.anchors_t + i * row + off), reg[i]);
+            if (acc) {
+              A* ai = acc + i * row + off;
+              lane_store(ai, fmadd(ds_q, V(q[i]), lane_load<V>(ai)));
+            }
+          }
+        }
+      } else {
+        for (int i = 0; i < R; ++i) {
+          A* lane = lanes + i * kW;
+          lane_store(lane, fmadd(ds, lane_load<V>(P.anchors_t + i * row + off), lane_load<V>(lane)));
+          if (acc) {
+            A* ai = acc + i * row + off;
+            lane_store(ai, fmadd(ds_q, V(q[i]), lane_load<V>(ai)));
+          }
         }
       }
     }
   }
-  for (int i = 0; i < R; ++i) ds_anchor_hat[i] = hsum(lane_load<V>(lanes + i * kW));
+  if constexpr (RMAX > 0) {
+#pragma GCC unroll 16
+    for (int i = 0; i < RMAX; ++i) {
+      if (i < R) ds_anchor_hat[i] = hsum(reg[i]);
+    }
+  } else {
+    for (int i = 0; i < R; ++i) ds_anchor_hat[i] = hsum(lane_load<V>(lanes + i * kW));
+  }
   return hsum(dsu);
+}
+
+template <typename V>
+inline ScalarOf<V> scores_backward(const ScalarOf<V>* q, const Prepared<ScalarOf<V>>& P,
+                                   ScalarOf<V> q_scale, const TokenScores<ScalarOf<V>>& S,
+                                   const ScalarOf<V>* dl, ScalarOf<V>* acc, ScalarOf<V>* ds_anchor_hat,
+                                   ScalarOf<V>* lanes /* [r][W] */) {
+  if (P.rank <= kMaxRowsInRegisters) {
+    return scores_backward_ranked<kMaxRowsInRegisters, V>(q, P, q_scale, S, dl, acc, ds_anchor_hat, lanes);
+  }
+  return scores_backward_ranked<0, V>(q, P, q_scale, S, dl, acc, ds_anchor_hat, lanes);
 }
 
 // Whether a row of grad_x takes non-temporal stores: when the output is too large to stay cached
