@@ -615,9 +615,8 @@ int64_t backward_scratch_size(const BackwardArgs<ScalarOf<V>>& a) {
   const int E8 = a.params ? a.params->experts_padded : a.shape.experts;
   const int H = a.params ? a.params->anchors : 1;
   const int64_t R = a.shape.rank, W = width_of<V>();
-  return token_scores_size<ScalarOf<V>>(H, E8) + 2 * int64_t(E8) + R * W + 4 * R +
-         int64_t(kGroup) * R + int64_t(kGroup) * W + int64_t(kGroup) * kBackwardBlock +
-         int64_t(kGroup) * (a.shape.d + 16) + 256;
+  return kScoredTogether * token_scores_size<ScalarOf<V>>(H, E8) + 2 * int64_t(E8) + R * W + 4 * R +
+         int64_t(kGroup) * R + int64_t(kGroup) * kBackwardBlock + int64_t(kGroup) * (a.shape.d + 16) + 256;
 }
 
 // dL/dp of one token: through mean_probs (balancing probabilities) and the selected weights.
@@ -691,18 +690,26 @@ inline void token_logit_grads(const BackwardArgs<ScalarOf<V>>& a, int64_t t, int
 
 // Back through the anchors' log-sum-exp and SIPS for one token: anchor accumulators
 // acc[r][H][E_pad] += ds * q_scale * q (skipped when acc is null), ds_anchor_hat[r] =
-// sum ds * anchor_hat; returns sum ds * u.
-template <typename V>
-inline ScalarOf<V> scores_backward(const ScalarOf<V>* q, const Prepared<ScalarOf<V>>& P,
-                                   ScalarOf<V> q_scale, const TokenScores<ScalarOf<V>>& S,
-                                   const ScalarOf<V>* dl, ScalarOf<V>* acc, ScalarOf<V>* ds_anchor_hat,
-                                   ScalarOf<V>* lanes /* [r][W] */) {
+// sum ds * anchor_hat; returns sum ds * u. RMAX > 0: rank <= RMAX, the ds_anchor_hat lanes in
+// registers (each a chain of FMAs in the same order as through memory, where every step waited on
+// the previous one's store); RMAX = 0: any rank, the lanes in `lanes`.
+template <int RMAX, typename V>
+inline ScalarOf<V> scores_backward_ranked(const ScalarOf<V>* q, const Prepared<ScalarOf<V>>& P,
+                                          ScalarOf<V> q_scale, const TokenScores<ScalarOf<V>>& S,
+                                          const ScalarOf<V>* dl, ScalarOf<V>* acc, ScalarOf<V>* ds_anchor_hat,
+                                          ScalarOf<V>* lanes /* [r][W] */) {
   using A = ScalarOf<V>;
   constexpr int kW = width_of<V>();
   const int R = P.rank, H = P.anchors, E8 = P.experts_padded;
   const int64_t row = int64_t(H) * E8;
   V dsu(A(0));
-  for (int i = 0; i < R; ++i) lane_store(lanes + i * kW, V(A(0)));
+  V reg[RMAX > 0 ? RMAX : 1];
+  if constexpr (RMAX > 0) {
+#pragma GCC unroll 16
+    for (int i = 0; i < RMAX; ++i) reg[i] = V(A(0));
+  } else {
+    for (int i = 0; i < R; ++i) lane_store(lanes + i * kW, V(A(0)));
+  }
   const V vq_scale(q_scale);
   for (int b = 0; b < E8; b += kW) {
     const V dlv = lane_load<V>(dl + b);
@@ -713,18 +720,49 @@ inline ScalarOf<V> scores_backward(const ScalarOf<V>* q, const Prepared<ScalarOf
       const V ds = rm::score_grad(dlv, share);
       dsu = fmadd(ds, lane_load<V>(S.u + off), dsu);
       const V ds_q = rm::anchor_acc_coef(ds, vq_scale);
-      for (int i = 0; i < R; ++i) {
-        A* lane = lanes + i * kW;
-        lane_store(lane, fmadd(ds, lane_load<V>(P.anchors_t + i * row + off), lane_load<V>(lane)));
-        if (acc) {
-          A* ai = acc + i * row + off;
-          lane_store(ai, fmadd(ds_q, V(q[i]), lane_load<V>(ai)));
+      if constexpr (RMAX > 0) {
+#pragma GCC unroll 16
+        for (int i = 0; i < RMAX; ++i) {
+          if (i < R) {
+            reg[i] = fmadd(ds, lane_load<V>(P.anchors_t + i * row + off), reg[i]);
+            if (acc) {
+              A* ai = acc + i * row + off;
+              lane_store(ai, fmadd(ds_q, V(q[i]), lane_load<V>(ai)));
+            }
+          }
+        }
+      } else {
+        for (int i = 0; i < R; ++i) {
+          A* lane = lanes + i * kW;
+          lane_store(lane, fmadd(ds, lane_load<V>(P.anchors_t + i * row + off), lane_load<V>(lane)));
+          if (acc) {
+            A* ai = acc + i * row + off;
+            lane_store(ai, fmadd(ds_q, V(q[i]), lane_load<V>(ai)));
+          }
         }
       }
     }
   }
-  for (int i = 0; i < R; ++i) ds_anchor_hat[i] = hsum(lane_load<V>(lanes + i * kW));
+  if constexpr (RMAX > 0) {
+#pragma GCC unroll 16
+    for (int i = 0; i < RMAX; ++i) {
+      if (i < R) ds_anchor_hat[i] = hsum(reg[i]);
+    }
+  } else {
+    for (int i = 0; i < R; ++i) ds_anchor_hat[i] = hsum(lane_load<V>(lanes + i * kW));
+  }
   return hsum(dsu);
+}
+
+template <typename V>
+inline ScalarOf<V> scores_backward(const ScalarOf<V>* q, const Prepared<ScalarOf<V>>& P,
+                                   ScalarOf<V> q_scale, const TokenScores<ScalarOf<V>>& S,
+                                   const ScalarOf<V>* dl, ScalarOf<V>* acc, ScalarOf<V>* ds_anchor_hat,
+                                   ScalarOf<V>* lanes /* [r][W] */) {
+  if (P.rank <= kMaxRowsInRegisters) {
+    return scores_backward_ranked<kMaxRowsInRegisters, V>(q, P, q_scale, S, dl, acc, ds_anchor_hat, lanes);
+  }
+  return scores_backward_ranked<0, V>(q, P, q_scale, S, dl, acc, ds_anchor_hat, lanes);
 }
 
 // Whether a row of grad_x takes non-temporal stores: when the output is too large to stay cached
@@ -761,17 +799,16 @@ struct ProjectionBackward {
   int64_t proj_stride;
   int64_t d;
   A* grad_norm_weight;    // [d] chunk partial, or null
-  A* buffer;              // [count][stride]: dL/dx_hat, or the running W^T grad_q over row chunks
+  A* buffer;              // [count][stride]: the running W^T grad_q over row chunks (rank > 8)
   A* xn;                  // [count][kBackwardBlock]: x~ of the current d-block (for grad_proj)
   int64_t stride;
   X* const* gx;           // [count] rows of grad_x
-  V* mean_dot;            // [count] lanes of sum_i dL/dx_hat_i * x_hat_i
-  A* row_mean_dot;        // [count] out: mean_i dL/dx_hat_i * x_hat_i (with RMSNorm)
+  const A* mean_dot;      // [count] mean_i dL/dx_hat_i * x_hat_i (with RMSNorm): rms_mean_dot
   const X* const* next_xs;  // [kGroup] rows of the next group (prefetched into L2), or null
 };
 
 // Tokens per backward tile for a row chunk of ROWS: the TT x ROWS grad_q values and 4 lane values
-// per token (x_hat, x~, the W^T grad_q sum, mean_dot) in registers, plus W, the norm weight and a
+// per token (x_hat, rstd, the W^T grad_q sum, mean_dot) in registers, plus W, the norm weight and a
 // running sum.
 template <typename V, int ROWS>
 constexpr int backward_tile_tokens() {
@@ -782,8 +819,9 @@ constexpr int backward_tile_tokens() {
 // One tile of TT tokens, rows [r0, r0 + ROWS) of the projection, one d-block [b0, b1): every
 // per-element sum keeps its order (W^T grad_q over rows k in order, grad_proj and grad_norm_weight
 // over tokens in order), each W load serves TT tokens and each x~ value every row. FIRST: the row
-// chunk that starts W^T grad_q; LAST: the one that finishes it (grad_norm_weight, mean_dot,
-// dL/dx_hat, or grad_x without RMSNorm); middle chunks carry W^T grad_q in the buffer.
+// chunk that starts W^T grad_q; LAST: the one that finishes it (grad_norm_weight and grad_x);
+// middle chunks carry W^T grad_q in the buffer. grad_x is written here, in the pass that reads x:
+// RMSNorm's mean_dot is known before it (rms_mean_dot).
 template <int TT, int ROWS, bool FIRST, bool LAST, typename V, typename X>
 inline void projection_backward_tile(const ProjectionBackward<V, X>& a, int t0, int r0, int64_t b0, int64_t b1) {
   using A = ScalarOf<V>;
@@ -795,7 +833,7 @@ inline void projection_backward_tile(const ProjectionBackward<V, X>& a, int t0, 
 #pragma GCC unroll 16
     for (int k = 0; k < ROWS; ++k) c[t][k] = V(a.grad_q[(t0 + t) * a.rank + r0 + k]);
     r[t] = V(a.rstd[t0 + t]);
-    md[t] = a.mean_dot[t0 + t];
+    md[t] = V(a.use_norm ? a.mean_dot[t0 + t] : A(0));
   }
   // Locals: the stores below could alias the struct's fields as far as the compiler knows.
   const A* const W = a.W + int64_t(r0) * a.w_stride;
@@ -875,15 +913,12 @@ inline void projection_backward_tile(const ProjectionBackward<V, X>& a, int t0, 
 #pragma GCC unroll 16
         for (int t = 0; t < TT; ++t) sum[t] = sum[t] * gv;  // now dL/dx_hat
       }
+      if (need_grad_x) {
 #pragma GCC unroll 16
-      for (int t = 0; t < TT; ++t) {
-        md[t] = fmadd(sum[t], xhat[t], md[t]);
-        if (need_grad_x) lane_store(buffer + t * stride + i, sum[t]);
+        for (int t = 0; t < TT; ++t) store_grad_x(gx[t] + i, rm::rms_norm_input_grad(sum[t], xhat[t], r[t], md[t]), stream[t]);
       }
     }
   }
-#pragma GCC unroll 16
-  for (int t = 0; t < TT; ++t) a.mean_dot[t0 + t] = md[t];
 }
 
 // grad_proj[k0 + k][i0 + v * W ...] += grad_q[t][k0 + k] * x~_t for the group's tokens in order, in a
@@ -949,8 +984,8 @@ inline void projection_backward_tiles(const ProjectionBackward<V, X>& a, int cou
 // that the blocks of W, of grad_proj and of the norm weight stay in L1 while the group's tiles use
 // them, rows in chunks of kMaxRowsInRegisters:
 //   dL/dx~ = W^T grad_q, grad_norm_weight += dL/dx~ * x_hat (token order),
-//   grad_proj += grad_q x~^T (token order); with RMSNorm dL/dx_hat left in the buffer and each row's
-//   mean_dot in row_mean_dot for grad_x_row, without it grad_x = dL/dx~ written here.
+//   grad_proj += grad_q x~^T (token order), grad_x = dL/dx~ (without RMSNorm) or
+//   rms_norm_input_grad(dL/dx_hat, x_hat, rstd, mean_dot).
 template <typename V, typename X>
 inline void projection_backward_group(const ProjectionBackward<V, X>& a, int count) {
   using A = ScalarOf<V>;
@@ -958,7 +993,6 @@ inline void projection_backward_group(const ProjectionBackward<V, X>& a, int cou
   const int64_t d = a.d;
   const int64_t dv = d / kW * kW;
   const int rank = a.rank;
-  for (int j = 0; j < count; ++j) a.mean_dot[j] = V(A(0));
   for (int64_t b0 = 0; b0 < dv; b0 += kBackwardBlock) {
     const int64_t b1 = b0 + kBackwardBlock < dv ? b0 + kBackwardBlock : dv;
     for (int r0 = 0; r0 < rank; r0 += kMaxRowsInRegisters) {
@@ -1000,8 +1034,6 @@ inline void projection_backward_group(const ProjectionBackward<V, X>& a, int cou
     const X* xt = a.xs[j];
     const A* gq = a.grad_q + j * rank;
     const A r = a.rstd[j];
-    A* buf = a.buffer + j * a.stride;
-    A mean_dot = a.use_norm ? hsum(a.mean_dot[j]) : A(0);
     for (int64_t i = dv; i < d; ++i) {  // tail, same formulas
       const A xi = LaneIO<A>::load(xt + i);
       const A xhat = a.use_norm ? rm::rms_normalized(xi, r) : xi;
@@ -1022,59 +1054,18 @@ inline void projection_backward_group(const ProjectionBackward<V, X>& a, int cou
         if (a.grad_norm_weight) a.grad_norm_weight[i] = fmadd(gxn, xhat, a.grad_norm_weight[i]);
         gxn = gxn * g[i];
       }
-      mean_dot = fmadd(gxn, xhat, mean_dot);
-      buf[i] = gxn;
+      if (a.need_grad_x) LaneIO<A>::store(a.gx[j] + i, rm::rms_norm_input_grad(gxn, xhat, r, a.mean_dot[j]));
     }
-    if (a.use_norm) a.row_mean_dot[j] = mean_dot / static_cast<A>(d);
   }
 }
 
-// The RMSNorm rows of grad_x of one group (tokens t0 .. t0 + count), finished after
-// projection_backward_group (which leaves dL/dx_hat in the group buffer and each row's mean_dot here)
-// and written a row at a time by grad_x_row while the next group scores: the row's stores
-// (non-temporal, for a large grad_x) drain while the core computes scores, rather than in one burst
-// that holds the projection up. Every row is written before the next group's projection refills the
-// buffer.
+// RMSNorm's mean_i(dL/dx_hat_i * x_hat_i) for one token before its row is read: <grad_q, q> / d,
+// as q = (proj * g) x_hat is the forward's q (the CUDA backward evaluates it the same way).
 template <typename A>
-struct PendingGradX {
-  A mean_dot[kGroup];
-  int64_t t0 = 0;
-  int count = 0;  // rows in the group
-  int done = 0;   // rows written
-};
-
-// grad_x = rms_norm_input_grad(dL/dx_hat, x_hat, rstd, mean_dot) for one row.
-template <typename V, typename X>
-inline void grad_x_row(const X* xt, const ScalarOf<V>* buf, ScalarOf<V> r, ScalarOf<V> mean_dot, int64_t d,
-                       X* gxj, bool stream_output) {
-  using A = ScalarOf<V>;
-  constexpr int kW = width_of<V>();
-  const int64_t dv = d / kW * kW;
-  const V vr(r), vmd(mean_dot);
-  const bool stream = streams_row<V>(gxj, stream_output);
-  for (int64_t i = 0; i < dv; i += kW) {
-    const V xhat = rm::rms_normalized(LaneIO<V>::load(xt + i), vr);
-    store_grad_x(gxj + i, rm::rms_norm_input_grad(lane_load<V>(buf + i), xhat, vr, vmd), stream);
-  }
-  for (int64_t i = dv; i < d; ++i) {
-    const A xhat = rm::rms_normalized(LaneIO<A>::load(xt + i), r);
-    LaneIO<A>::store(gxj + i, rm::rms_norm_input_grad(buf[i], xhat, r, mean_dot));
-  }
-}
-
-// Writes the pending group's rows up to `upto` (at most its count); buffer: [count][stride] dL/dx_hat.
-template <typename V, typename X>
-inline void write_pending_grad_x(PendingGradX<ScalarOf<V>>& p, int upto, const BackwardArgs<ScalarOf<V>>& a,
-                                 const ScalarOf<V>* buffer, int64_t stride) {
-  const int64_t d = a.shape.d;
-  const X* x = static_cast<const X*>(a.x);
-  X* grad_x = static_cast<X*>(a.grad_x);
-  if (upto > p.count) upto = p.count;
-  for (; p.done < upto; ++p.done) {
-    const int64_t t = p.t0 + p.done;
-    grad_x_row<V, X>(x + t * d, buffer + p.done * stride, a.rstd[t], p.mean_dot[p.done], d, grad_x + t * d,
-                     a.stream_grad_x);
-  }
+inline A rms_mean_dot(const A* grad_q, const A* q, int rank, int64_t d) {
+  A dot = A(0);
+  for (int k = 0; k < rank; ++k) dot = fmadd(grad_q[k], q[k], dot);
+  return dot / static_cast<A>(d);
 }
 
 template <typename V, typename X>
@@ -1088,19 +1079,19 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
   const int64_t d = a.shape.d;
   const int64_t stride = d + 16;
   Arena<A> arena{scratch};
-  const TokenScores<A> S = take_token_scores<A>(arena, H, E8);
+  TokenScores<A> scored[kScoredTogether];
+  for (int n = 0; n < kScoredTogether; ++n) scored[n] = take_token_scores<A>(arena, H, E8);
+  rm::SoftmaxStats<A> scored_st[kScoredTogether];
   A* grad_probs = arena.take(E8);
   A* dl = arena.take(E8);
   A* lanes = arena.take(int64_t(R) * width_of<V>());
   A* ds_anchor_hat = arena.take(R);
   A* grad_q = arena.take(int64_t(kGroup) * R);
-  V* mean_dot = reinterpret_cast<V*>(arena.take(int64_t(kGroup) * width_of<V>()));
+  A mean_dot[kGroup];
   A* xn = arena.take(int64_t(kGroup) * kBackwardBlock);
   A* buffer = arena.take(int64_t(kGroup) * stride);
   const X* x = static_cast<const X*>(a.x);
   X* grad_x = static_cast<X*>(a.grad_x);
-  const bool defer_grad_x = a.need_grad_x && a.opt.use_norm;
-  PendingGradX<A> pending;
 
   for (int64_t c = c_begin; c < c_end; ++c) {
     const int64_t t_begin = a.chunks.begin(c), t_end = a.chunks.end(c);
@@ -1113,14 +1104,27 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
     X* gxs[kGroup];
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int j_group = static_cast<int>((t - t_begin) % kGroup);
-      rm::SoftmaxStats<A> st;
+      // The scores again, kScoredTogether tokens side by side as the forward scores them (each
+      // token's values exactly as alone): the first token of each run scores the run.
+      const int slot = a.logits_in ? 0 : static_cast<int>((t - t_begin) % kScoredTogether);
+      const TokenScores<A>& S = scored[slot];
       if (a.logits_in) {
-        st = score_from_logits<V>(a.logits_in + t * E, E, E8, a.opt.sigmoid, S);
-      } else {
-        const A* q = a.q + t * R;
-        const rm::NormCoef<A> qc = rm::query_coef(q, R, a.opt.beta, a.opt.eps);
-        st = score_token<V>(q, *P, P->scale * qc.coef, a.opt.tau, a.opt.sigmoid, S);
+        scored_st[0] = score_from_logits<V>(a.logits_in + t * E, E, E8, a.opt.sigmoid, S);
+      } else if (slot == 0) {
+        const int run = t_end - t >= kScoredTogether ? kScoredTogether : static_cast<int>(t_end - t);
+        const A* qs[kScoredTogether];
+        A q_scales[kScoredTogether];
+        for (int n = 0; n < run; ++n) {
+          qs[n] = a.q + (t + n) * R;
+          q_scales[n] = P->scale * rm::query_coef(qs[n], R, a.opt.beta, a.opt.eps).coef;
+        }
+        if (run == kScoredTogether) {
+          score_tokens<V, kScoredTogether>(qs, *P, q_scales, a.opt.tau, a.opt.sigmoid, scored, scored_st);
+        } else {
+          for (int n = 0; n < run; ++n) scored_st[n] = score_token<V>(qs[n], *P, q_scales[n], a.opt.tau, a.opt.sigmoid, scored[n]);
+        }
       }
+      const rm::SoftmaxStats<A> st = scored_st[slot];
       if (a.grad_logits) {
         for (int e = 0; e < E; ++e) dl[e] = a.grad_logits[t * E + e];
         for (int e = E; e < E8; ++e) dl[e] = A(0);
@@ -1143,12 +1147,11 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
                                             ds_anchor_hat, lanes);
       if (a.need_param_grads) *grad_scale += rm::scale_grad(ds_u_sum, qc);
       for (int i = 0; i < R; ++i) gq[i] = rm::query_grad(q[i], ds_anchor_hat[i], ds_u_sum, P->scale, qc);
+      mean_dot[j_group] = a.opt.use_norm ? rms_mean_dot(gq, q, R, d) : A(0);
       xs[j_group] = x + t * d;
       gxs[j_group] = grad_x ? grad_x + t * d : nullptr;
-      if (defer_grad_x) write_pending_grad_x<V, X>(pending, j_group + 1, a, buffer, stride);
       if (j_group == kGroup - 1 || t + 1 == t_end) {
         const int64_t t0 = t - j_group;
-        if (defer_grad_x) write_pending_grad_x<V, X>(pending, kGroup, a, buffer, stride);  // frees the buffer
         ProjectionBackward<V, X> pb;
         pb.xs = xs;
         pb.W = P->proj;
@@ -1168,7 +1171,6 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
         pb.stride = stride;
         pb.gx = gxs;
         pb.mean_dot = mean_dot;
-        pb.row_mean_dot = pending.mean_dot;
         pb.stream = a.stream_grad_x;
         pb.xn = xn;
         const X* next_xs[kGroup];
@@ -1178,15 +1180,9 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
         }
         pb.next_xs = next_xs;
         projection_backward_group<V, X>(pb, j_group + 1);
-        if (defer_grad_x) {
-          pending.t0 = t0;
-          pending.count = j_group + 1;
-          pending.done = 0;
-        }
       }
     }
   }
-  if (defer_grad_x) write_pending_grad_x<V, X>(pending, kGroup, a, buffer, stride);
 }
 
 template <typename V>
