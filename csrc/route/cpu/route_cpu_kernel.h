@@ -258,8 +258,8 @@ inline bool row_has_non_finite(const X* x, int64_t d) {
 // Scores of one token: u, the experts' logits (anchor log-sum-exp), softmax statistics, p.
 // ================================================================================================
 
-// What the scoring runs between its passes (once per block of experts and per block of anchor
-// dots): nothing, or the forward's prefetches of the next group's x (XPrefetch).
+// What score_tokens runs between its steps (once per block of anchor dots and per block of experts'
+// logits): nothing, or the forward's prefetches of the next group's x (XPrefetch).
 struct NoStep {
   void operator()() const {}
 };
@@ -270,8 +270,11 @@ struct NoStep {
 // fetches a line's 128-byte pair with it). Past the first block the hardware prefetchers, started
 // on each row, keep ahead. Measured (1 thread, T = 8192 rows from DRAM, CPU time per token,
 // interleaved, same build): fp32 x 763 -> 699 ns, bf16 665 -> 638 ns. Prefetching the whole rows
-// the same way gained no more (717 -> 660 ns at one prefetch per 128 bytes) and cost 2.5 % (per
-// 128 bytes) to 10 % (per line) with x in cache: the prefetch instructions themselves.
+// the same way gained no more (717 -> 660 ns at one prefetch per 128 bytes). With x cached (T = 240,
+// 1.9 MB) the same prefetches cost ~5 % (perf samples), so only an x of kPrefetchedXBytes or more
+// is prefetched.
+constexpr int64_t kPrefetchedXBytes = int64_t(16) << 20;
+
 struct XPrefetch {
   static constexpr int64_t kStride = 128;
   const char* rows[kForwardGroup];
@@ -305,9 +308,8 @@ struct XPrefetch {
 // tokens go through each pass side by side: one token's passes are a chain of dependent
 // reductions (max, then exps and their sum, then p), too long for the out-of-order window to
 // overlap with the next token's, so N independent chains keep the vector units busy.
-template <typename V, int N, typename Step = NoStep>
-inline void token_probs(int E8, bool sigmoid, const TokenScores<ScalarOf<V>>* S, rm::SoftmaxStats<ScalarOf<V>>* st,
-                        Step&& step = {}) {
+template <typename V, int N>
+inline void token_probs(int E8, bool sigmoid, const TokenScores<ScalarOf<V>>* S, rm::SoftmaxStats<ScalarOf<V>>* st) {
   using A = ScalarOf<V>;
   constexpr int kW = width_of<V>();
   V lmax[N];
@@ -318,7 +320,6 @@ inline void token_probs(int E8, bool sigmoid, const TokenScores<ScalarOf<V>>* S,
     lnan[n] = is_nan(V(A(0)));
   }
   for (int b = 0; b < E8; b += kW) {
-    step();
 #pragma GCC unroll 4
     for (int n = 0; n < N; ++n) {
       const V l = lane_load<V>(S[n].logits + b);
@@ -334,7 +335,6 @@ inline void token_probs(int E8, bool sigmoid, const TokenScores<ScalarOf<V>>* S,
     vsum[n] = V(A(0));
   }
   for (int b = 0; b < E8; b += kW) {
-    step();
 #pragma GCC unroll 4
     for (int n = 0; n < N; ++n) {
       const V e = rm::logit_exp(lane_load<V>(S[n].logits + b), shift[n]);
@@ -349,7 +349,6 @@ inline void token_probs(int E8, bool sigmoid, const TokenScores<ScalarOf<V>>* S,
     sum[n] = V(st[n].sum);
   }
   for (int b = 0; b < E8; b += kW) {
-    step();
 #pragma GCC unroll 4
     for (int n = 0; n < N; ++n) {
       lane_store(S[n].probs + b, rm::routing_prob(lane_load<V>(S[n].logits + b), lane_load<V>(S[n].exps + b),
@@ -415,7 +414,7 @@ inline void score_tokens(const ScalarOf<V>* const* q, const Prepared<ScalarOf<V>
       lane_store(Sn.lsum + b, el.lsum);
     }
   }
-  token_probs<V, N>(E8, sigmoid, S, st, step);
+  token_probs<V, N>(E8, sigmoid, S, st);
 }
 
 template <typename V>
@@ -575,11 +574,12 @@ void forward_chunks_typed(const ForwardArgs<ScalarOf<V>>& a, int64_t c_begin, in
   int64_t* chosen = reinterpret_cast<int64_t*>(arena.take(2 * int64_t(a.shape.top_k)));
   A* group_q = arena.take(int64_t(kForwardGroup) * R);
   const X* x = static_cast<const X*>(a.x);
-  // XPrefetch calls per scored token pair (score_tokens: blocks of anchor dots, then 4 passes over
-  // the expert blocks).
+  // XPrefetch calls per scored token pair (score_tokens: blocks of anchor dots, then the blocks of
+  // experts).
   constexpr int64_t kDotValues = 8 * width_of<V>();
-  const int steps_per_pair = P ? static_cast<int>((int64_t(H) * E8 + kDotValues - 1) / kDotValues) + 4 * (E8 / width_of<V>()) : 0;
+  const int steps_per_pair = P ? static_cast<int>((int64_t(H) * E8 + kDotValues - 1) / kDotValues) + E8 / width_of<V>() : 0;
   XPrefetch prefetch;
+  const bool prefetches = a.shape.tokens * d * int64_t(sizeof(X)) >= kPrefetchedXBytes;
 
   for (int64_t c = c_begin; c < c_end; ++c) {
     const int64_t t_begin = a.chunks.begin(c), t_end = a.chunks.end(c);
@@ -594,7 +594,8 @@ void forward_chunks_typed(const ForwardArgs<ScalarOf<V>>& a, int64_t c_begin, in
         project_group<V, X>(xs, count, P->proj_w, P->proj_stride, d, R, group_q,
                             a.opt.use_norm ? squares : nullptr, acc);
         const int64_t n0 = g0 + kForwardGroup;
-        const int next = static_cast<int>(t_end - n0 < kForwardGroup ? (t_end > n0 ? t_end - n0 : 0) : kForwardGroup);
+        const int next = !prefetches ? 0
+                         : static_cast<int>(t_end - n0 < kForwardGroup ? (t_end > n0 ? t_end - n0 : 0) : kForwardGroup);
         const X* next_xs[kForwardGroup];
         for (int j = 0; j < next; ++j) next_xs[j] = x + (n0 + j) * d;
         prefetch.start(next_xs, next, d, steps_per_pair * ((count + kScoredTogether - 1) / kScoredTogether));
@@ -635,12 +636,19 @@ void forward_chunks_typed(const ForwardArgs<ScalarOf<V>>& a, int64_t c_begin, in
           q_scale[n] = P->scale * rm::query_coef(q, R, a.opt.beta, a.opt.eps).coef;
         }
         rm::SoftmaxStats<A> st[kScoredTogether];
-        if (n_tokens == kScoredTogether) {
-          score_tokens<V, kScoredTogether>(qs, *P, q_scale, a.opt.tau, a.opt.sigmoid, S, st, prefetch);
-        } else {
-          for (int n = 0; n < n_tokens; ++n) {
-            score_tokens<V, 1>(qs + n, *P, q_scale + n, a.opt.tau, a.opt.sigmoid, S + n, st + n, prefetch);
+        const auto score = [&](auto&& step) {
+          if (n_tokens == kScoredTogether) {
+            score_tokens<V, kScoredTogether>(qs, *P, q_scale, a.opt.tau, a.opt.sigmoid, S, st, step);
+          } else {
+            for (int n = 0; n < n_tokens; ++n) {
+              score_tokens<V, 1>(qs + n, *P, q_scale + n, a.opt.tau, a.opt.sigmoid, S + n, st + n, step);
+            }
           }
+        };
+        if (prefetches) {  // the scoring without prefetches (x cached) stays as it was
+          score(prefetch);
+        } else {
+          score(NoStep{});
         }
         for (int n = 0; n < n_tokens; ++n) {  // in token order: the statistics sums keep theirs
           const int64_t t = g0 + j0 + n;
