@@ -46,6 +46,28 @@ constexpr float kT0 = -3.33332819422e-1f, kT1 = 1.33314422036e-1f, kT2 = -5.3739
                 kT3 = 2.06390887954e-2f, kT4 = -5.70498872745e-3f;
 }  // namespace poly
 
+// p * 2^n for p in [0.5, 2) and integral n in [-124, 128] (vexp's range): exact, or +inf where it
+// overflows. Computed as (p * 2^(n-1)) * 2, so that n = 128 needs no exponent field of 255; a lane
+// type may override it with an instruction that gives the same bits (AVX-512: vscalefps).
+template <typename V>
+L2R_HD V times_pow2(V p, V n) {
+  const V half_scale = from_bits(shift_left(to_int(n) + IntLane<V>(126), 23));
+  return (p * half_scale) * V(2.0f);
+}
+
+// x = m * 2^e with m in [1, 2) and e integral (both exact in float), for positive finite x,
+// denormals included; any values elsewhere (vlog replaces those lanes). A lane type may override it
+// with instructions that give the same bits there (AVX-512: vgetexpps, vgetmantps).
+template <typename V>
+L2R_HD void exponent_mantissa(V x, V& e, V& m) {
+  using namespace poly;
+  const auto tiny = lt(x, V(kMinNormal));
+  const V xs = select(tiny, x * V(8388608.0f), x);  // 2^23
+  const auto bits = to_bits(xs);
+  e = to_float(shift_right(bits, 23)) - select(tiny, V(150.0f), V(127.0f));
+  m = from_bits((bits & IntLane<V>(0x007fffff)) | IntLane<V>(0x3f800000));
+}
+
 template <typename V>
 L2R_HD V vexp(V x) {
   using namespace poly;
@@ -63,9 +85,7 @@ L2R_HD V vexp(V x) {
   q = fmadd(q, f, V(kE1));
   q = fmadd(q, f, V(kE0));
   const V p = V(1.0f) + fmadd(f * f, q, f);
-  // 2^n as 2^(n-1) * 2 so that n = 128 needs no exponent field of 255
-  const V half_scale = from_bits(shift_left(to_int(n) + IntLane<V>(126), 23));
-  V r = (p * half_scale) * V(2.0f);
+  V r = times_pow2(p, n);
   r = select(over, V(kInf), r);
   r = select(under, V(0.0f), r);
   return select(nan, x, r);
@@ -77,12 +97,8 @@ L2R_HD V vlog(V x) {
   const auto not_pos = mask_not(gt(x, V(0.0f)));  // x <= 0 or NaN
   const auto is_zero = eq(x, V(0.0f));
   const auto is_inf = eq(x, V(kInf));
-  const auto tiny = lt(x, V(kMinNormal));
-  const V xs = select(tiny, x * V(8388608.0f), x);  // 2^23
-  const auto bits = to_bits(xs);
-  // Exponent and mantissa in [1, 2): small integers, exact in float.
-  V e = to_float(shift_right(bits, 23)) - select(tiny, V(150.0f), V(127.0f));
-  V m = from_bits((bits & IntLane<V>(0x007fffff)) | IntLane<V>(0x3f800000));
+  V e, m;
+  exponent_mantissa(x, e, m);
   const auto big = gt(m, V(kSqrt2));
   m = select(big, m * V(0.5f), m);
   e = select(big, e + V(1.0f), e);

@@ -108,6 +108,16 @@ L2R_LANE_FN Vec16f blend_from_lane(Vec16f keep, Vec16f value, int first) {
   return _mm512_mask_blend_ps(m, keep.v, value.v);
 }
 
+// fastmath.h's exponent steps in one instruction each, with the generic steps' bits on their
+// domain: p * 2^n (times_pow2: p * 2^(n-1) is a normal float there, so both round the exact
+// product once), and the exponent and [1, 2) mantissa of a positive finite x, denormals
+// normalized (exponent_mantissa). tests/cpp/lane_math_check.cpp sweeps the float bit patterns.
+L2R_LANE_FN Vec16f times_pow2(Vec16f p, Vec16f n) { return _mm512_scalef_ps(p.v, n.v); }
+L2R_LANE_FN void exponent_mantissa(Vec16f x, Vec16f& e, Vec16f& m) {
+  e = _mm512_getexp_ps(x.v);
+  m = _mm512_getmant_ps(x.v, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero);
+}
+
 // In a register from here on (lanes.h).
 L2R_LANE_FN void pin_register(Vec16f& a) { asm("" : "+v"(a.v)); }
 

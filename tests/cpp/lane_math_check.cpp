@@ -114,6 +114,21 @@ static std::vector<float> inputs(std::mt19937& rng, size_t n, float lo_exp = -40
   return v;
 }
 
+// Every stride-th float bit pattern (both signs, every exponent, denormals, inf and NaN): the exp and
+// log exponent steps a lane type may do with its own instructions (fastmath.h's times_pow2 and
+// exponent_mantissa; AVX-512 overrides both) must give the generic steps' bits everywhere.
+static std::vector<float> bit_sweep(uint32_t stride) {
+  std::vector<float> v;
+  for (uint64_t u = 0; u < (uint64_t(1) << 32); u += stride) {
+    const uint32_t bits = static_cast<uint32_t>(u);
+    float f;
+    std::memcpy(&f, &bits, 4);
+    v.push_back(f);
+  }
+  v.resize(v.size() / W * W);
+  return v;
+}
+
 int main() {
   std::mt19937 rng(12345);
   const size_t n = 1 << 18;
@@ -132,6 +147,9 @@ int main() {
   check<1>("vlog", A1, [](V* x) { return vlog(x[0]); }, [](float* x) { return vlog(x[0]); });
   const std::vector<float> P1[] = {pos};
   check<1>("vlog(|x|)", P1, [](V* x) { return vlog(x[0]); }, [](float* x) { return vlog(x[0]); });
+  const std::vector<float> S1[] = {bit_sweep(1021)};
+  check<1>("vexp (bit sweep)", S1, [](V* x) { return vexp(x[0]); }, [](float* x) { return vexp(x[0]); });
+  check<1>("vlog (bit sweep)", S1, [](V* x) { return vlog(x[0]); }, [](float* x) { return vlog(x[0]); });
   check<1>("vtanh", A1, [](V* x) { return vtanh(x[0]); }, [](float* x) { return vtanh(x[0]); });
 
   const std::vector<float> C3[] = {pos, beta, eps};

@@ -258,6 +258,52 @@ inline bool row_has_non_finite(const X* x, int64_t d) {
 // Scores of one token: u, the experts' logits (anchor log-sum-exp), softmax statistics, p.
 // ================================================================================================
 
+// What score_tokens runs between its steps (once per block of anchor dots and per block of experts'
+// logits): nothing, or the forward's prefetches of the next group's x (XPrefetch).
+struct NoStep {
+  void operator()() const {}
+};
+
+// Prefetches of the start of the next group's rows of x into L2, a few per call between the
+// scoring passes of the current group, so that its projection does not begin by waiting on memory:
+// the first d-block of each row (the projection's first reads), one prefetch per 128 bytes (the L2
+// fetches a line's 128-byte pair with it). Past the first block the hardware prefetchers, started
+// on each row, keep ahead. Measured (1 thread, T = 8192 rows from DRAM, CPU time per token,
+// interleaved, same build): fp32 x 763 -> 699 ns, bf16 665 -> 638 ns. Prefetching the whole rows
+// the same way gained no more (717 -> 660 ns at one prefetch per 128 bytes). With x cached (T = 240,
+// 1.9 MB) the same prefetches cost ~5 % (perf samples), so only an x of kPrefetchedXBytes or more
+// is prefetched.
+constexpr int64_t kPrefetchedXBytes = int64_t(16) << 20;
+
+struct XPrefetch {
+  static constexpr int64_t kStride = 128;
+  const char* rows[kForwardGroup];
+  int count = 0, row = 0;
+  int64_t point = 0, points = 0;  // prefetches per row
+  int per_call = 0;
+
+  template <typename X>
+  void start(const X* const* xs, int n, int64_t d, int calls) {
+    count = n;
+    row = 0;
+    point = 0;
+    const int64_t bytes = (d < kForwardBlock ? d : kForwardBlock) * int64_t(sizeof(X));
+    points = n > 0 ? (bytes + kStride - 1) / kStride : 0;
+    for (int j = 0; j < n; ++j) rows[j] = reinterpret_cast<const char*>(xs[j]);
+    per_call = calls > 0 ? static_cast<int>((points * n + calls - 1) / calls) : 0;
+  }
+  // Point i of every row, then point i + 1: the rows' first lines come first.
+  void operator()() {
+    for (int k = 0; k < per_call && point < points; ++k) {
+      __builtin_prefetch(rows[row] + point * kStride, 0, 2);
+      if (++row == count) {
+        row = 0;
+        ++point;
+      }
+    }
+  }
+};
+
 // Softmax statistics over the experts of N tokens, exp(l - shift) and p, from S[n].logits. The N
 // tokens go through each pass side by side: one token's passes are a chain of dependent
 // reductions (max, then exps and their sum, then p), too long for the out-of-order window to
@@ -320,10 +366,10 @@ inline rm::SoftmaxStats<ScalarOf<V>> token_probs(int E8, bool sigmoid, const Tok
 
 // The scores of N tokens (q[n], q_scale[n]) into S[n], side by side pass by pass (as token_probs):
 // each token's values are computed exactly as alone.
-template <typename V, int N>
+template <typename V, int N, typename Step = NoStep>
 inline void score_tokens(const ScalarOf<V>* const* q, const Prepared<ScalarOf<V>>& P, const ScalarOf<V>* q_scale,
                          ScalarOf<V> tau, bool sigmoid, const TokenScores<ScalarOf<V>>* S,
-                         rm::SoftmaxStats<ScalarOf<V>>* st) {
+                         rm::SoftmaxStats<ScalarOf<V>>* st, Step&& step = {}) {
   using A = ScalarOf<V>;
   constexpr int kW = width_of<V>();
   const int R = P.rank, H = P.anchors, E = P.experts, E8 = P.experts_padded;
@@ -341,6 +387,7 @@ inline void score_tokens(const ScalarOf<V>* const* q, const Prepared<ScalarOf<V>
     const A* at = P.anchors_t + c0;
     const auto a_hat = [&](int i, int v) { return lane_load<V>(at + i * n_u + v * kW); };
     const int count = c0 + kDots * kW <= n_u ? kDots : static_cast<int>((n_u - c0) / kW);
+    step();
 #pragma GCC unroll 4
     for (int n = 0; n < N; ++n) {
       V u[kDots];
@@ -354,6 +401,7 @@ inline void score_tokens(const ScalarOf<V>* const* q, const Prepared<ScalarOf<V>
     }
   }
   for (int b = 0; b < E8; b += kW) {
+    step();
 #pragma GCC unroll 4
     for (int n = 0; n < N; ++n) {
       const TokenScores<A>& Sn = S[n];
@@ -526,6 +574,12 @@ void forward_chunks_typed(const ForwardArgs<ScalarOf<V>>& a, int64_t c_begin, in
   int64_t* chosen = reinterpret_cast<int64_t*>(arena.take(2 * int64_t(a.shape.top_k)));
   A* group_q = arena.take(int64_t(kForwardGroup) * R);
   const X* x = static_cast<const X*>(a.x);
+  // XPrefetch calls per scored token pair (score_tokens: blocks of anchor dots, then the blocks of
+  // experts).
+  constexpr int64_t kDotValues = 8 * width_of<V>();
+  const int steps_per_pair = P ? static_cast<int>((int64_t(H) * E8 + kDotValues - 1) / kDotValues) + E8 / width_of<V>() : 0;
+  XPrefetch prefetch;
+  const bool prefetches = a.shape.tokens * d * int64_t(sizeof(X)) >= kPrefetchedXBytes;
 
   for (int64_t c = c_begin; c < c_end; ++c) {
     const int64_t t_begin = a.chunks.begin(c), t_end = a.chunks.end(c);
@@ -539,6 +593,12 @@ void forward_chunks_typed(const ForwardArgs<ScalarOf<V>>& a, int64_t c_begin, in
         for (int j = 0; j < count; ++j) xs[j] = x + (g0 + j) * d;
         project_group<V, X>(xs, count, P->proj_w, P->proj_stride, d, R, group_q,
                             a.opt.use_norm ? squares : nullptr, acc);
+        const int64_t n0 = g0 + kForwardGroup;
+        const int next = !prefetches ? 0
+                         : static_cast<int>(t_end - n0 < kForwardGroup ? (t_end > n0 ? t_end - n0 : 0) : kForwardGroup);
+        const X* next_xs[kForwardGroup];
+        for (int j = 0; j < next; ++j) next_xs[j] = x + (n0 + j) * d;
+        prefetch.start(next_xs, next, d, steps_per_pair * ((count + kScoredTogether - 1) / kScoredTogether));
       }
       if (a.logits_in != nullptr) {  // route_select: from the given logits
         for (int j = 0; j < count; ++j) {
@@ -576,10 +636,19 @@ void forward_chunks_typed(const ForwardArgs<ScalarOf<V>>& a, int64_t c_begin, in
           q_scale[n] = P->scale * rm::query_coef(q, R, a.opt.beta, a.opt.eps).coef;
         }
         rm::SoftmaxStats<A> st[kScoredTogether];
-        if (n_tokens == kScoredTogether) {
-          score_tokens<V, kScoredTogether>(qs, *P, q_scale, a.opt.tau, a.opt.sigmoid, S, st);
+        const auto score = [&](auto&& step) {
+          if (n_tokens == kScoredTogether) {
+            score_tokens<V, kScoredTogether>(qs, *P, q_scale, a.opt.tau, a.opt.sigmoid, S, st, step);
+          } else {
+            for (int n = 0; n < n_tokens; ++n) {
+              score_tokens<V, 1>(qs + n, *P, q_scale + n, a.opt.tau, a.opt.sigmoid, S + n, st + n, step);
+            }
+          }
+        };
+        if (prefetches) {  // the scoring without prefetches (x cached) stays as it was
+          score(prefetch);
         } else {
-          for (int n = 0; n < n_tokens; ++n) score_tokens<V, 1>(qs + n, *P, q_scale + n, a.opt.tau, a.opt.sigmoid, S + n, st + n);
+          score(NoStep{});
         }
         for (int n = 0; n < n_tokens; ++n) {  // in token order: the statistics sums keep theirs
           const int64_t t = g0 + j0 + n;
