@@ -31,12 +31,16 @@ __device__ __forceinline__ rm::ExpertLogit<float> expert_logit_of(const float* q
                                                                  int e, int E, int H, int rp,
                                                                  float q_scale, float sot, float tau) {
   const int n = R > 0 ? R : rp;
-  return rm::expert_logit<float>(
-      H, q_scale, sot, tau,
-      [&](int h) {
-        return rm::anchor_dot<float>(q, n, [&](int i) { return anchor_hat[(static_cast<int64_t>(i) * H + h) * E + e]; });
-      },
-      [](int, float) {});
+  const auto u_of = [&](int h) {
+    return rm::anchor_dot<float>(q, n, [&](int i) { return anchor_hat[(static_cast<int64_t>(i) * H + h) * E + e]; });
+  };
+  if (H <= kHeldAnchors) {  // each u_h once, held in registers for expert_logit's two passes
+    float u[kHeldAnchors];
+#pragma unroll
+    for (int h = 0; h < kHeldAnchors; ++h) u[h] = h < H ? u_of(h) : 0.f;
+    return rm::expert_logit<float>(H, q_scale, sot, tau, [&](int h) { return held_value(u, h); }, [](int, float) {});
+  }
+  return rm::expert_logit<float>(H, q_scale, sot, tau, u_of, [](int, float) {});
 }
 
 // Softmax statistics over the experts of one token from logits[e] (lane's experts; warp-merged).
@@ -337,7 +341,17 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
       for (int e = lane; e < E; e += kWarp) {
         const float dle = dl[e];
         for (int h = 0; h < H; ++h) {
-          const float u = rm::anchor_dot<float>(q, rp, [&](int i) { return anchor_hat[(static_cast<int64_t>(i) * H + h) * E + e]; });
+          // the anchor's coordinates, read once for u and for dL/dq (templated ranks: registers;
+          // the accumulator stores in between could alias them, so the compiler would reload)
+          float a_reg[R > 0 ? R : 1] = {};
+          if constexpr (R > 0) {
+#pragma unroll
+            for (int i = 0; i < R; ++i) a_reg[i] = anchor_hat[(static_cast<int64_t>(i) * H + h) * E + e];
+          }
+          const auto a_of = [&](int i) {
+            return R > 0 ? a_reg[R > 0 ? i : 0] : anchor_hat[(static_cast<int64_t>(i) * H + h) * E + e];
+          };
+          const float u = rm::anchor_dot<float>(q, rp, a_of);
           const float share = H == 1 ? 1.f : rm::anchor_share(H, rm::anchor_exp(sot * u, shifts[e]), lsums[e]);
           const float ds = rm::score_grad(dle, share);
           ds_u_sum = lanes::fmadd(ds, u, ds_u_sum);
@@ -345,7 +359,7 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
 #pragma unroll
           for (int i = 0; i < rp; ++i) {
             const int64_t off = (static_cast<int64_t>(i) * H + h) * E + e;
-            dah[i * dah_stride] = lanes::fmadd(ds, anchor_hat[off], dah[i * dah_stride]);
+            dah[i * dah_stride] = lanes::fmadd(ds, a_of(i), dah[i * dah_stride]);
             if (acc) acc[off] = lanes::fmadd(ds_q, q[i], acc[off]);
           }
         }

@@ -467,6 +467,25 @@ struct ScoreTokens {
   static constexpr int value = TT < by_rank ? TT : by_rank;
 };
 
+// Anchors per expert whose dot products score_tile keeps in registers (more are recomputed).
+constexpr int kHeldAnchors = 4;
+
+// v[h] for a run-time h < N without indexing registers at run time (a chain of selects).
+template <typename V, int N>
+__device__ __forceinline__ V held_value(const V (&v)[N], int h) {
+  V out = v[0];
+#pragma unroll
+  for (int j = 1; j < N; ++j) out = h == j ? v[j] : out;
+  return out;
+}
+
+// Experts per lane select_tile keeps in registers: all of E <= 64 for the 4-token tiles of rank 4
+// and up (8 lanes a token); 4 otherwise (with 8, ranks 1-2 spilled on sm_80 and the rank-32
+// kernel went from 168 to 254 registers, for no expert more at E <= 64 with 16 lanes a token).
+L2R_HD constexpr int cached_experts(int R) {
+  return tokens_per_warp(R) >= 4 && (R == 0 || R >= 4) ? 8 : 4;
+}
+
 template <int R, RouteMode M>
 __device__ __forceinline__ void score_tile(const ForwardParams& p, int anchor_smem,
                                            const WarpScratch& ws, int64_t t0, int ntok,
@@ -486,10 +505,19 @@ __device__ __forceinline__ void score_tile(const ForwardParams& p, int anchor_sm
     const AL q_scale = AL(scale) * qc.coef;
     const AL sot = q_scale / AL(p.c.tau);
     for (int e = lane; e < E; e += kWarp) {
-      const rm::ExpertLogit<AL> el = rm::expert_logit<AL>(
-          H, q_scale, sot, AL(p.c.tau),
-          [&](int h) { return rm::anchor_dot<AL>(q, n, [&](int i) { return AL(a_hat(i, h, e)); }); },
-          [](int, AL) {});
+      const auto u_of = [&](int h) { return rm::anchor_dot<AL>(q, n, [&](int i) { return AL(a_hat(i, h, e)); }); };
+      rm::ExpertLogit<AL> el;
+      if (H <= kHeldAnchors) {
+        // expert_logit asks for each u_h twice (its max pass, then its exp pass): held in
+        // registers, each anchor coordinate is read from shared memory once per token group
+        AL u[kHeldAnchors];
+#pragma unroll
+        for (int h = 0; h < kHeldAnchors; ++h) u[h] = h < H ? u_of(h) : AL(0.f);
+        el = rm::expert_logit<AL>(H, q_scale, sot, AL(p.c.tau), [&](int h) { return held_value(u, h); },
+                                  [](int, AL) {});
+      } else {
+        el = rm::expert_logit<AL>(H, q_scale, sot, AL(p.c.tau), u_of, [](int, AL) {});
+      }
 #pragma unroll
       for (int u = 0; u < SB; ++u) {
         const int t = first + u;
@@ -516,7 +544,7 @@ __device__ __forceinline__ void score_tile(const ForwardParams& p, int anchor_sm
 
 // Probabilities, z-loss statistic, selection and weights of the tile's tokens from ws.probs (the
 // logits), then this warp's statistics (prob_sum, counts, tokens) for the chunk.
-template <int TT>
+template <int TT, int kCachedExperts>
 __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpScratch& ws, int64_t t0, int ntok,
                                             int lane) {
   constexpr int L = kWarp / TT;
@@ -527,7 +555,6 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
   // The lane's first kCachedExperts experts (m, m + L, ...) stay in registers from the logits to
   // the top-k (logit, exp, probability, selection key); the others go through shared memory at
   // every pass. Every pass visits the lane's experts in ascending order either way.
-  constexpr int kCachedExperts = 4;
   const bool biased = p.bias != nullptr;
   float cl[kCachedExperts];  // logits, then probabilities
   float ck[kCachedExperts];  // exps, then selection keys
@@ -822,7 +849,7 @@ __global__ void __launch_bounds__(forward_max_warps(R) * kWarp, 1) route_forward
       __syncwarp();
     }
     if constexpr (M != RouteMode::kLogits) {
-      select_tile<TT>(p, ws, t0, ntok, lane);
+      select_tile<TT, cached_experts(R)>(p, ws, t0, ntok, lane);
       __syncthreads();
       write_chunk_partials(p, TT, c, nwarps);
     }
