@@ -10,6 +10,7 @@
 // on the batch or the thread count.
 #pragma once
 
+#include <algorithm>
 #include <type_traits>
 
 #include "../../common/half_bits.h"
@@ -1165,6 +1166,7 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
   for (int64_t c = c_begin; c < c_end; ++c) {
     const int64_t t_begin = a.chunks.begin(c), t_end = a.chunks.end(c);
     A* part = a.partials ? a.partials + c * a.partial_size() : nullptr;
+    if (part) std::fill(part, part + a.partial_size(), A(0));  // the adapter leaves partials uninitialised
     A* grad_proj = part;
     A* anchor_acc = part ? part + a.proj_partial() : nullptr;
     A* grad_norm_weight = part ? anchor_acc + a.anchor_partial() : nullptr;
