@@ -267,8 +267,8 @@ CATALOGUE: list[Mutation] = [
       "barrier", "the next chunk overwrites the per-warp scratch while other warps still read this chunk's "
       "sums (the old per-token __syncwarp's role, per chunk in the tiled kernel)"),
     M("route.fwd.no_barrier_before_partials", ROUTE_FWD,
-      "      select_tile<TT>(p, ws, t0, ntok, lane);\n      __syncthreads();\n",
-      "      select_tile<TT>(p, ws, t0, ntok, lane);\n",
+      "      select_tile<TT, cached_experts(R)>(p, ws, t0, ntok, lane);\n      __syncthreads();\n",
+      "      select_tile<TT, cached_experts(R)>(p, ws, t0, ntok, lane);\n",
       "barrier", "chunk partials read other warps' sums before they finished"),
     M("route.fwd.block_wide_counts", ROUTE_FWD,
       "    smi(ws.counts + e) = n;",
