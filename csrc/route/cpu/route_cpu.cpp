@@ -378,8 +378,8 @@ BackwardResult run_backward(BackwardArgs<A>& args, const Kernels<A>& kernels, co
   // Uninitialised: each chunk zeroes its own partial when it starts (in parallel, into the cache it
   // then accumulates in) rather than one thread zeroing all of them here (5.3 MB at OLMoE T=8192).
   const at::Tensor partials_storage = at::empty({need_param_grads ? args.chunks.count * args.partial_size() : 0}, f);
-  const A* partials = partials_storage.data_ptr<A>();
-  args.partials = need_param_grads ? partials_storage.data_ptr<A>() : nullptr;
+  A* const partials = partials_storage.data_ptr<A>();
+  args.partials = need_param_grads ? partials : nullptr;
   if (T > 0 && run_backward_chunks(args, kernels)) report_bad_index(indices, E);
   at::Tensor grad_proj, grad_anchors, grad_scale, grad_norm_weight;
   if (need_param_grads) {
