@@ -27,6 +27,7 @@ ROUTE_FWD = "csrc/route/cuda/route_forward.cuh"  # the one-launch forward kernel
 ROUTE_DEVICE = "csrc/route/cuda/route_device.cuh"  # warp helpers of the route kernels
 ROUTE_PLAN = "csrc/route/cuda/route_launch_plan.h"
 ROUTE_MATH = "csrc/route/math/anchor_lse.h"
+ROUTE_RMSNORM = "csrc/route/math/rmsnorm.h"  # shared with the CPU kernels (the emulated tests see the CUDA use)
 ROUTE_SELECTION = "csrc/route/math/selection.h"  # top-k insertion and group-limited selection
 ORDER = "csrc/common/order.h"  # selection order of route's top-k and permute's capacity
 SWITCH = "csrc/common/static_switch.h"
@@ -45,6 +46,7 @@ TESTS = {
     ROUTE_DEVICE: ROUTE_TESTS,
     ROUTE_PLAN: ROUTE_TESTS,
     ROUTE_MATH: ROUTE_TESTS,
+    ROUTE_RMSNORM: ROUTE_TESTS,
     ROUTE_SELECTION: ROUTE_TESTS,
     SWITCH: ROUTE_TESTS,
     ORDER: ROUTE_TESTS + PERMUTE_TESTS,
@@ -408,16 +410,17 @@ CATALOGUE: list[Mutation] = [
       "            for (int i = 0; i < R; ++i) a_reg[i] = anchor_hat[(static_cast<int64_t>(i) * H + h) * E + e];",
       "            for (int i = 0; i < R; ++i) a_reg[i] = anchor_hat[(static_cast<int64_t>(i) * H) * E + e];",
       "stride", "the coordinates held for u and dL/dq are anchor 0's for every anchor of the expert"),
-    M("route.bwd.held_u_first_only", ROUTE,
-      "    return rm::expert_logit<float>(H, q_scale, sot, tau, [&](int h) { return held_value(u, h); }, [](int, float) {});",
-      "    return rm::expert_logit<float>(H, q_scale, sot, tau, [&](int h) { return u[0]; }, [](int, float) {});",
-      "tail", "the recomputed logits use anchor 0's dot product for every anchor (held u indexed wrongly)"),
+    M("route.held_u_first_only", ROUTE_FWD,
+      "    return rm::expert_logit<V>(H, q_scale, sot, tau, [&](int h) { return held_value(u, h); }, [](int, V) {});",
+      "    return rm::expert_logit<V>(H, q_scale, sot, tau, [&](int h) { return u[0]; }, [](int, V) {});",
+      "tail", "forward scores and the backward's recomputed logits use anchor 0's dot product for every "
+      "anchor (held u indexed wrongly; held_expert_logit is shared)"),
     M("route.bwd.scalar_tail", ROUTE,
       "            const float gh = hat_grad(i);", "            const float gh = i + 1 < d ? hat_grad(i) : 0.f;",
       "tail", "scalar path drops the row's last column's gradient"),
-    M("route.bwd.mean_dot_last_rank_dropped", ROUTE,
-      "          for (int k = 0; k < (R > 0 ? R : n); ++k) mean_dot = lanes::fmadd(gq[k], q[k], mean_dot);",
-      "          for (int k = 0; k < (R > 0 ? R : n) - 1; ++k) mean_dot = lanes::fmadd(gq[k], q[k], mean_dot);",
+    M("route.bwd.mean_dot_last_rank_dropped", ROUTE_RMSNORM,
+      "  for (int k = 0; k < (kRank > 0 ? kRank : rank); ++k) dot = fmadd(grad_q[k], q[k], dot);",
+      "  for (int k = 0; k < (kRank > 0 ? kRank : rank) - 1; ++k) dot = fmadd(grad_q[k], q[k], dot);",
       "tail", "RMSNorm's mean(dL/dx_hat * x_hat) = <grad_q, q> / d drops the last rank"),
     M("route.bwd.hat_grad_granules_unswapped", ROUTE,
       "      hi = swap ? a : b;",

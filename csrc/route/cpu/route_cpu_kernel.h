@@ -873,7 +873,7 @@ struct ProjectionBackward {
   A* xn;                  // [count][kBackwardBlock]: x~ of the current d-block (for grad_proj)
   int64_t stride;
   X* const* gx;           // [count] rows of grad_x
-  const A* mean_dot;      // [count] mean_i dL/dx_hat_i * x_hat_i (with RMSNorm): rms_mean_dot
+  const A* mean_dot;      // [count] mean_i dL/dx_hat_i * x_hat_i (with RMSNorm): rm::rms_mean_dot
   const X* const* next_xs;  // [kGroup] rows of the next group (prefetched into L2), or null
 };
 
@@ -891,7 +891,7 @@ constexpr int backward_tile_tokens() {
 // over tokens in order), each W load serves TT tokens and each x~ value every row. FIRST: the row
 // chunk that starts W^T grad_q; LAST: the one that finishes it (grad_norm_weight and grad_x);
 // middle chunks carry W^T grad_q in the buffer. grad_x is written here, in the pass that reads x:
-// RMSNorm's mean_dot is known before it (rms_mean_dot).
+// RMSNorm's mean_dot is known before it (rm::rms_mean_dot).
 template <int TT, int ROWS, bool FIRST, bool LAST, typename V, typename X>
 inline void projection_backward_tile(const ProjectionBackward<V, X>& a, int t0, int r0, int64_t b0, int64_t b1) {
   using A = ScalarOf<V>;
@@ -1129,15 +1129,6 @@ inline void projection_backward_group(const ProjectionBackward<V, X>& a, int cou
   }
 }
 
-// RMSNorm's mean_i(dL/dx_hat_i * x_hat_i) for one token before its row is read: <grad_q, q> / d,
-// as q = (proj * g) x_hat is the forward's q (the CUDA backward evaluates it the same way).
-template <typename A>
-inline A rms_mean_dot(const A* grad_q, const A* q, int rank, int64_t d) {
-  A dot = A(0);
-  for (int k = 0; k < rank; ++k) dot = fmadd(grad_q[k], q[k], dot);
-  return dot / static_cast<A>(d);
-}
-
 template <typename V, typename X>
 void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, int64_t c_end,
                            ScalarOf<V>* scratch) {
@@ -1218,7 +1209,7 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
                                             ds_anchor_hat, lanes);
       if (a.need_param_grads) *grad_scale += rm::scale_grad(ds_u_sum, qc);
       for (int i = 0; i < R; ++i) gq[i] = rm::query_grad(q[i], ds_anchor_hat[i], ds_u_sum, P->scale, qc);
-      mean_dot[j_group] = a.opt.use_norm ? rms_mean_dot(gq, q, R, d) : A(0);
+      mean_dot[j_group] = a.opt.use_norm ? rm::rms_mean_dot<0>(gq, q, R, d) : A(0);
       xs[j_group] = x + t * d;
       gxs[j_group] = grad_x ? grad_x + t * d : nullptr;
       if (j_group == kGroup - 1 || t + 1 == t_end) {

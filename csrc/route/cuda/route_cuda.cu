@@ -34,13 +34,7 @@ __device__ __forceinline__ rm::ExpertLogit<float> expert_logit_of(const float* q
   const auto u_of = [&](int h) {
     return rm::anchor_dot<float>(q, n, [&](int i) { return anchor_hat[(static_cast<int64_t>(i) * H + h) * E + e]; });
   };
-  if (H <= kHeldAnchors) {  // each u_h once, held in registers for expert_logit's two passes
-    float u[kHeldAnchors];
-#pragma unroll
-    for (int h = 0; h < kHeldAnchors; ++h) u[h] = h < H ? u_of(h) : 0.f;
-    return rm::expert_logit<float>(H, q_scale, sot, tau, [&](int h) { return held_value(u, h); }, [](int, float) {});
-  }
-  return rm::expert_logit<float>(H, q_scale, sot, tau, u_of, [](int, float) {});
+  return held_expert_logit<float>(H, q_scale, sot, tau, u_of);
 }
 
 // Softmax statistics over the experts of one token from logits[e] (lane's experts; warp-merged).
@@ -411,12 +405,7 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
           for (int k = 1; k < n; ++k) s = lanes::fmadd(gq[k], w_at(k, i), s);
           return s;
         };
-        float mean_dot = 0.f;
-        if (norm) {
-#pragma unroll
-          for (int k = 0; k < (R > 0 ? R : n); ++k) mean_dot = lanes::fmadd(gq[k], q[k], mean_dot);
-          mean_dot /= static_cast<float>(d);
-        }
+        const float mean_dot = norm ? rm::rms_mean_dot<R>(gq, q, n, d) : 0.f;
         // 16-byte x vectors, and projection rows read as 16-byte granules (staged, or aligned)
         if (p.vec && (p.proj_smem >= 0 || p.proj_vec)) {
           constexpr int V = VecWidth<T>::value;

@@ -479,6 +479,21 @@ __device__ __forceinline__ V held_value(const V (&v)[N], int h) {
   return out;
 }
 
+// An expert's logit from its anchors' dot products u_of(h) (math/anchor_lse.h's expert_logit asks
+// for each u_h twice: its max pass, then its exp pass). Up to kHeldAnchors anchors each u_h is
+// computed once and held in registers, so each anchor coordinate is read once per token group;
+// more anchors are recomputed. Shared by the forward's scoring and the backward's recomputed logits.
+template <typename V, typename UOf>
+__device__ __forceinline__ rm::ExpertLogit<V> held_expert_logit(int H, V q_scale, V sot, V tau, const UOf& u_of) {
+  if (H <= kHeldAnchors) {
+    V u[kHeldAnchors];
+#pragma unroll
+    for (int h = 0; h < kHeldAnchors; ++h) u[h] = h < H ? u_of(h) : V(0.f);
+    return rm::expert_logit<V>(H, q_scale, sot, tau, [&](int h) { return held_value(u, h); }, [](int, V) {});
+  }
+  return rm::expert_logit<V>(H, q_scale, sot, tau, u_of, [](int, V) {});
+}
+
 // Experts per lane select_tile keeps in registers: all of E <= 64 for the 4-token tiles of rank 4
 // and up (8 lanes a token); 4 otherwise (with 8, ranks 1-2 spilled on sm_80 and the rank-32
 // kernel went from 168 to 254 registers, for no expert more at E <= 64 with 16 lanes a token).
@@ -506,18 +521,7 @@ __device__ __forceinline__ void score_tile(const ForwardParams& p, int anchor_sm
     const AL sot = q_scale / AL(p.c.tau);
     for (int e = lane; e < E; e += kWarp) {
       const auto u_of = [&](int h) { return rm::anchor_dot<AL>(q, n, [&](int i) { return AL(a_hat(i, h, e)); }); };
-      rm::ExpertLogit<AL> el;
-      if (H <= kHeldAnchors) {
-        // expert_logit asks for each u_h twice (its max pass, then its exp pass): held in
-        // registers, each anchor coordinate is read from shared memory once per token group
-        AL u[kHeldAnchors];
-#pragma unroll
-        for (int h = 0; h < kHeldAnchors; ++h) u[h] = h < H ? u_of(h) : AL(0.f);
-        el = rm::expert_logit<AL>(H, q_scale, sot, AL(p.c.tau), [&](int h) { return held_value(u, h); },
-                                  [](int, AL) {});
-      } else {
-        el = rm::expert_logit<AL>(H, q_scale, sot, AL(p.c.tau), u_of, [](int, AL) {});
-      }
+      const rm::ExpertLogit<AL> el = held_expert_logit<AL>(H, q_scale, sot, AL(p.c.tau), u_of);
 #pragma unroll
       for (int u = 0; u < SB; ++u) {
         const int t = first + u;

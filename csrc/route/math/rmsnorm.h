@@ -38,4 +38,16 @@ L2R_HD V rms_norm_input_grad(V gx_hat, V x_hat, V rstd, V mean_dot) {
   return rstd * (gx_hat - x_hat * mean_dot);
 }
 
+// RMSNorm's mean_i(dL/dx_hat_i * x_hat_i) for one token, known before its row is read again:
+// <grad_q, q> / d, as q = (proj * g) x_hat is the forward's q, so the backward needs neither a
+// dL/dx_hat buffer nor a second pass over x. kRank > 0: the rank as a constant (CUDA keeps q and
+// grad_q in registers, so every index must be one); 0: the run-time `rank`.
+template <int kRank, typename T>
+L2R_HD T rms_mean_dot(const T* grad_q, const T* q, int rank, int64_t d) {
+  T dot = T(0);
+#pragma unroll
+  for (int k = 0; k < (kRank > 0 ? kRank : rank); ++k) dot = fmadd(grad_q[k], q[k], dot);
+  return dot / static_cast<T>(d);
+}
+
 L2R_ROUTE_MATH_END
