@@ -54,6 +54,17 @@ class Device:
         return self.clock_ghz * 1e9
 
 
+def ceiling_us(dev: Device, launches: int, min_bytes: float, flops: float) -> float:
+    """The fastest any kernels doing the op's work in `launches` launches can be under this model's own
+    terms: the launch gaps, plus the larger of the unavoidable DRAM traffic at peak bandwidth and the
+    op's FLOPs at the full chip's FP32 FMA rate (the route kernels multiply in float32 on the CUDA cores;
+    tensor-core MMA is not modelled). An op whose ceiling is below a target cannot meet it by any
+    kernel change that keeps the launch count and the float32 arithmetic."""
+    t_dram = min_bytes / (dev.hbm_gbs * 1e9)
+    t_fp32 = flops / (dev.sms * dev.fp32_flops_per_clk * dev.clock_hz)
+    return launches * dev.launch_gap_us + max(t_dram, t_fp32) * 1e6
+
+
 DEVICES = {
     "H200": Device("H200", hbm_gbs=4800.0),
     "H100": Device("H100", hbm_gbs=3350.0),

@@ -124,8 +124,10 @@ def evaluate(op: str, shape: work.Shape, run: dict, devices: list[str], register
         total = sum(e.time_us for e in ests)
         main = max(ests, key=lambda e: e.time_us - dev.launch_gap_us)
         roofline_us = run["min_bytes"] / (dev.hbm_gbs * 1e9) * 1e6
+        ceil_us = cost.ceiling_us(dev, len(recs), run["min_bytes"], out["flops"])
         out["devices"][dev_name] = {
             "time_us": total, "roofline_us": roofline_us, "pct_roofline": 100.0 * roofline_us / total,
+            "ceiling_us": ceil_us, "pct_ceiling": 100.0 * roofline_us / ceil_us,
             "main_kernel": main.kernel, "main_bound": main.bound,
             "kernels": [dict(kernel=e.kernel, time_us=e.time_us, bound=e.bound, terms_us=e.terms_us,
                              blocks_per_sm=e.blocks_per_sm, warps_per_sm=e.warps_per_sm, waves=e.waves,
@@ -200,14 +202,17 @@ def report(results: list[dict], args, elapsed: float, devices: list[str]) -> str
         "## Ops",
         "",
         "DRAM: unique bytes by first touch per launch, summed over the op's launches; minimum: the traffic no",
-        "implementation can avoid; % roofline: the minimum's time at peak HBM bandwidth over the estimate.",
+        "implementation can avoid; % roofline: the minimum's time at peak HBM bandwidth over the estimate;",
+        "ceiling: the best % roofline any kernels could reach in the same number of launches under this model",
+        "(launch gaps + the larger of the minimum DRAM time and the FLOPs at the chip's FP32 FMA peak), so a",
+        "target above it needs fewer launches or other arithmetic (tensor cores), not a better kernel.",
         "",
     ]
     head = "| op | shape | launches | DRAM MB | minimum MB | FLOPs (M) |"
     sep = "|---|---|---:|---:|---:|---:|"
     for dev in devices:
-        head += f" {dev} est. µs | {dev} % roofline |"
-        sep += "---:|---:|"
+        head += f" {dev} est. µs | {dev} % roofline | {dev} ceiling % |"
+        sep += "---:|---:|---:|"
     head += " main kernel (bound, " + devices[0] + ") |"
     sep += "---|"
     L += [head, sep]
@@ -217,7 +222,7 @@ def report(results: list[dict], args, elapsed: float, devices: list[str]) -> str
                f"{r['flops'] / 1e6:.1f} |")
         for dev in devices:
             dv = r["devices"][dev]
-            row += f" {fmt_us(dv['time_us'])} | {dv['pct_roofline']:.1f} |"
+            row += f" {fmt_us(dv['time_us'])} | {dv['pct_roofline']:.1f} | {dv['pct_ceiling']:.1f} |"
         d0 = r["devices"][devices[0]]
         row += f" `{short_kernel(d0['main_kernel'])}` ({d0['main_bound']}) |"
         L.append(row)
@@ -293,7 +298,7 @@ def findings(results: list[dict], dev: str) -> list[str]:
         dv = r["devices"][dev]
         out.append(f"- {r['op']}, {r['shape']}: {r['dram_bytes'] / 1e6:.2f} MB from DRAM against a "
                    f"{r['min_bytes'] / 1e6:.2f} MB minimum ({r['dram_bytes'] / r['min_bytes']:.2f}×); estimated "
-                   f"{fmt_us(dv['time_us'])} µs on {dev}, {dv['pct_roofline']:.1f} % of the HBM roofline, main kernel "
+                   f"{fmt_us(dv['time_us'])} µs on {dev}, {dv['pct_roofline']:.1f} % of the HBM roofline (ceiling {dv['pct_ceiling']:.1f} %), main kernel "
                    f"bound by {dv['main_bound']}.")
     return out
 

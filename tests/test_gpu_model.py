@@ -42,6 +42,9 @@ def test_dram_bytes_never_below_the_minimum(report):
         for dev in ("H200", "H100"):
             est = r["devices"][dev]
             assert est["time_us"] > 0 and 0 < est["pct_roofline"] <= 100, (r["op"], r["shape"], dev)
+            # the ceiling is the model's own lower bound on the op's time: no estimate may beat it
+            assert est["ceiling_us"] >= r["launches"] * 2.0, (r["op"], r["shape"], dev)
+            assert est["time_us"] >= est["ceiling_us"] * (1 - 1e-9), (r["op"], r["shape"], dev, est)
 
 
 def test_forward_bank_conflicts_at_h_times_r_multiple_of_32(report):
@@ -61,3 +64,15 @@ def test_report_says_it_is_a_model(report):
     _, md = report
     assert md.startswith("# GPU cost model of the CUDA kernels (a model, not a measurement)")
     assert "## Assumptions" in md and "4.8 TB/s" in md and "3.35 TB/s" in md
+
+
+def test_ceiling_is_launch_gaps_plus_the_slower_of_dram_and_fp32():
+    from benchmarks import _gpu_cost as cost
+    h200 = cost.DEVICES["H200"]
+    # DRAM-bound: 48 MB at 4.8 TB/s is 10 us, 1 MFLOP is nothing; two launches add 4 us
+    assert cost.ceiling_us(h200, 2, 48e6, 1e6) == pytest.approx(14.0)
+    # FP32-bound: Mixtral's forward at T=1024 (d=4096, r=32): 277.3 MFLOP on 132 SMs x 256 FLOP/clk at
+    # 1.755 GHz is 4.68 us against 1.75 us of x, so one launch cannot pass 26 % of the roofline
+    ceil = cost.ceiling_us(h200, 1, 8.389e6, 277.3e6)
+    assert ceil == pytest.approx(2.0 + 277.3e6 / (132 * 256 * 1.755e9) * 1e6)
+    assert 100 * (8.389e6 / 4.8e12 * 1e6) / ceil == pytest.approx(26.2, abs=0.1)
