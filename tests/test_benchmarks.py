@@ -7,6 +7,7 @@ assertion."""
 import builtins
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,8 @@ def test_smoke_writes_table_csv_png_and_summary(tmp_path, capsys, idle_machine):
 
     summary = (out / "summary.md").read_text()
     assert "## Machine" in summary and "torch" in summary and "load_at_start" in summary
+    # the lane width the CPU kernels ran with: figures from AVX2 and AVX-512 runs differ
+    assert re.search(r"- l2r_cuda_cpu_isa: (portable|avx2|avx512)\n", summary), summary
     assert "| target | measured | status | load |" in summary
     assert "ptxas" in summary  # present or reported absent
 
