@@ -337,8 +337,8 @@ def machine_info(device: torch.device, threads: int) -> dict:
 
         info["l2r_cuda"] = getattr(l2r_cuda, "__version__", "?")
         info["l2r_cuda_cuda_built"] = bool(l2r_cuda.cuda_built())
-        # the CPU kernels' lane width, chosen at run time from the CPU's features: the same VM name
-        # has come with and without AVX-512, and the figures are not comparable across the two
+        # the CPU kernels' lane width, chosen at run time from the CPU's features: the project's 2-core
+        # VM has come with and without AVX-512, and the figures are not comparable across the two
         info["l2r_cuda_cpu_isa"] = torch.ops.l2r_cuda.cpu_isa()
     except Exception as exc:  # pragma: no cover
         info["l2r_cuda"] = f"import failed: {exc}"
