@@ -117,14 +117,19 @@ constexpr int tile_tokens() {
   return tt;
 }
 
-// Whether project_tile asks for each x line kForwardPrefetchBytes ahead of its loads (into L1):
-// where one load of x is a whole cache line (float x on 16-float lanes). On this project's Intel
-// (AVX-512/AMX) VM, 1 thread, T = 8192 fp32 rows streamed from DRAM, the forward measured ~8 %
-// faster with it (the hardware prefetchers follow a row only within its current d-block); bf16 rows
-// (half a line per load) measured no gain, and an earlier AMD Zen 5 VM measured prefetching slower.
+// Whether project_tile asks for x kForwardPrefetchBytes ahead of each load (into L1): the hardware
+// prefetchers follow a row only within its current d-block, and a group's rows are read a d-block
+// at a time, token after token. Measured, T = 8192 rows streamed from DRAM, OLMoE d = 2048, r = 8:
+// - 16-float lanes (AVX-512) on float x, one whole line per load: this project's Intel (AVX-512/AMX)
+//   VM, 1 thread, ~8 % faster; bf16 x there (half a line per load) gained nothing, and an earlier
+//   AMD Zen 5 VM measured prefetching slower;
+// - 8-float lanes (AVX2), float and 16-bit x: an AMD EPYC VM without AVX-512, 2 threads, the builds
+//   with and without interleaved (benchmarks/results/compare_prefetch_avx2.md): forward fp32 13.60 ->
+//   12.97 ms, bf16 11.85 -> 11.34 ms (0.94-0.96x in two runs, within IQRs of ~1.4 ms); forward +
+//   backward 0.97-1.16x, inside its 4-7 ms IQRs. Distances of 512 B to 4 KiB measured alike.
 template <typename V, typename X>
 constexpr bool prefetches_x() {
-  return width_of<V>() * sizeof(X) == 64;
+  return width_of<V>() * sizeof(X) == 64 || width_of<V>() == 8;
 }
 
 // One d-block [b0, b1) for a tile of TT tokens and ROWS rows, every accumulator in a register: a
