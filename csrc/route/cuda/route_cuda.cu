@@ -178,10 +178,11 @@ __device__ __forceinline__ void token_logit_grads(const BackwardParams& p, int64
 // when g is not null (w_rows then is proj in global memory; staged rows are folded already), read
 // as 16-byte granules. With V = 8 each lane reads two granules 32 bytes apart from the next lane's;
 // lanes whose bit 2 is set read them in swapped order, so that the 8 lanes of each quarter-warp
-// request fall in distinct banks.
-template <int R, int V>
+// request fall in distinct banks. For the N tokens of a grad_x tile at once (gq_of(u, k): token u's
+// grad_q[k]): each granule read serves all of them.
+template <int R, int V, int N, typename GradQ>
 __device__ __forceinline__ void hat_grad_vec(const float* w_rows, const float* g, int rows, int64_t d, int n,
-                                             const float* gq, int64_t c, int lane, float (&out)[V]) {
+                                             const GradQ& gq_of, int64_t c, int lane, float (&out)[N][V]) {
   static_assert(V == 4 || V == 8, "16-byte x vectors of float or 16-bit elements");
   const int swap = V == 8 ? (lane >> 2) & 1 : 0;
   // the granules of row k in column order (lo, hi), from base
@@ -218,12 +219,20 @@ __device__ __forceinline__ void hat_grad_vec(const float* w_rows, const float* g
   float w[V];
   row_values(0, w);
 #pragma unroll
-  for (int j = 0; j < V; ++j) out[j] = gq[0] * w[j];
+  for (int u = 0; u < N; ++u) {
+    const float gq0 = gq_of(u, 0);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[u][j] = gq0 * w[j];
+  }
 #pragma unroll
   for (int k = 1; k < (R > 0 ? R : n); ++k) {
     row_values(k, w);
 #pragma unroll
-    for (int j = 0; j < V; ++j) out[j] = lanes::fmadd(gq[k], w[j], out[j]);
+    for (int u = 0; u < N; ++u) {
+      const float gqk = gq_of(u, k);
+#pragma unroll
+      for (int j = 0; j < V; ++j) out[u][j] = lanes::fmadd(gqk, w[j], out[u][j]);
+    }
   }
 }
 
@@ -262,13 +271,18 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
   }
   float* logits = smem + p.warp_smem + warp * p.warp_stride;
   float* probs = logits + E;
-  float* dl = probs + E;
-  float* lsums = dl + E;
-  float* shifts = lsums + E;
-  float* q_smem = shifts + E;
+  // the pair's slots (route_kernel_params.h backward_pair_tokens): dL/dl [E] | lsum [E] | shift [E]
+  constexpr int kPair = M != RouteMode::kSelect ? backward_pair_tokens(R) : 1;
+  const auto slot_dl = [&](int s) { return probs + E + s * 3 * E; };
+  float* q_smem = probs + E + kPair * 3 * E;
   float* gq_smem = q_smem + rp;
   float* dah_smem = gq_smem + rp;
   float* lane_dah = dah_smem + rp;  // [rp, 32], generic rank only
+  // The grad_x tile (route_kernel_params.h backward_tile_tokens): its tokens' grad_q rows and
+  // mean_dot, kept from their scoring passes for the one pass over d that serves them all.
+  constexpr int kTile = M != RouteMode::kSelect ? backward_tile_tokens(R) : 1;
+  float* tile_gq = logits + backward_tile_offset(E, rp);  // [kTile][rp]
+  float* tile_mean_dot = tile_gq + kTile * rp;
   float* acc = nullptr;
   if (M != RouteMode::kSelect && p.need_param_grads) {
     acc = p.acc_smem >= 0 ? smem + p.acc_smem + warp * acc_size : p.anchor_slots + warp_slot * acc_size;
@@ -281,156 +295,270 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
   const T* x = static_cast<const T*>(p.x);
   T* grad_x = static_cast<T*>(p.grad_x);
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; t < p.c.tokens; t += warps) {
-    float q_reg[R > 0 ? R : 1];
-    const float* q = R > 0 ? q_reg : q_smem;
-    rm::NormCoef<float> qc{0.f, 0.f};
-    float q_scale = 0.f, sot = 0.f;
-    // --- Recompute logits and probabilities (bitwise as in the forward).
-    if constexpr (M != RouteMode::kSelect) {
-      if constexpr (R > 0) {
+  // token t's saved q, rows >= rank zero (templated ranks: registers; generic: q_smem)
+  const auto load_q = [&](int64_t t, float* q_reg) {
+    if constexpr (R > 0) {
 #pragma unroll
-        for (int k = 0; k < R; ++k) q_reg[k] = k < p.c.rank ? __ldg(p.q_saved + t * p.c.rank + k) : 0.f;
-      } else {
-        for (int k = lane; k < rp; k += kWarp) q_smem[k] = k < p.c.rank ? p.q_saved[t * p.c.rank + k] : 0.f;
+      for (int k = 0; k < R; ++k) q_reg[k] = k < p.c.rank ? __ldg(p.q_saved + t * p.c.rank + k) : 0.f;
+    } else {
+      for (int k = lane; k < rp; k += kWarp) q_smem[k] = k < p.c.rank ? p.q_saved[t * p.c.rank + k] : 0.f;
+      __syncwarp();
+    }
+  };
+  for (int64_t t0 = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp; t0 < p.c.tokens;
+       t0 += kTile * warps) {
+    // the tile: the warp's next tokens t0, t0 + warps, ... (in the order of its per-warp sums)
+    const int64_t left = (p.c.tokens - t0 + warps - 1) / warps;
+    const int tile_n = left < kTile ? static_cast<int>(left) : kTile;
+    for (int a0 = 0; a0 < tile_n; a0 += kPair) {
+      const int pair_n = tile_n - a0 < kPair ? tile_n - a0 : kPair;
+      // --- Recompute each token's logits and probabilities (bitwise as in the forward), and dL/dl
+      // into its slot.
+      for (int s = 0; s < pair_n; ++s) {
+        const int64_t t = t0 + (a0 + s) * warps;
+        float* dl = slot_dl(s);
+        float* lsums = dl + E;
+        float* shifts = lsums + E;
+        if constexpr (M != RouteMode::kSelect) {
+          float q_reg[R > 0 ? R : 1];
+          load_q(t, q_reg);
+          const float* q = R > 0 ? q_reg : q_smem;
+          const rm::NormCoef<float> qc = rm::query_coef(q, rp, p.c.beta, p.c.eps);
+          const float q_scale = scale * qc.coef;
+          const float sot = q_scale / p.c.tau;
+          for (int e = lane; e < E; e += kWarp) {
+            const rm::ExpertLogit<float> el = expert_logit_of<R>(q, anchor_hat, e, E, H, rp, q_scale, sot, p.c.tau);
+            logits[e] = el.logit;
+            lsums[e] = el.lsum;
+            shifts[e] = el.shift;
+          }
+        } else {
+          for (int e = lane; e < E; e += kWarp) logits[e] = p.logits_in[t * E + e];
+        }
+        __syncwarp();
+        if constexpr (M == RouteMode::kLogits) {
+          for (int e = lane; e < E; e += kWarp) dl[e] = p.grad_logits[t * E + e];
+        } else {
+          const rm::SoftmaxStats<float> st = warp_softmax_stats(logits, probs, E, lane);
+          for (int e = lane; e < E; e += kWarp) probs[e] = rm::routing_prob(logits[e], probs[e], st.sum, p.c.sigmoid);
+          __syncwarp();
+          token_logit_grads(p, t, lane, logits, probs, st, dl);
+        }
+        if constexpr (M == RouteMode::kSelect) {
+          for (int e = lane; e < E; e += kWarp) p.grad_logits_out[t * E + e] = dl[e];
+        }
         __syncwarp();
       }
-      qc = rm::query_coef(q, rp, p.c.beta, p.c.eps);
-      q_scale = scale * qc.coef;
-      sot = q_scale / p.c.tau;
-      for (int e = lane; e < E; e += kWarp) {
-        const rm::ExpertLogit<float> el = expert_logit_of<R>(q, anchor_hat, e, E, H, rp, q_scale, sot, p.c.tau);
-        logits[e] = el.logit;
-        lsums[e] = el.lsum;
-        shifts[e] = el.shift;
-      }
-    } else {
-      for (int e = lane; e < E; e += kWarp) logits[e] = p.logits_in[t * E + e];
-    }
-    __syncwarp();
-    if constexpr (M == RouteMode::kLogits) {
-      for (int e = lane; e < E; e += kWarp) dl[e] = p.grad_logits[t * E + e];
-    } else {
-      const rm::SoftmaxStats<float> st = warp_softmax_stats(logits, probs, E, lane);
-      for (int e = lane; e < E; e += kWarp) probs[e] = rm::routing_prob(logits[e], probs[e], st.sum, p.c.sigmoid);
-      __syncwarp();
-      token_logit_grads(p, t, lane, logits, probs, st, dl);
-    }
-    if constexpr (M == RouteMode::kSelect) {
-      for (int e = lane; e < E; e += kWarp) p.grad_logits_out[t * E + e] = dl[e];
-      __syncwarp();
-      continue;
-    } else {
-      // --- Back through the log-sum-exp over anchors and SIPS, anchor by anchor.
-      float dah_reg[R > 0 ? R : 1];
-      if constexpr (R > 0) {
+      if constexpr (M != RouteMode::kSelect) {
+        // --- Back through the log-sum-exp over anchors and SIPS, anchor by anchor, for the pair's
+        // tokens at once: each anchor read and each accumulator update serves both (their terms
+        // added in token order, as one token at a time would).
+        float q_reg[kPair][R > 0 ? R : 1];
+        rm::NormCoef<float> qc[kPair];
+        float q_scale[kPair], sot[kPair], ds_u_sum[kPair];
+        float dah_reg[kPair][R > 0 ? R : 1];
 #pragma unroll
-        for (int i = 0; i < R; ++i) dah_reg[i] = 0.f;
-      } else {
-        for (int i = 0; i < rp; ++i) lane_dah[i * kWarp + lane] = 0.f;
-      }
-      float* dah = R > 0 ? dah_reg : lane_dah + lane;
-      const int dah_stride = R > 0 ? 1 : kWarp;
-      float ds_u_sum = 0.f;
-      for (int e = lane; e < E; e += kWarp) {
-        const float dle = dl[e];
-        for (int h = 0; h < H; ++h) {
-          // the anchor's coordinates, read once for u and for dL/dq (templated ranks: registers;
-          // the accumulator stores in between could alias them, so the compiler would reload)
-          float a_reg[R > 0 ? R : 1] = {};
+        for (int s = 0; s < kPair; ++s) {
+          if (s < pair_n) load_q(t0 + (a0 + s) * warps, q_reg[s]);  // (the generic rank: q_smem holds it)
+          qc[s] = rm::query_coef(R > 0 ? q_reg[s] : q_smem, rp, p.c.beta, p.c.eps);
+          q_scale[s] = scale * qc[s].coef;
+          sot[s] = q_scale[s] / p.c.tau;
+          ds_u_sum[s] = 0.f;
           if constexpr (R > 0) {
 #pragma unroll
-            for (int i = 0; i < R; ++i) a_reg[i] = anchor_hat[(static_cast<int64_t>(i) * H + h) * E + e];
-          }
-          const auto a_of = [&](int i) {
-            return R > 0 ? a_reg[R > 0 ? i : 0] : anchor_hat[(static_cast<int64_t>(i) * H + h) * E + e];
-          };
-          const float u = rm::anchor_dot<float>(q, rp, a_of);
-          const float share = H == 1 ? 1.f : rm::anchor_share(H, rm::anchor_exp(sot * u, shifts[e]), lsums[e]);
-          const float ds = rm::score_grad(dle, share);
-          ds_u_sum = lanes::fmadd(ds, u, ds_u_sum);
-          const float ds_q = rm::anchor_acc_coef(ds, q_scale);
-#pragma unroll
-          for (int i = 0; i < rp; ++i) {
-            const int64_t off = (static_cast<int64_t>(i) * H + h) * E + e;
-            dah[i * dah_stride] = lanes::fmadd(ds, a_of(i), dah[i * dah_stride]);
-            if (acc) acc[off] = lanes::fmadd(ds_q, q[i], acc[off]);
+            for (int i = 0; i < R; ++i) dah_reg[s][i] = 0.f;
           }
         }
-      }
-      ds_u_sum = warp_sum(ds_u_sum);
-      if (lane == 0) grad_scale += rm::scale_grad(ds_u_sum, qc);
-      float gq_reg[R > 0 ? R : 1];
-      if constexpr (R > 0) {
-#pragma unroll
-        for (int i = 0; i < R; ++i) {
-          dah_reg[i] = warp_sum(dah_reg[i]);
-          gq_reg[i] = rm::query_grad(q_reg[i], dah_reg[i], ds_u_sum, scale, qc);
+        if constexpr (R == 0) {
+          for (int i = 0; i < rp; ++i) lane_dah[i * kWarp + lane] = 0.f;
         }
-        if (p.need_param_grads) {
+        const auto q_at = [&](int s, int i) { return R > 0 ? q_reg[s][R > 0 ? i : 0] : q_smem[i]; };
+        const auto dah_at = [&](int s, int i) -> float& {
+          return R > 0 ? dah_reg[s][R > 0 ? i : 0] : lane_dah[i * kWarp + lane];
+        };
+        for (int e = lane; e < E; e += kWarp) {
+          // the expert's dL/dl and anchor statistics of each token, read once for all its anchors
+          float dle[kPair], lsum[kPair], shift[kPair];
 #pragma unroll
-          for (int i = 0; i < R; ++i) {
-            if (i == lane) p.grad_q[t * R + i] = gq_reg[i];
+          for (int s = 0; s < kPair; ++s) {
+            const float* dl = slot_dl(s < pair_n ? s : 0);
+            dle[s] = dl[e];
+            lsum[s] = dl[E + e];
+            shift[s] = dl[2 * E + e];
+          }
+          for (int h = 0; h < H; ++h) {
+            // the anchor's coordinates, read once for u and for dL/dq (templated ranks: registers;
+            // the accumulator stores in between could alias them, so the compiler would reload)
+            float a_reg[R > 0 ? R : 1] = {};
+            if constexpr (R > 0) {
+#pragma unroll
+              for (int i = 0; i < R; ++i) a_reg[i] = anchor_hat[(static_cast<int64_t>(i) * H + h) * E + e];
+            }
+            const auto a_of = [&](int i) {
+              return R > 0 ? a_reg[R > 0 ? i : 0] : anchor_hat[(static_cast<int64_t>(i) * H + h) * E + e];
+            };
+            float ds_q[kPair];
+#pragma unroll
+            for (int s = 0; s < kPair; ++s) {
+              ds_q[s] = 0.f;
+              if (s >= pair_n) continue;
+              const float u = rm::anchor_dot<float>(R > 0 ? q_reg[s] : q_smem, rp, a_of);
+              const float share = H == 1 ? 1.f : rm::anchor_share(H, rm::anchor_exp(sot[s] * u, shift[s]), lsum[s]);
+              const float ds = rm::score_grad(dle[s], share);
+              ds_u_sum[s] = lanes::fmadd(ds, u, ds_u_sum[s]);
+              ds_q[s] = rm::anchor_acc_coef(ds, q_scale[s]);
+#pragma unroll
+              for (int i = 0; i < rp; ++i) dah_at(s, i) = lanes::fmadd(ds, a_of(i), dah_at(s, i));
+            }
+            if (acc) {
+#pragma unroll
+              for (int i = 0; i < rp; ++i) {
+                const int64_t off = (static_cast<int64_t>(i) * H + h) * E + e;
+                float a = acc[off];
+#pragma unroll
+                for (int s = 0; s < kPair; ++s) {
+                  if (s < pair_n) a = lanes::fmadd(ds_q[s], q_at(s, i), a);
+                }
+                acc[off] = a;
+              }
+            }
           }
         }
-      } else {
-        for (int i = 0; i < rp; ++i) {
-          const float v = warp_sum(lane_dah[i * kWarp + lane]);
-          if (lane == 0) dah_smem[i] = v;
-        }
-        __syncwarp();
-        if (lane == 0) {
-          for (int i = 0; i < rp; ++i) gq_smem[i] = rm::query_grad(q_smem[i], dah_smem[i], ds_u_sum, scale, qc);
-        }
-        __syncwarp();
-        if (p.need_param_grads) {
-          for (int i = lane; i < rp; i += kWarp) p.grad_q[t * rp + i] = gq_smem[i];
-        }
-      }
-      const float* gq = R > 0 ? gq_reg : gq_smem;
+#pragma unroll
+        for (int s = 0; s < kPair; ++s) {
+          if (s >= pair_n) continue;
+          const int u = a0 + s;  // the token's place in the tile
+          const int64_t t = t0 + u * warps;
+          ds_u_sum[s] = warp_sum(ds_u_sum[s]);
+          if (lane == 0) grad_scale += rm::scale_grad(ds_u_sum[s], qc[s]);
+          if constexpr (R > 8) {
+            // the larger templated ranks: one warp sum per row, lane i writes grad_q[i] (the
+            // scattered sums below index their rows at run time, which puts dah in local memory here)
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+              const float gq_i = rm::query_grad(q_reg[s][i], warp_sum(dah_reg[s][i]), ds_u_sum[s], scale, qc[s]);
+              if (i == lane) {
+                if (p.need_param_grads) p.grad_q[t * R + i] = gq_i;
+                if (p.need_grad_x) tile_gq[u * R + i] = gq_i;
+              }
+            }
+          } else if constexpr (R > 0) {
+            // lane l: grad_q[l / (32 / R)], written by the first lane of each group of 32 / R
+            const float dah_sum = warp_sum_scatter<R>(dah_reg[s], lane);
+            const int own = lane / (kWarp / R);
+            float q_own = q_reg[s][0];
+#pragma unroll
+            for (int i = 1; i < R; ++i) q_own = i == own ? q_reg[s][i] : q_own;
+            const float gq_own = rm::query_grad(q_own, dah_sum, ds_u_sum[s], scale, qc[s]);
+            if (lane % (kWarp / R) == 0) {
+              if (p.need_param_grads) p.grad_q[t * R + own] = gq_own;
+              if (p.need_grad_x) tile_gq[u * R + own] = gq_own;
+            }
+          } else {
+            for (int i = 0; i < rp; ++i) {
+              const float v = warp_sum(lane_dah[i * kWarp + lane]);
+              if (lane == 0) dah_smem[i] = v;
+            }
+            __syncwarp();
+            if (lane == 0) {
+              for (int i = 0; i < rp; ++i) {
+                gq_smem[i] = rm::query_grad(q_smem[i], dah_smem[i], ds_u_sum[s], scale, qc[s]);
+              }
+            }
+            __syncwarp();
+            if (p.need_param_grads) {
+              for (int i = lane; i < rp; i += kWarp) p.grad_q[t * rp + i] = gq_smem[i];
+            }
+          }
 
-      // --- Back through q = (proj * g) x_hat and RMSNorm, in one pass over the row: RMSNorm's
-      // mean(dL/dx_hat * x_hat) is <grad_q, q> / d, as q = (proj * g) x_hat (the forward's q).
+          // --- Kept for the tile's grad_x pass: RMSNorm's mean(dL/dx_hat * x_hat) is <grad_q, q> / d,
+          // as q = (proj * g) x_hat (the forward's q).
+          if (p.need_grad_x) {
+            if constexpr (R == 0) {
+              for (int i = lane; i < rp; i += kWarp) tile_gq[u * rp + i] = gq_smem[i];
+            }
+            __syncwarp();  // the token's grad_q row is whole
+            if (lane == 0) {
+              tile_mean_dot[u] =
+                  p.c.use_norm ? rm::rms_mean_dot<R>(tile_gq + u * rp, R > 0 ? q_reg[s] : q_smem, rp, d) : 0.f;
+            }
+          }
+        }
+        __syncwarp();  // the slots are read before the next pair's tokens overwrite them
+      }
+    }
+
+    // --- Back through q = (proj * g) x_hat and RMSNorm for the tile's tokens, in one pass over d.
+    if constexpr (M != RouteMode::kSelect) {
       if (p.need_grad_x) {
-        const T* xrow = x + t * d;
-        T* gxrow = grad_x + t * d;
         const bool norm = p.c.use_norm;
-        const float rstd = norm ? p.rstd_saved[t] : 1.f;
         const int n = R > 0 ? R : rp;
-        auto w_at = [&](int k, int64_t i) {
-          return k < w_nrows ? (w_g ? w_rows[k * d + i] * w_g[i] : w_rows[k * d + i]) : 0.f;
-        };
-        auto hat_grad = [&](int64_t i) {
-          float s = gq[0] * w_at(0, i);
-          for (int k = 1; k < n; ++k) s = lanes::fmadd(gq[k], w_at(k, i), s);
-          return s;
-        };
-        const float mean_dot = norm ? rm::rms_mean_dot<R>(gq, q, n, d) : 0.f;
+        // templated ranks: the tile's grad_q rows in registers (zero past the warp's last token;
+        // rank 8 takes the 2-block register budget for them, route_kernel_params.h)
+        float gq_tile[kTile][R > 0 ? R : 1] = {};
+        if constexpr (R > 0) {
+#pragma unroll
+          for (int u = 0; u < kTile; ++u) {
+#pragma unroll
+            for (int k = 0; k < R; ++k) gq_tile[u][k] = u < tile_n ? tile_gq[u * R + k] : 0.f;
+          }
+        }
+        const auto gq_of = [&](int u, int k) { return R > 0 ? gq_tile[u][R > 0 ? k : 0] : tile_gq[u * rp + k]; };
         // 16-byte x vectors, and projection rows read as 16-byte granules (staged, or aligned)
         if (p.vec && (p.proj_smem >= 0 || p.proj_vec)) {
           constexpr int V = VecWidth<T>::value;
-          for (int64_t v = lane; v < d / V; v += kWarp) {
-            float xv[V], out[V];
-            load_vec<V>(xrow + v * V, xv);
-            hat_grad_vec<R>(w_rows, w_g, w_nrows, d, n, gq, v * V, lane, out);
-            if (norm) {
+          float rstd[kTile], mean_dot[kTile];
 #pragma unroll
-              for (int j = 0; j < V; ++j) {
-                out[j] = rm::rms_norm_input_grad(out[j], rm::rms_normalized(xv[j], rstd), rstd, mean_dot);
+          for (int u = 0; u < kTile; ++u) {
+            rstd[u] = norm && u < tile_n ? p.rstd_saved[t0 + u * warps] : 1.f;
+            mean_dot[u] = u < tile_n ? tile_mean_dot[u] : 0.f;
+          }
+          for (int64_t v = lane; v < d / V; v += kWarp) {
+            float out[kTile][V];
+            hat_grad_vec<R, V, kTile>(w_rows, w_g, w_nrows, d, n, gq_of, v * V, lane, out);
+#pragma unroll
+            for (int u = 0; u < kTile; ++u) {
+              if (u >= tile_n) continue;
+              if (norm) {
+                // x read here, token by token, not for the whole tile before the projection pass: the
+                // tile's x vectors and its dL/dx_hat at once would not fit in registers
+                float xv[V];
+                load_vec<V>(x + (t0 + u * warps) * d + v * V, xv);
+#pragma unroll
+                for (int j = 0; j < V; ++j) {
+                  out[u][j] = rm::rms_norm_input_grad(out[u][j], rm::rms_normalized(xv[j], rstd[u]), rstd[u],
+                                                      mean_dot[u]);
+                }
               }
+              store_vec(grad_x + (t0 + u * warps) * d + v * V, out[u]);
             }
-            store_vec(gxrow + v * V, out);
           }
         } else {
-          for (int64_t i = lane; i < d; i += kWarp) {
-            const float gh = hat_grad(i);
-            store_float(gxrow + i, norm ? rm::rms_norm_input_grad(gh, rm::rms_normalized(to_float(xrow[i]), rstd),
-                                                                   rstd, mean_dot)
-                                        : gh);
+          for (int u = 0; u < tile_n; ++u) {
+            const int64_t t = t0 + u * warps;
+            const T* xrow = x + t * d;
+            T* gxrow = grad_x + t * d;
+            const float rstd = norm ? p.rstd_saved[t] : 1.f;
+            const float mean_dot = tile_mean_dot[u];
+            const float* gq = tile_gq + u * rp;
+            auto w_at = [&](int k, int64_t i) {
+              return k < w_nrows ? (w_g ? w_rows[k * d + i] * w_g[i] : w_rows[k * d + i]) : 0.f;
+            };
+            auto hat_grad = [&](int64_t i) {
+              float s = gq[0] * w_at(0, i);
+              for (int k = 1; k < n; ++k) s = lanes::fmadd(gq[k], w_at(k, i), s);
+              return s;
+            };
+            for (int64_t i = lane; i < d; i += kWarp) {
+              const float gh = hat_grad(i);
+              store_float(gxrow + i, norm ? rm::rms_norm_input_grad(gh, rm::rms_normalized(to_float(xrow[i]), rstd),
+                                                                     rstd, mean_dot)
+                                          : gh);
+            }
           }
         }
+        __syncwarp();  // the tile's rows are read before the next tile's tokens overwrite them
       }
-      __syncwarp();
     }
   }
 

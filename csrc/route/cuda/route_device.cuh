@@ -79,6 +79,29 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The warp sums of N values at once (N a power of two <= 32): lane l ends with the sum of v[l / (32 / N)]
+// (v is clobbered). Each step of warp_sum's xor butterfly moves only the half of the values the
+// lane keeps (its partner keeps the other half), so a sum costs N - 1 + log2(32 / N) shuffles for
+// all N instead of 5 N, and each total is warp_sum's: the same pairs added in the same order, and
+// a + b == b + a, so bitwise equal.
+template <int N>
+__device__ __forceinline__ float warp_sum_scatter(float (&v)[N], int lane) {
+  static_assert(N >= 1 && N <= kWarp && (N & (N - 1)) == 0, "a power of two up to the warp size");
+#pragma unroll
+  for (int half = N / 2, off = kWarp / 2; half >= 1; half /= 2, off /= 2) {
+    const bool upper = (lane & off) != 0;  // this lane keeps values [half, 2 half), its partner [0, half)
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+      const float send = upper ? v[i] : v[i + half];
+      const float keep = upper ? v[i + half] : v[i];
+      v[i] = keep + __shfl_xor_sync(kFullMask, send, off);
+    }
+  }
+#pragma unroll
+  for (int off = kWarp / (2 * N); off > 0; off >>= 1) v[0] += __shfl_xor_sync(kFullMask, v[0], off);
+  return v[0];
+}
+
 // Max of numbers (no lane holds NaN; NaN is tracked by warp_any).
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll

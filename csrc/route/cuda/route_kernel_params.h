@@ -35,9 +35,32 @@ constexpr int kMaxElementwiseBlocks = 1024;
 
 // Minimum resident blocks per SM for the backward token kernel's __launch_bounds__ (R: the template
 // rank, 0 = generic): four blocks (a 128-register budget) fit its small ranks, large ranks keep all
-// their accumulators in registers with two.
-L2R_HD constexpr int backward_min_blocks(int R) { return (R == 0 || R >= 16) ? 2 : 4; }
+// their accumulators in registers with two. Rank 8 takes two since its grad_x tile (4 tokens' grad_q
+// rows and dL/dx_hat: 64 floats) spills under 128 registers; at d = 2048 its staged projection and
+// anchors (113 KB) allowed only two blocks per SM anyway.
+L2R_HD constexpr int backward_min_blocks(int R) { return (R == 0 || R >= 8) ? 2 : 4; }
 L2R_HD constexpr int template_rank(int rp) { return rp > 32 ? 0 : rp; }
+// The backward token kernel's grad_x tiles: a warp takes its tokens in tiles of this many (its
+// consecutive tokens, so every per-warp sum keeps its order) and computes their dL/dx in one pass over
+// d, each staged projection granule it reads from shared memory serving every token of the tile.
+// Templated ranks only (the tile's grad_q rows live in registers, R per token: 4 tokens up to rank
+// 16, 2 at rank 32, where 4 rows would spill); the generic rank goes one by one.
+L2R_HD constexpr int backward_tile_tokens(int R) { return R <= 0 ? 1 : R <= 16 ? 4 : 2; }
+// Within a tile, a warp takes the anchors' part of the backward (the log-sum-exp over anchors and
+// SIPS: every anchor read, every accumulator update) for pairs of tokens, each pair's dL/dl and
+// anchor statistics in slots of its scratch; templated ranks up to 8 only (both tokens' q and
+// sum dL/ds a_hat rows live in registers: at rank 16 and 32 they would not fit beside the rest).
+L2R_HD constexpr int backward_pair_tokens(int R) { return R > 0 && R <= 8 ? 2 : 1; }
+// The backward token kernel's per-warp scratch, in floats (BackwardParams::warp_stride's layout),
+// one formula for the launch plan and the kernel: where the grad_x tile's grad_q rows start (on a
+// 16-byte boundary), and the whole.
+L2R_HD constexpr int64_t backward_tile_offset(int64_t experts, int rp) {
+  return ((2 + 3 * backward_pair_tokens(template_rank(rp))) * experts + 3LL * rp + (rp > 32 ? 32LL * rp : 0) + 3) /
+         4 * 4;
+}
+L2R_HD constexpr int64_t backward_warp_floats(int64_t experts, int rp) {
+  return backward_tile_offset(experts, rp) + backward_tile_tokens(template_rank(rp)) * (rp + 1LL);
+}
 
 // ---- the forward kernel's token tiles ----------------------------------------------------------
 // A warp projects a tile of tokens_per_warp(R) tokens at once, `tile_rows(R)` rows of the projection
@@ -148,9 +171,10 @@ struct BackwardParams {
   bool proj_vec;           // d % 4 == 0 and proj, g 16-byte aligned: staged as float4
   int32_t counter_words;   // words of counters this kernel zeroes (the column kernel's tickets)
   int64_t proj_smem, anchor_smem, acc_smem;  // shared-memory offsets (floats) or -1
-  int64_t warp_smem, warp_stride;  // per-warp scratch: logits [E] | probs [E] | dL/dp [E] |
-                                   // lsum [E] | shift [E] | q [rp] | grad_q [rp] |
-                                   // sum dL/ds a_hat [rp] | lane partials [rp, 32] (generic rank)
+  int64_t warp_smem, warp_stride;  // per-warp scratch: logits [E] | probs [E] | the pair's slots
+                                   // [pair][dL/dl [E] | lsum [E] | shift [E]] | q [rp] | grad_q [rp] |
+                                   // sum dL/ds a_hat [rp] | lane partials [rp, 32] (generic rank) |
+                                   // the grad_x tile's grad_q rows [tile][rp] and mean_dot [tile]
 };
 
 // route_backward_column_kernel: the projection's gradient and, in the same launch, the finalize

@@ -288,7 +288,7 @@ inline BackwardSmem backward_smem(RouteMode mode, const RouteShape& s, const Dev
   auto place = [&](int blocks_per_sm) {
     BackwardSmem b;
     b.blocks_per_sm = blocks_per_sm;
-    b.warp_stride = align4(5LL * s.experts + 3LL * rp + (rp > 32 ? kWarp * rp : 0));
+    b.warp_stride = align4(backward_warp_floats(s.experts, rp));
     b.bytes = place_smem(limits.smem_per_block_optin, smem_budget(limits, blocks_per_sm), b.warp_stride, 0,
                          &b.warp_smem,
                          {{scores && param_grads ? acc_size * kWarpsPerBlock : 0, &b.acc_smem},
