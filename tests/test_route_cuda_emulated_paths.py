@@ -155,6 +155,16 @@ def test_backward_warps_loop_over_tokens_and_column_chunks():
     check_route(cfg, inputs(cfg, 0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_token_tiles_and_pairs(dtype):
+    # r = 8: 132 SMs x 2 blocks x 4 warps = 1056 warps take tiles of 4 tokens (t, t + 1056, ...),
+    # their anchor gradients in pairs. 4300 tokens: every warp a full tile (two pairs), the first 76 a
+    # second tile of one token (a ragged tile, a pair of one); d = 40: 16-byte x vectors of 4 floats
+    # or 8 bf16 (both grad_x tile passes).
+    cfg = dict(T=4300, d=40, r=8, H=2, E=5, k=2, beta=0.5, tau=0.7, dtype=dtype)
+    check_route(cfg, inputs(cfg, 6))
+
+
 def test_backward_column_chunks_span_several_staged_tiles():
     # x rows of 34 floats (not 16-byte vectors: the scalar column path, 2 column groups, the second
     # of 2 columns) and r = 64 (8 rank chunks of the generic column kernel): 16 column blocks per
