@@ -15,6 +15,8 @@ import torch
 import backends
 from oracle import reference
 
+simt = backends.simt  # tests/simt/harness.py
+
 pytestmark = pytest.mark.skipif(backends.available("simt") is not None, reason="g++ missing")
 
 
@@ -130,6 +132,24 @@ def test_forward_decode_splits_columns_over_blocks(dtype):
     t = inputs(cfg, 3)
     check_route(cfg, t, backward=False)
     check_logits(cfg, t)
+
+
+def test_forward_d_split_stays_in_one_wave():
+    # 64 chunks of 64 tokens (16 warps x 4 tokens at r = 8, one resident block per SM by registers),
+    # d = 768 (three 256-column units): splitting each chunk 3 ways to fill the 132 SMs would make
+    # 192 blocks, a second, partial wave; the plan splits 2 ways (512 columns, then a ragged 256),
+    # 128 blocks in one wave. Outputs through the ragged split against the reference.
+    cfg = dict(T=4096, d=768, r=8, E=4, H=1, k=2, dtype=torch.bfloat16)
+    lib = backends.simt_library()
+    simt.set_checks(lib, counters=True)
+    try:
+        simt.reset_counters(lib)
+        check_route(cfg, inputs(cfg, 5), backward=False)
+        launches = simt.counters(lib)
+    finally:
+        simt.set_checks(lib, counters=False)
+    grids = [tuple(r["grid"]) for r in launches if "route_forward_kernel" in r["name"]]
+    assert grids == [(128, 1, 1)], launches
 
 
 @pytest.mark.parametrize("T", [3, 300])

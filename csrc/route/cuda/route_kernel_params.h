@@ -174,7 +174,8 @@ struct BackwardParams {
   int64_t warp_smem, warp_stride;  // per-warp scratch: logits [E] | probs [E] | the pair's slots
                                    // [pair][dL/dl [E] | lsum [E] | shift [E]] | q [rp] | grad_q [rp] |
                                    // sum dL/ds a_hat [rp] | lane partials [rp, 32] (generic rank) |
-                                   // the grad_x tile's grad_q rows [tile][rp] and mean_dot [tile]
+                                   // from backward_tile_offset (16-byte aligned): the grad_x tile's
+                                   // grad_q rows [tile][rp] and mean_dot [tile] (backward_warp_floats)
 };
 
 // route_backward_column_kernel: the projection's gradient and, in the same launch, the finalize

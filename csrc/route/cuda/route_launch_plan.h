@@ -375,6 +375,20 @@ inline int64_t forward_warp_floats(const RouteShape& s, RouteMode mode, int rp, 
   return std::max<int64_t>(n, 5 * kWarp);
 }
 
+// The forward's d split: into how many column ranges a chunk's projection is split over blocks
+// when the chunks alone would leave SMs idle. As many as fill the SMs (ceil(sms / chunks), at most
+// one per 256-column unit), but never more blocks than one wave holds: a split whose blocks make a
+// second, partial wave (64 chunks x 3 splits = 192 blocks of one resident block per SM on 132 SMs:
+// mixtral T = 1024 r = 32, olmoe T = 4096) takes about twice one wave's time, where one split fewer
+// (128 blocks of a third more columns each) runs in one wave.
+// resident(split_cols): blocks per SM with a staged range of split_cols columns.
+template <typename Resident>
+inline int64_t forward_splits(int64_t chunks, int64_t d_units, int64_t sms, Resident&& resident) {
+  int64_t splits = std::min<int64_t>(d_units, ceil_div(sms, chunks));
+  while (splits > 1 && chunks * splits > sms * resident(ceil_div(d_units, splits) * 256)) --splits;
+  return splits;
+}
+
 // Everything the forward plan decides: the block, the grid, the shared memory and the workspace.
 struct ForwardLayout {
   Status status = Status::kOk;
@@ -425,7 +439,14 @@ inline ForwardLayout forward_layout(RouteMode mode, const RouteShape& s, const D
   f.chunks = make_token_chunks(s, warps * f.tt);
   // d split: a chunk's columns over several blocks when the chunks alone would leave SMs idle.
   if (scores && f.chunks.count <= kMaxSplitTiles && 2 * f.chunks.count <= sms && d_units >= 2) {
-    const int64_t splits = std::min<int64_t>(d_units, ceil_div(sms, f.chunks.count));
+    // blocks of `warps` warps resident per SM: the kernel's register budget is forward_max_warps(R)
+    // warps per SM (__launch_bounds__), and a block stages rows x split columns of the projection
+    const int64_t fixed = 4 + anchors + align4(s.experts) + warps * f.warp_floats;
+    const int64_t by_registers = std::max<int64_t>(1, forward_max_warps(R) / warps);
+    const int64_t splits = forward_splits(f.chunks.count, d_units, sms, [&](int64_t split_cols) {
+      const int64_t bytes = 4 * (fixed + f.rows * std::min<int64_t>(split_cols, (budget - fixed) / f.rows / 256 * 256));
+      return std::max<int64_t>(1, std::min<int64_t>(by_registers, limits.smem_per_sm / (bytes + 1024)));
+    });
     f.split_cols = static_cast<int>(ceil_div(d_units, splits) * 256);
     f.splits = static_cast<int>(ceil_div(s.d, f.split_cols));
   }
