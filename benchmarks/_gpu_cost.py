@@ -13,7 +13,10 @@ Per launch:
     t_latency = waves * (busiest warp's L1-missing loads * miss latency + L1-hitting loads * hit
                 latency) / loads in flight    (L1 hit: every sector already touched by its block)
     time      = launch gap + max(all of the above)     (the largest term names the bound)
-active SMs = min(SMs, blocks); waves = ceil(blocks / (SMs * resident blocks per SM)); resident
+active SMs = blocks / ceil(blocks / SMs): the per-SM terms are the busiest SM's, which runs
+ceil(blocks / SMs) of the (equal) blocks (192 blocks on 132 SMs: 2 blocks on the busiest, as if
+96 SMs shared the work; min(SMs, blocks) when blocks <= SMs; wave quantization);
+waves = ceil(blocks / (SMs * resident blocks per SM)); resident
 blocks per SM from threads, registers (ptxas, benchmarks/results/ptxas_sm90.md) and shared memory
 (static + dynamic + 1 KiB reserved per block), as the CUDA occupancy calculator does.
 A cudaMemsetAsync of the op (a plan's memset step) is a launch of its own: launch gap + its bytes
@@ -83,6 +86,8 @@ ASSUMPTIONS = [
     "2 us per launch (GPU-side gap between dependent kernels, launch latency included); a cudaMemsetAsync step is a "
     "launch too (gap + its bytes at HBM bandwidth)",
     "FP32: 256 FLOP/clk per SM, FLOPs counted analytically per kernel (projection, scoring, gradients)",
+    "per-SM throughput (L1, shared memory, FP32) is the busiest SM's: blocks do equal work and an SM runs "
+    "ceil(blocks / SMs) of them (a grid of 192 blocks on 132 SMs takes as long as 96 SMs would for its work)",
     "occupancy from ptxas registers (benchmarks/results/ptxas_sm90.md; 32 when a kernel is missing there), "
     "threads per block and static + dynamic shared memory (+1 KiB reserved per block)",
     "counts come from the SIMT emulator running the unchanged kernels: a warp-level request is the n-th execution of one "
@@ -154,7 +159,7 @@ def estimate(dev: Device, rec: dict, registers: dict[str, int], flops: float = 0
     est.warps_per_sm = est.blocks_per_sm * math.ceil(threads / 32)
     per_wave = max(1, dev.sms * est.blocks_per_sm)
     est.waves = math.ceil(blocks / per_wave)
-    active = min(dev.sms, blocks)
+    active = blocks / math.ceil(blocks / dev.sms)  # the busiest SM's share (module docstring)
     clk = dev.clock_hz
     sectors = sum(rec[k]["sectors"] for k in ("global_load", "global_store", "global_atomic"))
     wavefronts = sum(rec[k]["wavefronts"] for k in ("shared_load", "shared_store", "shared_atomic"))
