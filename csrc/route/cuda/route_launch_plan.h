@@ -423,8 +423,12 @@ inline ForwardLayout forward_layout(RouteMode mode, const RouteShape& s, const D
   warps = std::min<int64_t>(forward_max_warps(R), std::max<int64_t>(1, warps));
   const int64_t budget = limits.smem_per_block_optin / 4;  // floats
   int64_t anchors = scores ? align4(static_cast<int64_t>(s.experts) * s.anchors * f.rp) : 0;
+  // floats of a block of w warps besides its staged projection, and the staged columns that fit
+  // beside them (whole 256-column units)
+  const auto fixed_floats = [&](int64_t w) { return 4 + anchors + align4(s.experts) + w * f.warp_floats; };
+  const auto stage_fit = [&](int64_t w) { return (budget - fixed_floats(w)) / f.rows / 256 * 256; };
   for (;;) {
-    const int64_t fixed = 4 + anchors + align4(s.experts) + warps * f.warp_floats;
+    const int64_t fixed = fixed_floats(warps);
     const int64_t min_stage = scores ? f.rows * 256 : 0;
     if (fixed + min_stage <= budget) break;
     if (warps > 1) {
@@ -441,10 +445,9 @@ inline ForwardLayout forward_layout(RouteMode mode, const RouteShape& s, const D
   if (scores && f.chunks.count <= kMaxSplitTiles && 2 * f.chunks.count <= sms && d_units >= 2) {
     // blocks of `warps` warps resident per SM: the kernel's register budget is forward_max_warps(R)
     // warps per SM (__launch_bounds__), and a block stages rows x split columns of the projection
-    const int64_t fixed = 4 + anchors + align4(s.experts) + warps * f.warp_floats;
     const int64_t by_registers = std::max<int64_t>(1, forward_max_warps(R) / warps);
     const int64_t splits = forward_splits(f.chunks.count, d_units, sms, [&](int64_t split_cols) {
-      const int64_t bytes = 4 * (fixed + f.rows * std::min<int64_t>(split_cols, (budget - fixed) / f.rows / 256 * 256));
+      const int64_t bytes = 4 * (fixed_floats(warps) + f.rows * std::min<int64_t>(split_cols, stage_fit(warps)));
       return std::max<int64_t>(1, std::min<int64_t>(by_registers, limits.smem_per_sm / (bytes + 1024)));
     });
     f.split_cols = static_cast<int>(ceil_div(d_units, splits) * 256);
@@ -460,15 +463,15 @@ inline ForwardLayout forward_layout(RouteMode mode, const RouteShape& s, const D
     const int64_t want = ceil_div(f.rows * range / 4, kWarp * kStageGranulesPerThread);
     int64_t staging = std::min<int64_t>(forward_max_warps(R), std::max<int64_t>(warps, want));
     while (staging > warps &&
-           4 + anchors + align4(s.experts) + staging * f.warp_floats + f.rows * range > budget) {
+           fixed_floats(staging) + f.rows * range > budget) {
       staging = std::max<int64_t>(warps, staging / 2);
     }
     warps = staging;
   }
   f.warps = static_cast<int>(warps);
-  const int64_t fixed = 4 + anchors + align4(s.experts) + warps * f.warp_floats;
+  const int64_t fixed = fixed_floats(warps);
   if (scores) {
-    const int64_t fit = (budget - fixed) / f.rows / 256 * 256;
+    const int64_t fit = stage_fit(warps);
     f.stage_cols = static_cast<int>(std::min<int64_t>(range, fit));
   }
   f.proj_smem = 4;
