@@ -10,6 +10,8 @@ Per launch:
     t_l1      = global sectors requested / (active SMs * 4 sectors/clk)  (L1/LSU throughput)
     t_smem    = (shared-memory wavefronts + MIO instructions of warp collectives) / (active SMs * 1/clk)
     t_fp32    = FLOPs / (active SMs * 256 FLOP/clk)                      (FLOPs counted analytically)
+    t_tensor  = mma.sync instructions * 4096 FLOP / (active SMs * 2048 FLOP/clk)  (m16n8k16: 2048 FMAs;
+                the emulator counts the instructions)
     t_latency = waves * (busiest warp's L1-missing loads * miss latency + L1-hitting loads * hit
                 latency) / loads in flight    (L1 hit: every sector already touched by its block)
     time      = launch gap + max(all of the above)     (the largest term names the bound)
@@ -42,6 +44,10 @@ class Device:
     l1_sectors_per_clk: int = 4        # per SM: 128 B/clk of L1 / load-store throughput
     smem_wavefronts_per_clk: int = 1   # per SM: 32 banks x 4 B = 128 B/clk
     fp32_flops_per_clk: int = 256      # per SM: 128 FP32 lanes, FMA = 2 FLOPs
+    # per SM, bf16 mma.sync with float accumulation: half of the 4096 FLOP/clk of Hopper's dense bf16
+    # peak (989 TFLOP/s = 132 SMs x 1.83 GHz x 4096), which only the asynchronous warpgroup MMA
+    # (wgmma) reaches; public reports put mma.sync at about half of wgmma's throughput on sm_90.
+    mma_sync_flops_per_clk: int = 2048
     max_warps_per_sm: int = 64
     max_blocks_per_sm: int = 32
     regs_per_sm: int = 65536
@@ -68,6 +74,10 @@ def ceiling_us(dev: Device, launches: int, min_bytes: float, flops: float) -> fl
     return launches * dev.launch_gap_us + max(t_dram, t_fp32) * 1e6
 
 
+# The terms of one launch's estimate, in the order the report prints them.
+TERMS = ("dram", "l2", "l1", "smem", "fp32", "tensor", "latency")
+MMA_FLOPS = 2 * 16 * 8 * 16  # one mma.sync.m16n8k16: 2048 multiply-adds
+
 DEVICES = {
     "H200": Device("H200", hbm_gbs=4800.0),
     "H100": Device("H100", hbm_gbs=3350.0),
@@ -86,6 +96,8 @@ ASSUMPTIONS = [
     "2 us per launch (GPU-side gap between dependent kernels, launch latency included); a cudaMemsetAsync step is a "
     "launch too (gap + its bytes at HBM bandwidth)",
     "FP32: 256 FLOP/clk per SM, FLOPs counted analytically per kernel (projection, scoring, gradients)",
+    "tensor cores: 2048 FLOP/clk per SM for bf16 mma.sync (m16n8k16, float accumulation; the emulator counts the "
+    "instructions): half of the H100/H200 dense bf16 peak, which needs wgmma; an assumption, not a measurement",
     "per-SM throughput (L1, shared memory, FP32) is the busiest SM's: blocks do equal work and an SM runs "
     "ceil(blocks / SMs) of them (a grid of 192 blocks on 132 SMs takes as long as 96 SMs would for its work)",
     "occupancy from ptxas registers (benchmarks/results/ptxas_sm90.md; 32 when a kernel is missing there), "
@@ -146,7 +158,7 @@ def estimate(dev: Device, rec: dict, registers: dict[str, int], flops: float = 0
     est = KernelEstimate(kernel=name)
     if rec.get("memset"):
         t_dram = rec["dram_write"] / (dev.hbm_gbs * 1e9)
-        est.terms_us = {k: 0.0 for k in ("dram", "l2", "l1", "smem", "fp32", "latency")}
+        est.terms_us = {k: 0.0 for k in TERMS}
         est.terms_us["dram"] = t_dram * 1e6
         est.bound, est.time_us, est.waves = "dram", dev.launch_gap_us + t_dram * 1e6, 1
         return est
@@ -170,6 +182,7 @@ def estimate(dev: Device, rec: dict, registers: dict[str, int], flops: float = 0
         "l1": sectors / (active * dev.l1_sectors_per_clk * clk),
         "smem": wavefronts / (active * dev.smem_wavefronts_per_clk * clk),
         "fp32": flops / (active * dev.fp32_flops_per_clk * clk),
+        "tensor": rec.get("mma", 0) * MMA_FLOPS / (active * dev.mma_sync_flops_per_clk * clk),
         "latency": est.waves * (rec["max_warp_load_misses"] * dev.load_latency_clk +
                                 rec["max_warp_load_hits"] * dev.l1_hit_latency_clk) / dev.loads_in_flight / clk,
     }

@@ -237,8 +237,8 @@ def report(results: list[dict], args, elapsed: float, devices: list[str]) -> str
         "is the mode: (RouteMode)0 route, 1 logits, 2 select. `cudaMemsetAsync` rows are a plan's memset steps.",
         "",
         "| op | shape | kernel | grid × block | smem B | regs | warps/SM | waves | global req | sectors/req (ideal) | "
-        "shared req | wavefronts/req (ideal) | collectives | DRAM MB | dram | l2 | l1 | smem | fp32 | latency | est. µs |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "shared req | wavefronts/req (ideal) | collectives | DRAM MB | dram | l2 | l1 | smem | fp32 | tensor | latency | est. µs |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         for kr, ke in zip(r["kernels"], r["devices"][dev0]["kernels"]):
@@ -254,7 +254,7 @@ def report(results: list[dict], args, elapsed: float, devices: list[str]) -> str
                 f" | `{short_kernel(kr['kernel'])}` | {grid} × {kr['block'][0]} | "
                 f"{kr['dyn_smem'] + kr['static_smem']} | {regs} | {ke['warps_per_sm']} | {ke['waves']} | {g} | {spr} | {s} | "
                 f"{wpr} | {kr['collectives']} | {kr['dram_bytes'] / 1e6:.3f} | " +
-                " | ".join(fmt_us(t[k]) for k in ("dram", "l2", "l1", "smem", "fp32", "latency")) +
+                " | ".join(fmt_us(t.get(k, 0.0)) for k in cost.TERMS) +
                 f" | {fmt_us(ke['time_us'])} ({ke['bound']}) |")
     L += [
         "",

@@ -151,3 +151,22 @@ def test_kernels_compile_without_spills(reports, arch):
     kinds = {re.sub(r"<.*", "", r["kernel"].split("(")[0]).split()[-1] for r in recs}
     for expected in ("route_forward_kernel", "route_backward_token_kernel"):
         assert expected in kinds, f"{expected} missing from the sm_{arch} report: {sorted(kinds)}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tensor_core_fragment_check_compiles_to_mma(arch, tmp_path):
+    # tests/gpu/mma_fragments_main.cu is what scripts/gpu_check.sh runs on a GPU to hold the emulator's
+    # mma.sync fragment table (tests/simt/test_mma.py) against the hardware: it must build with the
+    # release flags, issue the bf16 m16n8k16 instruction itself, and not spill.
+    src = ROOT / "tests" / "gpu" / "mma_fragments_main.cu"
+    ptx = subprocess.run([NVCC, *FLAGS, f"-arch=sm_{arch}", "-ptx", f"-I{CSRC}", str(src), "-o", "-"],
+                         capture_output=True, text=True, timeout=600)
+    assert ptx.returncode == 0, ptx.stderr
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx.stdout
+    cubin = subprocess.run([NVCC, *FLAGS, f"-arch=sm_{arch}", "-cubin", f"-I{CSRC}", str(src), "-o",
+                            str(tmp_path / "mma.cubin")], capture_output=True, text=True, timeout=600)
+    assert cubin.returncode == 0, cubin.stdout + cubin.stderr
+    out = cubin.stdout + cubin.stderr
+    assert not [l for l in out.splitlines() if "warning" in l.lower()], out
+    recs = parse_ptxas(out)
+    assert recs and all(not r.get("spill_stores") and not r.get("spill_loads") for r in recs), out

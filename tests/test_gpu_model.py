@@ -76,3 +76,24 @@ def test_ceiling_is_launch_gaps_plus_the_slower_of_dram_and_fp32():
     ceil = cost.ceiling_us(h200, 1, 8.389e6, 277.3e6)
     assert ceil == pytest.approx(2.0 + 277.3e6 / (132 * 256 * 1.755e9) * 1e6)
     assert 100 * (8.389e6 / 4.8e12 * 1e6) / ceil == pytest.approx(26.2, abs=0.1)
+
+
+def test_tensor_term_counts_mma_sync_at_half_the_dense_peak():
+    # one emulator record of a kernel that only issues mma.sync: 132 blocks (one per SM), 1e6
+    # instructions of 4096 FLOP at 2048 FLOP/clk per SM; every memory counter zero
+    from benchmarks import _gpu_cost as cost
+    h200 = cost.DEVICES["H200"]
+    empty = {"requests": 0, "bytes": 0, "sectors": 0, "ideal_sectors": 0, "wavefronts": 0, "ideal_wavefronts": 0}
+    rec = {"kernel": "mma_only_kernel", "grid": [132, 1, 1], "block": [128, 1, 1], "dyn_smem": 0, "static_smem": 0,
+           "dram_read": 0, "dram_write": 0, "max_warp_load_misses": 0, "max_warp_load_hits": 0, "collectives": 0,
+           "mma": 1_000_000, **{k: dict(empty) for k in ("global_load", "global_store", "global_atomic",
+                                                       "shared_load", "shared_store", "shared_atomic")}}
+    est = cost.estimate(h200, rec, {})
+    expected_us = 1e6 * 4096 / (132 * 2048 * 1.755e9) * 1e6
+    assert est.bound == "tensor"
+    assert est.terms_us["tensor"] == pytest.approx(expected_us)
+    assert est.time_us == pytest.approx(h200.launch_gap_us + expected_us)
+    # the same kernel on 66 blocks: half the SMs do the work
+    assert cost.estimate(h200, {**rec, "grid": [66, 1, 1]}, {}).terms_us["tensor"] == pytest.approx(2 * expected_us)
+    # no mma counted (records written before the counter existed): no tensor time
+    assert cost.estimate(h200, {k: v for k, v in rec.items() if k != "mma"}, {}).terms_us["tensor"] == 0.0

@@ -116,6 +116,10 @@ void on_warp_collective(unsigned mio) {
   if (g_checks.counters && mio) counters_collective(mio);
 }
 
+void on_mma() {
+  if (g_checks.counters) counters_mma();
+}
+
 void on_fence() {
   if (g_exec.in_kernel && g_checks.racecheck) race_fence();
 }

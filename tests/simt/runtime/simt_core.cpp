@@ -158,6 +158,7 @@ const char* kind_name(int k) {
     case kRedOr: return "__reduce_or_sync";
     case kRedXor: return "__reduce_xor_sync";
     case kActive: return "__activemask";
+    case kMma: return "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32";
   }
   return "?";
 }
@@ -428,6 +429,7 @@ void resolve_warp(unsigned wbase, unsigned mask) {
   st.n_warpops++;
   rt::on_warp_sync(wbase, mask, kind == kSync);
   rt::on_warp_collective(mio_instructions(kind, lanes));
+  if (kind == kMma) rt::on_mma();
   const unsigned long long poison = ~0ull;
   switch (kind) {
     case kSync: for (auto* g : lanes) if (g) g->res = 0; break;
@@ -452,6 +454,42 @@ void resolve_warp(unsigned wbase, unsigned mask) {
       for (unsigned l = 0; l < 32; ++l) if (lanes[l] && lanes[l]->val) b |= 1u << l;
       unsigned long long r = kind == kBallot ? b : kind == kAny ? (b != 0) : (b == mask);
       for (auto* g : lanes) if (g) g->res = r;
+      break;
+    }
+    case kMma: {
+      // The 16 x 16 A and 16 x 8 B of the warp from the lanes' fragments (MmaBf16Operands in simt.h).
+      auto ops = [&](unsigned l) { return reinterpret_cast<MmaBf16Operands*>(lanes[l]->val); };
+      auto bf = [](unsigned bits16) {
+        const unsigned u = bits16 << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        return f;
+      };
+      float A[16][16], B[16][8];
+      for (unsigned l = 0; l < 32; ++l) {
+        const unsigned g = l / 4, c = l % 4;
+        const MmaBf16Operands* o = ops(l);
+        for (unsigned r = 0; r < 4; ++r) {
+          const unsigned row = g + 8 * (r % 2), col = 2 * c + 8 * (r / 2);
+          A[row][col] = bf(o->a[r] & 0xffffu);
+          A[row][col + 1] = bf(o->a[r] >> 16);
+        }
+        for (unsigned r = 0; r < 2; ++r) {
+          B[2 * c + 8 * r][g] = bf(o->b[r] & 0xffffu);
+          B[2 * c + 8 * r + 1][g] = bf(o->b[r] >> 16);
+        }
+      }
+      for (unsigned l = 0; l < 32; ++l) {
+        const unsigned g = l / 4, c = l % 4;
+        MmaBf16Operands* o = ops(l);
+        for (unsigned r = 0; r < 4; ++r) {
+          const unsigned row = g + 8 * (r / 2), col = 2 * c + r % 2;
+          double acc = o->c[r];
+          for (unsigned k = 0; k < 16; ++k) acc += (double)A[row][k] * (double)B[k][col];
+          o->d[r] = (float)acc;
+        }
+        lanes[l]->res = 0;
+      }
       break;
     }
     case kMatchAny:
@@ -532,6 +570,10 @@ unsigned long long warp_op(int kind, unsigned mask, unsigned long long val, int 
   if (kind >= kShflIdx && kind <= kShflXor && (width < 1 || width > 32 || (width & (width - 1))))
     fail_in_fiber(fmt("SIMT error: %s width=%d is not a power of two in [1,32] at %s:%u in %s", kind_name(kind), width,
                       file, line, where().c_str()));
+  if (kind == kMma && mask != ~0u)
+    fail_in_fiber(fmt("SIMT error: %s at %s:%u by warp %u, which has only %u threads: the instruction needs all 32 "
+                      "lanes of a full warp, converged, in %s",
+                      kind_name(kind), file, line, wbase / 32, nl, where().c_str()));
   f->state = F_WARP;
   f->kind = kind;
   f->mask = mask;

@@ -10,7 +10,7 @@
 //    up to 4 bytes, 16 for 8-byte and 8 for 16-byte accesses; per phase, the most distinct words
 //    any one bank must serve), and the ideal (one per phase that has accesses).
 // Per launch also the warp collectives that issue through the shared-memory (MIO) pipe (shuffles,
-// redux; an 8-byte shuffle counts twice), and every cudaMemset(Async) from host code as a launch of
+// redux; an 8-byte shuffle counts twice), the warps' mma.sync instructions (tensor cores), and every cudaMemset(Async) from host code as a launch of
 // its own (the bytes it writes are DRAM writes).
 // Per launch: unique DRAM bytes by first touch of each 32-byte sector (a read of a sector not yet
 // touched in this launch is a DRAM read; the first write of a sector is a DRAM write), the busiest
@@ -64,6 +64,7 @@ struct Launch {
   uint64_t max_warp_load_misses = 0, max_warp_load_hits = 0;  // the warp with the longest load chain
   uint64_t max_block_global_loads = 0;  // busiest block: sum of its warps' global load requests
   uint64_t collectives = 0;  // MIO instructions of warp collectives
+  uint64_t mma = 0;          // warp-level mma.sync instructions (tensor cores)
   bool memset = false;       // a cudaMemset(Async), not a kernel
   std::map<uintptr_t, PcStats> pcs;
   bool ok = true;
@@ -238,6 +239,11 @@ void counters_collective(unsigned mio) {
   if (c.active) c.cur.collectives += mio;
 }
 
+void counters_mma() {
+  Counters& c = C();
+  if (c.active) c.cur.mma++;
+}
+
 void counters_memset(size_t bytes) {
   Counters& c = C();
   if (c.active) return;  // (a memset inside a launch cannot happen: host code only)
@@ -400,7 +406,7 @@ std::string counters_json() {
                "\"dyn_smem\": %zu, \"static_smem\": %zu, \"blocks\": %llu, \"warps\": %llu, \"dram_read\": %llu, "
                "\"dram_write\": %llu, \"max_warp_global_loads\": %llu, \"max_warp_global\": %llu, "
                "\"max_warp_shared\": %llu, \"max_block_global_loads\": %llu, \"max_warp_load_misses\": %llu, "
-               "\"max_warp_load_hits\": %llu, \"collectives\": %llu, \"memset\": %s",
+               "\"max_warp_load_hits\": %llu, \"collectives\": %llu, \"mma\": %llu, \"memset\": %s",
                name.c_str(), static_cast<unsigned long long>(L.fn_offset), L.ok ? "true" : "false", L.grid.x,
                L.grid.y, L.grid.z, L.block.x, L.block.y, L.block.z, L.dyn_smem, L.static_smem,
                static_cast<unsigned long long>(L.blocks), static_cast<unsigned long long>(L.warps),
@@ -411,7 +417,8 @@ std::string counters_json() {
                static_cast<unsigned long long>(L.max_block_global_loads),
                static_cast<unsigned long long>(L.max_warp_load_misses),
                static_cast<unsigned long long>(L.max_warp_load_hits),
-               static_cast<unsigned long long>(L.collectives), L.memset ? "true" : "false");
+               static_cast<unsigned long long>(L.collectives), static_cast<unsigned long long>(L.mma),
+               L.memset ? "true" : "false");
     for (int k = 0; k < 6; ++k) {
       out += fmt(", \"%s\": {\"requests\": %llu, \"bytes\": %llu, \"sectors\": %llu, \"ideal_sectors\": %llu, "
                  "\"wavefronts\": %llu, \"ideal_wavefronts\": %llu}",

@@ -79,6 +79,8 @@ void on_block_end();
 void on_launch_end(bool ok);
 // A warp collective completed that issues `mio` instructions through the MIO pipe (shuffles, redux).
 void on_warp_collective(unsigned mio);
+// A warp completed one mma.sync (tensor-core instruction).
+void on_mma();
 // __threadfence() by the running thread.
 void on_fence();
 // cudaMemset(Async) from host code: a launch of its own for the counters.
@@ -130,6 +132,7 @@ void counters_launch_end(bool ok);
 void counters_region_freed(Region& r);
 void counters_static_shared(uintptr_t p, size_t bytes);  // a static __shared__ variable of the launch
 void counters_collective(unsigned mio);
+void counters_mma();
 void counters_memset(size_t bytes);
 
 }  // namespace rt

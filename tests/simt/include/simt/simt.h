@@ -220,7 +220,18 @@ struct cudaFuncAttributes {
 namespace simt {
 enum WarpKind : int {
   kSync = 0, kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kMatchAny,
-  kRedAddU, kRedMinU, kRedMaxU, kRedMinI, kRedMaxI, kRedAnd, kRedOr, kRedXor, kActive,
+  kRedAddU, kRedMinU, kRedMaxU, kRedMinI, kRedMaxI, kRedAnd, kRedOr, kRedXor, kActive, kMma,
+};
+// One lane's operands of mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (the PTX ISA's
+// fragment layout: g = lane / 4, c = lane % 4; a[0] row g, columns 2c, 2c + 1 (lower half the lower
+// column), a[1] row g + 8, a[2] row g columns 2c + 8, 2c + 9, a[3] row g + 8 columns 2c + 8, 2c + 9;
+// b[0] rows 2c, 2c + 1 of column g, b[1] rows 2c + 8, 2c + 9; c[i] and d[i] row g + 8 * (i / 2),
+// column 2c + i % 2). The warp collective kMma passes each lane's address and writes d.
+struct MmaBf16Operands {
+  unsigned a[4];
+  unsigned b[2];
+  float c[4];
+  float d[4];
 };
 struct LaunchDesc {
   const char* name;
@@ -665,6 +676,20 @@ inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warp
 template <class T>
 inline T __shfl_xor_sync(unsigned mask, T var, int laneMask, int width = warpSize, ::simt::SL loc = ::simt::SL::current()) {
   return ::simt::warp_shfl(::simt::kShflXor, mask, var, laneMask, width, loc);
+}
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {d}, {a}, {b}, {c}: a warp-wide collective of
+// all 32 lanes (".aligned": every lane of the warp executes the same instruction, converged). The
+// products are exact (8-bit significands) and are added with c in double precision, rounded once
+// to float; the hardware's internal summation order and rounding are unspecified, so kernels must
+// not depend on bitwise equality with any other summation.
+inline void __simt_mma_m16n8k16_bf16(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const float (&c)[4],
+                                     ::simt::SL loc = ::simt::SL::current()) {
+  ::simt::MmaBf16Operands op;
+  for (int i = 0; i < 4; ++i) op.a[i] = a[i], op.c[i] = c[i];
+  for (int i = 0; i < 2; ++i) op.b[i] = b[i];
+  ::simt::warp_op(::simt::kMma, 0xffffffffu, reinterpret_cast<unsigned long long>(&op), 0, 32, loc.file_name(),
+                  loc.line());
+  for (int i = 0; i < 4; ++i) d[i] = op.d[i];
 }
 inline unsigned __ballot_sync(unsigned mask, int pred, ::simt::SL loc = ::simt::SL::current()) {
   return (unsigned)::simt::warp_op(::simt::kBallot, mask, pred != 0, 0, 32, loc.file_name(), loc.line());
