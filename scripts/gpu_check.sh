@@ -2,8 +2,9 @@
 # One command for a machine with an NVIDIA GPU (H100/H200 class: under 8 minutes). It
 #   1. builds l2r_cuda in place for this GPU's architecture only (MAX_JOBS = all cores),
 #   2. runs the CUDA tests (pytest -m cuda: CUDA vs CPU results, opcheck, CUDA-graph capture),
-#      and the tensor-core fragment check (tests/gpu/mma_fragments_main.cu: the kernel the SIMT
-#      emulator runs in tests/simt/test_mma.py, built with nvcc, against a CPU product),
+#      and the tensor-core checks (tests/gpu/mma_fragments_main.cu, project_mma_main.cu: the kernels
+#      the SIMT emulator runs in tests/simt/test_mma.py and test_project_mma.py, built with nvcc,
+#      against a CPU product),
 #   3. times route forward / forward+backward, permute and unpermute at the cost model's shapes
 #      (benchmarks/results/gpu_model.json) against linear gating and the compiled reference, with
 #      CUDA events: measured next to modelled time, achieved GB/s, % of the device's bandwidth,
@@ -78,9 +79,11 @@ grep -E "passed|failed|error" "$OUT/tests.log" | tail -n1
 # The toolkit the build used (torch's CUDA_HOME), else nvcc on PATH.
 NVCC="$("$PY" -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')" 2>/dev/null)/bin/nvcc"
 [ -x "$NVCC" ] || NVCC=$(command -v nvcc || echo nvcc)
-step "tensor-core fragments" "$OUT/mma_fragments.log" bash -c \
-  "'$NVCC' -std=c++17 -arch=sm_${ARCH/./} -Icsrc tests/gpu/mma_fragments_main.cu -o '$OUT/mma_fragments' && '$OUT/mma_fragments'"
-tail -n4 "$OUT/mma_fragments.log"
+for prog in mma_fragments project_mma; do
+  step "tensor cores: $prog" "$OUT/$prog.log" bash -c \
+    "'$NVCC' -std=c++17 -arch=sm_${ARCH/./} -Icsrc tests/gpu/${prog}_main.cu -o '$OUT/$prog' && '$OUT/$prog'"
+  grep -E ": (ok|MISMATCH)$|failed" "$OUT/$prog.log"
+done
 step "timing" "$OUT/timing.log" "$PY" -m benchmarks.gpu_check --out "$OUT" --budget-s "${L2R_GPU_CHECK_BUDGET:-240}"
 
 {
@@ -88,7 +91,7 @@ step "timing" "$OUT/timing.log" "$PY" -m benchmarks.gpu_check --out "$OUT" --bud
   echo
   echo "$(date -u +%FT%TZ), git $(git rev-parse --short HEAD 2>/dev/null), $(( $(date +%s) - START )) s in all."
   echo "Build: TORCH_CUDA_ARCH_LIST=$ARCH, MAX_JOBS=$MAX_JOBS. Tests: $(grep -E 'passed|failed|error' "$OUT/tests.log" | tail -n1)"
-  echo "Tensor-core fragments (tests/gpu/mma_fragments_main.cu): $(grep -c ': ok$' "$OUT/mma_fragments.log" 2>/dev/null) of 4 ok"
+  echo "Tensor cores (tests/gpu/*_main.cu): mma_fragments $(grep -c ': ok$' "$OUT/mma_fragments.log" 2>/dev/null) of 4 cases ok, project_mma $(grep -c ': ok$' "$OUT/project_mma.log" 2>/dev/null) of 4 ok"
   echo
   [ -f "$OUT/timing.md" ] && cat "$OUT/timing.md"
 } >"$OUT/summary.md"

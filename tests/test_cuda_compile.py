@@ -154,11 +154,12 @@ def test_kernels_compile_without_spills(reports, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_tensor_core_fragment_check_compiles_to_mma(arch, tmp_path):
-    # tests/gpu/mma_fragments_main.cu is what scripts/gpu_check.sh runs on a GPU to hold the emulator's
-    # mma.sync fragment table (tests/simt/test_mma.py) against the hardware: it must build with the
+@pytest.mark.parametrize("program", ["mma_fragments_main", "project_mma_main"])
+def test_tensor_core_checks_compile_to_mma(program, arch, tmp_path):
+    # tests/gpu/*_main.cu are what scripts/gpu_check.sh runs on a GPU to hold the emulator's mma.sync
+    # (tests/simt/test_mma.py, test_project_mma.py) against the hardware: they must build with the
     # release flags, issue the bf16 m16n8k16 instruction itself, and not spill.
-    src = ROOT / "tests" / "gpu" / "mma_fragments_main.cu"
+    src = ROOT / "tests" / "gpu" / f"{program}.cu"
     ptx = subprocess.run([NVCC, *FLAGS, f"-arch=sm_{arch}", "-ptx", f"-I{CSRC}", str(src), "-o", "-"],
                          capture_output=True, text=True, timeout=600)
     assert ptx.returncode == 0, ptx.stderr

@@ -5,27 +5,13 @@
 //   nvcc -std=c++17 -arch=sm_90 -Icsrc tests/gpu/mma_fragments_main.cu -o mma_fragments && ./mma_fragments
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <random>
 #include <vector>
 
 #include "../simt/kernels/mma_fragments.cu"
+#include "bf16_host.h"
 
 namespace {
-
-uint16_t to_bf16(float f) {  // round to nearest even (the values used here are finite)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-float from_bf16(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // Returns the number of mismatching elements of D (all warps' slices).
 int check(bool integers, int steps, int warps, unsigned seed) {
@@ -36,8 +22,8 @@ int check(bool integers, int steps, int warps, unsigned seed) {
   auto value = [&]() { return integers ? static_cast<float>(small(gen)) : normal(gen); };
   std::vector<uint16_t> A(16 * K), Bt(8 * K);
   std::vector<float> C(128), D(128 * warps, NAN);
-  for (auto& v : A) v = to_bf16(value());
-  for (auto& v : Bt) v = to_bf16(value());
+  for (auto& v : A) v = host_bf16_bits(value());
+  for (auto& v : Bt) v = host_bf16_bits(value());
   for (auto& v : C) v = integers ? static_cast<float>(small(gen)) : normal(gen);
   uint16_t *dA, *dB;
   float *dC, *dD;
@@ -65,7 +51,7 @@ int check(bool integers, int steps, int warps, unsigned seed) {
       for (int j = 0; j < 8; ++j) {
         double ref = C[i * 8 + j], mag = std::fabs(C[i * 8 + j]);
         for (int k = 0; k < K; ++k) {
-          const double p = (double)from_bf16(A[i * K + k]) * from_bf16(Bt[j * K + k]);
+          const double p = (double)host_bf16_value(A[i * K + k]) * host_bf16_value(Bt[j * K + k]);
           ref += p;
           mag += std::fabs(p);
         }
