@@ -56,6 +56,10 @@ CASES = [
     dict(r=8, H=2, E=7, k=7, beta=0.0, dtype=torch.bfloat16),
     dict(r=16, H=1, E=128, k=4, dtype=torch.float16, tau=0.5),
     dict(r=32, H=4, E=64, k=2, norm=None),
+    # rank 32, bf16 x, >= 128 tokens: the projection on tensor cores (one d split; then four, with
+    # statistics groups of 100 tokens: partial chunks)
+    dict(r=32, H=2, E=8, k=2, dtype=torch.bfloat16),
+    dict(r=32, H=1, E=8, k=2, T=300, d=1024, seq_len=100, dtype=torch.bfloat16),
     dict(r=40, H=1, E=33, k=3),
     dict(r=2, H=1, E=64, k=6, d=90),  # rows not 16-byte aligned: scalar loads
 ]

@@ -34,7 +34,8 @@ def make_inputs(cfg, seed):
 
 def options(cfg):
     return dict(top_k=cfg["k"], beta=cfg.get("beta", 1.0), norm=cfg.get("norm", "rms"), tau=cfg.get("tau", 1.0),
-                score=cfg.get("score", "softmax"), normalize=cfg.get("normalize", False))
+                score=cfg.get("score", "softmax"), normalize=cfg.get("normalize", False),
+                **({"seq_len": cfg["seq_len"]} if "seq_len" in cfg else {}))
 
 
 CONFIGS = {
@@ -47,6 +48,17 @@ CONFIGS = {
     "scalar_d30_f32": dict(T=33, d=30, r=2, H=4, E=40, k=40, beta=1.0, g=True, score="sigmoid"),
     "scalar_d36_bf16": dict(T=5, d=36, r=8, H=1, E=8, k=2, beta=0.5, normalize=True, dtype=torch.bfloat16, tau=2.0),
     "r2_H4_E7_bias_g": dict(T=33, d=64, r=2, H=4, E=7, k=2, beta=0.5, normalize=True, bias=True, g=True),
+    # rank 32, bf16 x, >= 128 tokens: the projection on tensor cores (route_kernel_params.h kMma*).
+    # 19 chunks of 16 tokens (the last one partial) in 3 blocks of 8 chunks; d = 512: 2 d splits
+    # (the last block of each block of chunks adds them); rank 24 pads to 32 (zero rows).
+    "tensor_cores_r24_bf16_split": dict(T=300, d=512, r=24, H=2, E=8, k=2, g=True, dtype=torch.bfloat16),
+    # statistics groups of 100 tokens: 7 chunks per group, the 7th of 4 tokens (rows past a chunk's
+    # end are zero in its m-tile)
+    "tensor_cores_r32_bf16_seq_len": dict(T=300, d=512, r=32, H=1, E=8, k=2, seq_len=100, g=True,
+                                          dtype=torch.bfloat16),
+    # d = 256: one split, the block's sums stay in shared memory; sigmoid scores and a bias.
+    "tensor_cores_r32_bf16_d256": dict(T=150, d=256, r=32, H=1, E=16, k=4, bias=True, score="sigmoid",
+                                       normalize=True, dtype=torch.bfloat16),
 }
 
 
@@ -117,3 +129,27 @@ def test_bad_backward_index_is_reported_and_nothing_written_out_of_bounds():
         saved = (x, proj, anchors, scale.reshape(1), None, None, None, indices, fwd["q"], fwd["rstd"])
         out = backends._backward(call, (torch.ones(6, 3), None, None, None), saved)
         assert out["bad_index"] == 1
+
+
+@pytest.mark.parametrize("dtype,T,r,expect_mma", [
+    (torch.bfloat16, 128, 32, True),    # the first token count with one whole block of 8 chunks
+    (torch.bfloat16, 127, 32, False),   # fewer tokens: the CUDA-core path (decode keeps its d split)
+    (torch.float32, 150, 32, False),    # float32 and float16 x are not exact in bf16
+    (torch.float16, 150, 32, False),
+    (torch.bfloat16, 150, 16, False),   # ranks up to 16 pad to 16 or less: CUDA cores
+])
+def test_tensor_core_path_only_for_bf16_rank_32_and_whole_blocks_of_chunks(dtype, T, r, expect_mma):
+    from tests.simt import harness as simt
+    cfg = dict(T=T, d=64, r=r, H=1, E=8, k=2, dtype=dtype)
+    x, proj, anchors, scale, _, _ = make_inputs(cfg, 0)
+    lib = backends.simt_library()
+    simt.set_checks(lib, counters=True)
+    try:
+        simt.counters(lib)
+        out = backends.simt_route(x, proj, anchors, scale, top_k=2, seed=0)
+        recs = simt.counters(lib)
+    finally:
+        simt.set_checks(lib, counters=False)
+    assert (sum(rec["mma"] for rec in recs) > 0) == expect_mma
+    ref = reference.route(x.float(), proj, anchors, scale, top_k=2)
+    assert torch.equal(out.indices, ref.indices)

@@ -14,7 +14,7 @@
 // layout the GPU has.
 #pragma once
 
-#include <stdint.h>
+#include "hd.h"  // the fixed-width integers (also under NVRTC, which has no standard headers)
 
 namespace l2r {
 

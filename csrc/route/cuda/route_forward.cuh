@@ -21,6 +21,15 @@
 // token (lane t * L + m takes experts m, m + L, ...): serial scans per lane and log2(L) shuffles
 // per reduction, the selection one round per slot (the largest order key below the last round's).
 //
+// Tensor cores. Rank 32 with bf16 x (16-byte rows, at least kMmaMinTokens tokens) projects on
+// tensor cores instead (project_chunks_mma, route_project_mma.cuh): a block takes kMmaChunks
+// chunks of 16 tokens (each chunk one MMA m-tile; its rows are the tokens of the warps' tiles) over
+// one range of d, stages that range of proj * norm_weight in float32 and splits each value into
+// three bf16 parts as it feeds the MMAs (x is exact in bf16; the parts carry float32's 24 bits). Its
+// 8 warps are 4 m-groups x 2 k-groups; the k-groups' sums are added in k-group order, the d
+// splits' in split order by the block that takes the chunks' last ticket (counters[1 + block of
+// chunks]), which then routes the chunks one after another as above.
+//
 // Grid. Either every block projects whole rows of the chunks it loops over (persistent blocks), or,
 // for few tokens (decode), a chunk's d is split over `splits` blocks that write raw partial sums;
 // the block that takes the chunk's last ticket (counters[1 + chunk]) adds them in split order and
@@ -33,6 +42,7 @@
 #pragma once
 
 #include "route_device.cuh"
+#include "route_project_mma.cuh"
 
 namespace l2r {
 namespace route {
@@ -372,6 +382,155 @@ __device__ __forceinline__ void project_tile(const ForwardParams& p, const WarpS
     transpose_reduce(ss, lane);
     constexpr int kSpread = kWarp / TT;
     if (lane % kSpread == 0) smf(ws.ss + lane / kSpread) = ss[0];
+  }
+}
+
+// ---- projection on tensor cores (rank 32, bf16 x) -------------------------------------------------
+
+template <typename T>
+struct IsBf16 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsBf16<__nv_bfloat16> {
+  static constexpr bool value = true;
+};
+
+// Block b of the tensor-core path: chunks [kMmaChunks * (b / splits), + kMmaChunks) over columns
+// split = b % splits (route_kernel_params.h). Warp w = (m-group w / kMmaKGroups, k-group
+// w % kMmaKGroups): the m-group's kMmaTilesPerGroup chunks, each one MMA m-tile (row r of chunk c:
+// token begin(c) + r, zero past end(c)), against every kMmaKGroups-th k-block of each staged
+// range of the projection (proj * norm_weight, zero past the rank and past the split). The
+// k-groups' sums are added in k-group order into `out` ([kMmaChunks * 16][kMmaSumStride]: raw
+// sums, then the sum of squares), shared memory (smem_out) or the block's global partials.
+__device__ __forceinline__ void project_chunks_mma(const ForwardParams& p, int64_t first_chunk, int split,
+                                                   int warp, int lane, float* gmem_out, int smem_out) {
+  const int mg = warp / kMmaKGroups, kg = warp % kMmaKGroups, g = lane / 4, c = lane % 4;
+  const int64_t d = p.c.d, d0 = static_cast<int64_t>(split) * p.split_cols;
+  const int64_t d1 = d0 + p.split_cols < d ? d0 + p.split_cols : d;
+  const int rank = p.c.rank;
+  const uint16_t* __restrict__ x = static_cast<const uint16_t*>(p.x);
+  const int region = p.proj_smem;
+  // The lane's rows: tokens (-1: none) of rows g and g + 8 of each of its m-tiles (32-bit: the
+  // registers are scarce here, and T < 2^31).
+  int32_t rows[kMmaTilesPerGroup][2];
+#pragma unroll
+  for (int m = 0; m < kMmaTilesPerGroup; ++m) {
+    const int64_t ch = first_chunk + mg * kMmaTilesPerGroup + m;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t t = ch < p.chunks.count ? p.chunks.begin(ch) + g + 8 * h : -1;
+      rows[m][h] = t >= 0 && t < p.chunks.end(ch) ? static_cast<int32_t>(t) : -1;
+    }
+  }
+  float acc[kMmaTilesPerGroup][4][4];
+  float sq[kMmaTilesPerGroup][2];
+#pragma unroll
+  for (int m = 0; m < kMmaTilesPerGroup; ++m) {
+    sq[m][0] = sq[m][1] = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[m][j][i] = 0.f;
+    }
+  }
+  const float* __restrict__ proj = p.proj;
+  const float* __restrict__ nw = p.norm_weight;
+  for (int64_t s0 = d0; s0 < d1; s0 += kMmaStageCols) {
+    __syncthreads();  // every warp is done with the previous stage
+    // Thread t stages granule t % 64 (4 columns) of rows t / 64, + 4, ...: one load of the norm
+    // weight per stage, then its rows (every warp's loads are one contiguous 512-byte run).
+    {
+      constexpr int kGranules = kMmaStageCols / 4, kRowStep = kMmaWarps * kWarp / kGranules;
+      const int c4 = threadIdx.x % kGranules;
+      const int64_t col = s0 + 4 * c4;
+      float4 gv = make_float4(1.f, 1.f, 1.f, 1.f);
+      if (nw != nullptr && p.proj_vec && col < d1) {
+        gv = __ldg(reinterpret_cast<const float4*>(nw + col));
+      } else if (nw != nullptr) {
+        gv = make_float4(col < d1 ? nw[col] : 0.f, col + 1 < d1 ? nw[col + 1] : 0.f, col + 2 < d1 ? nw[col + 2] : 0.f,
+                         col + 3 < d1 ? nw[col + 3] : 0.f);
+      }
+#pragma unroll 1
+      for (int row = threadIdx.x / kGranules; row < 32; row += kRowStep) {
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (row < rank && p.proj_vec && col < d1) {  // (d1 is a multiple of 8: whole float4s)
+          v = __ldg(reinterpret_cast<const float4*>(proj + row * d + col));
+        } else if (row < rank) {
+          v = make_float4(col < d1 ? proj[row * d + col] : 0.f, col + 1 < d1 ? proj[row * d + col + 1] : 0.f,
+                          col + 2 < d1 ? proj[row * d + col + 2] : 0.f, col + 3 < d1 ? proj[row * d + col + 3] : 0.f);
+        }
+        smf4(region + row * kMmaStageStride + 4 * c4) = make_float4(v.x * gv.x, v.y * gv.y, v.z * gv.z, v.w * gv.w);
+      }
+    }
+    __syncthreads();
+#pragma unroll 1
+    for (int kb = kg; kb < kMmaStageCols / 32; kb += kMmaKGroups) {
+      const int64_t col = s0 + 32 * kb + 8 * c;
+      if (s0 + 32 * kb >= d1) break;
+      uint4 xv[kMmaTilesPerGroup][2];
+#pragma unroll
+      for (int m = 0; m < kMmaTilesPerGroup; ++m) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          xv[m][h] = rows[m][h] >= 0 && col < d1
+                         ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(rows[m][h]) * d + col))
+                         : make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
+      float4 wv[4][2];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int off = region + (8 * j + g) * kMmaStageStride + 32 * kb + 8 * c;
+        wv[j][0] = smf4(off);
+        wv[j][1] = smf4(off + 4);
+      }
+      project_kblock_mma<kMmaTilesPerGroup, 3>(xv, wv, acc, sq);
+    }
+  }
+  // The k-groups' sums through shared memory (lane fastest), added in k-group order.
+  __syncthreads();
+  const int mine = region + warp * kMmaTilesPerGroup * 18 * kWarp;
+#pragma unroll
+  for (int m = 0; m < kMmaTilesPerGroup; ++m) {
+#pragma unroll
+    for (int v = 0; v < 16; ++v) smf(mine + (m * 18 + v) * kWarp + lane) = acc[m][v / 4][v % 4];
+    smf(mine + (m * 18 + 16) * kWarp + lane) = sq[m][0];
+    smf(mine + (m * 18 + 17) * kWarp + lane) = sq[m][1];
+  }
+  __syncthreads();
+  if (kg != 0) return;
+#pragma unroll 1
+  for (int m = 0; m < kMmaTilesPerGroup; ++m) {
+    float tot[18];
+#pragma unroll
+    for (int v = 0; v < 18; ++v) {
+      tot[v] = 0.f;
+#pragma unroll
+      for (int k = 0; k < kMmaKGroups; ++k) {
+        tot[v] += smf(region + ((mg * kMmaKGroups + k) * kMmaTilesPerGroup * 18 + m * 18 + v) * kWarp + lane);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      tot[16 + h] += __shfl_xor_sync(kFullMask, tot[16 + h], 1);
+      tot[16 + h] += __shfl_xor_sync(kFullMask, tot[16 + h], 2);
+    }
+    const int tile_row0 = (mg * kMmaTilesPerGroup + m) * kMmaTileTokens;
+    auto put = [&](int row, int col, float v) {
+      const int n = (tile_row0 + row) * kMmaSumStride + col;
+      if (gmem_out != nullptr) {
+        gmem_out[n] = v;
+      } else {
+        smf(smem_out + n) = v;
+      }
+    };
+#pragma unroll
+    for (int v = 0; v < 16; ++v) put(g + 8 * ((v % 4) / 2), 8 * (v / 4) + 2 * c + v % 2, tot[v]);
+    if (c == 0) {
+      put(g, 32, tot[16]);
+      put(g + 8, 32, tot[17]);
+    }
   }
 }
 
@@ -859,7 +1018,39 @@ __global__ void __launch_bounds__(forward_max_warps(R) * kWarp, 1) route_forward
     }
   };
 
-  if (p.splits > 1) {
+  bool mma = false;
+  if constexpr (R == 32 && IsBf16<T>::value && M != RouteMode::kSelect) mma = p.mma_splits > 0;
+  int64_t c_begin = blockIdx.x;  // the first chunk this block routes (then every gridDim.x-th)
+  if (mma) {
+    if constexpr (R == 32 && IsBf16<T>::value && M != RouteMode::kSelect) {
+      // --- tensor cores: kMmaChunks chunks over one range of columns (route_kernel_params.h),
+      // routed one after another by the loop below (its only other use is the persistent path's)
+      const int splits = p.mma_splits;
+      const int64_t sc = blockIdx.x / splits;
+      const int split = static_cast<int>(blockIdx.x % splits);
+      c_begin = sc * kMmaChunks;
+      if (splits == 1) {
+        project_chunks_mma(p, c_begin, 0, warp, lane, nullptr, p.mma_sum_smem);
+      } else {
+        float* part = p.split_partials + (sc * splits + split) * static_cast<int64_t>(kMmaSumFloats);
+        project_chunks_mma(p, c_begin, split, warp, lane, part, -1);
+        if (!last_ticket(p.counters, 1 + static_cast<int>(sc), static_cast<unsigned>(splits))) return;
+        // the last block of the chunks: the splits' sums added in split order
+        // (16-byte loads: kMmaSumFloats and the block's partials are multiples of 4 floats)
+        const float4* all = reinterpret_cast<const float4*>(p.split_partials + sc * splits * static_cast<int64_t>(kMmaSumFloats));
+        for (int n = threadIdx.x; n < kMmaSumFloats / 4; n += blockDim.x) {
+          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+          for (int u = 0; u < splits; ++u) {
+            const float4 w = all[static_cast<int64_t>(u) * (kMmaSumFloats / 4) + n];
+            v = make_float4(v.x + w.x, v.y + w.y, v.z + w.z, v.w + w.w);
+          }
+          smf4(p.mma_sum_smem + 4 * n) = v;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  if (!mma && p.splits > 1) {
     // --- d split: this block's raw sums of chunk c over one range of columns
     const int64_t c = blockIdx.x / p.splits;
     const int s = static_cast<int>(blockIdx.x % p.splits);
@@ -893,15 +1084,34 @@ __global__ void __launch_bounds__(forward_max_warps(R) * kWarp, 1) route_forward
     __syncwarp();
     route_chunk(c, t0, ntok);
   } else {
-    for (int64_t c = blockIdx.x; c < p.chunks.count; c += gridDim.x) {
+    // Persistent blocks: chunks blockIdx.x, + gridDim.x, ...; the tensor-core path: its block's
+    // kMmaChunks chunks in order (c_begin is a multiple of kMmaChunks: c % kMmaChunks is the chunk's
+    // place in the block's sums). Only c and mma stay live across route_chunk, which needs every
+    // register it can get at rank 32.
+    for (int64_t c = c_begin; c < p.chunks.count; c += mma ? 1 : gridDim.x) {
       int64_t t0;
       const int ntok = tokens_of(c, &t0);
       if constexpr (M != RouteMode::kSelect) {
-        project_tile<R, T>(p, warp_scratch(p, TT, warp), t0, ntok, 0, p.c.d, resident, lane);
+        if (mma) {
+          const WarpScratch ws = warp_scratch(p, TT, warp);
+          const int i = static_cast<int>(c % kMmaChunks);
+          for (int n = lane; n < TT * kMmaSumStride; n += kWarp) {
+            const int t = n / kMmaSumStride, k = n % kMmaSumStride;
+            const float v = smf(p.mma_sum_smem + (i * kMmaTileTokens + warp * TT + t) * kMmaSumStride + k);
+            if (k == 32) {
+              smf(ws.ss + t) = v;
+            } else if (k < p.c.rp) {
+              smf(ws.q + k * TT + t) = v;
+            }
+          }
+        } else {
+          project_tile<R, T>(p, warp_scratch(p, TT, warp), t0, ntok, 0, p.c.d, resident, lane);
+        }
         __syncwarp();
       }
       route_chunk(c, t0, ntok);
       __syncthreads();  // the next chunk reuses every warp's scratch
+      if (mma && c % kMmaChunks == kMmaChunks - 1) break;
     }
   }
   if constexpr (M != RouteMode::kLogits) {

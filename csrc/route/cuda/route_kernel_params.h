@@ -79,6 +79,29 @@ L2R_HD constexpr int forward_max_warps(int R) { return R == 32 ? kMaxForwardWarp
 // Few-token grids (fewer blocks than SMs): warps per block that leave each thread at most this many
 // 16-byte loads of the staged projection (route_launch_plan.h forward_layout).
 constexpr int kStageGranulesPerThread = 8;
+// The rank-32 forward on tensor cores (bf16 x; route_forward.cuh route_chunks_mma, the plan's
+// forward_mma_layout): a block of kMmaWarps warps = kMmaMGroups m-groups x kMmaKGroups k-groups
+// projects kMmaChunks chunks of 16 tokens (one MMA m-tile each: 8 warps x 2 tokens, the
+// chunks of tokens_per_warp(32)) over one range of d, with the float32 projection staged
+// kMmaStageCols columns at a time (rows padded by 4 floats) and split into three bf16 parts.
+// (4 x 2 with 2 m-tiles each rather than 2 x 4 with 4: 64 fewer accumulator and x registers per
+// thread, which the rank-32 kernel, at 254 registers, needs to stay free of spills.)
+constexpr int kMmaWarps = 8, kMmaMGroups = 4, kMmaKGroups = 2, kMmaTilesPerGroup = 2;
+constexpr int kMmaChunks = kMmaMGroups * kMmaTilesPerGroup;
+constexpr int kMmaTileTokens = 16;
+constexpr int kMmaStageCols = 256, kMmaStageStride = kMmaStageCols + 4;
+// Raw sums of a block's tokens: [kMmaChunks * 16][33] (32 ranks, then the sum of squares).
+constexpr int kMmaSumStride = 33;
+constexpr int kMmaSumFloats = kMmaChunks * kMmaTileTokens * kMmaSumStride;
+static_assert(kMmaSumFloats % 4 == 0, "the splits' sums are added as float4s");
+// The staged projection, then (after the pass over d) the k-groups' partial sums: 18 values per
+// lane per m-tile (16 accumulators, 2 sums of squares).
+constexpr int kMmaReduceFloats = kMmaWarps * kMmaTilesPerGroup * 18 * kWarp;
+constexpr int kMmaRegionFloats =
+    32 * kMmaStageStride > kMmaReduceFloats ? 32 * kMmaStageStride : kMmaReduceFloats;
+// Fewer tokens than this keep the CUDA-core path (decode: its d split spreads one chunk's columns).
+constexpr int64_t kMmaMinTokens = kMmaChunks * kMmaTileTokens;
+
 // Persistent counters: words a caller keeps zero between launches (every kernel leaves them zero).
 // The forward uses [0] for its finished tiles and [1, 1 + kMaxSplitTiles) for the d-split tiles.
 constexpr int kMaxSplitTiles = 64;
@@ -137,6 +160,9 @@ struct ForwardParams {
   int32_t vec;              // x rows are 16-byte vectors (aligned, d * sizeof(x) % 16 == 0)
   int32_t proj_vec;         // proj and norm_weight rows are float4 vectors
   int32_t finishers;        // tickets of counters[0]: blocks (splits == 1) or chunks (splits > 1)
+  int32_t mma_splits;       // > 0: the tensor-core path (rank 32, bf16 x) with this many d splits
+                            // (split_cols columns each) per block of kMmaChunks chunks
+  int32_t mma_sum_smem;     // its raw sums [kMmaChunks * 16][kMmaSumStride] (shared float offset)
   // shared memory (float offsets): staged projection [tile_rows][stage_cols] (swizzled granules),
   // normalised anchors [rp][H][E], bias [E], per-warp scratch of warp_stride floats each
   int32_t proj_smem, anchor_smem, bias_smem, warp_smem, warp_stride, logit_stride;
@@ -225,8 +251,9 @@ L2R_FIELD_AT(ForwardParams, chunks, 176);
 L2R_FIELD_AT(ForwardParams, c, 208);
 L2R_FIELD_AT(ForwardParams, splits, 288);
 L2R_FIELD_AT(ForwardParams, finishers, 308);
-L2R_FIELD_AT(ForwardParams, logit_stride, 332);
-static_assert(sizeof(ForwardParams) == 336, "ForwardParams");
+L2R_FIELD_AT(ForwardParams, mma_splits, 312);
+L2R_FIELD_AT(ForwardParams, logit_stride, 340);
+static_assert(sizeof(ForwardParams) == 344, "ForwardParams");
 L2R_FIELD_AT(BackwardParams, bad_index, 160);
 L2R_FIELD_AT(BackwardParams, c, 176);
 L2R_FIELD_AT(BackwardParams, vec, 256);

@@ -396,6 +396,8 @@ struct ForwardLayout {
   int64_t warp_floats = 0;
   TokenChunks chunks;
   int splits = 1, split_cols = 0, stage_cols = 0;
+  int mma_splits = 0;  // > 0: the tensor-core layout (forward_mma_layout)
+  int32_t mma_sum_smem = -1;
   int64_t blocks = 0, finishers = 0;
   int32_t proj_smem = 0, anchor_smem = -1, bias_smem = 0, warp_smem = 0;
   int64_t smem_bytes = 0;
@@ -506,6 +508,69 @@ inline ForwardLayout forward_layout(RouteMode mode, const RouteShape& s, const D
   return f;
 }
 
+// The tensor-core layout of the rank-32 forward (bf16 x with 16-byte rows, at least kMmaMinTokens
+// tokens; route_kernel_params.h kMma*): kMmaWarps warps, chunks of 16 tokens (one MMA m-tile),
+// a block per kMmaChunks chunks and d split. The split spreads the chunks' columns over the SMs
+// when there are fewer blocks of chunks than SMs (at most kMaxSplitTiles of them: one ticket word
+// each); each block stages its own range of the projection. Status kSharedMemoryTooSmall when it
+// does not fit (the plan keeps forward_layout's CUDA-core path).
+inline ForwardLayout forward_mma_layout(RouteMode mode, const RouteShape& s, const DeviceLimits& limits, int groups) {
+  ForwardLayout f;
+  f.rp = route_padded_rank(s.rank);
+  f.rows = tile_rows(32);
+  f.tt = tokens_per_warp(32);
+  f.logit_stride = forward_logit_stride(s.experts, f.tt);
+  f.warp_floats = forward_warp_floats(s, mode, f.rp, f.tt) + align4(static_cast<int64_t>(f.tt) * groups);
+  f.warps = kMmaWarps;
+  f.chunks = make_token_chunks(s, kMmaWarps * f.tt);
+  const int64_t sms = std::max<int64_t>(1, limits.sm_count);
+  const int64_t blocks_of_chunks = ceil_div(f.chunks.count, kMmaChunks);
+  const int64_t d_units = ceil_div(s.d, kMmaStageCols);
+  int64_t splits = 1;
+  if (blocks_of_chunks <= kMaxSplitTiles) splits = std::max<int64_t>(1, std::min<int64_t>(sms / blocks_of_chunks, d_units));
+  f.split_cols = static_cast<int>(ceil_div(d_units, splits) * kMmaStageCols);
+  f.mma_splits = static_cast<int>(ceil_div(s.d, f.split_cols));
+  const int64_t budget = limits.smem_per_block_optin / 4;  // floats
+  int64_t anchors = align4(static_cast<int64_t>(s.experts) * s.anchors * f.rp);
+  const auto total = [&](int64_t a) {
+    return 4 + kMmaRegionFloats + align4(kMmaSumFloats) + a + align4(s.experts) + kMmaWarps * f.warp_floats;
+  };
+  if (total(anchors) > budget) anchors = 0;  // normalised by route_prepare_kernel into the workspace
+  if (total(anchors) > budget) {
+    f.status = Status::kSharedMemoryTooSmall;
+    return f;
+  }
+  f.proj_smem = 4;
+  f.mma_sum_smem = f.proj_smem + kMmaRegionFloats;
+  f.anchor_smem = anchors > 0 ? static_cast<int32_t>(f.mma_sum_smem + align4(kMmaSumFloats)) : -1;
+  f.bias_smem = static_cast<int32_t>(f.mma_sum_smem + align4(kMmaSumFloats) + anchors);
+  f.warp_smem = static_cast<int32_t>(f.bias_smem + align4(s.experts));
+  f.smem_bytes = (f.warp_smem + kMmaWarps * f.warp_floats) * 4;
+  f.blocks = blocks_of_chunks * f.mma_splits;
+  f.finishers = blocks_of_chunks;
+  int64_t at = 0;
+  auto take = [&](int64_t n) {
+    const int64_t off = at;
+    at += align4(n);
+    return off;
+  };
+  if (anchors == 0) f.anchor_hat = take(static_cast<int64_t>(s.experts) * s.anchors * f.rp);
+  f.prob_partials = take(f.chunks.count * s.experts);
+  f.count_partials = take(f.chunks.count * s.experts);
+  f.token_partials = take(f.chunks.count);
+  f.split_partials = take(f.mma_splits > 1 ? blocks_of_chunks * f.mma_splits * kMmaSumFloats : 0);
+  f.counters = take(kRouteCounterWords);
+  f.total = at;
+  return f;
+}
+
+// Whether a forward of this shape may take the tensor-core layout (the x buffer decides the rest:
+// bf16 with 16-byte rows). The kernel keeps its rows' tokens in 32 bits.
+inline bool forward_mma_shape(RouteMode mode, const RouteShape& s) {
+  return mode != RouteMode::kSelect && template_rank(route_padded_rank(s.rank)) == 32 && s.tokens >= kMmaMinTokens &&
+         s.tokens < (int64_t{1} << 31);
+}
+
 inline int forward_groups(RouteMode mode, const RouteOptions& o) {
   return mode != RouteMode::kLogits && o.num_groups > 1 ? o.num_groups : 0;
 }
@@ -514,7 +579,10 @@ inline int forward_groups(RouteMode mode, const RouteOptions& o) {
 // it (any contents).
 inline int64_t route_forward_workspace_floats(RouteMode mode, const RouteShape& s, const RouteOptions& o,
                                               const DeviceLimits& limits) {
-  return forward_layout(mode, s, limits, forward_groups(mode, o)).total;
+  const int64_t simt = forward_layout(mode, s, limits, forward_groups(mode, o)).total;
+  if (!forward_mma_shape(mode, s)) return simt;
+  const ForwardLayout m = forward_mma_layout(mode, s, limits, forward_groups(mode, o));
+  return m.status == Status::kOk ? std::max<int64_t>(simt, m.total) : simt;
 }
 
 inline LaunchPlan route_forward_launches(RouteMode mode, const RouteShape& shape, const RouteOptions& opt,
@@ -531,7 +599,11 @@ inline LaunchPlan route_forward_launches(RouteMode mode, const RouteShape& shape
     plan.status = Status::kUnsupportedDType;
     return plan;
   }
-  const ForwardLayout f = forward_layout(mode, shape, limits, forward_groups(mode, opt));
+  ForwardLayout f = forward_layout(mode, shape, limits, forward_groups(mode, opt));
+  if (forward_mma_shape(mode, shape) && buf.x_type == DType::kBFloat16 && rows_aligned(buf.x, shape.d, buf.x_type)) {
+    const ForwardLayout m = forward_mma_layout(mode, shape, limits, forward_groups(mode, opt));
+    if (m.status == Status::kOk) f = m;
+  }
   if (f.status != Status::kOk) {
     plan.status = f.status;
     return plan;
@@ -577,7 +649,9 @@ inline LaunchPlan route_forward_launches(RouteMode mode, const RouteShape& shape
   p.warp_smem = f.warp_smem;
   p.warp_stride = static_cast<int32_t>(f.warp_floats);
   p.logit_stride = f.logit_stride;
-  const bool tickets = mode != RouteMode::kLogits || f.splits > 1;
+  p.mma_splits = f.mma_splits;
+  p.mma_sum_smem = f.mma_sum_smem;
+  const bool tickets = mode != RouteMode::kLogits || f.splits > 1 || f.mma_splits > 1;
   if (buf.counters == nullptr && tickets) {
     plan.memset(p.counters, 0, static_cast<int64_t>(sizeof(unsigned)) * kRouteCounterWords);
   }

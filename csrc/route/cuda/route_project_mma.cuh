@@ -15,7 +15,7 @@
 // 16-byte vectors and no lane exchanges anything.
 #pragma once
 
-#include <stdint.h>
+#include "../../common/hd.h"
 
 #include "../../common/mma_sync.cuh"
 
@@ -32,21 +32,12 @@ __device__ __forceinline__ uint16_t bf16_bits_rn(float v) {
 }
 __device__ __forceinline__ float bf16_bits_value(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
 
-// w = part[0] + part[1] + part[2] to within 2^-24 |w| relative (each part the nearest bf16 to the
-// remainder, every remainder exact in float: 8 + 8 + 8 significant bits). kParts < 3 keeps the
-// first parts only (bf16 alone: about 2^-9 relative; the tests show that it is not enough).
-template <int kParts>
-__device__ __forceinline__ void split_bf16(float w, uint16_t (&part)[kParts]) {
-  float rest = w;
-#pragma unroll
-  for (int i = 0; i < kParts; ++i) {
-    part[i] = bf16_bits_rn(rest);
-    rest -= bf16_bits_value(part[i]);
-  }
-}
-
 // acc[m][j][i] += the lane's C fragment i of m-tile m, n-tile j (token 16m + g + 8 (i / 2), rank
 // 8j + 2c + i % 2) over one k-block; ss[m][h] += squares of the lane's x of row g + 8h of m-tile m.
+// Each projection value w enters as kParts bf16 parts, each the nearest bf16 to the remainder after
+// the parts before it (every remainder exact in float): three parts carry w to within 2^-24 |w|
+// (8 + 8 + 8 significant bits); fewer lose float32 accuracy (bf16 alone: about 2^-9; the tests show
+// that two are not enough either).
 // x[m][h]: the lane's 8 bf16 columns of row g + 8h of m-tile m (zero past d or past the tokens).
 // w[j][0..1]: projection row 8j + g, the lane's 8 columns as floats (zero past d or the rank).
 template <int MT, int kParts>
@@ -69,15 +60,23 @@ __device__ __forceinline__ void project_kblock_mma(const uint4 (&x)[MT][2], cons
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const float cols[8] = {w[j][0].x, w[j][0].y, w[j][0].z, w[j][0].w, w[j][1].x, w[j][1].y, w[j][1].z, w[j][1].w};
-    uint16_t parts[8][kParts];
+    // Part p of each value from its remainder after parts 0 .. p - 1, recomputed per part: the 24
+    // parts of the lane's 8 values are never all live (registers are the scarce resource here).
+    float rest[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) split_bf16<kParts>(cols[e], parts[e]);
+    for (int e = 0; e < 8; ++e) rest[e] = cols[e];
 #pragma unroll
     for (int p = 0; p < kParts; ++p) {
+      uint16_t part[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        part[e] = bf16_bits_rn(rest[e]);
+        rest[e] -= bf16_bits_value(part[e]);
+      }
 #pragma unroll
       for (int s = 0; s < 2; ++s) {
-        const uint32_t b[2] = {l2r::pack_bf16x2(parts[4 * s][p], parts[4 * s + 1][p]),
-                               l2r::pack_bf16x2(parts[4 * s + 2][p], parts[4 * s + 3][p])};
+        const uint32_t b[2] = {l2r::pack_bf16x2(part[4 * s], part[4 * s + 1]),
+                               l2r::pack_bf16x2(part[4 * s + 2], part[4 * s + 3])};
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
           const uint32_t s0 = s == 0 ? x[m][0].x : x[m][0].z, s1 = s == 0 ? x[m][0].y : x[m][0].w;
