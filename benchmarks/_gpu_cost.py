@@ -63,15 +63,16 @@ class Device:
         return self.clock_ghz * 1e9
 
 
-def ceiling_us(dev: Device, launches: int, min_bytes: float, flops: float) -> float:
+def ceiling_us(dev: Device, launches: int, min_bytes: float, flops: float, tensor_flops: float = 0.0) -> float:
     """The fastest any kernels doing the op's work in `launches` launches can be under this model's own
-    terms: the launch gaps, plus the larger of the unavoidable DRAM traffic at peak bandwidth and the
-    op's FLOPs at the full chip's FP32 FMA rate (the route kernels multiply in float32 on the CUDA cores;
-    tensor-core MMA is not modelled). An op whose ceiling is below a target cannot meet it by any
-    kernel change that keeps the launch count and the float32 arithmetic."""
+    terms: the launch gaps, plus the largest of the unavoidable DRAM traffic at peak bandwidth, the
+    op's CUDA-core FLOPs at the full chip's FP32 FMA rate and its tensor-core FLOPs (mma.sync) at the
+    full chip's mma.sync rate. An op whose ceiling is below a target cannot meet it by any kernel
+    change that keeps the launch count and the arithmetic."""
     t_dram = min_bytes / (dev.hbm_gbs * 1e9)
     t_fp32 = flops / (dev.sms * dev.fp32_flops_per_clk * dev.clock_hz)
-    return launches * dev.launch_gap_us + max(t_dram, t_fp32) * 1e6
+    t_tensor = tensor_flops / (dev.sms * dev.mma_sync_flops_per_clk * dev.clock_hz)
+    return launches * dev.launch_gap_us + max(t_dram, t_fp32, t_tensor) * 1e6
 
 
 # The terms of one launch's estimate, in the order the report prints them.

@@ -80,6 +80,13 @@ def run_route(lib, s: Shape, seed: int = 0) -> dict[str, dict]:
     backends._backward(call, grads, saved, seed=seed)
     bwd_recs = _records(lib)
     flops = route_flops(s)
+    if any(r.get("mma", 0) for r in fwd_recs):
+        # The projection ran on tensor cores (the emulator counted its mma.sync: the cost model's
+        # tensor term). The CUDA cores split each staged projection value into three bf16 parts,
+        # once per m-group (4) of each block of 8 chunks (128 tokens): about 6 FLOPs a value.
+        fwd = flops["forward"]
+        fwd["route_forward_kernel"] -= 2.0 * s.T * s.d * padded_rank(s.r)
+        fwd["route_forward_kernel"] += 6.0 * 4 * 32 * s.d * -(-s.T // 128)
     xb = s.T * s.d * 2
     return {
         "route forward": dict(records=fwd_recs, flops=flops["forward"], min_bytes=xb,

@@ -42,7 +42,7 @@ MODELS = {  # name: (d, E, k, [(r, H), ...]); no (r, H): permute / unpermute onl
     "deepseek-v3": (7168, 256, 8, []),
 }
 PRESETS = {  # tokens per model
-    "full": {"olmoe": [1, 64, 8192], "mixtral": [1, 64, 1024], "deepseek-v3": [1, 64, 8192]},
+    "full": {"olmoe": [1, 64, 8192], "mixtral": [1, 64, 1024, 8192], "deepseek-v3": [1, 64, 8192]},
     "quick": {"olmoe": [1, 64, 1024], "mixtral": [1, 64, 256], "deepseek-v3": [1, 64, 1024]},
     "smoke": {"olmoe": [1, 64]},
 }
@@ -124,7 +124,8 @@ def evaluate(op: str, shape: work.Shape, run: dict, devices: list[str], register
         total = sum(e.time_us for e in ests)
         main = max(ests, key=lambda e: e.time_us - dev.launch_gap_us)
         roofline_us = run["min_bytes"] / (dev.hbm_gbs * 1e9) * 1e6
-        ceil_us = cost.ceiling_us(dev, len(recs), run["min_bytes"], out["flops"])
+        ceil_us = cost.ceiling_us(dev, len(recs), run["min_bytes"], out["flops"],
+                                  sum(r.get("mma", 0) for r in recs) * cost.MMA_FLOPS)
         out["devices"][dev_name] = {
             "time_us": total, "roofline_us": roofline_us, "pct_roofline": 100.0 * roofline_us / total,
             "ceiling_us": ceil_us, "pct_ceiling": 100.0 * roofline_us / ceil_us,
