@@ -56,6 +56,10 @@ CONFIGS = {
     # end are zero in its m-tile)
     "tensor_cores_r32_bf16_seq_len": dict(T=300, d=512, r=32, H=1, E=8, k=2, seq_len=100, g=True,
                                           dtype=torch.bfloat16),
+    # statistics groups of 256 tokens = 2 whole blocks of chunks each: a block's 8 chunks go into one
+    # statistics partial (ForwardParams::partial_chunks), 2 groups of 2 partials; 2 d splits.
+    "tensor_cores_r32_bf16_whole_blocks": dict(T=512, d=512, r=32, H=2, E=8, k=2, seq_len=256, g=True,
+                                               dtype=torch.bfloat16),
     # d = 256: one split, the block's sums stay in shared memory; sigmoid scores and a bias.
     "tensor_cores_r32_bf16_d256": dict(T=150, d=256, r=32, H=1, E=16, k=4, bias=True, score="sigmoid",
                                        normalize=True, dtype=torch.bfloat16),

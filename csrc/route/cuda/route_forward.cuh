@@ -33,9 +33,11 @@
 // Grid. Either every block projects whole rows of the chunks it loops over (persistent blocks), or,
 // for few tokens (decode), a chunk's d is split over `splits` blocks that write raw partial sums;
 // the block that takes the chunk's last ticket (counters[1 + chunk]) adds them in split order and
-// routes the chunk. Statistics: per chunk, the warps' sums added in warp order; the block that
-// takes the last ticket of counters[0] adds the chunk partials of each statistics group in chunk
-// order (a fixed split of the chunks over its threads, then the parts in order). Tickets are
+// routes the chunk. Statistics: per chunk, the warps' sums added in warp order (on the tensor-core
+// path, a block's kMmaChunks chunks into one partial, in chunk order, when statistics groups are
+// whole blocks of chunks: the finishing block then has kMmaChunks times fewer partials to add);
+// the block that takes the last ticket of counters[0] adds the partials of each statistics group in
+// chunk order (a fixed split of the chunks over its threads, then the parts in order). Tickets are
 // atomicInc's that wrap back to zero, after a __threadfence() (release) and followed by one
 // (acquire); no floating-point atomics, so every result is bitwise reproducible run to run (a
 // token's projection sums are associated differently with and without splits).
@@ -881,9 +883,13 @@ __device__ __forceinline__ void select_tile(const ForwardParams& p, const WarpSc
 
 // ---- statistics ----------------------------------------------------------------------------------
 
-// Chunk c's partials: the warps' sums added in warp order. After a __syncthreads.
+// Chunk c's partials: the warps' sums added in warp order, into partial c / partial_chunks: the
+// first chunk of a run writes it, the next ones add to it (chunk order; every thread reads back
+// only what it wrote itself, so no fence is needed). After a __syncthreads.
 __device__ __forceinline__ void write_chunk_partials(const ForwardParams& p, int tt, int64_t c, int nwarps) {
   const int E = p.c.experts;
+  const int64_t slot = c / p.partial_chunks;
+  const bool first = c % p.partial_chunks == 0;
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     float s = 0.f;
     int n = 0;
@@ -892,37 +898,39 @@ __device__ __forceinline__ void write_chunk_partials(const ForwardParams& p, int
       s += smf(ws.prob_sum + e);
       n += smi(ws.counts + e);
     }
-    p.prob_partials[c * E + e] = s;
-    p.count_partials[c * E + e] = n;
+    p.prob_partials[slot * E + e] = first ? s : p.prob_partials[slot * E + e] + s;
+    p.count_partials[slot * E + e] = first ? n : p.count_partials[slot * E + e] + n;
   }
   if (threadIdx.x == 0) {
     int n = 0;
     for (int w = 0; w < nwarps; ++w) n += smi(warp_scratch(p, tt, w).tokens);
-    p.token_partials[c] = n;
+    p.token_partials[slot] = first ? n : p.token_partials[slot] + n;
   }
 }
 
-// mean_probs and tokens_per_expert of every statistics group from the chunk partials, each
-// group's chunks added in chunk order: item (group, expert) over `parts` threads, each adding a
-// fixed run of chunks, then the runs in order. The runs sit part-major ([part][item]) so that
+// mean_probs and tokens_per_expert of every statistics group from the partials (write_chunk_partials:
+// one per chunk, or per run of partial_chunks chunks), each group's partials added in chunk order:
+// item (group, expert) over `parts` threads, each adding a fixed run of partials, then the runs in
+// order. The runs sit part-major ([part][item]) so that
 // consecutive threads touch consecutive shared words (and consecutive experts' partials in global
 // memory). scratch: shared offset of 5 * blockDim.x floats (8-byte aligned).
 __device__ __forceinline__ void finalize_statistics(const ForwardParams& p, int scratch) {
   const TokenChunks& ch = p.chunks;
   const int E = p.c.experts;
   const int64_t groups = ch.count / ch.per_seq;
+  const int64_t per_seq = ch.per_seq / p.partial_chunks;  // partials per group
   const int64_t items = groups * E;
   const int64_t threads = blockDim.x;
-  const int64_t parts = items >= threads ? 1 : (threads / items < ch.per_seq ? threads / items : ch.per_seq);
-  const int64_t per_part = (ch.per_seq + parts - 1) / parts;
+  const int64_t parts = items >= threads ? 1 : (threads / items < per_seq ? threads / items : per_seq);
+  const int64_t per_part = (per_seq + parts - 1) / parts;
   float* part_sum = smem_base() + scratch;
   int64_t* part_count = reinterpret_cast<int64_t*>(part_sum + threads);
   int64_t* part_tokens = part_count + threads;
   for (int64_t n = threadIdx.x; n < items * parts; n += threads) {
     const int64_t part = n / items, item = n % items;
     const int64_t s = item / E, e = item % E;
-    const int64_t c0 = s * ch.per_seq + part * per_part;
-    const int64_t c1 = c0 + per_part < (s + 1) * ch.per_seq ? c0 + per_part : (s + 1) * ch.per_seq;
+    const int64_t c0 = s * per_seq + part * per_part;
+    const int64_t c1 = c0 + per_part < (s + 1) * per_seq ? c0 + per_part : (s + 1) * per_seq;
     float sum = 0.f;
     int64_t count = 0, tokens = 0;
     for (int64_t c = c0; c < c1; ++c) {

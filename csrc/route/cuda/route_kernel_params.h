@@ -147,9 +147,9 @@ struct ForwardParams {
   float* logits_out;        // [T, E] (kLogits)
   float* mean_probs;        // [groups, E]
   int64_t* tokens_per_expert;
-  float* prob_partials;     // [chunks, E]
-  int* count_partials;      // [chunks, E]
-  int* token_partials;      // [chunks]: counted tokens
+  float* prob_partials;     // [chunks / partial_chunks, E]
+  int* count_partials;      // [chunks / partial_chunks, E]
+  int* token_partials;      // [chunks / partial_chunks]: counted tokens
   float* split_partials;    // [chunks, splits, tile tokens, rp + 1] (splits > 1)
   unsigned* counters;       // kRouteCounterWords, zero at launch and left zero
   TokenChunks chunks;
@@ -166,6 +166,10 @@ struct ForwardParams {
   // shared memory (float offsets): staged projection [tile_rows][stage_cols] (swizzled granules),
   // normalised anchors [rp][H][E], bias [E], per-warp scratch of warp_stride floats each
   int32_t proj_smem, anchor_smem, bias_smem, warp_smem, warp_stride, logit_stride;
+  // Consecutive chunks summed into one statistics partial (in chunk order, by the one block that
+  // routes them all): kMmaChunks on the tensor-core path when every statistics group is whole
+  // blocks of chunks, else 1. The finishing block then adds partials_per_group runs, not chunks.
+  int32_t partial_chunks;
 };
 
 struct BackwardParams {
@@ -253,7 +257,8 @@ L2R_FIELD_AT(ForwardParams, splits, 288);
 L2R_FIELD_AT(ForwardParams, finishers, 308);
 L2R_FIELD_AT(ForwardParams, mma_splits, 312);
 L2R_FIELD_AT(ForwardParams, logit_stride, 340);
-static_assert(sizeof(ForwardParams) == 344, "ForwardParams");
+L2R_FIELD_AT(ForwardParams, partial_chunks, 344);
+static_assert(sizeof(ForwardParams) == 352, "ForwardParams");
 L2R_FIELD_AT(BackwardParams, bad_index, 160);
 L2R_FIELD_AT(BackwardParams, c, 176);
 L2R_FIELD_AT(BackwardParams, vec, 256);

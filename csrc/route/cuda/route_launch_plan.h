@@ -398,6 +398,7 @@ struct ForwardLayout {
   int splits = 1, split_cols = 0, stage_cols = 0;
   int mma_splits = 0;  // > 0: the tensor-core layout (forward_mma_layout)
   int32_t mma_sum_smem = -1;
+  int partial_chunks = 1;  // ForwardParams::partial_chunks
   int64_t blocks = 0, finishers = 0;
   int32_t proj_smem = 0, anchor_smem = -1, bias_smem = 0, warp_smem = 0;
   int64_t smem_bytes = 0;
@@ -548,6 +549,9 @@ inline ForwardLayout forward_mma_layout(RouteMode mode, const RouteShape& s, con
   f.smem_bytes = (f.warp_smem + kMmaWarps * f.warp_floats) * 4;
   f.blocks = blocks_of_chunks * f.mma_splits;
   f.finishers = blocks_of_chunks;
+  // A block routes its kMmaChunks chunks itself, in order: one statistics partial for all of them
+  // when no block of chunks straddles two statistics groups.
+  f.partial_chunks = f.chunks.per_seq % kMmaChunks == 0 ? kMmaChunks : 1;
   int64_t at = 0;
   auto take = [&](int64_t n) {
     const int64_t off = at;
@@ -555,9 +559,10 @@ inline ForwardLayout forward_mma_layout(RouteMode mode, const RouteShape& s, con
     return off;
   };
   if (anchors == 0) f.anchor_hat = take(static_cast<int64_t>(s.experts) * s.anchors * f.rp);
-  f.prob_partials = take(f.chunks.count * s.experts);
-  f.count_partials = take(f.chunks.count * s.experts);
-  f.token_partials = take(f.chunks.count);
+  const int64_t partials = f.chunks.count / f.partial_chunks;
+  f.prob_partials = take(partials * s.experts);
+  f.count_partials = take(partials * s.experts);
+  f.token_partials = take(partials);
   f.split_partials = take(f.mma_splits > 1 ? blocks_of_chunks * f.mma_splits * kMmaSumFloats : 0);
   f.counters = take(kRouteCounterWords);
   f.total = at;
@@ -651,6 +656,7 @@ inline LaunchPlan route_forward_launches(RouteMode mode, const RouteShape& shape
   p.logit_stride = f.logit_stride;
   p.mma_splits = f.mma_splits;
   p.mma_sum_smem = f.mma_sum_smem;
+  p.partial_chunks = f.partial_chunks;
   const bool tickets = mode != RouteMode::kLogits || f.splits > 1 || f.mma_splits > 1;
   if (buf.counters == nullptr && tickets) {
     plan.memset(p.counters, 0, static_cast<int64_t>(sizeof(unsigned)) * kRouteCounterWords);
