@@ -87,25 +87,3 @@ def test_counts_one_mma_per_kblock_step_ntile_and_part(lib):
         simt.set_checks(lib, counters=False)
     # 4 k-blocks x 2 k-steps x 4 n-tiles x 3 parts x 2 m-tiles, one warp
     assert [r["mma"] for r in recs] == [4 * 2 * 4 * 3 * 2]
-
-
-@pytest.mark.parametrize("tokens,d,rank,splits,s", [
-    (64, 512, 32, 1, 1),     # one block, two stages
-    (100, 800, 32, 2, 2),    # partial super-chunk, d split in two (the second range ends mid-stage)
-    (70, 96, 20, 3, 4),      # rank below 32, a split range shorter than a k-group's share
-])
-def test_block_decomposition_matches_float64(lib, tokens, d, rank, splits, s):
-    rng = np.random.default_rng(tokens * splits + s)
-    xb = bf16_bits(rng.standard_normal((tokens, d)).astype(np.float32))
-    w = (rng.standard_normal((rank, d)) / np.sqrt(d)).astype(np.float32)
-    part = np.full((splits, tokens, rank + 1), np.nan, np.float32)
-    simt.set_checks(lib, memcheck=True, racecheck=True)
-    rc = simt.call(lib, "project_split_launch", P(xb), P(w), L(tokens), L(d), I(rank), I(splits), P(part), I(s),
-                   seed=s)
-    assert rc == 0
-    x = bf16_values(xb)
-    q = part[:, :, :rank].astype(np.float64).sum(0)
-    ref = x @ w.astype(np.float64).T
-    mag = np.abs(x) @ np.abs(w.astype(np.float64)).T
-    assert (np.abs(q - ref) / mag).max() <= BOUND
-    np.testing.assert_allclose(part[:, :, rank].astype(np.float64).sum(0), (x * x).sum(1), rtol=1e-6)
