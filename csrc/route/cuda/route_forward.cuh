@@ -100,21 +100,32 @@ __device__ __forceinline__ int swizzled(int col) {
   return ((g ^ ((g >> 3) & 1)) << 2) | (col & 3);
 }
 
+// How a staged row's columns are laid out: the CUDA-core tiles' swizzled 16-byte granules (rows of
+// exactly `stride` floats), or plain columns, for the tensor-core fragments (rows padded by 4
+// floats instead: kMmaStageStride).
+enum class StageLayout { kSwizzled, kPlain };
+
+template <StageLayout L>
+__device__ __forceinline__ int staged_col(int col) {
+  return L == StageLayout::kSwizzled ? swizzled(col) : col;
+}
+
 // proj * norm_weight, rows [row0, row0 + rows) (zero past the rank), columns [col0, col0 + ncols)
-// (zero past d), into shared w + k * stride + swizzled(c - col0). Every thread of the block calls it.
-// An item is one column granule (consecutive threads: consecutive granules, coalesced) of up to
-// kStageRowsPerItem rows: the norm weight is loaded once per item, not once per row, and the items
+// (zero past d), into shared w + k * stride + staged_col<L>(c - col0). Every thread of the block
+// calls it. An item is one column granule (consecutive threads: consecutive granules, coalesced) of
+// up to rows_per_item rows: the norm weight is loaded once per item, not once per row, and the items
 // stay small enough to spread evenly over the threads (no warp with a long chain of loads).
+constexpr int kStageRowsPerItem = 4;
+template <StageLayout L = StageLayout::kSwizzled>
 __device__ __forceinline__ void stage_projection(const ForwardParams& p, int row0, int rows, int64_t col0, int ncols,
-                                                 int w, int stride) {
+                                                 int w, int stride, int rows_per_item = kStageRowsPerItem) {
   const int64_t d = p.c.d;
   const int rank = p.c.rank;
   const float* __restrict__ proj = p.proj;
   const float* __restrict__ g = p.norm_weight;
   const int per = p.proj_vec ? 4 : 1;  // columns per granule
   const int granules = ncols / per;
-  constexpr int kStageRowsPerItem = 4;
-  const int per_group = rows < kStageRowsPerItem ? rows : kStageRowsPerItem;
+  const int per_group = rows < rows_per_item ? rows : rows_per_item;
   const int groups = (rows + per_group - 1) / per_group;
   for (int n = threadIdx.x; n < groups * granules; n += blockDim.x) {
     const int gr = n % granules, k0 = (n / granules) * per_group;
@@ -129,14 +140,14 @@ __device__ __forceinline__ void stage_projection(const ForwardParams& p, int row
           v = __ldg(reinterpret_cast<const float4*>(proj + (row0 + k) * d + c));
           if (g != nullptr) v = make_float4(v.x * gv.x, v.y * gv.y, v.z * gv.z, v.w * gv.w);
         }
-        smf4(w + k * stride + swizzled(4 * gr)) = v;
+        smf4(w + k * stride + staged_col<L>(4 * gr)) = v;
       }
     } else {
       const float gc = g != nullptr && c < d ? g[c] : 1.f;
       for (int k = k0; k < k1; ++k) {
         float v = 0.f;
         if (row0 + k < rank && c < d) v = g != nullptr ? proj[(row0 + k) * d + c] * gc : proj[(row0 + k) * d + c];
-        smf(w + k * stride + swizzled(gr)) = v;
+        smf(w + k * stride + staged_col<L>(gr)) = v;
       }
     }
   }
@@ -410,7 +421,6 @@ __device__ __forceinline__ void project_chunks_mma(const ForwardParams& p, int64
   const int mg = warp / kMmaKGroups, kg = warp % kMmaKGroups, g = lane / 4, c = lane % 4;
   const int64_t d = p.c.d, d0 = static_cast<int64_t>(split) * p.split_cols;
   const int64_t d1 = d0 + p.split_cols < d ? d0 + p.split_cols : d;
-  const int rank = p.c.rank;
   const uint16_t* __restrict__ x = static_cast<const uint16_t*>(p.x);
   const int region = p.proj_smem;
   // The lane's rows: tokens (-1: none) of rows g and g + 8 of each of its m-tiles (32-bit: the
@@ -436,35 +446,12 @@ __device__ __forceinline__ void project_chunks_mma(const ForwardParams& p, int64
       for (int i = 0; i < 4; ++i) acc[m][j][i] = 0.f;
     }
   }
-  const float* __restrict__ proj = p.proj;
-  const float* __restrict__ nw = p.norm_weight;
   for (int64_t s0 = d0; s0 < d1; s0 += kMmaStageCols) {
     __syncthreads();  // every warp is done with the previous stage
-    // Thread t stages granule t % 64 (4 columns) of rows t / 64, + 4, ...: one load of the norm
-    // weight per stage, then its rows (every warp's loads are one contiguous 512-byte run).
-    {
-      constexpr int kGranules = kMmaStageCols / 4, kRowStep = kMmaWarps * kWarp / kGranules;
-      const int c4 = threadIdx.x % kGranules;
-      const int64_t col = s0 + 4 * c4;
-      float4 gv = make_float4(1.f, 1.f, 1.f, 1.f);
-      if (nw != nullptr && p.proj_vec && col < d1) {
-        gv = __ldg(reinterpret_cast<const float4*>(nw + col));
-      } else if (nw != nullptr) {
-        gv = make_float4(col < d1 ? nw[col] : 0.f, col + 1 < d1 ? nw[col + 1] : 0.f, col + 2 < d1 ? nw[col + 2] : 0.f,
-                         col + 3 < d1 ? nw[col + 3] : 0.f);
-      }
-#pragma unroll 1
-      for (int row = threadIdx.x / kGranules; row < 32; row += kRowStep) {
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (row < rank && p.proj_vec && col < d1) {  // (d1 is a multiple of 8: whole float4s)
-          v = __ldg(reinterpret_cast<const float4*>(proj + row * d + col));
-        } else if (row < rank) {
-          v = make_float4(col < d1 ? proj[row * d + col] : 0.f, col + 1 < d1 ? proj[row * d + col + 1] : 0.f,
-                          col + 2 < d1 ? proj[row * d + col + 2] : 0.f, col + 3 < d1 ? proj[row * d + col + 3] : 0.f);
-        }
-        smf4(region + row * kMmaStageStride + 4 * c4) = make_float4(v.x * gv.x, v.y * gv.y, v.z * gv.z, v.w * gv.w);
-      }
-    }
+    // 32 rows of kMmaStageCols columns, 8 rows per item: one item per thread (float4 granules), so
+    // one load of the norm weight per thread and stage.
+    stage_projection<StageLayout::kPlain>(p, 0, 32, s0, kMmaStageCols, region, kMmaStageStride,
+                                          32 * kMmaStageCols / 4 / (kMmaWarps * kWarp));
     __syncthreads();
 #pragma unroll 1
     for (int kb = kg; kb < kMmaStageCols / 32; kb += kMmaKGroups) {
@@ -492,25 +479,26 @@ __device__ __forceinline__ void project_chunks_mma(const ForwardParams& p, int64
   }
   // The k-groups' sums through shared memory (lane fastest), added in k-group order.
   __syncthreads();
-  const int mine = region + warp * kMmaTilesPerGroup * 18 * kWarp;
+  const int mine = region + warp * kMmaTilesPerGroup * kMmaLaneSums * kWarp;
 #pragma unroll
   for (int m = 0; m < kMmaTilesPerGroup; ++m) {
 #pragma unroll
-    for (int v = 0; v < 16; ++v) smf(mine + (m * 18 + v) * kWarp + lane) = acc[m][v / 4][v % 4];
-    smf(mine + (m * 18 + 16) * kWarp + lane) = sq[m][0];
-    smf(mine + (m * 18 + 17) * kWarp + lane) = sq[m][1];
+    for (int v = 0; v < 16; ++v) smf(mine + (m * kMmaLaneSums + v) * kWarp + lane) = acc[m][v / 4][v % 4];
+    smf(mine + (m * kMmaLaneSums + 16) * kWarp + lane) = sq[m][0];
+    smf(mine + (m * kMmaLaneSums + 17) * kWarp + lane) = sq[m][1];
   }
   __syncthreads();
   if (kg != 0) return;
 #pragma unroll 1
   for (int m = 0; m < kMmaTilesPerGroup; ++m) {
-    float tot[18];
+    float tot[kMmaLaneSums];
 #pragma unroll
-    for (int v = 0; v < 18; ++v) {
+    for (int v = 0; v < kMmaLaneSums; ++v) {
       tot[v] = 0.f;
 #pragma unroll
       for (int k = 0; k < kMmaKGroups; ++k) {
-        tot[v] += smf(region + ((mg * kMmaKGroups + k) * kMmaTilesPerGroup * 18 + m * 18 + v) * kWarp + lane);
+        const int warp_k = mg * kMmaKGroups + k;  // the warp of m-group mg and k-group k
+        tot[v] += smf(region + ((warp_k * kMmaTilesPerGroup + m) * kMmaLaneSums + v) * kWarp + lane);
       }
     }
 #pragma unroll

@@ -94,9 +94,12 @@ constexpr int kMmaStageCols = 256, kMmaStageStride = kMmaStageCols + 4;
 constexpr int kMmaSumStride = 33;
 constexpr int kMmaSumFloats = kMmaChunks * kMmaTileTokens * kMmaSumStride;
 static_assert(kMmaSumFloats % 4 == 0, "the splits' sums are added as float4s");
-// The staged projection, then (after the pass over d) the k-groups' partial sums: 18 values per
-// lane per m-tile (16 accumulators, 2 sums of squares).
-constexpr int kMmaReduceFloats = kMmaWarps * kMmaTilesPerGroup * 18 * kWarp;
+// Values per lane per m-tile after the pass over d: 16 accumulators (two m16n8 tiles' 4 x 4) and 2
+// sums of squares (the lane's rows g and g + 8).
+constexpr int kMmaLaneSums = 18;
+// The staged projection, then (after the pass over d) the k-groups' partial sums: kMmaLaneSums
+// values per lane per m-tile.
+constexpr int kMmaReduceFloats = kMmaWarps * kMmaTilesPerGroup * kMmaLaneSums * kWarp;
 constexpr int kMmaRegionFloats =
     32 * kMmaStageStride > kMmaReduceFloats ? 32 * kMmaStageStride : kMmaReduceFloats;
 // Fewer tokens than this keep the CUDA-core path (decode: its d split spreads one chunk's columns).
