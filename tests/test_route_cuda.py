@@ -60,6 +60,8 @@ CASES = [
     # statistics groups of 100 tokens: partial chunks)
     dict(r=32, H=2, E=8, k=2, dtype=torch.bfloat16),
     dict(r=32, H=1, E=8, k=2, T=300, d=1024, seq_len=100, dtype=torch.bfloat16),
+    # statistics groups of 512 tokens = 4 whole blocks of 8 chunks: one statistics partial per block
+    dict(r=32, H=1, E=8, k=2, T=1024, d=512, seq_len=512, dtype=torch.bfloat16),
     dict(r=40, H=1, E=33, k=3),
     dict(r=2, H=1, E=64, k=6, d=90),  # rows not 16-byte aligned: scalar loads
 ]
