@@ -10,6 +10,7 @@
 
 #include "../simt/kernels/mma_fragments.cu"
 #include "bf16_host.h"
+#include "device_buffer.h"
 
 namespace {
 
@@ -25,26 +26,15 @@ int check(bool integers, int steps, int warps, unsigned seed) {
   for (auto& v : A) v = host_bf16_bits(value());
   for (auto& v : Bt) v = host_bf16_bits(value());
   for (auto& v : C) v = integers ? static_cast<float>(small(gen)) : normal(gen);
-  uint16_t *dA, *dB;
-  float *dC, *dD;
-  cudaMalloc(&dA, A.size() * 2);
-  cudaMalloc(&dB, Bt.size() * 2);
-  cudaMalloc(&dC, C.size() * 4);
-  cudaMalloc(&dD, D.size() * 4);
-  cudaMemcpy(dA, A.data(), A.size() * 2, cudaMemcpyHostToDevice);
-  cudaMemcpy(dB, Bt.data(), Bt.size() * 2, cudaMemcpyHostToDevice);
-  cudaMemcpy(dC, C.data(), C.size() * 4, cudaMemcpyHostToDevice);
-  const int launch = mma_fragments_launch(dA, dB, dC, dD, steps, 32 * warps, 0);
+  const DeviceBuffer<uint16_t> dA(A), dB(Bt);
+  const DeviceBuffer<float> dC(C), dD(D);
+  const int launch = mma_fragments_launch(dA.get(), dB.get(), dC.get(), dD.get(), steps, 32 * warps, 0);
   const cudaError_t sync = cudaDeviceSynchronize();
-  cudaMemcpy(D.data(), dD, D.size() * 4, cudaMemcpyDeviceToHost);
-  cudaFree(dA);
-  cudaFree(dB);
-  cudaFree(dC);
-  cudaFree(dD);
   if (launch != 0 || sync != cudaSuccess) {
     std::printf("launch failed: %d / %s\n", launch, cudaGetErrorString(sync));
     return 1 << 20;
   }
+  dD.copy_to(D);
   int bad = 0;
   for (int w = 0; w < warps; ++w) {
     for (int i = 0; i < 16; ++i) {

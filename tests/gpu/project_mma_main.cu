@@ -11,6 +11,7 @@
 
 #include "../simt/kernels/project_mma.cu"
 #include "bf16_host.h"
+#include "device_buffer.h"
 
 namespace {
 
@@ -22,26 +23,16 @@ int check(int64_t tokens, int64_t d, int rank, int mt, int warps, unsigned seed)
   std::vector<float> w(rank * d), q(tokens * rank, NAN), ss(tokens, NAN);
   for (auto& v : x) v = host_bf16_bits(normal(gen));
   for (auto& v : w) v = normal(gen) / std::sqrt(static_cast<float>(d));
-  uint16_t* dx;
-  float *dw, *dq, *dss;
-  cudaMalloc(&dx, x.size() * 2);
-  cudaMalloc(&dw, w.size() * 4);
-  cudaMalloc(&dq, q.size() * 4);
-  cudaMalloc(&dss, ss.size() * 4);
-  cudaMemcpy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice);
-  cudaMemcpy(dw, w.data(), w.size() * 4, cudaMemcpyHostToDevice);
-  const int launch = project_mma_launch(dx, dw, tokens, d, rank, dq, dss, mt, 3, warps);
+  const DeviceBuffer<uint16_t> dx(x);
+  const DeviceBuffer<float> dw(w), dq(q), dss(ss);
+  const int launch = project_mma_launch(dx.get(), dw.get(), tokens, d, rank, dq.get(), dss.get(), mt, 3, warps);
   const cudaError_t sync = cudaDeviceSynchronize();
-  cudaMemcpy(q.data(), dq, q.size() * 4, cudaMemcpyDeviceToHost);
-  cudaMemcpy(ss.data(), dss, ss.size() * 4, cudaMemcpyDeviceToHost);
-  cudaFree(dx);
-  cudaFree(dw);
-  cudaFree(dq);
-  cudaFree(dss);
   if (launch != 0 || sync != cudaSuccess) {
     std::printf("launch failed: %d / %s\n", launch, cudaGetErrorString(sync));
     return 1 << 20;
   }
+  dq.copy_to(q);
+  dss.copy_to(ss);
   const double bound = std::ldexp(8.0, -24), ss_bound = std::ldexp(8.0 * ((d + 31) / 32) + 2, -24);
   int bad = 0;
   double worst = 0;
