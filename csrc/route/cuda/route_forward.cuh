@@ -906,19 +906,19 @@ __device__ __forceinline__ void finalize_statistics(const ForwardParams& p, int 
   const TokenChunks& ch = p.chunks;
   const int E = p.c.experts;
   const int64_t groups = ch.count / ch.per_seq;
-  const int64_t per_seq = ch.per_seq / p.partial_chunks;  // partials per group
+  const int64_t per_group = ch.per_seq / p.partial_chunks;  // partials per statistics group
   const int64_t items = groups * E;
   const int64_t threads = blockDim.x;
-  const int64_t parts = items >= threads ? 1 : (threads / items < per_seq ? threads / items : per_seq);
-  const int64_t per_part = (per_seq + parts - 1) / parts;
+  const int64_t parts = items >= threads ? 1 : (threads / items < per_group ? threads / items : per_group);
+  const int64_t per_part = (per_group + parts - 1) / parts;
   float* part_sum = smem_base() + scratch;
   int64_t* part_count = reinterpret_cast<int64_t*>(part_sum + threads);
   int64_t* part_tokens = part_count + threads;
   for (int64_t n = threadIdx.x; n < items * parts; n += threads) {
     const int64_t part = n / items, item = n % items;
     const int64_t s = item / E, e = item % E;
-    const int64_t c0 = s * per_seq + part * per_part;
-    const int64_t c1 = c0 + per_part < (s + 1) * per_seq ? c0 + per_part : (s + 1) * per_seq;
+    const int64_t c0 = s * per_group + part * per_part;
+    const int64_t c1 = c0 + per_part < (s + 1) * per_group ? c0 + per_part : (s + 1) * per_group;
     float sum = 0.f;
     int64_t count = 0, tokens = 0;
     for (int64_t c = c0; c < c1; ++c) {

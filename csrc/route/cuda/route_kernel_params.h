@@ -171,7 +171,8 @@ struct ForwardParams {
   int32_t proj_smem, anchor_smem, bias_smem, warp_smem, warp_stride, logit_stride;
   // Consecutive chunks summed into one statistics partial (in chunk order, by the one block that
   // routes them all): kMmaChunks on the tensor-core path when every statistics group is whole
-  // blocks of chunks, else 1. The finishing block then adds partials_per_group runs, not chunks.
+  // blocks of chunks, else 1. The finishing block then adds chunks.per_seq / partial_chunks
+  // partials per statistics group.
   int32_t partial_chunks;
 };
 
