@@ -270,19 +270,27 @@ struct NoStep {
   void operator()() const {}
 };
 
-// Prefetches of the start of the next group's rows of x into L2, a few per call between the
-// scoring passes of the current group, so that its projection does not begin by waiting on memory:
-// the first d-block of each row (the projection's first reads), one prefetch per 128 bytes (the L2
-// fetches a line's 128-byte pair with it). Past the first block the hardware prefetchers, started
-// on each row, keep ahead. Measured (1 thread, T = 8192 rows from DRAM, CPU time per token,
-// interleaved, same build): fp32 x 763 -> 699 ns, bf16 665 -> 638 ns. Prefetching the whole rows
-// the same way gained no more (717 -> 660 ns at one prefetch per 128 bytes). With x cached (T = 240,
-// 1.9 MB) the same prefetches cost ~5 % (perf samples), so only an x of kPrefetchedXBytes or more
-// is prefetched.
+// Prefetches of the next group's rows of x into L2, a few per call between the scoring passes of
+// the current group, so that its projection reads x from L2 instead of waiting on memory: the whole
+// rows, every 64-byte line, row after row a line at a time (the rows' first lines come first).
+// Measured:
+// - first d-block only, one prefetch per 128 bytes (an L2 that fetches a line's 128-byte pair with
+//   it), the hardware prefetchers left to keep ahead past it: this project's Intel AVX-512 VM,
+//   1 thread, T = 8192 rows from DRAM, CPU time per token, interleaved: fp32 x 763 -> 699 ns, bf16
+//   665 -> 638 ns; the whole rows at one prefetch per 128 bytes gained no more there (717 -> 660 ns);
+// - an AMD EPYC (Zen 4) VM: the first block only at 128 bytes changed nothing against no prefetch
+//   (1 thread, fp32 ~12.6 ms per call), the whole rows at 128 bytes nothing either, the whole rows
+//   at every 64-byte line 12.6 -> 9.7 ms (1 thread) and, 2 threads, fp32 6.42 -> 5.54 ms, bf16
+//   5.31 -> 4.92 ms (median of 5 processes' medians each, alternated, one no-grad
+//   route() on OLMoE's shape, r = 8, H = 4, T = 8192). Its
+//   L2 does not fetch the pair line, and the scoring of a group (~0.5 us per token) is long enough
+//   to bring in the next group's 12 rows (96 KiB of fp32 x at OLMoE's d = 2048).
+// With x cached (T = 240, 1.9 MB) the prefetches cost ~5 % (perf samples), so only an x of
+// kPrefetchedXBytes or more is prefetched.
 constexpr int64_t kPrefetchedXBytes = int64_t(16) << 20;
 
 struct XPrefetch {
-  static constexpr int64_t kStride = 128;
+  static constexpr int64_t kStride = 64;  // one prefetch per cache line
   const char* rows[kForwardGroup];
   int count = 0, row = 0;
   int64_t point = 0, points = 0;  // prefetches per row
@@ -293,7 +301,7 @@ struct XPrefetch {
     count = n;
     row = 0;
     point = 0;
-    const int64_t bytes = (d < kForwardBlock ? d : kForwardBlock) * int64_t(sizeof(X));
+    const int64_t bytes = d * int64_t(sizeof(X));
     points = n > 0 ? (bytes + kStride - 1) / kStride : 0;
     for (int j = 0; j < n; ++j) rows[j] = reinterpret_cast<const char*>(xs[j]);
     per_call = calls > 0 ? static_cast<int>((points * n + calls - 1) / calls) : 0;
