@@ -6,6 +6,7 @@ A python block directly preceded by ``<!-- skip-test: reason -->`` is skipped wi
 what needs hardware this machine lacks); keep such marks rare and honest.
 """
 
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -75,6 +76,19 @@ def _module_help(module: str) -> str:
     return out.stdout
 
 
+def _pip_installed() -> bool:
+    """From pip's installed metadata, not importlib.util.find_spec("pip"): setuptools'
+    _distutils_hack hooks find_spec for "pip" and puts the standard library's distutils back for the
+    rest of the process, after which importing setuptools (torch.compile's C++ builds) fails with an
+    AssertionError; a later test in the same process then broke (the benchmark smoke test's
+    compiled contenders)."""
+    try:
+        importlib.metadata.version("pip")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def _check_command(words):
     cmd, args = words[0], words[1:]
     if cmd == "bash":
@@ -83,7 +97,7 @@ def _check_command(words):
         if args[0] == "-m":
             module, flags = args[1], [a.split("=")[0] for a in args[2:] if a.startswith("--")]
             if module == "pip":
-                assert importlib.util.find_spec("pip") is not None
+                assert _pip_installed()
                 return
             assert importlib.util.find_spec(module.split(".")[0]) is not None, f"no module {module}"
             if module != "pytest":
@@ -93,7 +107,7 @@ def _check_command(words):
         else:
             assert (ROOT / args[0]).is_file(), f"python {args[0]}: no such file"
     elif cmd == "pip":
-        assert importlib.util.find_spec("pip") is not None and args[0] in ("install", "uninstall")
+        assert _pip_installed() and args[0] in ("install", "uninstall")
     elif cmd == "torchrun":
         assert importlib.util.find_spec("torch.distributed.run") is not None
     else:
