@@ -96,8 +96,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "it when T is larger (default 8192)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--strict", action="store_true",
-                   help="refuse to time on a busy machine, and exit non-zero when an agreement check fails "
-                        "or the machine got busy during the run")
+                   help="refuse to time on a busy machine, and exit non-zero when an agreement check fails, "
+                        "a contender raises, or the machine got busy during the run")
     p.add_argument("--no-scaling", action="store_true",
                    help="do not also time l2r_native with 1 thread at the acceptance shape (thread scaling)")
     p.add_argument("--no-plot", action="store_true")
@@ -872,7 +872,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failed = any(str(r.get("check", "")).startswith("FAIL") for r in rows)
     if failed:
         log("some agreement checks FAILED (see the check column)")
-    return 1 if (failed or busy) and args.strict else 0
+    # A contender that raised has no figure: a run with such rows is not a result either.
+    errored = any(str(r.get("status", "")).startswith("error") for r in rows)
+    if errored:
+        log("some rows raised errors (see the status column and summary.md's errors)")
+    return 1 if (failed or errored or busy) and args.strict else 0
 
 
 if __name__ == "__main__":

@@ -90,6 +90,25 @@ def test_strict_refuses_a_busy_machine(tmp_path, monkeypatch, capsys):
     assert "the machine was busy" in (out / "summary.md").read_text()
 
 
+def test_strict_fails_when_a_contender_raises(tmp_path, monkeypatch, capsys, idle_machine):
+    real_make_step = bench.C.make_step
+
+    def failing_make_step(contender, *args, **kwargs):
+        if contender == "cosine":
+            raise RuntimeError("cosine broke")
+        return real_make_step(contender, *args, **kwargs)
+
+    monkeypatch.setattr(bench.C, "make_step", failing_make_step)
+    out = tmp_path / "results"
+    argv = ["--smoke", "--out", str(out), "--no-progress", "--no-plot", "--contenders", "read_x", "cosine", "l2r_native"]
+    assert bench.main(argv + ["--strict"]) == 1
+    assert "raised errors" in capsys.readouterr().err
+    summary = (out / "summary.md").read_text()
+    assert "RuntimeError: cosine broke" in summary
+    # Without --strict the run still writes its files and exits 0: the errors are in summary.md.
+    assert bench.main(argv) == 0
+
+
 def test_runs_without_matplotlib(tmp_path, monkeypatch, capsys, idle_machine):
     real_import = builtins.__import__
 
