@@ -79,9 +79,8 @@ def _module_help(module: str) -> str:
 def _pip_installed() -> bool:
     """From pip's installed metadata, not importlib.util.find_spec("pip"): setuptools'
     _distutils_hack hooks find_spec for "pip" and puts the standard library's distutils back for the
-    rest of the process, after which importing setuptools (torch.compile's C++ builds) fails with an
-    AssertionError; a later test in the same process then broke (the benchmark smoke test's
-    compiled contenders)."""
+    rest of the process, after which every import of setuptools fails with an AssertionError (the
+    benchmark smoke test, run after this file in one pytest process, had every row in error)."""
     try:
         importlib.metadata.version("pip")
     except importlib.metadata.PackageNotFoundError:
