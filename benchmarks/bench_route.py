@@ -667,6 +667,16 @@ def acceptance_table(rows: List[dict], args) -> List[str]:
     return head + out
 
 
+def failed_checks(rows: List[dict]) -> List[dict]:
+    """Rows whose agreement check failed (summary.md lists them; --strict exits 1 on any)."""
+    return [r for r in rows if str(r.get("check", "")).startswith("FAIL")]
+
+
+def errored_rows(rows: List[dict]) -> List[dict]:
+    """Rows whose contender raised (summary.md lists them; --strict exits 1 on any)."""
+    return [r for r in rows if str(r.get("status", "")).startswith("error")]
+
+
 def summary_markdown(rows: List[dict], info: dict, args, wall_s: float) -> str:
     a = ACCEPTANCE
     T_acc = acceptance_T(args) or a["T"]
@@ -763,8 +773,8 @@ def summary_markdown(rows: List[dict], info: dict, args, wall_s: float) -> str:
                  f"{val(ref)} | {val(lin)} | {val(cos)} |")
 
     # Checks.
-    fails = [r for r in rows if str(r.get("check", "")).startswith("FAIL")]
-    errs = [r for r in rows if str(r.get("status", "")).startswith("error")]
+    fails = failed_checks(rows)
+    errs = errored_rows(rows)
     skipped = [r for r in rows if str(r.get("status", "")).startswith("skipped")]
     L += ["", "## Agreement checks and skipped cases", "",
           f"- agreement checks failed: {len(fails)}" + "".join(
@@ -869,11 +879,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # analytic bytes/FLOPs per token, from which the GPU roofline is read off on paper.
         print("\n" + summary[summary.index("## CUDA kernels"):].strip())
     log(f"wrote {', '.join(wrote)} in {wall:.0f} s")
-    failed = any(str(r.get("check", "")).startswith("FAIL") for r in rows)
+    failed = bool(failed_checks(rows))
     if failed:
         log("some agreement checks FAILED (see the check column)")
     # A contender that raised has no figure: a run with such rows is not a result either.
-    errored = any(str(r.get("status", "")).startswith("error") for r in rows)
+    errored = bool(errored_rows(rows))
     if errored:
         log("some rows raised errors (see the status column and summary.md's errors)")
     return 1 if (failed or errored or busy) and args.strict else 0
