@@ -282,9 +282,9 @@ struct NoStep {
 //   (1 thread, fp32 ~12.6 ms per call), the whole rows at 128 bytes nothing either, the whole rows
 //   at every 64-byte line 12.6 -> 9.7 ms (1 thread) and, 2 threads, fp32 6.42 -> 5.54 ms, bf16
 //   5.31 -> 4.92 ms (median of 5 processes' medians each, alternated; no-grad route() on OLMoE's
-//   shape, r = 8, H = 4, T = 8192). Its L2 does not fetch the pair line, and the scoring of a group
-//   (~0.5 us per token) is long enough to bring in the next group's 12 rows (96 KiB of fp32 x at
-//   OLMoE's d = 2048).
+//   shape, r = 8, H = 4, T = 8192). Every line has to be asked for there (as if its L2 did not
+//   fetch a line's pair; that was not measured by itself), and the scoring of a group (~0.5 us per
+//   token) is long enough to bring in the next group's 12 rows (96 KiB of fp32 x at d = 2048).
 // With x cached (T = 240, 1.9 MB) the prefetches cost ~5 % (perf samples), so only an x of
 // kPrefetchedXBytes or more is prefetched.
 constexpr int64_t kPrefetchedXBytes = int64_t(16) << 20;
