@@ -214,3 +214,19 @@ def test_compare_builds_times_two_trees_interleaved(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| fp32") or line.startswith("| bf16")]
     assert len(rows) == 4
     assert all("indices equal 100.00%" in r and "max|dw| 0.0e+00" in r for r in rows)  # the same build
+
+
+def test_dram_penalty_reports_every_op_per_thread_count(capsys):
+    from benchmarks import dram_penalty
+
+    rc = dram_penalty.main(["--d", "64", "--E", "8", "--k", "2", "--rank", "2", "--anchors", "2",
+                            "--cached-tokens", "4", "--dram-tokens", "32", "--threads", "1", "2",
+                            "--rounds", "4", "--block-s", "0.001"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "# start: load average" in out and "# end: load average" in out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| [12] \|", line)]
+    assert sorted((r[0].strip(), r[1].strip()) for r in rows) == sorted(
+        (t, op) for t in ("1", "2") for op in ("route", "gemm", "sum"))
+    for r in rows:  # cached and DRAM ns/token are positive numbers, their ratio is the last column
+        cached, dram = (float(c.split()[0]) for c in r[2:4])
+        assert cached > 0 and dram > 0 and float(r[5]) == pytest.approx(dram / cached, rel=0.02, abs=0.01)
