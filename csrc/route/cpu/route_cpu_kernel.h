@@ -126,7 +126,11 @@ constexpr int tile_tokens() {
 // - 8-float lanes (AVX2), float and 16-bit x: an AMD EPYC VM without AVX-512, 2 threads, the builds
 //   with and without interleaved (benchmarks/results/compare_prefetch_avx2.md): forward fp32 13.60 ->
 //   12.97 ms, bf16 11.85 -> 11.34 ms (0.94-0.96x in two runs, within IQRs of ~1.4 ms); forward +
-//   backward 0.97-1.16x, inside its 4-7 ms IQRs. Distances of 512 B to 4 KiB measured alike.
+//   backward 0.97-1.16x, inside its 4-7 ms IQRs. Distances of 512 B to 4 KiB measured alike;
+// - 16-float lanes on float x, an AMD EPYC (Zen 4) VM: distances of 0 (the line being loaded: no
+//   prefetch ahead), 512, 1024 and 2048 B alike (T = 8192: 1 thread 11.7-12.2 ms, 2 threads
+//   5.9-6.4 ms; T = 240: 0.23-0.26 ms; median of 3 processes each, alternated, the distance from a
+//   temporary environment variable read once per tile, not committed).
 template <typename V, typename X>
 constexpr bool prefetches_x() {
   return width_of<V>() * sizeof(X) == 64 || width_of<V>() == 8;
@@ -285,6 +289,15 @@ struct NoStep {
 //   shape, r = 8, H = 4, T = 8192). Every line has to be asked for there (as if its L2 did not
 //   fetch a line's pair; that was not measured by itself), and the scoring of a group (~0.5 us per
 //   token) is long enough to bring in the next group's 12 rows (96 KiB of fp32 x at d = 2048).
+//   Also measured there, no better beyond noise (median of 3 processes each, alternated; fp32 1
+//   thread 11.0-11.5 ms, 2 threads 5.7-6.1 ms, bf16 2 threads 5.0-5.4 ms for every variant): the
+//   group 2 or 3 groups ahead instead of the next one; the prefetches spread over the projection's
+//   tiles as well as the scoring; x on 2 MiB pages (madvise before first touch: 1 thread 9.8-10.3 ms
+//   against 9.3-11.0 ms on 4 KiB pages). What x streamed from DRAM still costs there is small next to
+//   the compute: `python -m benchmarks.dram_penalty` (ops interleaved in one process, T = 240
+//   cached against T = 8192 streamed, ns per token, fp32): route 948 -> 1184 (1 thread, 1.25x),
+//   608 -> 693 (2 threads, 1.14x), where PyTorch's own GEMM x @ W^T (W [64, 2048]) goes 3408 ->
+//   5132 (1.51x) and 2036 -> 2825 (1.39x): the forward is bound by its arithmetic on this VM.
 // With x cached (T = 240, 1.9 MB) the prefetches cost ~5 % (perf samples), so only an x of
 // kPrefetchedXBytes or more is prefetched.
 constexpr int64_t kPrefetchedXBytes = int64_t(16) << 20;
