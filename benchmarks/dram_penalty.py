@@ -17,43 +17,20 @@ average and the CPU model printed next to them (benchmarks/_timing.py).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-from benchmarks._timing import _cpu_model, describe_load, machine_load
-
-
-def _block_seconds(fn: Callable[[], object], number: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(number):
-        fn()
-    return (time.perf_counter() - t0) / number
-
-
-def _calls_per_block(fn: Callable[[], object], target_s: float) -> int:
-    fn()
-    once = _block_seconds(fn, 1)
-    return max(1, int(target_s / max(once, 1e-7)))
-
-
-def _quantiles(values: List[float]) -> tuple:
-    v = sorted(values)
-    if len(v) < 4:
-        return statistics.median(v), 0.0
-    q = statistics.quantiles(v, n=4)
-    return statistics.median(v), q[2] - q[0]
+from benchmarks._timing import BlockTimer, _cpu_model, describe_load, machine_load, time_interleaved
 
 
 def measure(tokens: int, d: int, experts: int, rank: int, anchors: int, top_k: int, dtype: torch.dtype,
             threads: int, rounds: int, block_s: float, seed: int = 0) -> Dict[str, tuple]:
-    """ns/token (median, IQR over blocks) of route / gemm / sum at ``tokens`` rows."""
+    """ns/token (median, IQR over ``rounds`` interleaved blocks) of route / gemm / sum at ``tokens``
+    rows."""
     import l2r_cuda
 
-    torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, d, generator=g).to(dtype)
     proj = torch.randn(rank, d, generator=g) / d ** 0.5
@@ -64,13 +41,12 @@ def measure(tokens: int, d: int, experts: int, rank: int, anchors: int, top_k: i
         "gemm": lambda: torch.mm(x, w_gate.t()),
         "sum": lambda: x.sum(),
     }
-    per_block: Dict[str, List[float]] = {name: [] for name in ops}
+    cpu = torch.device("cpu")
     with torch.no_grad():
-        numbers = {name: _calls_per_block(fn, block_s) for name, fn in ops.items()}
-        for _ in range(rounds):
-            for name, fn in ops.items():
-                per_block[name].append(_block_seconds(fn, numbers[name]) / tokens * 1e9)
-    return {name: _quantiles(v) for name, v in per_block.items()}
+        timers = {name: BlockTimer(fn, cpu, threads=threads, block_time=block_s) for name, fn in ops.items()}
+        m = time_interleaved(timers, min_run_time=0.0, min_repeats=rounds, max_repeats=rounds)
+    per_token = 1e9 / tokens
+    return {name: (m[name].median * per_token, m[name].iqr * per_token) for name in ops}
 
 
 def report(results: Dict[tuple, Dict[str, tuple]], cached: int, dram: int, threads_list: List[int]) -> List[str]:
