@@ -99,6 +99,9 @@ def sample_inputs() -> list[RouteSample]:
     samples.append(make_sample(0, 32, 2, 8, 4, 2, seed=100))  # T = 0
     samples.append(make_sample(0, 32, 2, 8, 1, 8, score="sigmoid", norm_weight=True, seed=101))
     samples.append(make_sample(5, 16, 3, 6, 2, 6, normalize=True, seed=102))  # k = E
+    # d past the CPU projections' d-blocks (512 floats forward, 256 backward) with a tail that is
+    # not a whole lane vector, and r = 10: two row chunks of the register tiles.
+    samples.append(make_sample(13, 4133, 10, 16, 2, 4, norm_weight=True, seed=103))
     samples.extend(policy_samples())
     return samples
 
