@@ -310,6 +310,12 @@ struct NoStep {
 //   cached against T = 8192 streamed, ns per token, fp32): route 948 -> 1184 (1 thread, 1.25x),
 //   608 -> 693 (2 threads, 1.14x), where PyTorch's own GEMM x @ W^T (W [64, 2048]) goes 3408 ->
 //   5132 (1.51x) and 2036 -> 2825 (1.39x): the forward is bound by its arithmetic on this VM.
+//   Interleaved in one process (variants from a temporary environment variable read per call,
+//   median of 15 rounds' medians, 2 threads, fp32, T = 8192, load average 0.1) the differences
+//   are smaller than those between processes: committed 5.74 ms, no XPrefetch 5.97 ms, the first
+//   group of each chunk also prefetched (from the previous chunk's last group) 5.69 ms; in a second
+//   run (IQRs ~0.3-1 ms) committed 5.45, prefetcht0 instead of prefetcht1 5.89, two groups ahead
+//   5.81, all of a group's prefetches at once 6.03, across chunks 5.60 ms.
 // With x cached (T = 240, 1.9 MB) the prefetches cost ~5 % (perf samples), so only an x of
 // kPrefetchedXBytes or more is prefetched.
 constexpr int64_t kPrefetchedXBytes = int64_t(16) << 20;
