@@ -257,3 +257,53 @@ def test_top_k_keys_mixing_nan_and_numbers(bias):
     out = check_route(cfg, t, backward=False)
     assert not bool(torch.isin(out.indices[:, :37], torch.tensor([1, 5, 33])).any())
     assert bool((out.indices[:, 37] == 1).all())
+
+
+def check_grads_of(cfg, t, wanted):
+    """route() on the emulator with only the inputs named in `wanted` needing gradients: those
+    gradients against the reference's, to test_route.py's tolerance (a bf16 dL/dx: twice the error
+    of PyTorch's own rounding of the float32 one)."""
+    names = ("x", "proj", "anchors", "scale", "norm_weight")
+    ours = [t[n].detach().clone().requires_grad_(n in wanted) for n in names]
+    refs = [t["x"].float()] + [t[n].detach().clone() for n in names[1:]]
+    refs = [r.requires_grad_(o.requires_grad) for r, o in zip(refs, ours)]
+    out = backends.simt_route(*ours[:4], norm_weight=ours[4], **route_options(cfg))
+    ref = reference.route(*refs[:4], norm_weight=refs[4], **route_options(cfg))
+    g = torch.Generator().manual_seed(8011)
+    gw, gm = torch.randn(out.weights.shape, generator=g), torch.randn(out.mean_probs.shape, generator=g)
+    leaves = [(n, o, r) for n, o, r in zip(names, ours, refs) if o.requires_grad]
+    got = torch.autograd.grad((out.weights * gw).sum() + (out.mean_probs * gm).sum(), [o for _, o, _ in leaves])
+    want = torch.autograd.grad((ref.weights * gw).sum() + (ref.mean_probs * gm).sum(), [r for _, _, r in leaves])
+    for (name, o, _), a, b in zip(leaves, got, want):
+        tol = 2e-4 * float(b.abs().max()) + 1e-5
+        if o.dtype != torch.float32:  # one rounding of the float32 gradient: twice PyTorch's own cast error
+            tol += 2 * float((b.to(o.dtype).float() - b).abs().max())
+        torch.testing.assert_close(a.float(), b, atol=tol, rtol=0, msg=lambda m: f"grad_{name}: {m}")
+
+
+@pytest.mark.parametrize("norm,weight", [("rms", True), ("rms", False), (None, False)])
+def test_backward_column_tensor_core_pass(norm, weight):
+    # Rank 20 (padded to 32) with bf16 x: the column kernel's tensor-core pass (route_column_mma.cuh)
+    # computes dL/dx and the projection's partials. d = 264: three column groups of 128, the last one
+    # of 8 columns (warp 0 half past d, warps 1-7 wholly); 5000 tokens make 64 chunks of 79, each
+    # staged as a pass of 64 tokens and a ragged one of 15 (a partly empty m-tile).
+    cfg = dict(T=5000, d=264, r=20, H=2, E=5, k=2, beta=0.5, tau=0.7, norm=norm, dtype=torch.bfloat16)
+    t = inputs(cfg, 10)
+    if norm is None:  # no norm weight to differentiate
+        check_grads_of(cfg, t, ("x", "proj", "anchors", "scale"))
+        return
+    if not weight:
+        t["norm_weight"] = torch.ones_like(t["norm_weight"])
+    check_route(cfg, t)
+
+
+@pytest.mark.parametrize("wanted", [("x",), ("proj", "anchors", "scale", "norm_weight")])
+def test_backward_column_tensor_core_pass_alone(wanted):
+    # The tensor-core pass with one of its two products: dL/dx only (a frozen router: no partials,
+    # no tickets, no anchor blocks) or the parameter gradients only (x needs no gradient). A small
+    # projection (|q| about 0.5): where tanh(|q|) is near 1, SIPS leaves the scores a function of q's
+    # direction only, <grad_q, q> = 0, and RMSNorm's mean_dot term of dL/dx would go untested.
+    cfg = dict(T=300, d=40, r=32, H=1, E=8, k=2, dtype=torch.bfloat16)
+    t = inputs(cfg, 11)
+    t["proj"] = 0.1 * t["proj"]
+    check_grads_of(cfg, t, wanted)

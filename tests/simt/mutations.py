@@ -24,6 +24,7 @@ PERMUTE = "csrc/permute/cuda/permute_kernels.cu"
 PERMUTE_PLAN = "csrc/permute/cuda/permute_launch_plan.h"  # grids, instantiations, memsets of the launches
 ROUTE = "csrc/route/cuda/route_cuda.cu"
 ROUTE_FWD = "csrc/route/cuda/route_forward.cuh"  # the one-launch forward kernel
+ROUTE_COLUMN_MMA = "csrc/route/cuda/route_column_mma.cuh"  # the rank-32 backward's tensor-core column pass
 ROUTE_DEVICE = "csrc/route/cuda/route_device.cuh"  # warp helpers of the route kernels
 ROUTE_PLAN = "csrc/route/cuda/route_launch_plan.h"
 ROUTE_MATH = "csrc/route/math/anchor_lse.h"
@@ -43,6 +44,7 @@ TESTS = {
     PERMUTE_PLAN: PERMUTE_TESTS,
     ROUTE: ROUTE_TESTS,
     ROUTE_FWD: ROUTE_TESTS,
+    ROUTE_COLUMN_MMA: ROUTE_TESTS,
     ROUTE_DEVICE: ROUTE_TESTS,
     ROUTE_PLAN: ROUTE_TESTS,
     ROUTE_MATH: ROUTE_TESTS,
@@ -380,6 +382,30 @@ CATALOGUE: list[Mutation] = [
       "      for (int k = 0; k < kMmaKGroups; ++k) {\n        const int warp_k = mg * kMmaKGroups + k;",
       "      for (int k = 0; k < 1; ++k) {\n        const int warp_k = mg * kMmaKGroups + k;",
       "tail", "the tensor-core projection keeps only the first k-group's sums (half of each d range)"),
+    M("route.colmma.no_syncwarp_after_x_tile", ROUTE_COLUMN_MMA,
+      "        __syncwarp();  // the tile is read before the next m-tile's x overwrites it\n",
+      "",
+      "syncwarp", "a lane overwrites the warp's x tile with the next m-tile's x while others still read it"),
+    M("route.colmma.stage_past_tokens", ROUTE_COLUMN_MMA,
+      "      if (u < n) v = __ldg(reinterpret_cast<const float4*>(grad_q + (s0 + u) * 32 + kk));",
+      "      v = __ldg(reinterpret_cast<const float4*>(grad_q + (s0 + u) * 32 + kk));",
+      "tail", "a pass stages grad_q rows past its chunk (the next chunk's tokens, or past the buffer)"),
+    M("route.colmma.b_tokens_swapped", ROUTE_COLUMN_MMA,
+      "          xb[0][r] = (lo_tok & 0xffffu) | (hi_tok << 16);",
+      "          xb[0][r] = (hi_tok & 0xffffu) | (lo_tok << 16);",
+      "stride", "the B register of M pairs x's tokens in the other k order than A's (rstd grad_q)"),
+    M("route.colmma.no_mean_dot", ROUTE_COLUMN_MMA,
+      "              const float r = tok_rstd[u], md = tok_mean_dot[u];",
+      "              const float r = tok_rstd[u], md = 0.f;",
+      "init", "dL/dx leaves out RMSNorm's mean(dL/dx_hat x_hat) term"),
+    M("route.colmma.partial_column_map", ROUTE_COLUMN_MMA,
+      "          const int64_t col = col0 + 2 * (2 * q + i % 2) + j;",
+      "          const int64_t col = col0 + 2 * (2 * q + i % 2);",
+      "stride", "both n-tiles of M write the even columns: the odd columns' projection gradient is lost"),
+    M("route.plan.column_mma_grad_q_unsaved", ROUTE_PLAN,
+      "  p.save_grad_q = p.need_param_grads || column_grad_x;",
+      "  p.save_grad_q = p.need_param_grads;",
+      "dispatch", "a frozen router's token kernel leaves grad_q unwritten for the tensor-core pass's dL/dx"),
     M("route.stats.run_overwrites", ROUTE_FWD,
       "    p.prob_partials[slot * E + e] = first ? s : p.prob_partials[slot * E + e] + s;",
       "    p.prob_partials[slot * E + e] = s;",

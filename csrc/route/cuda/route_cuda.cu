@@ -15,11 +15,14 @@
 // added in warp order). The column kernel computes the projection's gradient in token chunks (one
 // wave of blocks) and finalizes every parameter gradient in the same launch: the block that takes a
 // column group's last ticket adds that group's chunks, extra blocks add the anchor slots, and the one
-// of those that finishes last completes the anchor rows and the scale. Two launches (three with
-// route_prepare_kernel when the anchors do not fit in shared memory). No floating-point atomics:
+// of those that finishes last completes the anchor rows and the scale. Rank 32 with bf16 x takes
+// the column kernel's tensor-core pass instead (route_column_mma.cuh): it computes dL/dx as well,
+// from the same read of x, and the token kernel then only scores and saves grad_q. Two launches
+// (three with route_prepare_kernel when the anchors do not fit in shared memory). No floating-point atomics:
 // every sum has a fixed order, so every result is bitwise reproducible run to run.
 #include "route_device.cuh"
 #include "route_forward.cuh"
+#include "route_column_mma.cuh"
 
 namespace l2r {
 namespace route {
@@ -438,7 +441,7 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
             for (int i = 0; i < R; ++i) {
               const float gq_i = rm::query_grad(q_reg[s][i], warp_sum(dah_reg[s][i]), ds_u_sum[s], scale, qc[s]);
               if (i == lane) {
-                if (p.need_param_grads) p.grad_q[t * R + i] = gq_i;
+                if (p.save_grad_q) p.grad_q[t * R + i] = gq_i;
                 if (p.need_grad_x) tile_gq[u * R + i] = gq_i;
               }
             }
@@ -451,7 +454,7 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
             for (int i = 1; i < R; ++i) q_own = i == own ? q_reg[s][i] : q_own;
             const float gq_own = rm::query_grad(q_own, dah_sum, ds_u_sum[s], scale, qc[s]);
             if (lane % (kWarp / R) == 0) {
-              if (p.need_param_grads) p.grad_q[t * R + own] = gq_own;
+              if (p.save_grad_q) p.grad_q[t * R + own] = gq_own;
               if (p.need_grad_x) tile_gq[u * R + own] = gq_own;
             }
           } else {
@@ -466,7 +469,7 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
               }
             }
             __syncwarp();
-            if (p.need_param_grads) {
+            if (p.save_grad_q) {
               for (int i = lane; i < rp; i += kWarp) p.grad_q[t * rp + i] = gq_smem[i];
             }
           }
@@ -835,14 +838,23 @@ __global__ void __launch_bounds__(kColumnThreads, kColumnMinBlocks)
   const int64_t g = b % p.groups, c = (b / p.groups) % p.chunks;
   const int k0 = static_cast<int>(b / (static_cast<int64_t>(p.groups) * p.chunks)) * RC;
   const int width = p.vec ? V : 1;
-  const int64_t group = g * kWarp * width;
-  if (p.vec) {
+  int64_t group = g * kWarp * width;
+  bool mma = false;
+  if constexpr (RC == 8 && IsBf16<T>::value) mma = p.mma;
+  if (mma) {
+    if constexpr (RC == 8 && IsBf16<T>::value) {
+      group = g * kColumnMmaGroupCols;
+      column_pass_mma<T>(p, group, c);  // all 32 rank rows: rank_chunks is 1
+      if (!p.need_param_grads) return;
+    }
+  } else if (p.vec) {
     column_partials<RC, T, V>(p, group, c, k0, red, gq_tile, rstd_tile);
   } else {
     column_partials<RC, T, 1>(p, group, c, k0, red, gq_tile, rstd_tile);
   }
   if (!last_ticket(p.counters, 1 + static_cast<int>(g), static_cast<unsigned>(p.chunks * p.rank_chunks))) return;
-  const int cols = static_cast<int>(p.d - group < kWarp * width ? p.d - group : kWarp * width);
+  const int64_t group_cols = mma ? kColumnMmaGroupCols : kWarp * width;
+  const int cols = static_cast<int>(p.d - group < group_cols ? p.d - group : group_cols);
   if (p.vec) {
     finish_column_group<4>(p, group, cols, red);
   } else {

@@ -31,6 +31,10 @@ constexpr int kColumnWarps = kColumnThreads / kWarp;
 constexpr int kColumnMinBlocks = 2;
 // Tokens of a column chunk whose grad_q and rstd rows a block stages in shared memory at a time.
 constexpr int kColumnTile = 256;
+// The column kernel's tensor-core pass (route_column_mma.cuh): columns per warp (two MMA n-tiles:
+// what keeps its fragments within the 128 registers of kColumnMinBlocks blocks) and per block.
+constexpr int kColumnMmaWarpCols = 16;
+constexpr int kColumnMmaGroupCols = kColumnMmaWarpCols * (kColumnThreads / 32);
 constexpr int kMaxElementwiseBlocks = 1024;
 
 // Minimum resident blocks per SM for the backward token kernel's __launch_bounds__ (R: the template
@@ -210,6 +214,8 @@ struct BackwardParams {
                                    // sum dL/ds a_hat [rp] | lane partials [rp, 32] (generic rank) |
                                    // from backward_tile_offset (16-byte aligned): the grad_x tile's
                                    // grad_q rows [tile][rp] and mean_dot [tile] (backward_warp_floats)
+  bool save_grad_q;  // write grad_q for the column kernel (its parameter gradients, or its
+                     // tensor-core dL/dx when need_grad_x is false here: route_column_mma.cuh)
 };
 
 // route_backward_column_kernel: the projection's gradient and, in the same launch, the finalize
@@ -243,6 +249,11 @@ struct ColumnParams {
   float beta, eps;
   bool use_norm;
   bool vec;  // x rows are 16-byte vectors (route_launch_plan.h rows_aligned)
+  bool mma;  // rank 32, bf16 x rows of 16-byte vectors: the tensor-core pass of route_column_mma.cuh
+             // (one rank chunk of all 32 rows; the <8, bf16> instantiation runs it)
+  bool need_param_grads;  // false: the tensor-core pass writes dL/dx only (no partials, no tickets)
+  void* grad_x;           // the tensor-core pass's dL/dx [T, d] (x's dtype), or nullptr
+  const float* q_saved;   // [T, r]: the forward's q, for RMSNorm's mean_dot of that dL/dx
 };
 
 // The layout every compiler must agree on (LP64 host and 64-bit device).
@@ -271,14 +282,17 @@ L2R_FIELD_AT(BackwardParams, proj_vec, 259);
 L2R_FIELD_AT(BackwardParams, counter_words, 260);
 L2R_FIELD_AT(BackwardParams, proj_smem, 264);
 L2R_FIELD_AT(BackwardParams, warp_stride, 296);
-static_assert(sizeof(BackwardParams) == 304, "BackwardParams");
+L2R_FIELD_AT(BackwardParams, save_grad_q, 304);
+static_assert(sizeof(BackwardParams) == 312, "BackwardParams");
 L2R_FIELD_AT(ColumnParams, tokens, 120);
 L2R_FIELD_AT(ColumnParams, chunks, 152);
 L2R_FIELD_AT(ColumnParams, groups, 172);
 L2R_FIELD_AT(ColumnParams, beta, 184);
 L2R_FIELD_AT(ColumnParams, use_norm, 192);
 L2R_FIELD_AT(ColumnParams, vec, 193);
-static_assert(sizeof(ColumnParams) == 200, "ColumnParams");
+L2R_FIELD_AT(ColumnParams, mma, 194);
+L2R_FIELD_AT(ColumnParams, grad_x, 200);
+static_assert(sizeof(ColumnParams) == 216, "ColumnParams");
 
 }  // namespace route
 }  // namespace l2r

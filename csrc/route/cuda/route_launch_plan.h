@@ -569,6 +569,12 @@ inline ForwardLayout forward_mma_layout(RouteMode mode, const RouteShape& s, con
   return f;
 }
 
+// Whether the backward's column kernel takes its tensor-core pass (route_column_mma.cuh) for this
+// shape and x dtype (the caller adds: x and dL/dx rows of 16-byte vectors).
+inline bool backward_column_mma(RouteMode mode, const RouteShape& s, DType x_type) {
+  return mode != RouteMode::kSelect && route_padded_rank(s.rank) == 32 && x_type == DType::kBFloat16;
+}
+
 // Whether a forward of this shape may take the tensor-core layout (the x buffer decides the rest:
 // bf16 with 16-byte rows). The kernel keeps its rows' tokens in 32 bits.
 inline bool forward_mma_shape(RouteMode mode, const RouteShape& s) {
@@ -718,6 +724,12 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
   p.need_param_grads = scores && buf.need_param_grads;
   p.vec = scores && rows_aligned(buf.x, shape.d, buf.x_type) &&
           (!p.need_grad_x || rows_aligned(buf.grad_x, shape.d, buf.x_type));
+  // Rank 32 with bf16 x: the column kernel's tensor-core pass computes dL/dx and the projection's
+  // partials from one read of x (route_column_mma.cuh); the token kernel then saves grad_q only.
+  const bool column_mma = backward_column_mma(mode, shape, buf.x_type) && p.vec;
+  const bool column_grad_x = column_mma && p.need_grad_x;
+  p.need_grad_x = p.need_grad_x && !column_grad_x;
+  p.save_grad_q = p.need_param_grads || column_grad_x;
   const BackwardSmem sm = backward_smem(mode, shape, limits, p.need_param_grads);
   if (sm.bytes < 0) {
     plan.status = Status::kSharedMemoryTooSmall;
@@ -737,7 +749,7 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
   }
   const int blocks = backward_blocks(shape.tokens, sm.blocks_per_sm, limits);
   plan.kernel(token_kernel(RouteKernel::kBackwardToken, mode, rp, buf.x_type), blocks, kThreads, sm.bytes, p);
-  if (!p.need_param_grads) return plan;
+  if (!p.need_param_grads && !column_grad_x) return plan;
 
   ColumnParams c{};
   c.x = buf.x;
@@ -757,9 +769,16 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
   c.counters = counters;
   c.vec = rows_aligned(buf.x, shape.d, buf.x_type);
   const int rc = rp < kGenericChunk ? rp : kGenericChunk;
-  c.groups = static_cast<int32_t>(column_groups(shape.d, c.vec ? static_cast<int>(16 / score_elem_bytes(buf.x_type)) : 1));
-  c.rank_chunks = rp / rc;
-  c.anchor_units = static_cast<int32_t>(ceil_div(static_cast<int64_t>(shape.experts) * shape.anchors * rp, kWarp));
+  c.groups = static_cast<int32_t>(column_mma ? ceil_div(shape.d, static_cast<int64_t>(kColumnMmaGroupCols))
+                                             : column_groups(shape.d, c.vec ? static_cast<int>(16 / score_elem_bytes(buf.x_type)) : 1));
+  c.mma = column_mma;
+  c.need_param_grads = p.need_param_grads;
+  c.grad_x = column_grad_x ? buf.grad_x : nullptr;
+  c.q_saved = buf.q;
+  c.rank_chunks = column_mma ? 1 : rp / rc;
+  c.anchor_units = p.need_param_grads
+                       ? static_cast<int32_t>(ceil_div(static_cast<int64_t>(shape.experts) * shape.anchors * rp, kWarp))
+                       : 0;
   const ColumnChunks chunks =
       column_chunks(shape.tokens, static_cast<int64_t>(c.groups) * c.rank_chunks, c.anchor_units, limits);
   c.tokens = shape.tokens;
