@@ -129,8 +129,11 @@ __device__ __forceinline__ void column_pass_mma(const ColumnParams& p, int64_t g
     }
     __syncthreads();
     if (want_gx && use_norm) {
-      // RMSNorm's mean(dL/dx_hat * x_hat) = <grad_q, q> / d, as the token kernel's grad_x pass has it
-      for (int u = threadIdx.x; u < n; u += kColumnThreads) {
+      // RMSNorm's mean(dL/dx_hat * x_hat) = <grad_q, q> / d, as the token kernel's grad_x pass has
+      // it: 8 tokens per warp (lanes 0-7), whose grad_q rows (36 floats apart) start in distinct banks
+      static_assert(kColumnMmaTile == 8 * kColumnWarps, "a token per lane 0-7 of each warp");
+      const int u = 8 * warp + lane;
+      if (lane < 8 && u < n) {
         tok_mean_dot[u] = rm::rms_mean_dot<32>(gq_rows + u * kColumnMmaStride, q_rows + u * kColumnMmaQStride, 32, d);
       }
       __syncthreads();
