@@ -34,7 +34,7 @@ constexpr int kColumnTile = 256;
 // The column kernel's tensor-core pass (route_column_mma.cuh): columns per warp (two MMA n-tiles:
 // what keeps its fragments within the 128 registers of kColumnMinBlocks blocks) and per block.
 constexpr int kColumnMmaWarpCols = 16;
-constexpr int kColumnMmaGroupCols = kColumnMmaWarpCols * (kColumnThreads / 32);
+constexpr int kColumnMmaGroupCols = kColumnMmaWarpCols * kColumnWarps;
 constexpr int kMaxElementwiseBlocks = 1024;
 
 // Minimum resident blocks per SM for the backward token kernel's __launch_bounds__ (R: the template
