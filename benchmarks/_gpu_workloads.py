@@ -89,14 +89,16 @@ def run_route(lib, s: Shape, seed: int = 0) -> dict[str, dict]:
         fwd["route_forward_kernel"] += 6.0 * 4 * 32 * s.d * -(-s.T // 128)
     if any(r.get("mma", 0) for r in bwd_recs):
         # dL/dx_hat = grad_q W and the projection's partials ran on tensor cores in the column kernel
-        # (route_column_mma.cuh): the token kernel keeps only the scoring, and the CUDA cores split
-        # operands into bf16 parts (each warp's kColumnMmaWarpCols = 16 columns: per token 32 grad_q
-        # values into two parts, ~4 FLOPs a value, and 32 rstd * grad_q values into three, ~7) and
-        # run RMSNorm's epilogue (~4 FLOPs per element of dL/dx).
+        # (route_column_mma.cuh): the token kernel keeps only the scoring (and RMSNorm's mean_dot,
+        # 2 FLOPs per rank), and the CUDA cores split operands into bf16 parts (each warp's
+        # kColumnMmaWarpCols = 16 columns: per token 32 grad_q values into two parts, ~4 FLOPs a
+        # value, and 32 rstd * grad_q values into three, ~6; the product rstd * grad_q once per
+        # block of 128 columns when staged) and run RMSNorm's epilogue (~4 FLOPs per element of dL/dx).
         bwd = flops["backward"]
         rp = padded_rank(s.r)
-        bwd["route_backward_token_kernel"] -= 2.0 * 2.0 * s.T * s.d * rp
-        bwd["route_backward_column_kernel"] = s.T * -(-s.d // 16) * 32 * (4 + 7) + 4.0 * s.T * s.d
+        bwd["route_backward_token_kernel"] += -2.0 * 2.0 * s.T * s.d * rp + 2.0 * s.T * rp
+        bwd["route_backward_column_kernel"] = (s.T * -(-s.d // 16) * 32 * (4 + 6) + s.T * -(-s.d // 128) * 32
+                                               + 4.0 * s.T * s.d)
     xb = s.T * s.d * 2
     return {
         "route forward": dict(records=fwd_recs, flops=flops["forward"], min_bytes=xb,

@@ -8,6 +8,9 @@
 //   M[k, i]     += sum_t (rstd[t] grad_q[t, k]) x[t, i]              (the column partials)
 // so x is read once per backward, and the projection once per block. Warp w takes the group's 16
 // columns [16 w, 16 w + 16) and every 16-token m-tile of the chunk; nothing is added across warps.
+// The block stages each pass's grad_q in the layout each product's A fragments read as float2
+// (rows for dL/dx_hat, token pairs for M); RMSNorm's mean_dot comes from the token kernel, which
+// has q and grad_q in registers (BackwardParams::mean_dot).
 //
 // Precision (every operand bf16, every sum float32 on the tensor cores):
 // - dL/dx_hat: grad_q and w as two bf16 parts each (v = hi + lo, lo the nearest bf16 to v - hi),
@@ -34,15 +37,17 @@
 namespace l2r {
 namespace route {
 
-constexpr int kColumnMmaTile = 64;     // tokens staged per pass (4 m-tiles)
-constexpr int kColumnMmaStride = 36;   // floats per staged grad_q row: 16-byte rows; the A reads of
-                                       // both products then fall in distinct banks (4 g + 2 q for
-                                       // the float2 reads of dL/dx_hat, 8 q + g for those of M)
-constexpr int kColumnMmaQStride = 33;  // floats per staged q row: a thread per token reads its row
-                                       // in order, the tokens in distinct banks
-constexpr int kColumnMmaXStride = 12;  // 32-bit words per row of a warp's x tile (16 tokens x 16
-                                       // bf16 columns): the B reads of M (rows 2 q + b, word g) fall
-                                       // in distinct banks (24 q + g), the 8-byte stores at most 2-way
+constexpr int kColumnMmaTile = 64;        // tokens staged per pass (4 m-tiles)
+constexpr int kColumnMmaStride = 40;      // floats per staged grad_q row [token][rank]: dL/dx_hat's
+                                          // float2 A reads (row g, word 2 q) fall in distinct 8-byte
+                                          // bank pairs of each half-warp (4 g + q of 16)
+constexpr int kColumnMmaPairStride = 72;  // floats per staged pair row of rstd * grad_q [pair][rank][2]
+                                          // (a rank of two tokens side by side): M's float2 A reads
+                                          // (pair q, rank g) fall in distinct bank pairs (4 q + g),
+                                          // the staging float4 stores of 8 lanes in one row's 32 words
+constexpr int kColumnMmaXStride = 12;     // 32-bit words per row of a warp's x tile (16 tokens x 16
+                                          // bf16 columns): the B reads of M (rows 2 q + b, word g) fall
+                                          // in distinct banks (24 q + g), the 8-byte stores at most 2-way
 
 // v = hi + lo as bf16 bit patterns (lo the nearest bf16 to v - hi, which float holds exactly).
 __device__ __forceinline__ void bf16_split2(float v, uint16_t& hi, uint16_t& lo) {
@@ -56,9 +61,9 @@ __device__ __forceinline__ void bf16_split2(float v, uint16_t& hi, uint16_t& lo)
 template <typename T>
 __device__ __forceinline__ void column_pass_mma(const ColumnParams& p, int64_t group, int64_t c) {
   __shared__ __align__(16) float gq_rows[kColumnMmaTile * kColumnMmaStride];  // grad_q [token][rank]
+  __shared__ __align__(16) float s_pairs[kColumnMmaTile / 2 * kColumnMmaPairStride];  // rstd grad_q
   __shared__ float tok_rstd[kColumnMmaTile];                                 // 0 past the tokens
   __shared__ float tok_mean_dot[kColumnMmaTile];
-  __shared__ float q_rows[kColumnMmaTile * kColumnMmaQStride];                 // q [token][rank]
   __shared__ __align__(16) uint32_t x_tiles[kColumnWarps][16 * kColumnMmaXStride];  // per warp
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int g = lane / 4, q = lane % 4;
@@ -110,34 +115,32 @@ __device__ __forceinline__ void column_pass_mma(const ColumnParams& p, int64_t g
   uint32_t* xs = x_tiles[warp];
   for (int64_t s0 = t0; s0 < t1; s0 += kColumnMmaTile) {
     const int n = static_cast<int>(t1 - s0 < kColumnMmaTile ? t1 - s0 : kColumnMmaTile);
-    // Stage the pass's grad_q rows ([T, 32]: 8 float4 per row) and rstd, zero past its tokens.
-    for (int m = threadIdx.x; m < kColumnMmaTile * 8; m += kColumnThreads) {
-      const int u = m / 8, kk = 4 * (m % 8);
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (u < n) v = __ldg(reinterpret_cast<const float4*>(grad_q + (s0 + u) * 32 + kk));
-      *reinterpret_cast<float4*>(gq_rows + u * kColumnMmaStride + kk) = v;
+    // Stage the pass's grad_q ([T, 32], zero past its tokens) twice: as rows [token][rank] (A of
+    // dL/dx_hat) and, times rstd, as token pairs [pair][rank][2] (A of M, whose k is the token: a
+    // float2 there is one rank of two tokens). A thread takes ranks 2 j, 2 j + 1 of a token pair:
+    // 16 threads read two whole 128-byte rows.
+    static_assert(kColumnMmaTile / 2 * 16 % kColumnThreads == 0, "whole staging rounds");
+    for (int m = threadIdx.x; m < kColumnMmaTile / 2 * 16; m += kColumnThreads) {
+      const int pr = m / 16, j = m % 16, u = 2 * pr;
+      float2 v[2] = {make_float2(0.f, 0.f), make_float2(0.f, 0.f)};
+      float r[2] = {0.f, 0.f};
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        if (u + b < n) {
+          v[b] = __ldg(reinterpret_cast<const float2*>(grad_q + (s0 + u + b) * 32 + 2 * j));
+          r[b] = use_norm ? __ldg(p.rstd + s0 + u + b) : 1.f;
+        }
+        *reinterpret_cast<float2*>(gq_rows + (u + b) * kColumnMmaStride + 2 * j) = v[b];
+      }
+      *reinterpret_cast<float4*>(s_pairs + pr * kColumnMmaPairStride + 4 * j) =
+          make_float4(r[0] * v[0].x, r[1] * v[1].x, r[0] * v[0].y, r[1] * v[1].y);
     }
+    // rstd and RMSNorm's mean_dot = <grad_q, q> / d (the token kernel's) for the dL/dx epilogue
     for (int u = threadIdx.x; u < kColumnMmaTile; u += kColumnThreads) {
       tok_rstd[u] = u < n ? (use_norm ? __ldg(p.rstd + s0 + u) : 1.f) : 0.f;
-    }
-    if (want_gx && use_norm) {
-      // the pass's q rows ([T, r], zero to rank 32), consecutive loads
-      for (int m = threadIdx.x; m < n * 32; m += kColumnThreads) {
-        const int u = m / 32, k = m % 32;
-        q_rows[u * kColumnMmaQStride + k] = k < rank ? __ldg(p.q_saved + (s0 + u) * rank + k) : 0.f;
-      }
+      tok_mean_dot[u] = u < n && want_gx && use_norm ? __ldg(p.mean_dot + s0 + u) : 0.f;
     }
     __syncthreads();
-    if (want_gx && use_norm) {
-      // RMSNorm's mean(dL/dx_hat * x_hat) = <grad_q, q> / d, as the token kernel's grad_x pass has
-      // it: 8 tokens per warp (lanes 0-7), whose grad_q rows (36 floats apart) start in distinct banks
-      static_assert(kColumnMmaTile == 8 * kColumnWarps, "a token per lane 0-7 of each warp");
-      const int u = 8 * warp + lane;
-      if (lane < 8 && u < n) {
-        tok_mean_dot[u] = rm::rms_mean_dot<32>(gq_rows + u * kColumnMmaStride, q_rows + u * kColumnMmaQStride, 32, d);
-      }
-      __syncthreads();
-    }
 
     for (int r0 = 0; r0 < n; r0 += 16) {
       // x of tokens r0 + g and r0 + g + 8, columns 4 q .. 4 q + 3 (zero past the tokens or d): the
@@ -229,17 +232,18 @@ __device__ __forceinline__ void column_pass_mma(const ColumnParams& p, int64_t g
         __syncwarp();  // the tile is read before the next m-tile's x overwrites it
 #pragma unroll
         for (int mr = 0; mr < 2; ++mr) {
-          // A: ranks 16 mr + g (+ 8) by tokens 2 q, 2 q + 1 (+ 8): rstd * grad_q as three bf16
-          // parts, each the nearest bf16 to the remainder after the parts before it (as in
-          // route_project_mma.cuh), the largest first; value 2 e + b is the lower (b = 0) or upper k
-          // of register e
+          // A: ranks 16 mr + g (+ 8) by tokens 2 q, 2 q + 1 (+ 8), one float2 of the token pairs:
+          // rstd * grad_q as three bf16 parts, each the nearest bf16 to the remainder after the
+          // parts before it (as in route_project_mma.cuh), the largest first; value 2 e + b is the
+          // lower (b = 0) or upper k of register e
           float rest[8];
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int k = 16 * mr + g + 8 * (e & 1);
-            const int u = r0 + 2 * q + 8 * (e >> 1);
-#pragma unroll
-            for (int b = 0; b < 2; ++b) rest[2 * e + b] = tok_rstd[u + b] * gq_rows[(u + b) * kColumnMmaStride + k];
+            const int pr = r0 / 2 + q + 4 * (e >> 1);
+            const float2 v = *reinterpret_cast<const float2*>(s_pairs + pr * kColumnMmaPairStride + 2 * k);
+            rest[2 * e] = v.x;
+            rest[2 * e + 1] = v.y;
           }
 #pragma unroll
           for (int pp = 0; pp < 3; ++pp) {

@@ -440,11 +440,15 @@ __global__ void __launch_bounds__(kThreads, backward_min_blocks(R))
 #pragma unroll
             for (int i = 0; i < R; ++i) {
               const float gq_i = rm::query_grad(q_reg[s][i], warp_sum(dah_reg[s][i]), ds_u_sum[s], scale, qc[s]);
+              dah_reg[s][i] = gq_i;  // every lane has the token's whole grad_q row from here
               if (i == lane) {
                 if (p.save_grad_q) p.grad_q[t * R + i] = gq_i;
                 if (p.need_grad_x) tile_gq[u * R + i] = gq_i;
               }
             }
+            // RMSNorm's mean_dot for the tensor-core column pass's dL/dx (route_column_mma.cuh),
+            // from the registers: the pass then stages neither q nor a second copy of the formula
+            if (p.mean_dot != nullptr && lane == 0) p.mean_dot[t] = rm::rms_mean_dot<R>(dah_reg[s], q_reg[s], R, d);
           } else if constexpr (R > 0) {
             // lane l: grad_q[l / (32 / R)], written by the first lane of each group of 32 / R
             const float dah_sum = warp_sum_scatter<R>(dah_reg[s], lane);

@@ -216,6 +216,8 @@ struct BackwardParams {
                                    // grad_q rows [tile][rp] and mean_dot [tile] (backward_warp_floats)
   bool save_grad_q;  // write grad_q for the column kernel (its parameter gradients, or its
                      // tensor-core dL/dx when need_grad_x is false here: route_column_mma.cuh)
+  float* mean_dot;   // [T]: RMSNorm's <grad_q, q> / d of each token for the tensor-core pass's
+                     // dL/dx (rank 32, with RMSNorm), or nullptr
 };
 
 // route_backward_column_kernel: the projection's gradient and, in the same launch, the finalize
@@ -253,7 +255,8 @@ struct ColumnParams {
              // (one rank chunk of all 32 rows; the <8, bf16> instantiation runs it)
   bool need_param_grads;  // false: the tensor-core pass writes dL/dx only (no partials, no tickets)
   void* grad_x;           // the tensor-core pass's dL/dx [T, d] (x's dtype), or nullptr
-  const float* q_saved;   // [T, r]: the forward's q, for RMSNorm's mean_dot of that dL/dx
+  const float* mean_dot;  // [T]: RMSNorm's mean_dot of each token for that dL/dx (the token
+                          // kernel's BackwardParams::mean_dot), or nullptr without RMSNorm
 };
 
 // The layout every compiler must agree on (LP64 host and 64-bit device).
@@ -283,7 +286,8 @@ L2R_FIELD_AT(BackwardParams, counter_words, 260);
 L2R_FIELD_AT(BackwardParams, proj_smem, 264);
 L2R_FIELD_AT(BackwardParams, warp_stride, 296);
 L2R_FIELD_AT(BackwardParams, save_grad_q, 304);
-static_assert(sizeof(BackwardParams) == 312, "BackwardParams");
+L2R_FIELD_AT(BackwardParams, mean_dot, 312);
+static_assert(sizeof(BackwardParams) == 320, "BackwardParams");
 L2R_FIELD_AT(ColumnParams, tokens, 120);
 L2R_FIELD_AT(ColumnParams, chunks, 152);
 L2R_FIELD_AT(ColumnParams, groups, 172);
@@ -292,6 +296,7 @@ L2R_FIELD_AT(ColumnParams, use_norm, 192);
 L2R_FIELD_AT(ColumnParams, vec, 193);
 L2R_FIELD_AT(ColumnParams, mma, 194);
 L2R_FIELD_AT(ColumnParams, grad_x, 200);
+L2R_FIELD_AT(ColumnParams, mean_dot, 208);
 static_assert(sizeof(ColumnParams) == 216, "ColumnParams");
 
 }  // namespace route

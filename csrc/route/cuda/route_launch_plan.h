@@ -224,7 +224,7 @@ inline int64_t backward_counter_words(int64_t d) { return 1 + column_groups(d, 1
 // Workspace regions (floats, each 16-byte aligned). Anchor and scale slots: one per block of the
 // token kernel, or one per warp when its warps' accumulators stay in global memory (backward_slots).
 struct BackwardWorkspace {
-  int64_t anchor_hat, grad_q, column_partials, anchor_slots, scale_slots, acc_total, counters, total;
+  int64_t anchor_hat, grad_q, mean_dot, column_partials, anchor_slots, scale_slots, acc_total, counters, total;
 };
 
 inline BackwardWorkspace backward_workspace(RouteMode mode, const RouteShape& s, int64_t slots) {
@@ -234,7 +234,8 @@ inline BackwardWorkspace backward_workspace(RouteMode mode, const RouteShape& s,
   if (mode == RouteMode::kSelect) return w;
   w.anchor_hat = 0;
   w.grad_q = w.anchor_hat + align4(acc);
-  w.column_partials = w.grad_q + align4(s.tokens * rp);
+  w.mean_dot = w.grad_q + align4(s.tokens * rp);  // the tensor-core column pass's RMSNorm term
+  w.column_partials = w.mean_dot + align4(s.tokens);
   w.anchor_slots = w.column_partials + align4(static_cast<int64_t>(max_column_chunks(s.tokens)) * rp * s.d);
   w.scale_slots = w.anchor_slots + align4(slots * acc);
   w.acc_total = w.scale_slots + align4(slots);
@@ -730,6 +731,7 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
   const bool column_grad_x = column_mma && p.need_grad_x;
   p.need_grad_x = p.need_grad_x && !column_grad_x;
   p.save_grad_q = p.need_param_grads || column_grad_x;
+  p.mean_dot = column_grad_x && opt.use_norm() ? buf.workspace + ws.mean_dot : nullptr;
   const BackwardSmem sm = backward_smem(mode, shape, limits, p.need_param_grads);
   if (sm.bytes < 0) {
     plan.status = Status::kSharedMemoryTooSmall;
@@ -774,7 +776,7 @@ inline LaunchPlan route_backward_launches(RouteMode mode, const RouteShape& shap
   c.mma = column_mma;
   c.need_param_grads = p.need_param_grads;
   c.grad_x = column_grad_x ? buf.grad_x : nullptr;
-  c.q_saved = buf.q;
+  c.mean_dot = p.mean_dot;
   c.rank_chunks = column_mma ? 1 : rp / rc;
   c.anchor_units = p.need_param_grads
                        ? static_cast<int32_t>(ceil_div(static_cast<int64_t>(shape.experts) * shape.anchors * rp, kWarp))
