@@ -37,7 +37,8 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results"
 PTXAS = ROOT / "benchmarks" / "results" / "ptxas_sm90.md"
 
 MODELS = {  # name: (d, E, k, [(r, H), ...]); no (r, H): permute / unpermute only
-    "olmoe": (2048, 64, 8, [(8, 4), (2, 1)]),
+    # OLMoE: every (r, H) of issue 13's forward and backward targets, r in {2, 8} x H in {1, 4}
+    "olmoe": (2048, 64, 8, [(8, 4), (2, 1), (8, 1), (2, 4)]),
     "mixtral": (4096, 8, 2, [(32, 1)]),
     "deepseek-v3": (7168, 256, 8, []),
 }
