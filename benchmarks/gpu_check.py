@@ -134,7 +134,7 @@ def attach_model(rows: list[dict], model: dict, dev: str, peak: float | None) ->
             row["pct_peak"] = 100.0 * row["gbs"] * 1e9 / peak if peak else None
 
 
-def write(rows: list[dict], out: Path, info: dict) -> None:
+def write(rows: list[dict], out: Path, info: dict, echo: bool = True) -> None:
     (out / "timing.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
     L = [f"# Measured on {info['gpu']} (model device {info['model_device']}, peak "
          f"{info['peak_gbs']} GB/s) — `scripts/gpu_check.sh`",
@@ -154,7 +154,8 @@ def write(rows: list[dict], out: Path, info: dict) -> None:
         L[-1] += (f"{r.get('gbs', 0):.0f} | " + (f"{r['pct_peak']:.1f}" if r.get("pct_peak") is not None else "") +
                   f" | {r['timer']} | {r.get('check', '')} |")
     (out / "timing.md").write_text("\n".join(L) + "\n")
-    print("\n".join(L))
+    if echo:
+        print("\n".join(L))
 
 
 ARGS = None
@@ -193,7 +194,8 @@ def main(argv=None) -> int:
         print(f"[gpu_check] {kind} {mdl} T={T} r={r} H={H}", file=sys.stderr, flush=True)
         s = {"model": mdl, "T": T, "r": r, "H": H}
         rows += route_rows(s, t0) if kind == "route" else permute_rows(s)
-    attach_model(rows, model, dev, peak)
+        attach_model(rows, model, dev, peak)
+        write(rows, out, info, echo=False)  # after every shape: a run stopped early keeps what it measured
     write(rows, out, info)
     failed = [r for r in rows if "error" in r or str(r.get("check", "")).startswith("FAILED")]
     return 1 if failed else 0
