@@ -103,7 +103,7 @@ wait "$TC_PID" || STATUS=1
 # The tests and the sanitizer both check correctness, so they share the GPU; the timing runs alone.
 XDIST=()
 "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST=(-n "$(( $(nproc) > 12 ? 6 : 2 ))")
-step "CUDA tests" "$OUT/tests.log" "$PY" -m pytest tests -m cuda -q -ra -p no:cacheprovider "${XDIST[@]}" &
+step "CUDA tests" "$OUT/tests.log" "$PY" -m pytest tests -m cuda -v --tb=short -ra -p no:cacheprovider "${XDIST[@]}" &
 TESTS_PID=$!
 SANITIZER=$(command -v compute-sanitizer || true)
 [ -n "$SANITIZER" ] || { [ -x "$(dirname "$NVCC")/compute-sanitizer" ] && SANITIZER="$(dirname "$NVCC")/compute-sanitizer"; }
