@@ -47,8 +47,10 @@ _is_compiling = torch.compiler.is_compiling
 
 
 def _check_device(device: torch.device, op: str, name: str) -> None:
-    # Only for a clearer message than the dispatcher's: a CUDA tensor in a CPU-only build.
-    if device.type == "cuda" and not has_kernel(op, "cuda"):
+    # Only for a clearer message than the dispatcher's: a CUDA tensor in a CPU-only build. Not while
+    # torch.compile traces: Dynamo cannot put the dispatcher query (a bool from torch._C) in a graph,
+    # so fullgraph=True failed on every CUDA input (the dispatcher still refuses a missing kernel).
+    if device.type == "cuda" and not _is_compiling() and not has_kernel(op, "cuda"):
         raise RuntimeError(
             f"l2r_cuda.{op}: {name} is on {device} but this build of l2r_cuda has no CUDA kernel "
             f"for it (cuda_built() = {cuda_built()}): install cupy for NVRTC-compiled kernels "

@@ -138,7 +138,8 @@ def _grad_tolerance(ref32: torch.Tensor, dtype: torch.dtype) -> float:
 def _compare_grads(grads, ref_grads, params, names):
     for name, g, rg, p in zip(names, grads, ref_grads, params):
         assert g is not None and g.dtype == p.dtype and g.shape == p.shape, name
-        rg = torch.zeros_like(p, dtype=torch.float32) if rg is None else rg.float()
+        # the reference runs on the CPU (p may be a CUDA tensor)
+        rg = torch.zeros(p.shape, dtype=torch.float32) if rg is None else rg.float()
         tol = _grad_tolerance(rg, p.dtype)
         err = (g.cpu().float() - rg).abs().max().item() if g.numel() else 0.0
         assert err <= tol, f"grad of {name}: max error {err:.3g} > {tol:.3g}"
@@ -668,6 +669,20 @@ def test_compile_fullgraph_with_policies():
         torch.testing.assert_close(a, b)
     sum(t.sum() for t in got).backward()
     assert s.x.grad is not None and s.anchors.grad is not None
+
+
+def test_compile_fullgraph_traces_the_cuda_device_check():
+    # The device check of every op runs for CUDA inputs only; torch.compile(fullgraph=True) on a GPU
+    # failed there (Dynamo cannot trace the dispatcher query it made). Traced here with a CUDA device
+    # object and CPU tensors, so that no GPU is needed.
+    from l2r_cuda.ops import _check_device
+
+    def fn(x):
+        _check_device(torch.device("cuda"), "route_forward", "x")
+        return x + 1
+
+    x = torch.ones(3)
+    assert torch.equal(torch.compile(fn, fullgraph=True, backend="eager")(x), x + 1)
 
 
 def test_compile_fullgraph_inductor():
