@@ -76,24 +76,33 @@ def graph_time_us(step, device, calls: int, replays: int) -> dict:
             step()
     torch.cuda.current_stream(device).wait_stream(side)
     sync(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            step()
+    timer = f"CUDA graph of {calls} calls"
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                step()
+        replay = graph.replay
+    except Exception as exc:  # noqa: BLE001 - not capturable: eager calls, launch overhead included
+        sync(device)
+        timer = f"eager ({type(exc).__name__} in capture)"
+
+        def replay():
+            for _ in range(calls):
+                step()
     for _ in range(3):
-        graph.replay()
+        replay()
     sync(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     per_call = []
     for _ in range(replays):
         start.record()
-        graph.replay()
+        replay()
         end.record()
         end.synchronize()
         per_call.append(start.elapsed_time(end) * 1e3 / calls)
-    del graph
     q = statistics.quantiles(per_call, n=4) if len(per_call) > 1 else [per_call[0]] * 3
-    return {"us": statistics.median(per_call), "spread_us": q[2] - q[0], "timer": f"CUDA graph of {calls} calls"}
+    return {"us": statistics.median(per_call), "spread_us": q[2] - q[0], "timer": timer}
 
 
 def kernel_profile(step, device, calls: int) -> dict:
@@ -148,8 +157,8 @@ def run_shape(kind, shape, args, device, model, dev) -> list[dict]:
                     else:
                         params = C.make_params(contender, m, r, H, torch.bfloat16, device, seed=1)
                         step, _ = C.make_step(contender, x, params, m.k, mode, seed=2)
-                    row.update(graph_time_us(step, device, args.calls_per_graph, args.replays))
                     row.update(kernel_profile(step, device, args.profiled_calls))
+                    row.update(graph_time_us(step, device, args.calls_per_graph, args.replays))
                 except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
                     row["error"] = f"{type(exc).__name__}: {exc}"[:500]
                     traceback.print_exc()
@@ -169,8 +178,8 @@ def run_shape(kind, shape, args, device, model, dev) -> list[dict]:
         for op, step in steps.items():
             row = {"op": op, "mode": "fwd", "contender": "native", "model": mdl, "T": T, "r": 0, "H": 0}
             try:
-                row.update(graph_time_us(step, device, args.calls_per_graph, args.replays))
                 row.update(kernel_profile(step, device, args.profiled_calls))
+                row.update(graph_time_us(step, device, args.calls_per_graph, args.replays))
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]
                 traceback.print_exc()
@@ -185,12 +194,12 @@ def write(rows, out: Path, info: dict, echo: bool) -> None:
          f"torch {info['torch']}, CUDA {info['cuda']}, l2r_cuda backend {info['backend']}, git {info['git']}. "
          "graph µs: median per call over replays of one CUDA graph of many calls (launch overhead amortized); "
          "kernels µs: the call's kernel durations summed (torch.profiler); GB/s: the model's minimum bytes / graph µs.",
-         "", "| op | shape | contender | graph µs (IQR) | kernels µs | model µs | graph / model | GB/s | top kernels (µs per call) |",
-         "|---|---|---|---:|---:|---:|---:|---:|---|"]
+         "", "| op | shape | contender | graph µs (IQR) | kernels µs | model µs | graph / model | GB/s | timer | top kernels (µs per call) |",
+         "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         shape = f"{r['model']} T={r['T']}" + (f" r={r['r']} H={r['H']}" if r["r"] else "")
         if "error" in r:
-            L.append(f"| {r['op']} | {shape} | {r['contender']} | {r['error'][:200]} | | | | | |")
+            L.append(f"| {r['op']} | {shape} | {r['contender']} | {r['error'][:200]} | | | | | | |")
             continue
         mu = r.get("model_us")
         gbs = f"{r['min_bytes'] / (r['us'] * 1e-6) / 1e9:.0f}" if r.get("min_bytes") else ""
@@ -199,7 +208,7 @@ def write(rows, out: Path, info: dict, echo: bool) -> None:
         mu_s = "" if not mu else f"{mu:.1f}"
         ratio = "" if not mu else f"{r['us'] / mu:.2f}"
         L.append(f"| {r['op']} | {shape} | {r['contender']} | {r['us']:.1f} ({r['spread_us']:.1f}) | "
-                 f"{r['kernels_us']:.1f} | {mu_s} | {ratio} | {gbs} | {top} |")
+                 f"{r['kernels_us']:.1f} | {mu_s} | {ratio} | {gbs} | {r['timer']} | {top} |")
     (out / "profile.md").write_text("\n".join(L) + "\n")
     if echo:
         print("\n".join(L))
