@@ -6,8 +6,9 @@ scripts/gpu_check.sh on a machine with an NVIDIA GPU).
 For every shape of the cost model (gpu_model.json, written by `python -m benchmarks.gpu_model
 --json`): route forward and forward+backward (l2r_cuda.route, against linear gating and the
 torch.compile'd reference), permute and unpermute (l2r_cuda.permute / unpermute, against the eager
-reference). CUDA events around CUDA-graph replay where the op captures (eager calls otherwise),
-benchmarks/_timing.py's time_fn. Achieved GB/s counts the op's minimum traffic (the model's min_bytes); % of the device's peak bandwidth from benchmarks/_timing.PEAK_BANDWIDTH. Writes
+reference). CUDA events around CUDA-graph replay where the op captures (eager calls otherwise; a graph holds
+enough calls for a replay to last ~200 µs, so that short calls are not timed by the host's replay
+overhead), benchmarks/_timing.py's time_fn. Achieved GB/s counts the op's minimum traffic (the model's min_bytes); % of the device's peak bandwidth from benchmarks/_timing.PEAK_BANDWIDTH. Writes
 timing.md and timing.json to --out; exits 1 when a check or a measurement failed.
 """
 from __future__ import annotations
@@ -196,6 +197,10 @@ def main(argv=None) -> int:
         rows += route_rows(s, t0) if kind == "route" else permute_rows(s)
         attach_model(rows, model, dev, peak)
         write(rows, out, info, echo=False)  # after every shape: a run stopped early keeps what it measured
+        if ARGS.device == "cuda":
+            # the caching allocator kept ~100 GiB reserved after the 1M-row permute, and the next
+            # shapes' references ran out of memory (first H200 run)
+            torch.cuda.empty_cache()
     write(rows, out, info)
     failed = [r for r in rows if "error" in r or str(r.get("check", "")).startswith("FAILED")]
     return 1 if failed else 0

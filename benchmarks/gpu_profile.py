@@ -2,7 +2,7 @@
 time per call with launch overhead amortized (one CUDA graph holding many calls), next to the cost
 model's estimate and to linear gating and a plain read of x, at a few shapes.
 
-    python -m benchmarks.gpu_profile --out DIR [--calls-per-graph 20] [--quick]
+    python -m benchmarks.gpu_profile --out DIR [--calls-per-graph 20] [--quick] [--sweep]
 
 benchmarks/gpu_check.py times one call per graph replay, so at small shapes it measures the host's
 replay overhead (tens of µs), not the GPU. Here:
@@ -43,6 +43,11 @@ ROUTE_SHAPES = [("mixtral", 8192, 32, 1), ("olmoe", 8192, 8, 4), ("olmoe", 8192,
                 ("olmoe", 64, 8, 4)]
 PERMUTE_SHAPES = [("mixtral", 8192), ("olmoe", 8192), ("deepseek-v3", 8192)]
 CONTENDERS = ("l2r_native", "linear")
+# --sweep: the forward's time against T at two shapes, for route and for route_logits (no softmax,
+# top-k or statistics): a cost that does not fall with T is fixed per call (the first H200 run: the
+# forward kernel took 21 µs for one Mixtral token and 36 µs for 64 OLMoE tokens)
+SWEEP_SHAPES = [("olmoe", 8, 4), ("mixtral", 32, 1)]
+SWEEP_T = (1, 16, 64, 256, 1024, 8192)
 
 
 def parse_args(argv=None):
@@ -52,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--replays", type=int, default=10, help="timed replays of the graph (median taken)")
     p.add_argument("--profiled-calls", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="the first route shape and the first permute shape only")
+    p.add_argument("--sweep", action="store_true",
+                   help="also the forward (route and route_logits) at T = 1 ... 8192 for two shapes")
     p.add_argument("--device", default="cuda")
     p.add_argument("--model", default=str(MODEL_JSON))
     return p.parse_args(argv)
@@ -188,6 +195,31 @@ def run_shape(kind, shape, args, device, model, dev) -> list[dict]:
     return rows
 
 
+def sweep_rows(mdl: str, r: int, H: int, args, device, model, dev) -> list[dict]:
+    m = C.MODELS[mdl]
+    params = C.make_params("l2r_native", m, r, H, torch.bfloat16, device, seed=1)
+    proj, anchors, scale, norm_weight = params
+    rows = []
+    for T in SWEEP_T:
+        x = C.make_x(T, m.d, torch.bfloat16, device, seed=0)
+        steps = {
+            "route forward": lambda: l2r_cuda.route(x, proj, anchors, scale, top_k=m.k, norm_weight=norm_weight),
+            "route_logits": lambda: l2r_cuda.ops.route_logits(x, proj, anchors, scale, norm_weight=norm_weight),
+        }
+        for op, step in steps.items():
+            row = {"op": op, "mode": "fwd", "contender": "l2r_native", "model": mdl, "T": T, "r": r, "H": H,
+                   "sweep": True}
+            try:
+                row.update(kernel_profile(step, device, args.profiled_calls))
+                row.update(graph_time_us(step, device, args.calls_per_graph, args.replays))
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+                traceback.print_exc()
+            row["model_us"], row["min_bytes"] = model_us(model, op, mdl, T, r, H, dev)
+            rows.append(row)
+    return rows
+
+
 def write(rows, out: Path, info: dict, echo: bool) -> None:
     (out / "profile.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
     L = [f"# GPU profile on {info['gpu']} — `python -m benchmarks.gpu_profile`", "",
@@ -229,10 +261,13 @@ def main(argv=None) -> int:
             "backend": l2r_cuda.cuda_backend() if device.type == "cuda" else "cpu"}
     work = [("route", s) for s in ROUTE_SHAPES[: 1 if args.quick else None]] + \
            [("permute", s) for s in PERMUTE_SHAPES[: 1 if args.quick else None]]
+    if args.sweep:
+        work += [("sweep", s) for s in SWEEP_SHAPES[: 1 if args.quick else None]]
     rows = []
     for kind, shape in work:
         print(f"[gpu_profile] {kind} {shape}", file=sys.stderr, flush=True)
-        rows += run_shape(kind, shape, args, device, model, dev)
+        rows += (sweep_rows(*shape, args, device, model, dev) if kind == "sweep"
+                 else run_shape(kind, shape, args, device, model, dev))
         write(rows, out, info, echo=False)
         if device.type == "cuda":
             torch.cuda.empty_cache()

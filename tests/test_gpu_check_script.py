@@ -67,3 +67,27 @@ def test_timing_logic_dry_run_on_cpu(tmp_path):
     native = [row for row in rows if row["contender"] in ("l2r_native", "native") and row["op"] != "unpermute"]
     assert all(row["model_us"] > 0 and row["gbs"] > 0 for row in native)
     assert "measured / model" in (out / "timing.md").read_text()
+
+
+def test_profile_logic_dry_run_on_cpu(tmp_path):
+    # benchmarks/gpu_profile.py's steps on the CPU (--device cpu, --quick): one route shape (both
+    # modes, every contender) and one permute shape, each with a time and the model's figure where it
+    # has one. The numbers mean nothing here (no kernels to profile on a CPU).
+    import json
+    import sys
+
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu_profile", "--device", "cpu", "--quick",
+                        "--calls-per-graph", "1", "--replays", "1", "--profiled-calls", "1", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads((out / "profile.json").read_text())["rows"]
+    assert {(row["op"], row["contender"]) for row in rows} == {
+        ("route forward", "l2r_native"), ("route forward", "linear"), ("route forward", "read_x"),
+        ("route backward", "l2r_native"), ("route backward", "linear"), ("permute", "native"),
+        ("unpermute", "native")}
+    for row in rows:
+        assert "error" not in row and row["us"] > 0 and "kernels" in row, row
+    assert all(row["model_us"] for row in rows if row["contender"] in ("l2r_native", "native"))
+    assert "graph µs" in (out / "profile.md").read_text()

@@ -1,9 +1,22 @@
 // Runs tests/simt/kernels/project_mma.cu on the GPU: the rank-32 tensor-core projection of bf16 x
-// against a float32 projection split into three bf16 parts must stay within 8 * 2^-24 of the sum
-// of |products| of the float64 product (the bound tests/simt/test_project_mma.py holds the
-// emulator to), and the sums of squares within float32's sequential-sum bound. Exit status 0 when
-// every case holds. Built and run by scripts/gpu_check.sh:
+// against a float32 projection split into three bf16 parts must stay within the bound below of the
+// sum of |products| of the float64 product, and the sums of squares within float32's sequential-sum
+// bound. Exit status 0 when every case holds.
+//
+// The bound. The emulator adds an MMA's products in IEEE float32 (round to nearest), and
+// tests/simt/test_project_mma.py holds it to 8 * 2^-24, what a float32 FMA loop meets. A real
+// tensor core does not round that way: it aligns the products of one instruction to the largest
+// and drops the bits below float32's (truncation; Fasi, Higham, Mikaitis and Pranesh, "Numerical
+// behavior of NVIDIA tensor cores", 2021). Each accumulating MMA may then lose up to one unit in
+// the last place of its result, and |result| <= sum |products|: after n accumulations into an
+// output the error is at most n * 2^-23 of sum |products|, n = 3 parts * d / 16 (k = 16 per bf16
+// MMA). The first H200 run (2026-12-04) measured 1.35e-6 at d = 4096, over 8 * 2^-24 = 4.8e-7 but
+// far inside 768 * 2^-23 = 9.2e-5; a wrong fragment index is off by O(1). Whether three parts keep
+// float32's accuracy is the emulator's question (exact products there); here, the layout.
+//
+// Built and run by scripts/gpu_check.sh:
 //   nvcc -std=c++17 -arch=sm_90 -Icsrc tests/gpu/project_mma_main.cu -o project_mma && ./project_mma
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -33,7 +46,9 @@ int check(int64_t tokens, int64_t d, int rank, int mt, int warps, unsigned seed)
   }
   dq.copy_to(q);
   dss.copy_to(ss);
-  const double bound = std::ldexp(8.0, -24), ss_bound = std::ldexp(8.0 * ((d + 31) / 32) + 2, -24);
+  const double accumulations = 3.0 * ((d + 15) / 16);  // MMAs accumulating into each output (3 parts)
+  const double bound = std::max(std::ldexp(8.0, -24), accumulations * std::ldexp(1.0, -23));
+  const double ss_bound = std::ldexp(8.0 * ((d + 31) / 32) + 2, -24);
   int bad = 0;
   double worst = 0;
   for (int64_t t = 0; t < tokens; ++t) {
