@@ -638,6 +638,42 @@ def test_cpu_isa_switch():
         torch.ops.l2r_cuda.cpu_isa(before)
 
 
+_PREFETCH_SCRIPT = """
+import sys, torch, l2r_cuda
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+# 2100 x 2048 float32 rows: 16.4 MiB, over the kernel's 16 MiB threshold for prefetching x
+x = torch.randn(2100, 2048, generator=g)
+proj, anchors = torch.randn(8, 2048, generator=g) / 45, torch.randn(64, 4, 8, generator=g)
+out = l2r_cuda.route(x, proj, anchors, 4.0, top_k=8)
+logits = l2r_cuda.ops.route_logits(x, proj, anchors, 4.0)
+torch.save([out.weights, out.indices, out.mean_probs, out.lse, out.tokens_per_expert, logits], sys.argv[1])
+"""
+
+
+def test_forward_prefetch_of_x_changes_no_result(tmp_path):
+    # The forward prefetches the next rows of x only on AMD processors (faster there, slower on
+    # Intel); L2R_CPU_X_PREFETCH forces either path, so both run whatever CPU runs the tests.
+    import os
+    import subprocess
+    import sys
+
+    results = []
+    for flag in ("1", "0"):
+        path = tmp_path / f"out{flag}.pt"
+        env = dict(os.environ, L2R_CPU_X_PREFETCH=flag)
+        r = subprocess.run([sys.executable, "-c", _PREFETCH_SCRIPT, str(path)], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results.append(torch.load(path))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    env = dict(os.environ, L2R_CPU_X_PREFETCH="yes")
+    r = subprocess.run([sys.executable, "-c", _PREFETCH_SCRIPT, str(tmp_path / "bad.pt")], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "L2R_CPU_X_PREFETCH must be 0 or 1, got 'yes'" in r.stderr
+
+
 def test_compile_fullgraph_router():
     torch.manual_seed(0)
     router = l2r_cuda.L2RRouter(32, 8, 2, rank=2, num_anchors=4)

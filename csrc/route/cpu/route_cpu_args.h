@@ -48,6 +48,7 @@ struct ForwardArgs {
   const A* bias = nullptr;           // [experts_padded] zero padded, or null
   const bool* padding = nullptr;     // [T] (true: excluded from the statistics), or null
   TokenChunks chunks;
+  bool prefetch_next_x = false;      // XPrefetch the next group's rows (where that measured faster)
   // outputs (null when not wanted)
   A* weights = nullptr;              // [T, k]
   int64_t* indices = nullptr;        // [T, k]

@@ -316,8 +316,13 @@ struct NoStep {
 //   group of each chunk also prefetched (from the previous chunk's last group) 5.69 ms; in a second
 //   run (IQRs ~0.3-1 ms) committed 5.45, prefetcht0 instead of prefetcht1 5.89, two groups ahead
 //   5.81, all of a group's prefetches at once 6.03, across chunks 5.60 ms.
-// With x cached (T = 240, 1.9 MB) the prefetches cost ~5 % (perf samples), so only an x of
-// kPrefetchedXBytes or more is prefetched.
+// - an Intel Xeon VM (family 6 model 167, AVX-512 with AVX512_BF16; 2026-12-04): slower with the
+//   prefetches, interleaved in one process (median of 15 rounds' medians, T = 8192, load average
+//   below 1.1): 2 threads fp32 3.17 ms without against 3.55 ms with, bf16 2.87 against 3.10 ms,
+//   1 thread fp32 6.75 against 7.04 ms. Its own prefetchers keep up with the rows there.
+// So the forward prefetches only on AMD processors (ForwardArgs::prefetch_next_x, set by
+// route_cpu.cpp; L2R_CPU_X_PREFETCH=0/1 overrides). With x cached (T = 240, 1.9 MB) the prefetches
+// cost ~5 % (perf samples), so only an x of kPrefetchedXBytes or more is prefetched.
 constexpr int64_t kPrefetchedXBytes = int64_t(16) << 20;
 
 struct XPrefetch {
@@ -624,7 +629,7 @@ void forward_chunks_typed(const ForwardArgs<ScalarOf<V>>& a, int64_t c_begin, in
   constexpr int64_t kDotValues = 8 * width_of<V>();
   const int steps_per_pair = P ? static_cast<int>((int64_t(H) * E8 + kDotValues - 1) / kDotValues) + E8 / width_of<V>() : 0;
   XPrefetch prefetch;
-  const bool prefetches = a.shape.tokens * d * int64_t(sizeof(X)) >= kPrefetchedXBytes;
+  const bool prefetches = a.prefetch_next_x && a.shape.tokens * d * int64_t(sizeof(X)) >= kPrefetchedXBytes;
 
   for (int64_t c = c_begin; c < c_end; ++c) {
     const int64_t t_begin = a.chunks.begin(c), t_end = a.chunks.end(c);
