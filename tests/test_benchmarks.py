@@ -230,3 +230,13 @@ def test_dram_penalty_reports_every_op_per_thread_count(capsys):
     for r in rows:  # cached and DRAM ns/token are positive numbers, their ratio is the last column
         cached, dram = (float(c.split()[0]) for c in r[2:4])
         assert cached > 0 and dram > 0 and float(r[5]) == pytest.approx(dram / cached, rel=0.02, abs=0.01)
+
+
+def test_compare_x_prefetch_runs_both_settings():
+    # benchmarks/compare_x_prefetch.py: alternating processes with L2R_CPU_X_PREFETCH=1 and 0, the
+    # same routing from both (its exit status says so), a median per setting.
+    r = subprocess.run([sys.executable, "-m", "benchmarks.compare_x_prefetch", "--rounds", "1", "--threads", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"prefetch +median [0-9.]+ ms", r.stdout) and re.search(r"no prefetch +median", r.stdout)
+    assert "indices identical across settings: True" in r.stdout and "load average before" in r.stdout
