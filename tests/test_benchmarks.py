@@ -240,3 +240,13 @@ def test_compare_x_prefetch_runs_both_settings():
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"prefetch +median [0-9.]+ ms", r.stdout) and re.search(r"no prefetch +median", r.stdout)
     assert "indices identical across settings: True" in r.stdout and "load average before" in r.stdout
+
+
+def test_compare_chunk_claiming_runs_both_splits():
+    # benchmarks/compare_chunk_claiming.py: claimed chunks and fixed ranges (L2R_CPU_FIXED_CHUNKS=1),
+    # with and without a neighbour process; the gradients must be identical (its exit status).
+    r = subprocess.run([sys.executable, "-m", "benchmarks.compare_chunk_claiming", "--rounds", "1", "--threads", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(re.findall(r"(claimed|fixed) +median +[0-9.]+ ms", r.stdout)) == 4
+    assert "gradients identical in every process: True" in r.stdout
