@@ -22,18 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
-import json, sys, time, torch, l2r_cuda
-torch.set_num_threads(int(sys.argv[1]))
-g = torch.Generator().manual_seed(0)
-T, d, E, k, r, H = 8192, 2048, 64, 8, 8, 4
-x = torch.randn(T, d, generator=g).requires_grad_()
-proj = (torch.randn(r, d, generator=g) / d ** 0.5).requires_grad_()
-anchors = torch.randn(E, H, r, generator=g).requires_grad_()
-nw = (1 + 0.1 * torch.randn(d, generator=g)).requires_grad_()
-gw, gm, gl = torch.randn(T, k, generator=g), torch.randn(E, generator=g), torch.randn(T, generator=g)
-def step():
-    o = l2r_cuda.route(x, proj, anchors, 5.0, top_k=k, norm_weight=nw)
-    return torch.autograd.grad([o.weights, o.mean_probs, o.lse], [x, proj, anchors, nw], [gw, gm, gl])
+import json, sys, time
+from benchmarks.spikes import fwd_bwd_step
+step = fwd_bwd_step(int(sys.argv[1]))
 for _ in range(3):
     grads = step()
 times = []

@@ -136,6 +136,16 @@ def kernel_profile(step, device, calls: int) -> dict:
     return {"kernels_us": sum(k["us"] for k in kernels), "kernels": kernels}
 
 
+def measure_into(row: dict, step, args, device) -> None:
+    """The step's kernels and its time per call into row, or the error that stopped them."""
+    try:
+        row.update(kernel_profile(step, device, args.profiled_calls))
+        row.update(graph_time_us(step, device, args.calls_per_graph, args.replays))
+    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        traceback.print_exc()
+
+
 def short(name: str, n: int = 90) -> str:
     name = name.replace("l2r::route::(anonymous namespace)::", "").replace("l2r::permute::(anonymous namespace)::", "")
     return name if len(name) <= n else name[: n - 1] + "…"
@@ -158,17 +168,12 @@ def run_shape(kind, shape, args, device, model, dev) -> list[dict]:
             contenders = CONTENDERS + (("read_x",) if mode == "fwd" else ())
             for contender in contenders:
                 row = {"op": op, "mode": mode, "contender": contender, "model": mdl, "T": T, "r": r, "H": H}
-                try:
-                    if contender == "read_x":
-                        step = C.read_x_steps(x)["x.sum()"]
-                    else:
-                        params = C.make_params(contender, m, r, H, torch.bfloat16, device, seed=1)
-                        step, _ = C.make_step(contender, x, params, m.k, mode, seed=2)
-                    row.update(kernel_profile(step, device, args.profiled_calls))
-                    row.update(graph_time_us(step, device, args.calls_per_graph, args.replays))
-                except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:500]
-                    traceback.print_exc()
+                if contender == "read_x":
+                    step = C.read_x_steps(x)["x.sum()"]
+                else:
+                    params = C.make_params(contender, m, r, H, torch.bfloat16, device, seed=1)
+                    step, _ = C.make_step(contender, x, params, m.k, mode, seed=2)
+                measure_into(row, step, args, device)
                 if contender == "l2r_native":
                     row["model_us"], row["min_bytes"] = model_us(model, op, mdl, T, r, H, dev)
                 rows.append(row)
@@ -184,12 +189,7 @@ def run_shape(kind, shape, args, device, model, dev) -> list[dict]:
                  "unpermute": lambda: l2r_cuda.unpermute(perm[0], perm[2], weights)}
         for op, step in steps.items():
             row = {"op": op, "mode": "fwd", "contender": "native", "model": mdl, "T": T, "r": 0, "H": 0}
-            try:
-                row.update(kernel_profile(step, device, args.profiled_calls))
-                row.update(graph_time_us(step, device, args.calls_per_graph, args.replays))
-            except Exception as exc:  # noqa: BLE001
-                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
-                traceback.print_exc()
+            measure_into(row, step, args, device)
             row["model_us"], row["min_bytes"] = model_us(model, op, mdl, T, 0, 0, dev)
             rows.append(row)
     return rows
@@ -209,12 +209,7 @@ def sweep_rows(mdl: str, r: int, H: int, args, device, model, dev) -> list[dict]
         for op, step in steps.items():
             row = {"op": op, "mode": "fwd", "contender": "l2r_native", "model": mdl, "T": T, "r": r, "H": H,
                    "sweep": True}
-            try:
-                row.update(kernel_profile(step, device, args.profiled_calls))
-                row.update(graph_time_us(step, device, args.calls_per_graph, args.replays))
-            except Exception as exc:  # noqa: BLE001
-                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
-                traceback.print_exc()
+            measure_into(row, step, args, device)
             row["model_us"], row["min_bytes"] = model_us(model, op, mdl, T, r, H, dev)
             rows.append(row)
     return rows

@@ -21,22 +21,17 @@ import sys
 import time
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.spikes", description=__doc__.split("\n\n")[0])
-    p.add_argument("--calls", type=int, default=450)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--slow", type=float, default=1.3, help="a call slower than this times the median is listed")
-    args = p.parse_args(argv)
-
+def fwd_bwd_step(threads: int, dtype: str = "float32"):
+    """The benchmark's forward+backward call at OLMoE's router shape, T = 8192 (also run by
+    benchmarks/compare_chunk_claiming.py): a callable returning the four gradients."""
     import torch
 
     import l2r_cuda
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     T, d, E, k, r, H = 8192, 2048, 64, 8, 8, 4
-    x = torch.randn(T, d, generator=g).to(getattr(torch, args.dtype)).requires_grad_()
+    x = torch.randn(T, d, generator=g).to(getattr(torch, dtype)).requires_grad_()
     proj = (torch.randn(r, d, generator=g) / d ** 0.5).requires_grad_()
     anchors = torch.randn(E, H, r, generator=g).requires_grad_()
     norm_weight = (1 + 0.1 * torch.randn(d, generator=g)).requires_grad_()
@@ -46,6 +41,19 @@ def main(argv=None) -> int:
         out = l2r_cuda.route(x, proj, anchors, 5.0, top_k=k, norm_weight=norm_weight)
         return torch.autograd.grad([out.weights, out.mean_probs, out.lse], [x, proj, anchors, norm_weight],
                                    [gw, gm, gl])
+
+    return step
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.spikes", description=__doc__.split("\n\n")[0])
+    p.add_argument("--calls", type=int, default=450)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--slow", type=float, default=1.3, help="a call slower than this times the median is listed")
+    args = p.parse_args(argv)
+
+    step = fwd_bwd_step(args.threads, args.dtype)
 
     collections = []
     gc.callbacks.append(lambda phase, info: collections.append(info["generation"]) if phase == "stop" else None)

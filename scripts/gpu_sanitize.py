@@ -14,20 +14,17 @@ without capacity.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
 import l2r_cuda
 
-ROUTE_CASES = [
-    dict(T=37, d=64, r=1, E=8, H=1, k=2),
-    dict(T=64, d=128, r=4, E=16, H=2, k=4, dtype=torch.bfloat16, g=True, bias=True),
-    dict(T=65, d=96, r=16, E=64, H=1, k=8, dtype=torch.float16, score="sigmoid", normalize=True),
-    dict(T=33, d=64, r=40, E=33, H=2, k=3),                               # generic rank
-    dict(T=9, d=1024, r=16, E=8, H=2, k=2, g=True),                       # > 48 KiB shared memory
-    dict(T=5, d=4096, r=32, E=64, H=32, k=4, g=True),                     # global-memory fallbacks
-    dict(T=64, d=90, r=2, E=64, H=1, k=6, num_groups=8, topk_groups=4),   # scalar loads, group-limited
-    dict(T=64, d=64, r=8, E=32, H=4, k=4, seq_len=16, padding=True),      # per-sequence statistics
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_jit_cuda import ROUTE_CASES as JIT_ROUTE_CASES  # noqa: E402  (the NVRTC tests' launch paths)
+from test_jit_cuda import route_inputs  # noqa: E402
+
+ROUTE_CASES = JIT_ROUTE_CASES + [
     dict(T=300, d=4096, r=32, E=8, H=1, k=2, dtype=torch.bfloat16, g=True),   # tensor cores (Mixtral)
     dict(T=257, d=2048, r=32, E=64, H=4, k=8, dtype=torch.bfloat16),      # tensor cores, partial tile
     dict(T=1, d=2048, r=8, E=64, H=4, k=8, dtype=torch.bfloat16),         # decode
@@ -35,15 +32,10 @@ ROUTE_CASES = [
 
 
 def route_case(case: dict) -> None:
-    g = torch.Generator().manual_seed(0)
-    T, d, r, E, H = case["T"], case["d"], case["r"], case["E"], case["H"]
-    x = torch.randn(T, d, generator=g).to(case.get("dtype", torch.float32)).cuda().requires_grad_()
-    proj = (torch.randn(r, d, generator=g) / d ** 0.5).cuda().requires_grad_()
-    anchors = torch.randn(E, H, r, generator=g).cuda().requires_grad_()
-    scale = torch.tensor(4.0).cuda().requires_grad_()
-    norm_weight = (1 + 0.2 * torch.randn(d, generator=g)).cuda().requires_grad_() if case.get("g") else None
-    bias = (0.02 * torch.randn(E, generator=g)).cuda() if case.get("bias") else None
-    padding = (torch.rand(T, generator=g) < 0.2).cuda() if case.get("padding") else None
+    x, proj, anchors, scale, norm_weight, bias, padding = route_inputs(case)
+    x, proj, anchors, scale = (t.requires_grad_() for t in (x, proj, anchors, scale))
+    if norm_weight is not None:
+        norm_weight.requires_grad_()
     kw = {k: case[k] for k in ("score", "normalize", "num_groups", "topk_groups", "seq_len") if k in case}
     out = l2r_cuda.route(x, proj, anchors, scale, top_k=case["k"], norm_weight=norm_weight, expert_bias=bias,
                          padding_mask=padding, **kw)
