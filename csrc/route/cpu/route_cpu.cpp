@@ -187,7 +187,8 @@ void for_each_claimed_chunk(int64_t count, MakeWorker&& make_worker) {
 template <typename A, typename Args, typename Run>
 void run_chunks(const Args& args, int64_t (*scratch_size)(const Args&), Run&& run) {
   for_each_claimed_chunk(args.chunks.count, [&] {
-    return [&](int64_t c) { run(args, c, c + 1, thread_scratch<A>(scratch_size(args))); };
+    A* scratch = thread_scratch<A>(scratch_size(args));  // zeroed once per thread, as per range before
+    return [&, scratch](int64_t c) { run(args, c, c + 1, scratch); };
   });
 }
 
@@ -388,9 +389,10 @@ bool run_backward_chunks(const BackwardArgs<A>& args, const Kernels<A>& kernels)
   std::atomic<int32_t> bad{0};
   const int64_t scratch_size = kernels.backward_scratch(args);
   for_each_claimed_chunk(args.chunks.count, [&] {
+    // One zeroed buffer per thread, as one per range before: the kernels' results never depend on
+    // what an earlier chunk left in it (they were bitwise equal across thread counts with ranges).
     return [&, scratch = std::vector<A>(static_cast<size_t>(scratch_size) + 64)](int64_t c) mutable {
       A* aligned = reinterpret_cast<A*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
-      std::fill(aligned, aligned + scratch_size, A(0));  // as a fresh buffer, chunk by chunk
       BackwardArgs<A> local = args;
       int32_t local_bad = 0;
       local.bad_index = &local_bad;
