@@ -35,6 +35,7 @@ import torch  # noqa: E402
 import l2r_cuda  # noqa: E402
 from benchmarks import _contenders as C  # noqa: E402
 from benchmarks import _timing  # noqa: E402
+from benchmarks.gpu_check import model_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_JSON = ROOT / "benchmarks" / "results" / "gpu_model.json"
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = json.loads(Path(args.model).read_text()) if Path(args.model).exists() else {"results": []}
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run)"
-    dev = "H200" if "H200" in name else "H100"
+    dev = model_device(name)
     info = {"gpu": name, "torch": torch.__version__, "cuda": torch.version.cuda, "git": _timing._git_commit(),
             "backend": l2r_cuda.cuda_backend() if device.type == "cuda" else "cpu"}
     work = [("route", s) for s in ROUTE_SHAPES[: 1 if args.quick else None]] + \
