@@ -278,8 +278,8 @@ __global__ void inverse_kernel(const InverseParams args) {
 }
 
 // Output row `row` is x[t] when src[row] holds a slot r that maps to it (row_map[r] == row, t =
-// r / k), zero otherwise: src is not reset before the inverse, so a row no slot maps to holds
-// whatever the scratch held, and the check against row_map tells (row_map is injective on rows).
+// r / k), zero otherwise. The launch plan sets src to -1 before the inverse, so a row no slot maps
+// to holds -1; the check against row_map (injective on rows) still holds for any content of src.
 template <typename V>
 __global__ void copy_rows_kernel(const CopyRowsParams args) {
   const char* __restrict__ x = static_cast<const char*>(args.x);
@@ -380,7 +380,7 @@ __global__ void gather_reduce_kernel(const GatherReduceParams args) {
 }
 
 // grad_y[row] = w[r] * grad_out[r / k] with r = src[row] (flat slot) when that slot maps to row
-// (src is not reset: see copy_rows_kernel), zero elsewhere.
+// (src is -1 where no slot maps: see copy_rows_kernel), zero elsewhere.
 template <typename scalar_t, int N>
 __global__ void grad_rows_kernel(const GradRowsParams args) {
   using acc_t = typename Acc<scalar_t>::type;

@@ -233,14 +233,17 @@ inline LaunchPlan permute_plan_launches(const void* indices, bool indices_int64,
 }
 
 // out [num_rows, row_bytes]: row row_map[t, j] is x[t] (rows x_row_stride_bytes apart), other
-// rows zero. src_scratch: num_rows int64, any content (the copy checks every entry against
-// row_map, so it needs no reset): two launches.
+// rows zero. src_scratch: num_rows int64, any content: it is set to -1 first (a memset), then the
+// inverse, then the copy. The copy's check against row_map alone would make the reset unneeded,
+// but it would read memory nothing wrote, which compute-sanitizer's initcheck reports (it did on
+// an H200, 640 reports in scripts/gpu_sanitize.py), and a clean initcheck is worth a memset.
 inline LaunchPlan permute_rows_launches(const void* x, int64_t x_row_stride_bytes, int64_t row_bytes,
                                         const int64_t* row_map, int64_t T, int64_t k, int64_t num_rows,
                                         int64_t* src_scratch, void* out) {
   LaunchPlan plan(KernelSource::kPermute);
   const int64_t n = T * k;
   if (num_rows == 0 || row_bytes == 0) return plan;
+  plan.memset(src_scratch, 0xFF, num_rows * static_cast<int64_t>(sizeof(int64_t)));
   if (n > 0) {
     plan.kernel(permute_kernel(PermuteKernel::kInverse), capped_grid(cdiv(n, kIndexThreads)), kIndexThreads, 0,
                 InverseParams{row_map, src_scratch, n, 1, num_rows});
@@ -272,7 +275,8 @@ inline LaunchPlan gather_reduce_launches(DType dtype, const void* y, int64_t y_r
 
 // grad_y [y_rows, d] (w[t, j] * grad_out[t] at row row_map[t, j], zero elsewhere) and grad_w
 // [T*k] (accumulation type; <y[row_map[t, j]], grad_out[t]>, zero where dropped). grad_out is
-// contiguous [T, d]; src_scratch: y_rows int64, any content (checked against row_map).
+// contiguous [T, d]; src_scratch: y_rows int64, any content (set to -1 first, as in
+// permute_rows_launches).
 inline LaunchPlan unpermute_backward_launches(DType dtype, const void* grad_out, const void* y,
                                               int64_t y_row_stride, int64_t y_rows, const int64_t* row_map,
                                               const void* w, int64_t T, int64_t k, int64_t d, int64_t* src_scratch,
@@ -284,6 +288,7 @@ inline LaunchPlan unpermute_backward_launches(DType dtype, const void* grad_out,
     return plan;
   }
   if (y_rows > 0) {
+    plan.memset(src_scratch, 0xFF, y_rows * static_cast<int64_t>(sizeof(int64_t)));
     if (n > 0) {
       plan.kernel(permute_kernel(PermuteKernel::kInverse), capped_grid(cdiv(n, kIndexThreads)), kIndexThreads, 0,
                   InverseParams{row_map, src_scratch, n, 1, y_rows});
