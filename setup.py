@@ -168,6 +168,8 @@ def extensions():
         _log(f"building with CUDA ({why}); archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
         nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
         nvcc += DEVICE_FLAGS + ["-DL2R_WITH_CUDA"]
+        # route_cuda.cu's kernel instantiations compile in csrc/route/cuda/apart/*.cu, in parallel
+        nvcc += ["-DL2R_ROUTE_CUDA_APART"]
         # NVRTC's 64-bit shared-memory addressing, so l2r_cuda.jit's kernels match these (flags.py)
         shared_pointers = list(_FLAGS["NVCC_SHARED_POINTERS_AS_NVRTC"])
         if nvcc_accepts(cuda_home, shared_pointers):

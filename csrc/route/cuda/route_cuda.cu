@@ -905,19 +905,16 @@ struct BackwardLaunch {
   }
 };
 
-// The token kernel instantiation of (rank, x type, mode) (route_kernels() lists the same set).
-template <template <int, typename, RouteMode> class Launch>
-cudaError_t launch_token_kernel(const LaunchStep& s, cudaStream_t stream) {
+// The token kernel instantiations of x type T: every (rank, mode) but kSelect.
+template <template <int, typename, RouteMode> class Launch, typename T>
+cudaError_t launch_token_kernel_of(const LaunchStep& s, cudaStream_t stream) {
   const KernelRef& k = s.kernel;
   const RouteMode mode = static_cast<RouteMode>(k.arg2);
-  if (mode == RouteMode::kSelect) return Launch<1, float, RouteMode::kSelect>::run(s, stream);
   cudaError_t err = cudaErrorInvalidValue;  // an instantiation no plan asks for
   L2R_RANK_SWITCH(k.arg0, kRank, return err, {
-    L2R_FLOAT_DTYPE_SWITCH(static_cast<DType>(k.arg1), scalar_t, return err, {
-      L2R_BOOL_SWITCH(mode == RouteMode::kLogits, kLogits, {
-        constexpr RouteMode kMode = kLogits ? RouteMode::kLogits : RouteMode::kRoute;
-        err = Launch<kRank, scalar_t, kMode>::run(s, stream);
-      });
+    L2R_BOOL_SWITCH(mode == RouteMode::kLogits, kLogits, {
+      constexpr RouteMode kMode = kLogits ? RouteMode::kLogits : RouteMode::kRoute;
+      err = Launch<kRank, T, kMode>::run(s, stream);
     });
   });
   return err;
@@ -929,17 +926,65 @@ cudaError_t launch_column(const LaunchStep& s, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t launch_column_kernel(const LaunchStep& s, cudaStream_t stream) {
+template <typename T>
+cudaError_t launch_column_kernel_of(const LaunchStep& s, cudaStream_t stream) {
+  switch (s.kernel.arg0) {
+    case 1: return launch_column<1, T>(s, stream);
+    case 2: return launch_column<2, T>(s, stream);
+    case 4: return launch_column<4, T>(s, stream);
+    case kGenericChunk: return launch_column<kGenericChunk, T>(s, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+// The instantiations of one kernel (forward, backward token or backward column) for x type T
+// (route_kernels() lists the same set). nvcc spends nearly all of the extension's build in these:
+// the H200 machine's build took 280-308 s on 16 cores, waiting on this one file; on a 2-core VM,
+// nvcc for sm_90 took 217 s for this file with every instantiation, and at most 61 s for one of the
+// nine parts (the forward kernels of one type; 2026-12-04). So the nvcc build
+// (L2R_ROUTE_CUDA_APART, setup.py and CMakeLists.txt) compiles each (kernel, type) in its own
+// translation unit, csrc/route/cuda/apart/*.cu, in parallel; the SIMT emulator and
+// tests/test_cuda_compile.py, which build this file alone, get them all here. NVRTC compiles only
+// the kernels above.
+template <RouteKernel K, typename T>
+cudaError_t launch_kernel_of_type(const LaunchStep& s, cudaStream_t stream) {
+  if constexpr (K == RouteKernel::kForward) return launch_token_kernel_of<ForwardLaunch, T>(s, stream);
+  if constexpr (K == RouteKernel::kBackwardToken) return launch_token_kernel_of<BackwardLaunch, T>(s, stream);
+  if constexpr (K == RouteKernel::kBackwardColumn) return launch_column_kernel_of<T>(s, stream);
+  return cudaErrorInvalidValue;
+}
+
+#if defined(L2R_ROUTE_CUDA_APART)
+#define L2R_ROUTE_KERNELS_OF_TYPE(K, T) \
+  extern template cudaError_t launch_kernel_of_type<RouteKernel::K, T>(const LaunchStep&, cudaStream_t);
+#else
+#define L2R_ROUTE_KERNELS_OF_TYPE(K, T) \
+  template cudaError_t launch_kernel_of_type<RouteKernel::K, T>(const LaunchStep&, cudaStream_t);
+#endif
+#define L2R_ROUTE_KERNEL_TYPES(K)          \
+  L2R_ROUTE_KERNELS_OF_TYPE(K, float)      \
+  L2R_ROUTE_KERNELS_OF_TYPE(K, __half)     \
+  L2R_ROUTE_KERNELS_OF_TYPE(K, __nv_bfloat16)
+L2R_ROUTE_KERNEL_TYPES(kForward)
+L2R_ROUTE_KERNEL_TYPES(kBackwardToken)
+L2R_ROUTE_KERNEL_TYPES(kBackwardColumn)
+#undef L2R_ROUTE_KERNEL_TYPES
+#undef L2R_ROUTE_KERNELS_OF_TYPE
+
+#if !defined(L2R_ROUTE_CUDA_APART_KERNEL)  // csrc/route/cuda/apart/*.cu: the instantiation only
+namespace {
+
+template <RouteKernel K>
+cudaError_t launch_kernel(const LaunchStep& s, cudaStream_t stream) {
+  if (K != RouteKernel::kBackwardColumn && static_cast<RouteMode>(s.kernel.arg2) == RouteMode::kSelect) {
+    if constexpr (K == RouteKernel::kForward) return ForwardLaunch<1, float, RouteMode::kSelect>::run(s, stream);
+    if constexpr (K == RouteKernel::kBackwardToken) return BackwardLaunch<1, float, RouteMode::kSelect>::run(s, stream);
+  }
   cudaError_t err = cudaErrorInvalidValue;
-  L2R_FLOAT_DTYPE_SWITCH(static_cast<DType>(s.kernel.arg1), scalar_t, return err, {
-    switch (s.kernel.arg0) {
-      case 1: err = launch_column<1, scalar_t>(s, stream); break;
-      case 2: err = launch_column<2, scalar_t>(s, stream); break;
-      case 4: err = launch_column<4, scalar_t>(s, stream); break;
-      case kGenericChunk: err = launch_column<kGenericChunk, scalar_t>(s, stream); break;
-      default: break;
-    }
-  });
+  L2R_FLOAT_DTYPE_SWITCH(static_cast<DType>(s.kernel.arg1), scalar_t, return err,
+                         { err = launch_kernel_of_type<K, scalar_t>(s, stream); });
   return err;
 }
 
@@ -949,9 +994,9 @@ cudaError_t launch_route_step(const LaunchStep& s, cudaStream_t stream) {
     case RouteKernel::kPrepare:
       route_prepare_kernel<<<grid, block, s.smem_bytes, stream>>>(s.params_as<PrepareParams>());
       return cudaGetLastError();
-    case RouteKernel::kForward: return launch_token_kernel<ForwardLaunch>(s, stream);
-    case RouteKernel::kBackwardToken: return launch_token_kernel<BackwardLaunch>(s, stream);
-    case RouteKernel::kBackwardColumn: return launch_column_kernel(s, stream);
+    case RouteKernel::kForward: return launch_kernel<RouteKernel::kForward>(s, stream);
+    case RouteKernel::kBackwardToken: return launch_kernel<RouteKernel::kBackwardToken>(s, stream);
+    case RouteKernel::kBackwardColumn: return launch_kernel<RouteKernel::kBackwardColumn>(s, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -983,6 +1028,8 @@ Status launch_route_backward(RouteMode mode, const RouteShape& shape, const Rout
   if (*err != cudaSuccess) return Status::kCudaError;
   return run(route_backward_launches(mode, shape, opt, buf, limits), stream, err);
 }
+
+#endif  // !L2R_ROUTE_CUDA_APART_KERNEL
 
 }  // namespace route
 }  // namespace l2r
