@@ -116,8 +116,10 @@ def simt_library():
     return _LIB
 
 
-def _ptr(t: Optional[torch.Tensor]):
-    return None if t is None else simt.ptr(t)
+def _ptr(t: Optional[torch.Tensor], uninitialized: bool = False):
+    """uninitialized: the CUDA glue (csrc/route/cuda/route_ops_cuda.cpp) allocates this buffer with
+    at::empty, so the kernels must write before they read it (the emulator's initcheck)."""
+    return None if t is None else simt.ptr(t, uninitialized=uninitialized)
 
 
 @dataclass
@@ -164,11 +166,13 @@ def _forward(call: _Call, x, proj, anchors, scale, norm_weight, logits_in, bias,
     assert ws_floats >= 0
     ws = torch.full((max(1, ws_floats),), float("nan"), **f32)
     counters = simt.ptr(_COUNTERS, "counters") if persistent_counters else None
+    # at::empty in the CUDA glue: weights, indices, lse, q, rstd, logits and the workspace (the
+    # statistics are zeros there, the counters the executor's zeroed words)
     _run(lib, "drv_forward", call.mode, _ptr(call.sizes), _ptr(call.opts), _ptr(call.flags), _ptr(x),
          XTYPES[x.dtype] if x is not None else 0, _ptr(proj), _ptr(anchors), _ptr(norm_weight), _ptr(scale),
-         _ptr(logits_in), _ptr(bias), _ptr(padding), _ptr(out["weights"]), _ptr(out["indices"]),
-         _ptr(out["tokens_per_expert"]), _ptr(out["mean_probs"]), _ptr(out["lse"]), _ptr(out["q"]),
-         _ptr(out["rstd"]), _ptr(out["logits"]), counters, _ptr(ws), seed=seed)
+         _ptr(logits_in), _ptr(bias), _ptr(padding), _ptr(out["weights"], True), _ptr(out["indices"], True),
+         _ptr(out["tokens_per_expert"]), _ptr(out["mean_probs"]), _ptr(out["lse"], True), _ptr(out["q"], True),
+         _ptr(out["rstd"], True), _ptr(out["logits"], True), counters, _ptr(ws, True), seed=seed)
     assert not _COUNTERS.any(), f"the forward left its persistent counters at {_COUNTERS.nonzero().flatten().tolist()}"
     return out
 
@@ -199,12 +203,14 @@ def _backward(call: _Call, grads, saved, need_grad_x=True, need_param_grads=True
     bad = torch.zeros(1, dtype=torch.int32)
     ws = torch.full((max(1, lib.drv_backward_workspace(call.mode, T, d, r, E, H, k, seq_len)),), float("nan"), **f32)
     gm = None if gm is None else _mean_grad_per_token(gm, call, padding)
+    # at::empty in the CUDA glue: dL/dx when it is asked for (zeros otherwise) and the workspace (the
+    # parameter gradients, dL/dlogits and the bad-index flag are zeros there)
     _run(lib, "drv_backward", call.mode, _ptr(call.sizes), _ptr(call.opts), _ptr(call.flags), int(need_grad_x),
          int(need_param_grads), _ptr(gw), _ptr(gm), _ptr(gl), _ptr(glogits), _ptr(x),
          XTYPES[x.dtype] if x is not None else 0, _ptr(proj), _ptr(anchors), _ptr(norm_weight), _ptr(scale),
-         _ptr(logits_in), _ptr(padding), _ptr(indices), _ptr(q), _ptr(rstd), _ptr(out["grad_x"]),
+         _ptr(logits_in), _ptr(padding), _ptr(indices), _ptr(q), _ptr(rstd), _ptr(out["grad_x"], need_grad_x),
          _ptr(out["grad_proj"]), _ptr(out["grad_anchors"]), _ptr(out["grad_scale"]), _ptr(out["grad_norm_weight"]),
-         _ptr(out["grad_logits"]), _ptr(bad), _ptr(ws), seed=seed)
+         _ptr(out["grad_logits"]), _ptr(bad), _ptr(ws, True), seed=seed)
     out["bad_index"] = int(bad.item())
     return out
 

@@ -29,9 +29,10 @@ HERE = Path(__file__).resolve().parent
 INCLUDE_DIR = HERE / "include"
 RUNTIME_DIR = HERE / "runtime"
 # The emulator runtime linked into every library: scheduler, memory registry, checker front,
-# racecheck, counters, and the ThreadSanitizer ABI that sanitize=True kernels call.
+# initcheck, racecheck, counters, and the ThreadSanitizer ABI that sanitize=True kernels call.
 RUNTIME_SOURCES = [RUNTIME_DIR / f for f in ("simt_core.cpp", "simt_memory.cpp", "simt_checker.cpp",
-                                             "simt_race.cpp", "simt_counters.cpp", "simt_tsan.cpp")]
+                                             "simt_init.cpp", "simt_race.cpp", "simt_counters.cpp",
+                                             "simt_tsan.cpp")]
 
 try:
     from .rewrite import kernel_base_name, launched_kernel_names, rewrite_source
@@ -250,8 +251,8 @@ def build(
     defines:       {"NAME": value or None} -> -DNAME=value / -DNAME.
     cuda_arch:     value of __CUDA_ARCH__ (None: leave it undefined).
     sanitize:      compile the sources and the driver with SANITIZE_FLAGS, so that every load
-                   and store of kernel code reaches the memory checker (memcheck, racecheck,
-                   counters; see README.md). None (default): on, unless the environment sets
+                   and store of kernel code reaches the memory checker (memcheck, initcheck,
+                   racecheck, counters; see README.md). None (default): on, unless the environment sets
                    SIMT_SANITIZE=0. Kernels built this way may touch only registered memory
                    (simt.call registers its simt.ptr arguments).
     The result is cached by content hash (sources, headers they include,
@@ -389,11 +390,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.simt_clear_error.restype = None
     lib.simt_stat.argtypes = [ctypes.c_int]
     lib.simt_stat.restype = ctypes.c_ulonglong
-    lib.simt_register_buffer.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_char_p, ctypes.c_int]
+    lib.simt_register_buffer.argtypes = [ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_char_p, ctypes.c_int,
+                                         ctypes.c_int]
     lib.simt_register_buffer.restype = ctypes.c_ulonglong
     lib.simt_unregister_buffer.argtypes = [ctypes.c_void_p]
     lib.simt_unregister_buffer.restype = None
-    lib.simt_set_checks.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.simt_set_checks.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.simt_set_checks.restype = None
     lib.simt_get_checks.restype = ctypes.c_int
     lib.simt_counters_json.restype = ctypes.c_char_p
@@ -476,13 +478,17 @@ class Ptr(ctypes.c_void_p):
     simt_nbytes: int = 0
     simt_name: str | None = None
     simt_racecheck: bool = True
+    simt_uninitialized: bool = False
 
 
-def ptr(t, name: str | None = None, racecheck: bool = True) -> Ptr:
+def ptr(t, name: str | None = None, racecheck: bool = True, uninitialized: bool = False) -> Ptr:
     """A ctypes pointer to a CPU torch tensor / numpy array's data. call() registers the memory
     behind it (the whole storage of a view) as a buffer the kernels may touch, named `name` (or
     after the argument position). racecheck=False exempts the buffer from racecheck (for a known,
-    documented benign race; say why at the call)."""
+    documented benign race; say why at the call). uninitialized=True stands in for memory whose
+    content is undefined on a GPU (an at::empty the real launcher gets): initcheck reports a kernel
+    load of any byte of it no kernel store, memset or memcpy wrote during the call; its content
+    stays what the test put there (garbage that would show if a read went unreported)."""
     if hasattr(t, "data_ptr"):
         p = Ptr(t.data_ptr())
         try:
@@ -502,20 +508,24 @@ def ptr(t, name: str | None = None, racecheck: bool = True) -> Ptr:
         raise TypeError(f"cannot take a pointer of {type(t)!r}")
     p.simt_name = f"{name} ({desc})" if name else desc
     p.simt_racecheck = racecheck
+    p.simt_uninitialized = uninitialized
     return p
 
 
 def register(lib: ctypes.CDLL, t, name: str | None = None, nbytes: int | None = None,
-             racecheck: bool = True) -> int:
+             racecheck: bool = True, uninitialized: bool = False) -> int:
     """Register memory the kernels may touch: a tensor/array (its storage), a Ptr, or an integer
-    address with nbytes. Registrations are refcounted; undo with unregister()."""
+    address with nbytes. Registrations are refcounted (a second registration of the same range
+    keeps the first one's initcheck state; one that has content marks the bytes it covers
+    written); undo with unregister(). uninitialized: see ptr()."""
     if isinstance(t, int):
         lo, n, nm = t, int(nbytes or 0), name or "buffer"
     else:
-        p = t if isinstance(t, Ptr) else ptr(t, name, racecheck)
+        p = t if isinstance(t, Ptr) else ptr(t, name, racecheck, uninitialized)
         lo, n, nm = p.simt_lo, p.simt_nbytes, name or p.simt_name or "buffer"
         racecheck = racecheck and p.simt_racecheck
-    lib.simt_register_buffer(ctypes.c_void_p(lo), n, nm.encode(), int(racecheck))
+        uninitialized = uninitialized or p.simt_uninitialized
+    lib.simt_register_buffer(ctypes.c_void_p(lo), n, nm.encode(), int(racecheck), int(uninitialized))
     return lo
 
 
@@ -533,7 +543,7 @@ def call(lib: ctypes.CDLL, fn: str, *args, seed: int | None = None):
     for i, a in enumerate(args):
         if isinstance(a, Ptr) and a.simt_nbytes > 0:
             registered.append(register(lib, a.simt_lo, f"{fn} arg {i}: {a.simt_name}", a.simt_nbytes,
-                                       a.simt_racecheck))
+                                       a.simt_racecheck, a.simt_uninitialized))
     try:
         res = getattr(lib, fn)(*args)
     finally:
@@ -544,18 +554,20 @@ def call(lib: ctypes.CDLL, fn: str, *args, seed: int | None = None):
 
 
 def set_checks(lib: ctypes.CDLL, memcheck: bool | None = None, racecheck: bool | None = None,
-               counters: bool | None = None, any_collective_orders: bool | None = None) -> None:
-    """Switch the memory checks of sanitize=True kernels (None: unchanged). Defaults: memcheck and
-    racecheck on, counters off, only __syncwarp orders memory inside a warp (also SIMT_MEMCHECK /
-    SIMT_RACECHECK / SIMT_COUNTERS / SIMT_RACE_ANY_COLLECTIVE)."""
+               counters: bool | None = None, any_collective_orders: bool | None = None,
+               initcheck: bool | None = None) -> None:
+    """Switch the memory checks of sanitize=True kernels (None: unchanged). Defaults: memcheck,
+    initcheck and racecheck on, counters off, only __syncwarp orders memory inside a warp (also
+    SIMT_MEMCHECK / SIMT_INITCHECK / SIMT_RACECHECK / SIMT_COUNTERS / SIMT_RACE_ANY_COLLECTIVE)."""
     conv = lambda v: -1 if v is None else int(bool(v))  # noqa: E731
-    lib.simt_set_checks(conv(memcheck), conv(racecheck), conv(counters), conv(any_collective_orders))
+    lib.simt_set_checks(conv(memcheck), conv(racecheck), conv(counters), conv(any_collective_orders),
+                        conv(initcheck))
 
 
 def get_checks(lib: ctypes.CDLL) -> dict:
     v = lib.simt_get_checks()
     return {"memcheck": bool(v & 1), "racecheck": bool(v & 2), "counters": bool(v & 4),
-            "any_collective_orders": bool(v & 8)}
+            "any_collective_orders": bool(v & 8), "initcheck": bool(v & 16)}
 
 
 def counters(lib: ctypes.CDLL, reset: bool = True) -> list[dict]:

@@ -5,9 +5,9 @@ tests/simt/mutate.py.
 Each mutation is one or more exact text replacements (anchored on source text: an anchor that no
 longer occurs exactly `count` times is an error, so the catalogue fails loudly when the sources
 change and must be re-targeted). A mutant is killed when the emulated kernel tests fail on it:
-wrong results, a memcheck / racecheck report, a deadlock, a build error does NOT count (that is a
-broken catalogue entry). Equivalent mutants (no observable change by construction) carry the
-reason and are excluded from the kill rate.
+wrong results, a memcheck / initcheck / racecheck report, a deadlock, a build error does NOT count
+(that is a broken catalogue entry). Equivalent mutants (no observable change by construction) carry
+the reason and are excluded from the kill rate.
 
 Classes: barrier (deleted __syncthreads), syncwarp (deleted __syncwarp), shuffle (wrong mask,
 lane, direction or step), tail (off-by-one loop bounds / guards), stride (wrong stride or index),
@@ -208,7 +208,14 @@ CATALOGUE: list[Mutation] = [
     M("permute.rows.src_trusted", PERMUTE,
       "    if (r >= 0 && r < slots && row_map[r] == row) {",
       "    if (r >= 0 && r < slots) {",
-      "init", "the unreset inverse scratch is trusted: rows no slot maps to copy a stale source"),
+      "init", "the unreset inverse scratch is trusted: rows no slot maps to copy a stale source",
+      equivalent="the plan sets the scratch to -1 before the inverse, so a row no slot maps to holds -1 and "
+                 "every other row a slot that maps to it: the check against row_map never decides"),
+    M("permute.rows.scratch_not_reset", PERMUTE_PLAN,
+      "  plan.memset(src_scratch, 0xFF, num_rows * static_cast<int64_t>(sizeof(int64_t)));\n", "",
+      "init", "the inverse scratch is not set to -1 first: the copy reads the at::empty garbage of rows no slot "
+      "maps to (right results thanks to the check against row_map; what compute-sanitizer's initcheck "
+      "reported on an H200)"),
     M("permute.rows.layout_wider", PERMUTE_PLAN,
       "  while (tpr < kRowThreads && tpr < units_per_row) tpr <<= 1;",
       "  while (tpr < kRowThreads && tpr <= units_per_row) tpr <<= 1;",
@@ -254,7 +261,12 @@ CATALOGUE: list[Mutation] = [
     M("permute.backward.src_trusted", PERMUTE,
       "    if (r < 0 || r >= slots || row_map[r] != row) {",
       "    if (r < 0 || r >= slots) {",
-      "init", "the unreset inverse scratch is trusted: rows nobody routes to get a stale slot's gradient"),
+      "init", "the unreset inverse scratch is trusted: rows nobody routes to get a stale slot's gradient",
+      equivalent="the plan sets the scratch to -1 before the inverse (see permute.rows.src_trusted)"),
+    M("permute.backward.scratch_not_reset", PERMUTE_PLAN,
+      "    plan.memset(src_scratch, 0xFF, y_rows * static_cast<int64_t>(sizeof(int64_t)));\n", "",
+      "init", "the backward's inverse scratch is not set to -1 first: grad_rows reads the at::empty garbage of "
+      "rows nobody routes to (right results thanks to the check against row_map)"),
     M("route.fwd.no_syncwarp_before_selection", ROUTE_FWD,
       "    if (m == 0) smf(ws.total + t) = total;\n  }\n  __syncwarp();\n  // --- top-k",
       "    if (m == 0) smf(ws.total + t) = total;\n  }\n  // --- top-k",

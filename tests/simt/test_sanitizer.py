@@ -27,7 +27,7 @@ P = simt.ptr
 @pytest.fixture(scope="module")
 def defects():
     lib = simt.build(sources=[HERE / "kernels" / "defects.cu"], name="defects", sanitize=True)
-    simt.set_checks(lib, memcheck=True, racecheck=True, counters=False)
+    simt.set_checks(lib, memcheck=True, racecheck=True, counters=False, initcheck=True)
     simt.clear_error(lib)
     return lib
 
@@ -99,6 +99,123 @@ def test_unregistered_memory_is_an_invalid_address(defects):
     msg = raises(defects, "df_fill", ctypes.c_void_p(out.ctypes.data), I(100), I(0))
     assert "SIMT memcheck: invalid write of 4 bytes (outside every buffer of the launch)" in msg
     assert "no buffer is registered" in msg
+
+
+# ---------------------------------------------------------------- initcheck
+# df_scratch_load's ways to fill its cudaMalloc scratch before load_kernel reads it (defects.cu)
+FILL_NOTHING, FILL_STORE_KERNEL, FILL_ATOMIC_KERNEL, FILL_MEMSET, FILL_MEMSET_HALF, FILL_MEMCPY = range(6)
+LAUNCH_FAILURE = 719  # cudaErrorLaunchFailure
+
+
+def test_read_of_unwritten_cudamalloc_memory_is_reported_by_name(defects):
+    x = np.arange(100, dtype=np.float32)
+    out = np.zeros(100, np.float32)
+    msg = raises(defects, "df_scratch_load", P(x, "x"), I(100), I(FILL_NOTHING), P(out, "out"), order="fifo")
+    assert msg.startswith("SIMT initcheck: Uninitialized __global__ memory read of size 4 bytes")
+    assert "in kernel 'defects::load_kernel'" in msg
+    assert "by block (0,0,0) thread (0,0,0)" in msg
+    assert re.search(r"address 0x[0-9a-f]+, 4 bytes at offset 0 of global buffer 'cudaMalloc\(400\)'", msg)
+    assert "4 of the bytes read were never written since the allocation, the first at offset 0" in msg
+    assert "defects.cu:" in msg  # the load, symbolized to its source line
+    assert (out == 0).all()  # the launch stopped at the first report
+
+
+def test_uninitialized_read_fails_the_launch_like_memcheck(defects):
+    x = np.ones(64, np.float32)
+    out = np.zeros(64, np.float32)
+    regs = [simt.register(defects, x, "x"), simt.register(defects, out, "out")]
+    try:
+        simt.clear_error(defects)
+        assert defects.df_scratch_load(P(x), I(64), I(FILL_NOTHING), P(out)) == LAUNCH_FAILURE  # sticky
+        assert "SIMT initcheck: " in simt.last_error(defects)
+        assert defects.df_scratch_load(P(x), I(64), I(FILL_MEMSET), P(out)) == LAUNCH_FAILURE  # still sticky
+    finally:
+        for lo in regs:
+            simt.unregister(defects, lo)
+    simt.clear_error(defects)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_store_before_the_barrier_initializes_the_scratch(defects, seed):
+    x = np.arange(64, dtype=np.float32)
+    out = np.zeros(64, np.float32)
+    assert simt.call(defects, "df_stage_rotate", P(x, "x"), I(64), I(0), P(out, "out"), seed=seed) == 0
+    np.testing.assert_array_equal(out, np.roll(x, -1))
+    # the last thread's store missing: only thread 62 reads a byte nothing wrote, whatever the order
+    msg = raises(defects, "df_stage_rotate", P(x, "x"), I(64), I(1), P(out, "out"), seed=seed)
+    assert msg.startswith("SIMT initcheck: Uninitialized __global__ memory read of size 4 bytes")
+    assert "in kernel 'defects::stage_rotate_kernel' by block (0,0,0) thread (62,0,0)" in msg
+    assert "4 bytes at offset 252 of global buffer 'cudaMalloc(256)'" in msg
+
+
+@pytest.mark.parametrize("fill", [FILL_STORE_KERNEL, FILL_ATOMIC_KERNEL, FILL_MEMSET, FILL_MEMCPY],
+                         ids=["earlier-launch", "atomics", "memset", "memcpy"])
+def test_written_scratch_is_clean(defects, fill):
+    x = np.arange(1, 101, dtype=np.float32)
+    out = np.full(100, np.nan, np.float32)
+    assert simt.call(defects, "df_scratch_load", P(x, "x"), I(100), I(fill), P(out, "out")) == 0
+    np.testing.assert_array_equal(out, 0 if fill == FILL_MEMSET else x)
+
+
+def test_initcheck_tracks_bytes_not_buffers(defects):
+    x = np.arange(100, dtype=np.float32)
+    out = np.zeros(100, np.float32)
+    # a memset of the first half: the first float of the second half is the first unwritten read
+    msg = raises(defects, "df_scratch_load", P(x, "x"), I(100), I(FILL_MEMSET_HALF), P(out, "out"), order="fifo")
+    assert "by block (0,0,0) thread (50,0,0)" in msg
+    assert "4 bytes at offset 200 of global buffer 'cudaMalloc(400)'" in msg
+
+
+def test_read_of_a_buffer_registered_uninitialized_is_reported(defects):
+    src = np.full(64, 3.0, np.float32)  # content a GPU would not promise: at::empty's
+    out = np.zeros(64, np.float32)
+    assert simt.call(defects, "df_load", P(src, "src"), I(64), P(out, "out")) == 0
+    np.testing.assert_array_equal(out, src)
+    msg = raises(defects, "df_load", P(src, "src", uninitialized=True), I(64), P(out, "out"), order="lifo")
+    assert msg.startswith("SIMT initcheck: Uninitialized __global__ memory read of size 4 bytes")
+    assert "in kernel 'defects::load_kernel' by block (0,0,0) thread (63,0,0)" in msg
+    assert "4 bytes at offset 252 of global buffer 'df_load arg 0: src (float32[64])'" in msg
+    # a registration lasts one call: the next one starts unwritten again
+    raises(defects, "df_load", P(src, "src", uninitialized=True), I(64), P(out, "out"))
+    # the same by hand
+    lo = simt.register(defects, src, "scratch", uninitialized=True)
+    try:
+        raises(defects, "df_load", ctypes.c_void_p(src.ctypes.data), I(64), P(out, "out"))
+    finally:
+        simt.unregister(defects, lo)
+
+
+def test_registered_buffers_have_content(defects):
+    src = np.empty(64, np.float32)  # whatever the host memory held: still content to the emulator
+    out = np.zeros(64, np.float32)
+    assert simt.call(defects, "df_load", P(src, "src"), I(64), P(out, "out")) == 0
+    np.testing.assert_array_equal(out, src)
+    # registered with content over an uninitialized registration of the same memory: the bytes
+    # both cover have content (here the first half only), whichever came first
+    lo = simt.register(defects, src.ctypes.data, "first half", nbytes=32 * 4)
+    try:
+        msg = raises(defects, "df_load", P(src, "scratch", uninitialized=True), I(64), P(out, "out"), order="fifo")
+        assert "by block (0,0,0) thread (32,0,0)" in msg and "4 bytes at offset 128 of global buffer" in msg
+    finally:
+        simt.unregister(defects, lo)
+    lo = simt.register(defects, src, "scratch", uninitialized=True)
+    try:
+        assert simt.call(defects, "df_load", P(src, "src"), I(64), P(out, "out")) == 0
+    finally:
+        simt.unregister(defects, lo)
+
+
+def test_initcheck_can_be_switched_off(defects):
+    x = np.arange(64, dtype=np.float32)
+    out = np.zeros(64, np.float32)
+    assert simt.get_checks(defects)["initcheck"]  # on by default
+    simt.set_checks(defects, initcheck=False)
+    try:
+        assert simt.call(defects, "df_scratch_load", P(x), I(64), I(FILL_NOTHING), P(out)) == 0
+        assert not simt.get_checks(defects)["initcheck"]
+    finally:
+        simt.set_checks(defects, initcheck=True)
+    raises(defects, "df_scratch_load", P(x), I(64), I(FILL_NOTHING), P(out))
 
 
 # ---------------------------------------------------------------- racecheck
@@ -278,7 +395,7 @@ def test_launched_kernels_name_instantiations(defects):
     launched = simt.launched_kernels(defects)
     assert any(name.startswith("defects::fill_kernel(") for name in launched)
     assert set(launched) <= simt.kernel_instantiations(defects)
-    assert len(simt.kernel_instantiations(defects)) == 6
+    assert len(simt.kernel_instantiations(defects)) == 10
 
 
 def test_counters_warp_collectives_in_mio_instructions(patterns):

@@ -1,6 +1,11 @@
 """Python side of permute_driver.cpp: builds the CUDA permute kernels
 (csrc/permute/cuda/permute_kernels.cu) for the SIMT emulator and runs their launchers on CPU tensors.
-Shared by tests/test_permute_cuda_emulated.py and the GPU cost model (benchmarks/gpu_model.py)."""
+Shared by tests/test_permute_cuda_emulated.py and the GPU cost model (benchmarks/gpu_model.py).
+
+Every buffer the CUDA glue (csrc/permute/cuda/permute_cuda.cpp) allocates with at::empty, outputs
+and scratch, is registered as uninitialized (the emulator's initcheck: the kernels must write before
+they read it), and still holds garbage here (NaN, -7, valid-looking slot numbers), so that a read
+initcheck missed would show in the results too."""
 from __future__ import annotations
 
 import ctypes
@@ -39,8 +44,9 @@ def plan(lib, indices, E, align=1, capacity=None, weights=None, seed=0):
     idx = indices.contiguous()
     rc = simt.call(lib, "drv_plan", simt.ptr(idx, "indices"), ctypes.c_int(int(idx.dtype == torch.int64)),
                    L(T), L(k), L(E), L(align), L(-1 if capacity is None else capacity),
-                   simt.ptr(w, "weights") if w is not None else None, simt.ptr(row_map, "row_map"),
-                   simt.ptr(offsets, "offsets"), simt.ptr(dropped, "dropped"), simt.ptr(ws, "workspace"),
+                   simt.ptr(w, "weights") if w is not None else None,
+                   simt.ptr(row_map, "row_map", uninitialized=True), simt.ptr(offsets, "offsets", uninitialized=True),
+                   simt.ptr(dropped, "dropped", uninitialized=True), simt.ptr(ws, "workspace", uninitialized=True),
                    simt.ptr(control, "control"), seed=seed)
     assert rc == 0
     assert int(control[1:].abs().sum()) == 0, f"tickets not back at zero: {control[1:].tolist()}"
@@ -56,14 +62,15 @@ def permute_rows(lib, x, row_map, num_rows, seed=0, pad=8):
         buf[:, :d] = x
         x = buf[:, :d]
     out = torch.full((num_rows, d), float("nan")).to(x.dtype)
-    # The scratch is not reset by the launcher (at::empty on the GPU): hand it the worst garbage,
-    # slot numbers that look valid, so a copy that trusted them would show.
+    # The launcher gets the scratch as at::empty leaves it: hand it the worst garbage, slot numbers
+    # that look valid, so a plan that lost its reset and a copy that trusted them would show.
     n = row_map.numel()
     src = (torch.arange(max(1, num_rows), dtype=torch.int64) * 7919 + 13) % max(1, n)
     es = x.element_size()
     rc = simt.call(lib, "drv_rows", simt.ptr(x, "x"), L(x.stride(0) * es), L(d * es),
                    simt.ptr(row_map, "row_map"), L(row_map.shape[0]), L(row_map.shape[1]), L(num_rows),
-                   simt.ptr(src, "src_scratch"), simt.ptr(out, "out"), seed=seed)
+                   simt.ptr(src, "src_scratch", uninitialized=True), simt.ptr(out, "out", uninitialized=True),
+                   seed=seed)
     assert rc == 0
     return out
 
@@ -77,7 +84,7 @@ def gather(lib, y, row_map, w, seed=0):
     rc = simt.call(lib, "drv_gather", ctypes.c_int(DTYPE_CODE[y.dtype]), simt.ptr(y, "y"),
                    L(y.stride(0)), L(y.shape[0]), simt.ptr(row_map, "row_map"),
                    simt.ptr(wa, "w") if wa is not None else None, L(T), L(k), L(y.shape[1]),
-                   simt.ptr(out, "out"), seed=seed)
+                   simt.ptr(out, "out", uninitialized=True), seed=seed)
     assert rc == 0
     return out
 
@@ -92,7 +99,8 @@ def unpermute_backward(lib, g, y, row_map, w, seed=1):
     src = (torch.arange(max(1, N), dtype=torch.int64) * 7919 + 13) % max(1, T * k)  # valid-looking garbage
     rc = simt.call(lib, "drv_unpermute_bwd", ctypes.c_int(DTYPE_CODE[y.dtype]), simt.ptr(g, "grad_out"),
                    simt.ptr(y, "y"), L(y.stride(0)), L(N), simt.ptr(row_map, "row_map"),
-                   simt.ptr(w.to(acc).contiguous(), "w"), L(T), L(k), L(d), simt.ptr(src, "src_scratch"),
-                   simt.ptr(grad_y, "grad_y"), simt.ptr(grad_w, "grad_w"), seed=seed)
+                   simt.ptr(w.to(acc).contiguous(), "w"), L(T), L(k), L(d),
+                   simt.ptr(src, "src_scratch", uninitialized=True), simt.ptr(grad_y, "grad_y", uninitialized=True),
+                   simt.ptr(grad_w, "grad_w", uninitialized=True), seed=seed)
     assert rc == 0
     return grad_y, grad_w

@@ -91,6 +91,33 @@ __global__ void last_block_sum_kernel(const float* x, int per_block, int broken,
   }
 }
 
+// Global scratch staged within one block: every thread stores its x in the scratch, the block
+// waits, and thread i reads its neighbour's entry. With `skip_last` the last thread stores nothing
+// (a guard off by one), so thread n - 2 reads scratch nothing wrote: memory a GPU hands out with
+// undefined content (cudaMalloc, at::empty), whatever the emulator's host memory happens to hold.
+__global__ void stage_rotate_kernel(const float* x, int n, int skip_last, float* scratch, float* out) {
+  const int i = threadIdx.x;
+  if (i < n - (skip_last ? 1 : 0)) scratch[i] = x[i];
+  __syncthreads();
+  if (i < n) out[i] = scratch[(i + 1) % n];
+}
+
+// The two halves of a scratch round trip in separate launches (and the atomic way to fill it).
+__global__ void store_kernel(const float* x, int n, float* scratch) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) scratch[i] = x[i];
+}
+
+__global__ void exchange_kernel(const float* x, int n, float* scratch) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) atomicExch(&scratch[i], x[i]);
+}
+
+__global__ void load_kernel(const float* src, int n, float* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = src[i];
+}
+
 }  // namespace defects
 
 extern "C" int df_fill(float* out, int n, int off_by_one) {
@@ -122,5 +149,49 @@ extern "C" int df_shuffle_ordered(int* out) {
 extern "C" int df_last_block_sum(const float* x, int per_block, int blocks, int broken, float* partials,
                                  unsigned* counter, float* total) {
   defects::last_block_sum_kernel<<<blocks, 32>>>(x, per_block, broken, partials, counter, total);
+  return static_cast<int>(cudaDeviceSynchronize());
+}
+
+// A cudaMalloc scratch of n floats written in one of these ways, then read by load_kernel.
+enum ScratchFill {
+  kFillNothing = 0,
+  kFillStoreKernel = 1,  // store_kernel, an earlier launch
+  kFillAtomicKernel = 2,  // exchange_kernel
+  kFillMemset = 3,  // cudaMemsetAsync of all n floats
+  kFillMemsetHalf = 4,  // cudaMemsetAsync of the first n / 2 floats only
+  kFillMemcpy = 5,  // cudaMemcpy from x
+};
+
+extern "C" int df_scratch_load(const float* x, int n, int fill, float* out) {
+  float* scratch = nullptr;
+  if (cudaMalloc(&scratch, static_cast<size_t>(n) * sizeof(float)) != cudaSuccess) return -1;
+  const int blocks = (n + 63) / 64;
+  switch (fill) {
+    case kFillStoreKernel: defects::store_kernel<<<blocks, 64>>>(x, n, scratch); break;
+    case kFillAtomicKernel: defects::exchange_kernel<<<blocks, 64>>>(x, n, scratch); break;
+    case kFillMemset: cudaMemsetAsync(scratch, 0, static_cast<size_t>(n) * sizeof(float), nullptr); break;
+    case kFillMemsetHalf: cudaMemsetAsync(scratch, 0, static_cast<size_t>(n / 2) * sizeof(float), nullptr); break;
+    case kFillMemcpy:
+      cudaMemcpyAsync(scratch, x, static_cast<size_t>(n) * sizeof(float), cudaMemcpyHostToDevice, nullptr);
+      break;
+    default: break;
+  }
+  defects::load_kernel<<<blocks, 64>>>(scratch, n, out);
+  const int err = static_cast<int>(cudaDeviceSynchronize());
+  cudaFree(scratch);
+  return err;
+}
+
+extern "C" int df_stage_rotate(const float* x, int n, int skip_last, float* out) {
+  float* scratch = nullptr;
+  if (cudaMalloc(&scratch, static_cast<size_t>(n) * sizeof(float)) != cudaSuccess) return -1;
+  defects::stage_rotate_kernel<<<1, n>>>(x, n, skip_last, scratch, out);
+  const int err = static_cast<int>(cudaDeviceSynchronize());
+  cudaFree(scratch);
+  return err;
+}
+
+extern "C" int df_load(const float* src, int n, float* out) {
+  defects::load_kernel<<<(n + 63) / 64, 64>>>(src, n, out);
   return static_cast<int>(cudaDeviceSynchronize());
 }

@@ -2,7 +2,8 @@
 // simt_tsan.cpp) with its address, size and instruction. Local memory (the fiber's stack) and the
 // built-in variables are skipped; everything else must lie inside one region the launch may touch
 // (memcheck: out-of-bounds / unregistered addresses fault like on a GPU) and be aligned to its size
-// (8- and 16-byte vector accesses fault otherwise), then goes to racecheck and the counters.
+// (8- and 16-byte vector accesses fault otherwise), then goes to initcheck (global memory whose
+// content started undefined), racecheck and the counters.
 #include "simt_internal.h"
 
 #include <stdlib.h>
@@ -43,6 +44,7 @@ struct LoadEnv {
     g_checks.memcheck = env_flag("SIMT_MEMCHECK", true);
     g_checks.racecheck = env_flag("SIMT_RACECHECK", true);
     g_checks.counters = env_flag("SIMT_COUNTERS", false);
+    g_checks.initcheck = env_flag("SIMT_INITCHECK", true);
     g_checks.any_collective_orders = env_flag("SIMT_RACE_ANY_COLLECTIVE", false);
   }
 } load_env;
@@ -80,6 +82,7 @@ void on_access(const void* a, unsigned size, unsigned flags, const void* pc) {
                         (flags & kWrite) ? "write" : "read", size),
                     p, size, pc);
   }
+  if (!r->init.empty()) init_access(*r, p, size, flags, pc);
   if (g_checks.racecheck && r->racecheck) {
     if (flags & kAtomic) {
       if (r->space == kGlobal) race_atomic(p, flags & kWrite);  // release / acquire between blocks
@@ -94,7 +97,7 @@ void on_launch_begin(const LaunchDesc& d, unsigned nthreads, void* dyn_smem, siz
   g_exec.in_kernel = true;
   g_exec.nthreads = nthreads;
   g_exec.desc = &d;
-  g_exec.checking = g_checks.memcheck || g_checks.racecheck || g_checks.counters;
+  g_exec.checking = g_checks.memcheck || g_checks.racecheck || g_checks.counters || g_checks.initcheck;
   set_launch_regions(dyn_smem, dyn_bytes, d.data, d.data_size);
   if (g_checks.racecheck) race_launch_begin();
   if (g_checks.counters) counters_launch_begin(d, nthreads, dyn_bytes);
@@ -125,9 +128,11 @@ void on_fence() {
 }
 
 void on_host_memset(const void* dst, size_t bytes) {
-  (void)dst;
+  mark_written(dst, bytes);
   if (!g_exec.in_kernel && g_checks.counters) counters_memset(bytes);
 }
+
+void on_host_copy(const void* dst, size_t bytes) { mark_written(dst, bytes); }
 
 void on_block_end() {
   if (g_checks.counters) counters_block_end();
@@ -148,16 +153,18 @@ void on_launch_end(bool ok) {
 // ------------------------------------------------------------------ C API for Python (ctypes)
 extern "C" {
 // Each argument: 1 on, 0 off, -1 unchanged. Takes effect at the next launch.
-void simt_set_checks(int memcheck, int racecheck, int counters, int any_collective_orders) {
+void simt_set_checks(int memcheck, int racecheck, int counters, int any_collective_orders, int initcheck) {
   auto& c = simt::rt::g_checks;
   if (memcheck >= 0) c.memcheck = memcheck != 0;
   if (racecheck >= 0) c.racecheck = racecheck != 0;
   if (counters >= 0) c.counters = counters != 0;
   if (any_collective_orders >= 0) c.any_collective_orders = any_collective_orders != 0;
+  if (initcheck >= 0) c.initcheck = initcheck != 0;
 }
-// Bit 0 memcheck, bit 1 racecheck, bit 2 counters, bit 3 any collective orders memory.
+// Bit 0 memcheck, bit 1 racecheck, bit 2 counters, bit 3 any collective orders memory, bit 4 initcheck.
 int simt_get_checks() {
   const auto& c = simt::rt::g_checks;
-  return (c.memcheck ? 1 : 0) | (c.racecheck ? 2 : 0) | (c.counters ? 4 : 0) | (c.any_collective_orders ? 8 : 0);
+  return (c.memcheck ? 1 : 0) | (c.racecheck ? 2 : 0) | (c.counters ? 4 : 0) | (c.any_collective_orders ? 8 : 0) |
+         (c.initcheck ? 16 : 0);
 }
 }

@@ -613,6 +613,26 @@ void host_memset(void* dst, int value, size_t n) {
   rt::on_host_memset(dst, n);
 }
 
+void host_copy(void* dst, const void* src, size_t n) {
+  if (n) std::memmove(dst, src, n);
+  rt::on_host_copy(dst, n);
+}
+
+cudaError_t alloc(void** p, size_t n, const char* api, bool uninitialized) {
+  if (!p) return cudaErrorInvalidValue;
+  if (n == 0) {
+    *p = nullptr;
+    return cudaSuccess;
+  }
+  size_t r = (n + 255) & ~(size_t)255;
+  *p = aligned_alloc(256, r);
+  if (!*p) return cudaErrorMemoryAllocation;
+  char name[64];
+  snprintf(name, sizeof name, "%s(%zu)", api, n);
+  rt::register_region(*p, n, rt::kGlobal, name, /*racecheck=*/true, uninitialized);
+  return cudaSuccess;
+}
+
 void yield_now() {
   check_in_kernel("__nanosleep");
   Fiber* f = S().cur;
@@ -801,17 +821,7 @@ cudaError_t launch(const LaunchDesc& d) {
 }  // namespace simt
 
 // ------------------------------------------------------------------ host API pieces
-cudaError_t cudaMalloc(void** p, size_t n) {
-  if (!p) return cudaErrorInvalidValue;
-  if (n == 0) { *p = nullptr; return cudaSuccess; }
-  size_t r = (n + 255) & ~(size_t)255;
-  *p = aligned_alloc(256, r);
-  if (!*p) return cudaErrorMemoryAllocation;
-  char name[64];
-  snprintf(name, sizeof name, "cudaMalloc(%zu)", n);
-  simt::rt::register_region(*p, n, simt::rt::kGlobal, name);
-  return cudaSuccess;
-}
+cudaError_t cudaMalloc(void** p, size_t n) { return simt::alloc(p, n, "cudaMalloc", /*uninitialized=*/true); }
 cudaError_t cudaFree(void* p) {
   if (p) simt::rt::unregister_region(p);
   free(p);

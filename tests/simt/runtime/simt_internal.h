@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace simt {
 namespace rt {
@@ -34,6 +35,10 @@ struct Checks {
   bool memcheck = true;
   bool racecheck = true;
   bool counters = false;
+  // initcheck: a load of global memory nothing wrote since its allocation (a cudaMalloc, a buffer
+  // registered as uninitialized) is an error. Off stops the reports only: writes are tracked while
+  // any check runs, so switching it back on does not report what was written meanwhile.
+  bool initcheck = true;
   // Which warp collectives order memory between their lanes for racecheck: only __syncwarp (the
   // PTX memory model: bar.warp.sync orders memory, shfl/vote/redux do not), or every collective.
   bool any_collective_orders = false;
@@ -47,6 +52,16 @@ enum AccessFlags : unsigned {
   kUnaligned = 1u << 2,  // the compiler knows the access may be unaligned: no alignment fault
 };
 
+// initcheck's shadow of one allocation whose content starts undefined: one byte per byte, set once
+// a kernel store or atomic, a cudaMemset or a cudaMemcpy wrote it. Owned by the registration (it
+// outlives the merged regions, which are rebuilt whenever a buffer comes or goes).
+struct InitShadow {
+  InitShadow(uintptr_t lo_, uintptr_t hi_) : lo(lo_), hi(hi_), written(hi_ - lo_, 0), unwritten(hi_ - lo_) {}
+  uintptr_t lo, hi;              // [lo, hi)
+  std::vector<uint8_t> written;  // [hi - lo]
+  size_t unwritten;              // bytes still 0 (none left: the check has nothing to find)
+};
+
 // Memory spaces an access can fall in.
 enum Space : int { kGlobal = 0, kSharedDynamic = 1, kSharedStatic = 2, kParam = 3, kIgnored = 4 };
 
@@ -57,6 +72,10 @@ struct Region {
   std::string name;
   unsigned long long id = 0;  // registration number (stable across launches)
   bool racecheck = true;      // false: a buffer the test exempts from racecheck (say why there)
+  // initcheck: the shadows of the uninitialized registrations merged into this region (usually
+  // none: a registered tensor has content; one for a cudaMalloc). Owned by the registrations: a
+  // registration change marks the regions dirty, and they are rebuilt before the next access.
+  std::vector<InitShadow*> init;
   // racecheck shadow (one cell per byte) and counter bitmaps (one bit per 32-byte sector);
   // allocated on first use, owned by the checker modules.
   void* race_shadow = nullptr;
@@ -83,8 +102,10 @@ void on_warp_collective(unsigned mio);
 void on_mma();
 // __threadfence() by the running thread.
 void on_fence();
-// cudaMemset(Async) from host code: a launch of its own for the counters.
+// cudaMemset(Async) from host code: a launch of its own for the counters; the bytes are written.
 void on_host_memset(const void* dst, size_t bytes);
+// cudaMemcpy(2D)(Async) from host code wrote [dst, dst + bytes).
+void on_host_copy(const void* dst, size_t bytes);
 
 // printf into a std::string (messages; at most 1023 characters)
 std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
@@ -96,8 +117,11 @@ std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
 std::string where_now();
 
 // ---- registry (simt_memory.cpp)
+// uninitialized: the content is undefined until written (cudaMalloc, an at::empty the test stands
+// in for); initcheck reports loads of bytes not written since. Otherwise the buffer has content,
+// and so do the bytes of uninitialized ones it overlaps.
 unsigned long long register_region(const void* p, size_t n, Space space, const char* name,
-                                   bool racecheck = true);
+                                   bool racecheck = true, bool uninitialized = false);
 void unregister_region(const void* p);
 void register_static_shared(const void* p, size_t n, const char* name);
 // Per launch: the dynamic shared memory and the kernel's argument block.
@@ -107,6 +131,9 @@ void clear_launch_regions();
 Region* find_region(uintptr_t p);
 // p lies in this library's own loaded segments (static data, literals): ignored by the checks.
 bool in_module(uintptr_t p);
+// [p, p + n) has content from now on (a cudaMemset or cudaMemcpy wrote it, or a buffer with content
+// was registered over it): initcheck's shadows learn it.
+void mark_written(const void* p, size_t n);
 std::string describe_address(uintptr_t p, size_t n);  // nearest buffer, offsets
 std::string describe_thread();                        // block, thread, warp, lane of the running thread
 std::string describe_thread_id(unsigned tid);         // thread of the running block
@@ -123,6 +150,12 @@ void race_warp_sync(unsigned warp_base, unsigned mask);
 void race_region_freed(Region& r);
 void race_fence();
 void race_atomic(uintptr_t p, bool write);
+
+// ---- initcheck (simt_init.cpp)
+void init_mark(InitShadow& s, uintptr_t lo, uintptr_t hi);  // [lo, hi) (clipped to s) written
+// A kernel access to a region with shadows: stores and atomics write, loads must find every byte
+// written (reported when g_checks.initcheck).
+void init_access(Region& r, uintptr_t p, unsigned size, unsigned flags, const void* pc);
 
 // ---- counters (simt_counters.cpp)
 void count_access(Region& r, uintptr_t p, unsigned size, unsigned flags, const void* pc);

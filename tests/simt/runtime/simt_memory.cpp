@@ -1,6 +1,7 @@
 // The memory a launch may touch: buffers registered by the test (harness.call registers every
 // simt.ptr argument), cudaMalloc allocations, static __shared__ variables (registered by the code
 // rewrite.py inserts), and per launch the dynamic shared memory and the kernel's argument block.
+// Registrations whose content starts undefined own initcheck's shadow (simt_init.cpp).
 // Also the words used in checker messages: nearest buffer, thread, instruction.
 // (system headers first: simt.h defines CUDA's __noinline__, which glibc headers also use)
 #include <dlfcn.h>
@@ -25,6 +26,7 @@ struct Registration {
   unsigned long long id;
   int refs;
   bool racecheck;
+  std::unique_ptr<InitShadow> init;  // uninitialized registrations only
 };
 
 struct Registry {
@@ -72,6 +74,7 @@ void rebuild() {
       cur->hi = std::max(cur->hi, reg->hi);
       if (cur->name.find(reg->name) == std::string::npos) cur->name += " | " + reg->name;
       cur->racecheck = cur->racecheck && reg->racecheck;
+      if (reg->init) cur->init.push_back(reg->init.get());
       continue;
     }
     flush();
@@ -82,6 +85,7 @@ void rebuild() {
     cur->name = reg->name;
     cur->id = reg->id;
     cur->racecheck = reg->racecheck;
+    if (reg->init) cur->init.push_back(reg->init.get());
   }
   flush();
   g.dirty = false;
@@ -130,19 +134,37 @@ Module& module() {
 
 }  // namespace
 
-unsigned long long register_region(const void* p, size_t n, Space space, const char* name, bool racecheck) {
+unsigned long long register_region(const void* p, size_t n, Space space, const char* name, bool racecheck,
+                                   bool uninitialized) {
   Registry& g = R();
   const uintptr_t lo = reinterpret_cast<uintptr_t>(p);
+  // A buffer with content makes the bytes it shares with uninitialized ones defined (the test says
+  // they hold something); a second registration of the same range only adds a reference.
+  if (!uninitialized) mark_written(p, n);
   for (auto& reg : g.regs) {
     if (reg.lo == lo && reg.hi == lo + n) {
       reg.refs++;
       return reg.id;
     }
   }
-  g.regs.push_back(Registration{lo, lo + n, space, name ? name : "buffer", g.next_id++, 1, racecheck});
+  Registration reg{lo, lo + n, space, name ? name : "buffer", g.next_id++, 1, racecheck, nullptr};
+  if (uninitialized && space == kGlobal) {
+    reg.init = std::make_unique<InitShadow>(lo, lo + n);
+    for (const auto& other : g.regs) {
+      if (!other.init && other.lo < reg.hi && reg.lo < other.hi) init_mark(*reg.init, other.lo, other.hi);
+    }
+  }
+  g.regs.push_back(std::move(reg));
   g.dirty = true;
   g.cache = nullptr;
   return g.regs.back().id;
+}
+
+void mark_written(const void* p, size_t n) {
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(p), hi = lo + n;
+  for (auto& reg : R().regs) {
+    if (reg.init && reg.lo < hi && lo < reg.hi) init_mark(*reg.init, lo, hi);
+  }
 }
 
 void unregister_region(const void* p) {
@@ -300,9 +322,11 @@ const void* pc_from_offset(const void* like, uintptr_t offset) {
 // ------------------------------------------------------------------ C API for Python (ctypes)
 extern "C" {
 // Registers [p, p + n) as a global buffer the kernels may touch (refcounted by (p, n)); racecheck 0
-// exempts it from racecheck.
-unsigned long long simt_register_buffer(const void* p, unsigned long long n, const char* name, int racecheck) {
-  return simt::rt::register_region(p, n, simt::rt::kGlobal, name, racecheck != 0);
+// exempts it from racecheck; uninitialized 1: its content is undefined until written (initcheck),
+// as an at::empty buffer's on a GPU.
+unsigned long long simt_register_buffer(const void* p, unsigned long long n, const char* name, int racecheck,
+                                        int uninitialized) {
+  return simt::rt::register_region(p, n, simt::rt::kGlobal, name, racecheck != 0, uninitialized != 0);
 }
 void simt_unregister_buffer(const void* p) { simt::rt::unregister_region(p); }
 }

@@ -253,6 +253,12 @@ void yield_now();
 void threadfence();
 // cudaMemset(Async): the bytes are set at once; the counters record it as a launch (a memset node).
 void host_memset(void* dst, int value, size_t n);
+// cudaMemcpy(2D)(Async): the bytes are copied at once; initcheck counts the destination written.
+void host_copy(void* dst, const void* src, size_t n);
+// cudaMalloc & co. (`api` names the buffer in checker messages). uninitialized: device memory, whose
+// content stays undefined for initcheck until written; memory the host may write directly
+// (cudaMallocHost, cudaHostAlloc, cudaMallocManaged) has content, as initcheck cannot see host stores.
+cudaError_t alloc(void** p, size_t n, const char* api, bool uninitialized);
 [[noreturn]] void trap(const char* what, const char* file, unsigned line);
 unsigned char* dyn_smem_base();
 // Inserted by rewrite.py after each function-scope __shared__ declaration: poisons the variable
@@ -814,15 +820,15 @@ inline cudaError_t cudaMallocAsync(void** p, size_t n, cudaStream_t) { return cu
 template <class T> inline cudaError_t cudaMallocAsync(T** p, size_t n, cudaStream_t) { return cudaMalloc(reinterpret_cast<void**>(p), n); }
 cudaError_t cudaFree(void* p);
 inline cudaError_t cudaFreeAsync(void* p, cudaStream_t) { return cudaFree(p); }
-inline cudaError_t cudaMallocHost(void** p, size_t n) { return cudaMalloc(p, n); }
-template <class T> inline cudaError_t cudaMallocHost(T** p, size_t n) { return cudaMalloc(reinterpret_cast<void**>(p), n); }
-inline cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) { return cudaMalloc(p, n); }
+inline cudaError_t cudaMallocHost(void** p, size_t n) { return ::simt::alloc(p, n, "cudaMallocHost", false); }
+template <class T> inline cudaError_t cudaMallocHost(T** p, size_t n) { return cudaMallocHost(reinterpret_cast<void**>(p), n); }
+inline cudaError_t cudaHostAlloc(void** p, size_t n, unsigned) { return ::simt::alloc(p, n, "cudaHostAlloc", false); }
 inline cudaError_t cudaFreeHost(void* p) { return cudaFree(p); }
-inline cudaError_t cudaMallocManaged(void** p, size_t n, unsigned = 1) { return cudaMalloc(p, n); }
-inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) { if (n) std::memmove(d, s, n); return ::simt::sticky_error(); }
+inline cudaError_t cudaMallocManaged(void** p, size_t n, unsigned = 1) { return ::simt::alloc(p, n, "cudaMallocManaged", false); }
+inline cudaError_t cudaMemcpy(void* d, const void* s, size_t n, cudaMemcpyKind) { ::simt::host_copy(d, s, n); return ::simt::sticky_error(); }
 inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t n, cudaMemcpyKind k, cudaStream_t = 0) { return cudaMemcpy(d, s, n, k); }
 inline cudaError_t cudaMemcpy2D(void* d, size_t dp, const void* s, size_t sp, size_t w, size_t h, cudaMemcpyKind) {
-  for (size_t r = 0; r < h; ++r) std::memmove((char*)d + r * dp, (const char*)s + r * sp, w);
+  for (size_t r = 0; r < h; ++r) ::simt::host_copy((char*)d + r * dp, (const char*)s + r * sp, w);
   return ::simt::sticky_error();
 }
 inline cudaError_t cudaMemcpy2DAsync(void* d, size_t dp, const void* s, size_t sp, size_t w, size_t h, cudaMemcpyKind k, cudaStream_t = 0) {
