@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command for a machine with an NVIDIA GPU (H100/H200 class: about 10 minutes, 4.7 of them the
-# build of route_cuda.cu on 16 cores; 227 s with the build already done, 2026-12-04). It
+# One command for a machine with an NVIDIA GPU (H100/H200 class: about 10 minutes on 2026-12-04,
+# 4.7-5.1 of them the build of route_cuda.cu as one translation unit on 16 cores; the route kernels
+# now compile in 9 more, csrc/route/cuda/apart/, not yet timed on a GPU machine). It
 #   1. builds l2r_cuda in place for this GPU's architecture only (MAX_JOBS = all cores), and meanwhile
 #      builds and runs the tensor-core checks (tests/gpu/mma_fragments_main.cu, project_mma_main.cu:
 #      the kernels the SIMT emulator runs in tests/simt/test_mma.py and test_project_mma.py, built
