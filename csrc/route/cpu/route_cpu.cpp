@@ -387,18 +387,12 @@ void report_bad_index(const at::Tensor& indices, int64_t experts) {
 template <typename A>
 bool run_backward_chunks(const BackwardArgs<A>& args, const Kernels<A>& kernels) {
   std::atomic<int32_t> bad{0};
-  const int64_t scratch_size = kernels.backward_scratch(args);
-  for_each_claimed_chunk(args.chunks.count, [&] {
-    // One zeroed buffer per thread, as one per range before: the kernels' results never depend on
-    // what an earlier chunk left in it (they were bitwise equal across thread counts with ranges).
-    return [&, scratch = std::vector<A>(static_cast<size_t>(scratch_size) + 64)](int64_t c) mutable {
-      A* aligned = reinterpret_cast<A*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
-      BackwardArgs<A> local = args;
-      int32_t local_bad = 0;
-      local.bad_index = &local_bad;
-      kernels.backward(local, c, c + 1, aligned);
-      if (local_bad) bad.store(1);
-    };
+  run_chunks<A>(args, kernels.backward_scratch, [&](const BackwardArgs<A>& a, int64_t begin, int64_t end, A* scratch) {
+    BackwardArgs<A> local = a;
+    int32_t local_bad = 0;
+    local.bad_index = &local_bad;
+    kernels.backward(local, begin, end, scratch);
+    if (local_bad) bad.store(1);
   });
   return bad.load() != 0;
 }
