@@ -956,13 +956,9 @@ cudaError_t launch_kernel_of_type(const LaunchStep& s, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-#if defined(L2R_ROUTE_CUDA_APART)
+#if defined(L2R_ROUTE_CUDA_APART)  // instantiated in csrc/route/cuda/apart/*.cu; else by launch_kernel below
 #define L2R_ROUTE_KERNELS_OF_TYPE(K, T) \
   extern template cudaError_t launch_kernel_of_type<RouteKernel::K, T>(const LaunchStep&, cudaStream_t);
-#else
-#define L2R_ROUTE_KERNELS_OF_TYPE(K, T) \
-  template cudaError_t launch_kernel_of_type<RouteKernel::K, T>(const LaunchStep&, cudaStream_t);
-#endif
 #define L2R_ROUTE_KERNEL_TYPES(K)          \
   L2R_ROUTE_KERNELS_OF_TYPE(K, float)      \
   L2R_ROUTE_KERNELS_OF_TYPE(K, __half)     \
@@ -972,6 +968,7 @@ L2R_ROUTE_KERNEL_TYPES(kBackwardToken)
 L2R_ROUTE_KERNEL_TYPES(kBackwardColumn)
 #undef L2R_ROUTE_KERNEL_TYPES
 #undef L2R_ROUTE_KERNELS_OF_TYPE
+#endif
 
 #if !defined(L2R_ROUTE_CUDA_APART_KERNEL)  // csrc/route/cuda/apart/*.cu: the instantiation only
 namespace {
