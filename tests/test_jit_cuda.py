@@ -1,9 +1,9 @@
 """The NVRTC-compiled kernels (l2r_cuda.jit) on a real GPU: bit for bit equal to the nvcc-compiled
 kernels of a CUDA build, through autograd, CUDA-graph capture and torch.compile; and a CPU-only
 build (L2R_CUDA=0) serving CUDA tensors with them. Marked cuda: skipped without a GPU or cupy
-(scripts/gpu_check.sh runs `pytest -m cuda`). On an H200 (2026-12-04) all of it passed but the
-graph-capture-and-compile test, which failed on the device check under torch.compile (since fixed,
-not rerun there)."""
+(scripts/gpu_check.sh runs `pytest -m cuda`). On an H200 (2026-12-04) all of it passed; the
+graph-capture-and-compile test only in the second run, after a fix to the device check under
+torch.compile."""
 
 from __future__ import annotations
 
