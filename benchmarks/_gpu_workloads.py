@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from l2r_cuda.ops import plan_maps_every_row
 from tests.simt import harness as simt
 from tests.simt.drivers import permute as permute_emu
 
@@ -118,7 +119,9 @@ def run_permute(lib, s: Shape, seed: int = 0) -> dict[str, dict]:
     assert flag == 0
     plan_launches = len(simt.counters(lib, reset=False))
     num_rows = int(offsets[-1])
-    y = permute_emu.permute_rows(lib, x, row_map, num_rows, seed=seed)
+    # as l2r_cuda.permute() calls it (align 1, exact size: every row is some slot's, no scratch reset)
+    y = permute_emu.permute_rows(lib, x, row_map, num_rows, seed=seed,
+                                 every_row_mapped=plan_maps_every_row(1, False, False))
     perm_recs = _records(lib)
     permute_emu.gather(lib, y, row_map, weights, seed=seed)
     unperm_recs = _records(lib)

@@ -129,8 +129,10 @@ TORCH_LIBRARY(l2r_cuda, m) {
       "permute_plan(Tensor indices, int num_experts, int align, int? capacity, Tensor? weights) "
       "-> (Tensor row_map, Tensor expert_offsets, Tensor dropped)");
 
-  // permuted [num_rows, d]: row row_map[t, j] is x[t], every other row is zero.
-  m.def("permute_rows(Tensor x, Tensor row_map, SymInt num_rows) -> Tensor");
+  // permuted [num_rows, d]: row row_map[t, j] is x[t], every other row is zero. every_row_mapped:
+  // the caller knows every row in [0, num_rows) is some slot's (no padding rows); the CUDA kernels
+  // then skip resetting their scratch (one launch fewer). Results do not depend on it.
+  m.def("permute_rows(Tensor x, Tensor row_map, SymInt num_rows, bool every_row_mapped=False) -> Tensor");
 
   // Backward of permute_rows: grad_x [T, d], grad_x[t] = sum_j grad_permuted[row_map[t, j]].
   m.def("permute_rows_backward(Tensor grad_permuted, Tensor row_map) -> Tensor");

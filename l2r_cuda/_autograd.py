@@ -117,13 +117,13 @@ for _op in ("route_backward", "route_logits_backward", "route_select_backward"):
 # ---- permute (csrc/permute) ----------------------------------------------------------------------
 
 def _permute_rows_setup_context(ctx, inputs, output):
-    _, row_map, _ = inputs
+    _, row_map, *_ = inputs  # x, row_map, num_rows[, every_row_mapped]
     ctx.save_for_backward(row_map)
 
 
 def _permute_rows_backward(ctx, grad_permuted):
     (row_map,) = ctx.saved_tensors
-    return torch.ops.l2r_cuda.permute_rows_backward(grad_permuted, row_map), None, None
+    return torch.ops.l2r_cuda.permute_rows_backward(grad_permuted, row_map), None, None, None
 
 
 torch.library.register_autograd(

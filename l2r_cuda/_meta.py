@@ -94,7 +94,7 @@ def _permute_plan_fake(indices, num_experts, align, capacity, weights):
 
 
 @torch.library.register_fake("l2r_cuda::permute_rows")
-def _permute_rows_fake(x, row_map, num_rows):
+def _permute_rows_fake(x, row_map, num_rows, every_row_mapped=False):
     return x.new_empty((num_rows, x.shape[1]))
 
 

@@ -355,8 +355,17 @@ def permute(
         num_rows = indices.shape[0] * indices.shape[1] + num_experts * (align - 1)
     else:
         num_rows = int(offsets[-1])
-    permuted = torch.ops.l2r_cuda.permute_rows(x, row_map, num_rows)
+    permuted = torch.ops.l2r_cuda.permute_rows(
+        x, row_map, num_rows, plan_maps_every_row(align, fixed_size, pad_to_capacity))
     return Permutation(permuted, offsets, row_map)
+
+
+def plan_maps_every_row(align: int, fixed_size: bool, pad_to_capacity: bool) -> bool:
+    """Whether :func:`permute`'s rows are all some kept slot's: without align padding, a fixed size
+    or capacity padding, the plan maps its kept slots onto rows ``[0, expert_offsets[-1])`` exactly.
+    ``permute_rows`` is told so, and its CUDA row copy then skips resetting its scratch for rows no
+    slot maps to (one launch fewer); results do not depend on it."""
+    return align == 1 and not fixed_size and not pad_to_capacity
 
 
 def _pad_groups_to_capacity(row_map: Tensor, offsets: Tensor, indices: Tensor, capacity: int,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import l2r_cuda
+from l2r_cuda import ops as ops_module
 from l2r_cuda import reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -326,6 +327,24 @@ def test_gradcheck_float64():
     torch.autograd.gradcheck(lambda yy, ww: l2r_cuda.unpermute(yy, row_map, ww), (y, w))
 
 
+@pytest.mark.parametrize("s", SAMPLES, ids=IDS)
+@pytest.mark.parametrize("mode", ["exact", "fixed_size", "pad_to_capacity"])
+def test_every_row_mapped_only_where_the_plan_is_onto(s, mode):
+    """permute() tells permute_rows that every row is some slot's (so the CUDA copy skips its
+    scratch reset) only where the plan's row_map is onto [0, num_rows)."""
+    if mode == "pad_to_capacity" and s.capacity is None:
+        pytest.skip("pad_to_capacity needs a capacity")
+    x, indices, weights = make_inputs(s)
+    p = l2r_cuda.permute(x, indices, s.E, fixed_size=mode == "fixed_size",
+                         pad_to_capacity=mode == "pad_to_capacity", **kwargs_of(s, weights))
+    rows = p.row_map[p.row_map >= 0]
+    onto = rows.numel() == p.permuted.shape[0] and torch.equal(rows.sort().values, torch.arange(rows.numel()))
+    claimed = ops_module.plan_maps_every_row(s.align, mode == "fixed_size", mode == "pad_to_capacity")
+    assert not claimed or onto
+    if mode == "exact" and s.align == 1:
+        assert claimed  # the common case does skip the reset
+
+
 # ---- opcheck, compile ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("s", [s for s in SAMPLES if s.T in (1, 33)][:6],
@@ -339,6 +358,8 @@ def test_opcheck(s):
     n_rows = s.T * s.k + s.E * (s.align - 1)
     xg = x.detach().clone().requires_grad_(True)
     torch.library.opcheck(ops.permute_rows.default, (xg, row_map, n_rows))
+    exact_rows = int(offsets[-1])
+    torch.library.opcheck(ops.permute_rows.default, (xg, row_map, exact_rows, s.align == 1))
     permuted = ops.permute_rows(x, row_map, n_rows)
     torch.library.opcheck(ops.permute_rows_backward.default, (permuted, row_map))
     y = permuted.detach().clone().requires_grad_(True)

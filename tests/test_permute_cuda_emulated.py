@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from l2r_cuda import reference
+from l2r_cuda.ops import plan_maps_every_row
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from tests.simt import harness as simt  # noqa: E402
@@ -53,12 +54,30 @@ def test_emulated_permute_matches_reference(lib, s, seed):
         want = reference.permute(x, indices, s.E, fixed_size=fixed, **kw)[0]
         got = permute_rows(lib, x, row_map, want.shape[0], seed=seed)
         assert torch.equal(got, want)
+        if plan_maps_every_row(s.align, fixed, False):  # as permute() calls it: no scratch reset
+            got = permute_rows(lib, x, row_map, want.shape[0], seed=seed, every_row_mapped=True)
+            assert torch.equal(got, want)
     y = (want.float() * 1.5 - 0.25).to(s.dtype)
     torch.testing.assert_close(gather(lib, y, row_map, weights, seed=seed),
                                reference.unpermute(y, row_map, weights))
     # permute's backward = unweighted gather-sum
     torch.testing.assert_close(gather(lib, y, row_map, None, seed=seed),
                                reference.unpermute(y, row_map, torch.ones_like(weights)))
+
+
+def test_emulated_rows_without_reset_read_unwritten_scratch_where_rows_are_padding(lib):
+    """every_row_mapped is a promise: where rows are align padding, skipping the reset makes the
+    copy read scratch nothing wrote (what initcheck reported on the H200), while the same call
+    without the promise is clean. So the reset is what keeps padded permutes clean."""
+    s = Sample(20, 5, 2, align=8, d=8)
+    x, indices, weights = make_inputs(s)
+    row_map, offsets, _, _ = plan(lib, indices, s.E, align=s.align)
+    num_rows = int(offsets[-1])
+    assert num_rows > s.T * s.k  # padding rows exist
+    want = reference.permute(x, indices, s.E, align=s.align)[0]
+    assert torch.equal(permute_rows(lib, x, row_map, num_rows), want)
+    with pytest.raises(simt.SimtError, match="initcheck"):
+        permute_rows(lib, x, row_map, num_rows, every_row_mapped=True)
 
 
 @pytest.mark.parametrize("s", EMU_SAMPLES[::2], ids=EMU_IDS[::2])

@@ -212,10 +212,14 @@ CATALOGUE: list[Mutation] = [
       equivalent="the plan sets the scratch to -1 before the inverse, so a row no slot maps to holds -1 and "
                  "every other row a slot that maps to it: the check against row_map never decides"),
     M("permute.rows.scratch_not_reset", PERMUTE_PLAN,
-      "  plan.memset(src_scratch, 0xFF, num_rows * static_cast<int64_t>(sizeof(int64_t)));\n", "",
+      "  if (!every_row_mapped) plan.memset(src_scratch, 0xFF, num_rows * static_cast<int64_t>(sizeof(int64_t)));\n", "",
       "init", "the inverse scratch is not set to -1 first: the copy reads the at::empty garbage of rows no slot "
       "maps to (right results thanks to the check against row_map; what compute-sanitizer's initcheck "
       "reported on an H200)"),
+    M("permute.rows.reset_despite_promise", PERMUTE_PLAN,
+      "  if (!every_row_mapped) plan.memset(", "  if (true) plan.memset(",
+      "init", "the scratch is reset even when the caller promised every row is mapped: right results and a "
+      "clean initcheck, but the launch permute() saves comes back"),
     M("permute.rows.layout_wider", PERMUTE_PLAN,
       "  while (tpr < kRowThreads && tpr < units_per_row) tpr <<= 1;",
       "  while (tpr < kRowThreads && tpr <= units_per_row) tpr <<= 1;",

@@ -153,7 +153,9 @@ at::Tensor rows_contiguous(const at::Tensor& t) {
   return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
 }
 
-at::Tensor permute_rows_cpu(const at::Tensor& x_in, const at::Tensor& row_map, int64_t num_rows) {
+// every_row_mapped only spares the CUDA path a reset of its scratch; the CPU inverse is built whole.
+at::Tensor permute_rows_cpu(const at::Tensor& x_in, const at::Tensor& row_map, int64_t num_rows,
+                            bool /*every_row_mapped*/) {
   check_rows_inputs(x_in, row_map, num_rows, "permute");
   const auto x = rows_contiguous(x_in);
   const int64_t d = x.size(1), k = row_map.size(1);

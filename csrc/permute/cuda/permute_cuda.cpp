@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_plan_cuda(
 }
 
 at::Tensor permute_rows_cuda(const at::Tensor& x_in, const at::Tensor& row_map_in,
-                             int64_t num_rows) {
+                             int64_t num_rows, bool every_row_mapped) {
   check_rows_inputs(x_in, row_map_in, num_rows, "permute");
   const c10::DeviceGuard guard(x_in.device());
   const auto x = rows_contiguous(x_in);
@@ -67,7 +67,7 @@ at::Tensor permute_rows_cuda(const at::Tensor& x_in, const at::Tensor& row_map_i
   auto src = at::empty({num_rows}, row_map.options());
   const int64_t es = x.element_size();
   run(permute_rows_launches(x.data_ptr(), x.stride(0) * es, d * es, row_map.data_ptr<int64_t>(), row_map.size(0),
-                            row_map.size(1), num_rows, src.data_ptr<int64_t>(), out.data_ptr()),
+                            row_map.size(1), num_rows, src.data_ptr<int64_t>(), out.data_ptr(), every_row_mapped),
       x, "permute");
   return out;
 }

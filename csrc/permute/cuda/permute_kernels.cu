@@ -278,8 +278,9 @@ __global__ void inverse_kernel(const InverseParams args) {
 }
 
 // Output row `row` is x[t] when src[row] holds a slot r that maps to it (row_map[r] == row, t =
-// r / k), zero otherwise. The launch plan sets src to -1 before the inverse, so a row no slot maps
-// to holds -1; the check against row_map (injective on rows) still holds for any content of src.
+// r / k), zero otherwise. The launch plan sets src to -1 before the inverse where some row may have
+// no slot (permute_rows_launches), so such a row holds -1; the check against row_map (injective on
+// rows) still holds for any content of src.
 template <typename V>
 __global__ void copy_rows_kernel(const CopyRowsParams args) {
   const char* __restrict__ x = static_cast<const char*>(args.x);
@@ -562,8 +563,9 @@ cudaError_t launch_permute_plan(const void* indices, bool indices_int64, int64_t
 
 cudaError_t launch_permute_rows(const void* x, int64_t x_row_stride_bytes, int64_t row_bytes,
                                 const int64_t* row_map, int64_t T, int64_t k, int64_t num_rows,
-                                int64_t* src_scratch, void* out, cudaStream_t stream) {
-  return run(permute_rows_launches(x, x_row_stride_bytes, row_bytes, row_map, T, k, num_rows, src_scratch, out),
+                                int64_t* src_scratch, void* out, bool every_row_mapped, cudaStream_t stream) {
+  return run(permute_rows_launches(x, x_row_stride_bytes, row_bytes, row_map, T, k, num_rows, src_scratch, out,
+                                   every_row_mapped),
              stream);
 }
 

@@ -25,7 +25,7 @@ cudaError_t launch_permute_plan(const void* indices, bool indices_int64, int64_t
                                 cudaStream_t stream);
 cudaError_t launch_permute_rows(const void* x, int64_t x_row_stride_bytes, int64_t row_bytes,
                                 const int64_t* row_map, int64_t T, int64_t k, int64_t num_rows,
-                                int64_t* src_scratch, void* out, cudaStream_t stream);
+                                int64_t* src_scratch, void* out, bool every_row_mapped, cudaStream_t stream);
 cudaError_t launch_gather_reduce(DType dtype, const void* y, int64_t y_row_stride, int64_t y_rows,
                                  const int64_t* row_map, const void* w, int64_t T, int64_t k,
                                  int64_t d, void* out, cudaStream_t stream);

@@ -233,17 +233,21 @@ inline LaunchPlan permute_plan_launches(const void* indices, bool indices_int64,
 }
 
 // out [num_rows, row_bytes]: row row_map[t, j] is x[t] (rows x_row_stride_bytes apart), other
-// rows zero. src_scratch: num_rows int64, any content: it is set to -1 first (a memset), then the
-// inverse, then the copy. The copy's check against row_map alone would make the reset unneeded,
-// but it would read memory nothing wrote, which compute-sanitizer's initcheck reports (it did on
-// an H200, 640 reports in scripts/gpu_sanitize.py), and a clean initcheck is worth a memset.
+// rows zero. src_scratch: num_rows int64, any content: the inverse writes it, then the copy reads
+// it. Rows no slot maps to (padding) are left unwritten by the inverse; the copy's check against
+// row_map alone would keep them right, but it would read memory nothing wrote, which
+// compute-sanitizer's initcheck reports (it did on an H200, 640 reports in scripts/gpu_sanitize.py).
+// So the scratch is set to -1 first (a memset, one more step) unless every_row_mapped: the caller
+// knows every row in [0, num_rows) is some slot's (permute() without align, capacity padding or a
+// fixed size: the plan's row_map is onto). Results are the same either way; a caller that claims
+// it wrongly only brings back the unwritten reads.
 inline LaunchPlan permute_rows_launches(const void* x, int64_t x_row_stride_bytes, int64_t row_bytes,
                                         const int64_t* row_map, int64_t T, int64_t k, int64_t num_rows,
-                                        int64_t* src_scratch, void* out) {
+                                        int64_t* src_scratch, void* out, bool every_row_mapped) {
   LaunchPlan plan(KernelSource::kPermute);
   const int64_t n = T * k;
   if (num_rows == 0 || row_bytes == 0) return plan;
-  plan.memset(src_scratch, 0xFF, num_rows * static_cast<int64_t>(sizeof(int64_t)));
+  if (!every_row_mapped) plan.memset(src_scratch, 0xFF, num_rows * static_cast<int64_t>(sizeof(int64_t)));
   if (n > 0) {
     plan.kernel(permute_kernel(PermuteKernel::kInverse), capped_grid(cdiv(n, kIndexThreads)), kIndexThreads, 0,
                 InverseParams{row_map, src_scratch, n, 1, num_rows});

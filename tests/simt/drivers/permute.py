@@ -53,9 +53,10 @@ def plan(lib, indices, E, align=1, capacity=None, weights=None, seed=0):
     return row_map, offsets, dropped, int(control[0])
 
 
-def permute_rows(lib, x, row_map, num_rows, seed=0, pad=8):
+def permute_rows(lib, x, row_map, num_rows, seed=0, pad=8, every_row_mapped=False):
     """launch_permute_rows: out [num_rows, d] in x's dtype (rows NaN-filled first). A
-    non-contiguous x is passed as rows of a padded buffer (`pad` extra elements per row)."""
+    non-contiguous x is passed as rows of a padded buffer (`pad` extra elements per row).
+    every_row_mapped: the caller's promise that lets the plan skip its scratch reset."""
     d = x.shape[1]
     if x.stride(1) != 1 and x.shape[0] > 0:  # the launcher takes a row stride: pad the rows instead
         buf = torch.zeros(x.shape[0], d + pad, dtype=x.dtype)
@@ -70,7 +71,7 @@ def permute_rows(lib, x, row_map, num_rows, seed=0, pad=8):
     rc = simt.call(lib, "drv_rows", simt.ptr(x, "x"), L(x.stride(0) * es), L(d * es),
                    simt.ptr(row_map, "row_map"), L(row_map.shape[0]), L(row_map.shape[1]), L(num_rows),
                    simt.ptr(src, "src_scratch", uninitialized=True), simt.ptr(out, "out", uninitialized=True),
-                   seed=seed)
+                   ctypes.c_int(int(every_row_mapped)), seed=seed)
     assert rc == 0
     return out
 

@@ -14,9 +14,9 @@ extern "C" int drv_plan(const void* idx, int is64, long T, long k, long E, long 
                                   (int64_t*)offsets, (int64_t*)dropped, ws, control, nullptr);
 }
 extern "C" int drv_rows(const void* x, long stride_bytes, long row_bytes, const long* row_map,
-                        long T, long k, long num_rows, long* src, void* out) {
+                        long T, long k, long num_rows, long* src, void* out, int every_row_mapped) {
   return (int)launch_permute_rows(x, stride_bytes, row_bytes, (const int64_t*)row_map, T, k,
-                                  num_rows, (int64_t*)src, out, nullptr);
+                                  num_rows, (int64_t*)src, out, every_row_mapped != 0, nullptr);
 }
 extern "C" int drv_gather(int dtype, const void* y, long stride, long rows, const long* row_map,
                           const void* w, long T, long k, long d, void* out) {
