@@ -324,7 +324,17 @@ struct NoStep {
 // - an Intel Xeon VM (family 6 model 167, AVX-512 with AVX512_BF16; 2026-12-04): slower with the
 //   prefetches, interleaved in one process (median of 15 rounds' medians, T = 8192, load average
 //   below 1.1): 2 threads fp32 3.17 ms without against 3.55 ms with, bf16 2.87 against 3.10 ms,
-//   1 thread fp32 6.75 against 7.04 ms. Its own prefetchers keep up with the rows there.
+//   1 thread fp32 6.75 against 7.04 ms. Its own prefetchers keep up with the rows there. Lighter
+//   variants did not help either (same setup, 2 threads fp32, load average 0.4-0.5): none 3.31 ms,
+//   every line 3.82, only the first 1 / 2 / 4 / 32 lines of each row 3.38 / 3.36 / 3.30 / 3.29,
+//   the first 2 KiB at one per 128 bytes 3.27, 2 lines into L1 3.38 (IQRs 0.05-0.14 ms).
+//   Nor did scoring the previous group between the projection tiles of the next (so that the
+//   scoring runs while the rows stream in; results bitwise the same): 2 threads fp32 3.28 ms
+//   against 3.28-3.34 ms for a pair of tokens scored every 1-4 tiles; 1 thread 7.14 against 6.92-
+//   6.95 (IQRs 0.4-0.6 ms); bf16 2 threads 2.88 against 2.87-2.91 (load average 1.4-1.9, falling
+//   after a build: its 1-minute average lags; the IQRs stayed 0.06-0.15 ms). With x cached (T = 240) a call
+//   costs ~720 ns per token on one thread, streamed ~1000: at 2 threads the forward is mostly
+//   arithmetic here, the scoring (score_tokens + finish_token) ~35 % of it (perf, r = 8, H = 4).
 // So the forward prefetches only on AMD processors (ForwardArgs::prefetch_next_x, set by
 // route_cpu.cpp; L2R_CPU_X_PREFETCH=0/1 overrides). With x cached (T = 240, 1.9 MB) the prefetches
 // cost ~5 % (perf samples), so only an x of kPrefetchedXBytes or more is prefetched.
