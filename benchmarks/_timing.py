@@ -118,6 +118,7 @@ class BlockTimer:
         self.estimate = max(est, 1e-7)
         self.number = max(1, int(block_time / self.estimate))
         self._timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+        self._fn, self._threads = fn, threads
 
     def _setup_cuda(self, fn, warmup: int, use_graph: bool) -> None:
         device = self.device
@@ -174,6 +175,13 @@ class BlockTimer:
     def block(self) -> float:
         if self.device.type == "cuda":
             return self._cuda_block()
+        # One untimed call first: the contender timed before this block may have pushed x and this
+        # contender's buffers out of the caches, and a block of a few long calls would carry that
+        # cold call in its mean far more than a block of many short ones. So every block is timed
+        # warm. (The Intel Xeon VM's 480 MiB L3 holds OLMoE's 64 MiB fp32 x at T = 8192: x.sum()
+        # 1.29 ms warm, 2.89 ms right after 1 GiB was written elsewhere; route 3.35 / 4.63 ms.)
+        with _threads(self._threads):
+            self._fn()
         return self._timer.timeit(self.number).mean
 
 

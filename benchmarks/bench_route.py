@@ -689,8 +689,9 @@ def summary_markdown(rows: List[dict], info: dict, args, wall_s: float) -> str:
     L += [f"- {k}: {v}" for k, v in info.items()]
     L += ["", "Timing: " + ("CUDA events around CUDA-graph replays (eager calls when capture fails; `timer` column)"
                             if args.device.type == "cuda" else
-                            f"torch.utils.benchmark.Timer with {args.threads} thread(s), blocks sized adaptively, "
-                            f">= {args.min_repeats} blocks and >= {args.min_run_time} s per measurement")
+                            f"torch.utils.benchmark.Timer with {args.threads} thread(s), blocks sized adaptively, each after "
+                            f"one untimed call, >= {args.min_repeats} blocks and >= {args.min_run_time} s per "
+                            f"measurement")
           + "; the contenders of one (model, dtype, T, mode) interleaved block by block; median and IQR of "
             "the per-call time of each block. Every contender checked against its oracle at every timed T "
             "(tie-aware: equal values may be chosen in either order).", ""]
