@@ -329,10 +329,10 @@ struct NoStep {
 //   every line 3.82, only the first 1 / 2 / 4 / 32 lines of each row 3.38 / 3.36 / 3.30 / 3.29,
 //   the first 2 KiB at one per 128 bytes 3.27, 2 lines into L1 3.38 (IQRs 0.05-0.14 ms).
 //   Nor did scoring the previous group between the projection tiles of the next (so that the
-//   scoring runs while the rows stream in; results bitwise the same): 2 threads fp32 3.28 ms
-//   against 3.28-3.34 ms for a pair of tokens scored every 1-4 tiles; 1 thread 7.14 against 6.92-
-//   6.95 (IQRs 0.4-0.6 ms); bf16 2 threads 2.88 against 2.87-2.91 (load average 1.4-1.9, falling
-//   after a build: its 1-minute average lags; the IQRs stayed 0.06-0.15 ms). With x cached (T = 240) a call
+//   scoring runs while the rows stream in; results bitwise the same): 2 threads fp32 3.26 ms
+//   against 3.27 / 3.32 ms for a pair of tokens scored every 1 / 3 tiles (31 rounds, IQRs 0.05-
+//   0.06 ms); 1 thread 6.72 against 6.71 / 6.80 (IQRs 0.25-0.3 ms); bf16 2 threads 2.94 against
+//   2.96 / 3.02 (load average 0.5-0.66; an earlier run at 1.4-1.9 agreed). With x cached (T = 240) a call
 //   costs ~720 ns per token on one thread, streamed ~1000: at 2 threads the forward is mostly
 //   arithmetic here, the scoring (score_tokens + finish_token) ~35 % of it (perf, r = 8, H = 4).
 // So the forward prefetches only on AMD processors (ForwardArgs::prefetch_next_x, set by
