@@ -80,6 +80,22 @@ def test_emulated_rows_without_reset_read_unwritten_scratch_where_rows_are_paddi
         permute_rows(lib, x, row_map, num_rows, every_row_mapped=True)
 
 
+def test_emulated_rows_right_even_on_a_false_promise(lib):
+    """Results never depend on every_row_mapped: with the promise false (padding rows) and the
+    unwritten reads let through (initcheck off), the copy's check against row_map still zeroes the
+    padding rows, though the driver's scratch holds valid-looking slot numbers there."""
+    s = Sample(20, 5, 2, align=8, d=8)
+    x, indices, _ = make_inputs(s)
+    row_map, offsets, _, _ = plan(lib, indices, s.E, align=s.align)
+    want = reference.permute(x, indices, s.E, align=s.align)[0]
+    simt.set_checks(lib, initcheck=False)
+    try:
+        got = permute_rows(lib, x, row_map, int(offsets[-1]), every_row_mapped=True)
+    finally:
+        simt.set_checks(lib, initcheck=True)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("s", EMU_SAMPLES[::2], ids=EMU_IDS[::2])
 def test_emulated_unpermute_backward(lib, s):
     x, indices, weights = make_inputs(s)

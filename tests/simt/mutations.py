@@ -208,9 +208,8 @@ CATALOGUE: list[Mutation] = [
     M("permute.rows.src_trusted", PERMUTE,
       "    if (r >= 0 && r < slots && row_map[r] == row) {",
       "    if (r >= 0 && r < slots) {",
-      "init", "the unreset inverse scratch is trusted: rows no slot maps to copy a stale source",
-      equivalent="the plan sets the scratch to -1 before the inverse, so a row no slot maps to holds -1 and "
-                 "every other row a slot that maps to it: the check against row_map never decides"),
+      "init", "the unreset inverse scratch is trusted: rows no slot maps to copy a stale source (where "
+      "a caller's every_row_mapped is wrong and the plan skipped the reset)"),
     M("permute.rows.scratch_not_reset", PERMUTE_PLAN,
       "  if (!every_row_mapped) plan.memset(src_scratch, 0xFF, num_rows * static_cast<int64_t>(sizeof(int64_t)));\n", "",
       "init", "the inverse scratch is not set to -1 first: the copy reads the at::empty garbage of rows no slot "
@@ -266,7 +265,8 @@ CATALOGUE: list[Mutation] = [
       "    if (r < 0 || r >= slots || row_map[r] != row) {",
       "    if (r < 0 || r >= slots) {",
       "init", "the unreset inverse scratch is trusted: rows nobody routes to get a stale slot's gradient",
-      equivalent="the plan sets the scratch to -1 before the inverse (see permute.rows.src_trusted)"),
+      equivalent="the plan sets the scratch to -1 before the inverse, so a row nobody routes to holds -1 and "
+                 "every other row a slot that maps to it: the check against row_map never decides"),
     M("permute.backward.scratch_not_reset", PERMUTE_PLAN,
       "    plan.memset(src_scratch, 0xFF, y_rows * static_cast<int64_t>(sizeof(int64_t)));\n", "",
       "init", "the backward's inverse scratch is not set to -1 first: grad_rows reads the at::empty garbage of "
