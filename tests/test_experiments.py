@@ -77,7 +77,7 @@ def test_log_scale_router_reset_and_even_anchors():
         router.log_scale.fill_(0.0)
     torch.manual_seed(1)
     router.reset_parameters()
-    assert float(router.scale) == pytest.approx(3.0)
+    assert float(router.scale.detach()) == pytest.approx(3.0)
     a = router.anchors.detach().reshape(-1, 2)
     torch.testing.assert_close(a.norm(dim=-1), torch.ones(16))
     angles = torch.sort(torch.atan2(a[:, 1], a[:, 0]) % (2 * math.pi)).values
