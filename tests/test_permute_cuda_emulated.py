@@ -65,16 +65,22 @@ def test_emulated_permute_matches_reference(lib, s, seed):
                                reference.unpermute(y, row_map, torch.ones_like(weights)))
 
 
+def padded_permute(lib):
+    """x, the emulated plan's row_map and row count, and the reference rows, for align-8 groups:
+    rows no slot maps to (padding) exist."""
+    s = Sample(20, 5, 2, align=8, d=8)
+    x, indices, _ = make_inputs(s)
+    row_map, offsets, _, _ = plan(lib, indices, s.E, align=s.align)
+    num_rows = int(offsets[-1])
+    assert num_rows > s.T * s.k  # padding rows exist
+    return x, row_map, num_rows, reference.permute(x, indices, s.E, align=s.align)[0]
+
+
 def test_emulated_rows_without_reset_read_unwritten_scratch_where_rows_are_padding(lib):
     """every_row_mapped is a promise: where rows are align padding, skipping the reset makes the
     copy read scratch nothing wrote (what initcheck reported on the H200), while the same call
     without the promise is clean. So the reset is what keeps padded permutes clean."""
-    s = Sample(20, 5, 2, align=8, d=8)
-    x, indices, weights = make_inputs(s)
-    row_map, offsets, _, _ = plan(lib, indices, s.E, align=s.align)
-    num_rows = int(offsets[-1])
-    assert num_rows > s.T * s.k  # padding rows exist
-    want = reference.permute(x, indices, s.E, align=s.align)[0]
+    x, row_map, num_rows, want = padded_permute(lib)
     assert torch.equal(permute_rows(lib, x, row_map, num_rows), want)
     with pytest.raises(simt.SimtError, match="initcheck"):
         permute_rows(lib, x, row_map, num_rows, every_row_mapped=True)
@@ -84,13 +90,10 @@ def test_emulated_rows_right_even_on_a_false_promise(lib):
     """Results never depend on every_row_mapped: with the promise false (padding rows) and the
     unwritten reads let through (initcheck off), the copy's check against row_map still zeroes the
     padding rows, though the driver's scratch holds valid-looking slot numbers there."""
-    s = Sample(20, 5, 2, align=8, d=8)
-    x, indices, _ = make_inputs(s)
-    row_map, offsets, _, _ = plan(lib, indices, s.E, align=s.align)
-    want = reference.permute(x, indices, s.E, align=s.align)[0]
+    x, row_map, num_rows, want = padded_permute(lib)
     simt.set_checks(lib, initcheck=False)
     try:
-        got = permute_rows(lib, x, row_map, int(offsets[-1]), every_row_mapped=True)
+        got = permute_rows(lib, x, row_map, num_rows, every_row_mapped=True)
     finally:
         simt.set_checks(lib, initcheck=True)
     assert torch.equal(got, want)
