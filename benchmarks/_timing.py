@@ -179,7 +179,8 @@ class BlockTimer:
         # contender's buffers out of the caches, and a block of a few long calls would carry that
         # cold call in its mean far more than a block of many short ones. So every block is timed
         # warm. (The Intel Xeon VM's 480 MiB L3 holds OLMoE's 64 MiB fp32 x at T = 8192: x.sum()
-        # 1.29 ms warm, 2.89 ms right after 1 GiB was written elsewhere; route 3.35 / 4.63 ms.)
+        # reads 154 ns per row from there, the quick benchmark's 1.26 ms, and 294 ns per row from
+        # DRAM, `python -m benchmarks.dram_penalty --dram-tokens 131072`, 2 threads.)
         with _threads(self._threads):
             self._fn()
         return self._timer.timeit(self.number).mean
