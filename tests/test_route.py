@@ -627,6 +627,41 @@ def test_deterministic_across_runs_and_threads(backend):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
+@pytest.mark.parametrize("d, rank, norm_weight", [(70, 4, True), (64, 12, True), (37, 3, False)])
+def test_backward_reads_only_memory_it_wrote(isa, d, rank, norm_weight):
+    """The CPU backward leaves its per-chunk sums uninitialised and writes each value before it reads
+    it (the first group of a chunk writes grad_proj's vector part; the rest is zeroed). With PyTorch
+    filling uninitialised memory with NaN (deterministic mode), no gradient may change: several
+    chunks, tail columns (d not a multiple of the lane width) and rank > 8 (two row blocks)."""
+    import backends
+
+    if not backends.cpu_has(isa):
+        pytest.skip(f"this CPU lacks {isa}")
+    sample = make_sample(700, d, rank, 16, 2, 4, norm_weight=norm_weight, bias=True)
+    params = lambda s: [s.x, s.proj, s.anchors, s.scale] + ([s.kwargs["norm_weight"]] if norm_weight else [])
+
+    def grads():
+        s = sample.with_grad()
+        out = l2r_cuda.route(*s.args(), **s.kwargs)
+        return torch.autograd.grad(_outputs_loss(out, 5), params(s))
+
+    before_isa = torch.ops.l2r_cuda.cpu_isa(isa)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    try:
+        plain = grads()
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+        filled = grads()
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.utils.deterministic.fill_uninitialized_memory = before[1]
+        torch.ops.l2r_cuda.cpu_isa(before_isa)
+    for a, b in zip(plain, filled):
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b)
+
+
 def test_cpu_isa_switch():
     before = torch.ops.l2r_cuda.cpu_isa()
     try:
