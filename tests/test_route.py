@@ -445,7 +445,8 @@ def test_backward_rejects_out_of_range_indices(isa, bad):
 
     if not backends.cpu_has(isa):
         pytest.skip(f"this CPU lacks {isa}")
-    before = torch.ops.l2r_cuda.cpu_isa(isa)
+    before = torch.ops.l2r_cuda.cpu_isa()  # cpu_isa(name) returns the new choice, not the old one
+    torch.ops.l2r_cuda.cpu_isa(isa)
     try:
         s = make_sample(16, 32, 4, 8, 2, 3)
         w, idx, _, _, _, q, rstd = _forward_op(s, 3)
@@ -646,7 +647,8 @@ def test_backward_reads_only_memory_it_wrote(isa, d, rank, norm_weight):
         out = l2r_cuda.route(*s.args(), **s.kwargs)
         return torch.autograd.grad(_outputs_loss(out, 5), params(s))
 
-    before_isa = torch.ops.l2r_cuda.cpu_isa(isa)
+    before_isa = torch.ops.l2r_cuda.cpu_isa()
+    torch.ops.l2r_cuda.cpu_isa(isa)
     before = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
     try:
         plain = grads()
