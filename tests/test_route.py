@@ -445,9 +445,7 @@ def test_backward_rejects_out_of_range_indices(isa, bad):
 
     if not backends.cpu_has(isa):
         pytest.skip(f"this CPU lacks {isa}")
-    before = torch.ops.l2r_cuda.cpu_isa()  # cpu_isa(name) returns the new choice, not the old one
-    torch.ops.l2r_cuda.cpu_isa(isa)
-    try:
+    with backends.native_backend(f"cpu-{isa}").select():
         s = make_sample(16, 32, 4, 8, 2, 3)
         w, idx, _, _, _, q, rstd = _forward_op(s, 3)
         idx = idx.clone()
@@ -457,8 +455,6 @@ def test_backward_rejects_out_of_range_indices(isa, bad):
         with pytest.raises(RuntimeError, match=r"indices has a value outside|indices must be in"):
             torch.ops.l2r_cuda.route_select_backward(torch.ones(16, 3), None, None, torch.randn(16, 8), None, idx,
                                                      "softmax", False, 1.0, 0)
-    finally:
-        torch.ops.l2r_cuda.cpu_isa(before)
 
 
 def test_backward_rejects_float_indices_and_checks_gradient_shapes():
@@ -647,18 +643,16 @@ def test_backward_reads_only_memory_it_wrote(isa, d, rank, norm_weight):
         out = l2r_cuda.route(*s.args(), **s.kwargs)
         return torch.autograd.grad(_outputs_loss(out, 5), params(s))
 
-    before_isa = torch.ops.l2r_cuda.cpu_isa()
-    torch.ops.l2r_cuda.cpu_isa(isa)
     before = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
-    try:
-        plain = grads()
-        torch.use_deterministic_algorithms(True)
-        torch.utils.deterministic.fill_uninitialized_memory = True
-        filled = grads()
-    finally:
-        torch.use_deterministic_algorithms(before[0])
-        torch.utils.deterministic.fill_uninitialized_memory = before[1]
-        torch.ops.l2r_cuda.cpu_isa(before_isa)
+    with backends.native_backend(f"cpu-{isa}").select():
+        try:
+            plain = grads()
+            torch.use_deterministic_algorithms(True)
+            torch.utils.deterministic.fill_uninitialized_memory = True
+            filled = grads()
+        finally:
+            torch.use_deterministic_algorithms(before[0])
+            torch.utils.deterministic.fill_uninitialized_memory = before[1]
     for a, b in zip(plain, filled):
         assert torch.isfinite(a).all()
         assert torch.equal(a, b)
