@@ -420,6 +420,31 @@ def test_16bit_x_near_its_maximum_gives_the_reference_answer(backend, dtype):
     assert torch.equal(out.indices.cpu(), ref.indices)
 
 
+@pytest.mark.parametrize("magnitude", [1e-2, 1e18])
+def test_gradients_of_rows_far_from_unit_scale_match_the_reference(backend, magnitude):
+    """RMSNorm makes routing scale-invariant, and its gradients scale as rstd (grad_x) or not at all
+    (proj, norm weight). With x at 1e18 (mean(x^2) ~ 1e36, still finite in float32; rstd ~ 1e-18)
+    or 1e-2 (rstd ~ 50; much smaller and eps_norm takes over), each gradient is compared to the
+    reference relative to its own size: the absolute floor of _grad_tolerance would pass any
+    grad_x at 1e-18."""
+    s = make_sample(16, 64, 4, 8, 2, 3, norm_weight=True)
+    s = RouteSample(s.name, s.x * magnitude, s.proj, s.anchors, s.scale, s.kwargs)
+    x = s.x[tie_free(selection_keys(reference_logits(s), s.kwargs), s.kwargs)]
+    assert x.shape[0] >= 8
+    dev = backend.device
+    leaves = [t.detach().clone().to(dev).requires_grad_() for t in (x, s.proj, s.anchors, s.scale, s.kwargs["norm_weight"])]
+    out = backend.route(*leaves[:4], top_k=3, norm_weight=leaves[4])
+    grads = torch.autograd.grad(_outputs_loss(out, 0), leaves)
+    refs = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    ref = reference.route(*refs[:4], top_k=3, norm_weight=refs[4])
+    assert torch.equal(out.indices.cpu(), ref.indices)
+    ref_grads = torch.autograd.grad(_outputs_loss(ref, 0), refs)
+    for name, g, rg in zip(["x", "proj", "anchors", "scale", "norm_weight"], grads, ref_grads):
+        scale = rg.abs().max().item()
+        err = (g.cpu().double() - rg).abs().max().item()
+        assert scale > 0 and math.isfinite(err) and err <= 2e-4 * scale, f"grad of {name}: error {err:.3g}, size {scale:.3g}"
+
+
 # ---------------------------------------------------------------------------------------------
 # route_backward: indices and gradient shapes are checked (native op, CPU)
 # ---------------------------------------------------------------------------------------------

@@ -411,6 +411,33 @@ std::vector<A> padded_mean_grads(const at::Tensor& grad_mean_probs, const RouteS
   return out;
 }
 
+// grad_proj and grad_norm_weight from M = sum_t grad_q x_hat^T (the kernels' summed partials, rows
+// m_stride apart): grad_proj = M * g (M without a norm weight) and grad_norm_weight = sum_k proj * M
+// (k in order), as dL/dx~ = proj^T grad_q gives sum_t dL/dx~ * x_hat = sum_k proj * M.
+template <typename A>
+void finish_projection_grads(const A* M, int64_t m_stride, const PreparedStorage<A>& P, int64_t R, int64_t d,
+                             at::Tensor& grad_proj, at::Tensor& grad_norm_weight, const at::TensorOptions& f) {
+  const A* g = P.view.norm_weight;
+  const A* W = P.view.proj;
+  const int64_t w_stride = P.view.proj_stride;
+  grad_proj = at::empty({R, d}, f);
+  A* gp = grad_proj.data_ptr<A>();
+  for (int64_t k = 0; k < R; ++k) {
+    for (int64_t i = 0; i < d; ++i) gp[k * d + i] = g ? M[k * m_stride + i] * g[i] : M[k * m_stride + i];
+  }
+  if (g == nullptr) {
+    grad_norm_weight = at::empty({0}, f);
+    return;
+  }
+  grad_norm_weight = at::empty({d}, f);
+  A* gn = grad_norm_weight.data_ptr<A>();
+  for (int64_t i = 0; i < d; ++i) {
+    A s = W[i] * M[i];
+    for (int64_t k = 1; k < R; ++k) s = math::fmadd(W[k * w_stride + i], M[k * m_stride + i], s);
+    gn[i] = s;
+  }
+}
+
 // Shared by route_backward and route_logits_backward: runs the token loops, then reduces the
 // chunk partials and finishes the parameter gradients.
 template <typename A>
@@ -454,7 +481,7 @@ BackwardResult run_backward(BackwardArgs<A>& args, const Kernels<A>& kernels, co
         for (int64_t i = begin; i < end; ++i) total[i] += part[i];
       }
     });
-    grad_proj = at::from_blob(totals.data(), {R, d}, {args.proj_row_stride(), 1}, f).clone(at::MemoryFormat::Contiguous);
+    finish_projection_grads<A>(totals.data(), args.proj_row_stride(), P, R, d, grad_proj, grad_norm_weight, f);
     // grad_a = coef_a * acc + radial_a * <acc, a> * a from the summed (transposed) accumulators.
     grad_anchors = at::empty({E, H, R}, f);
     const A* acc_t = totals.data() + args.proj_partial();
@@ -467,9 +494,6 @@ BackwardResult run_backward(BackwardArgs<A>& args, const Kernels<A>& kernels, co
                           static_cast<int>(R), ga + (e * H + h) * R);
       }
     }
-    grad_norm_weight = has_norm_weight
-                           ? at::from_blob(totals.data() + args.proj_partial() + args.anchor_partial(), {d}, f).clone()
-                           : at::empty({0}, f);
     grad_scale = at::full(scale.sizes(), totals[args.scale_offset()], f);
   } else {
     grad_proj = at::zeros({R, d}, f);

@@ -20,7 +20,7 @@ struct Prepared {
   int rank = 0, experts = 0, anchors = 0;
   int experts_padded = 0;   // E rounded up to the lane width the layout was built for
   const A* proj_w = nullptr;       // [r][proj_stride] proj * norm_weight (proj without norm weight)
-  const A* proj = nullptr;         // [r][proj_stride] proj (the backward separates the weight)
+  const A* proj = nullptr;         // [r][proj_stride] proj (grad_norm_weight = sum_k proj * M)
   const A* norm_weight = nullptr;  // [d] or null
   const A* anchors_t = nullptr;    // [r][H][experts_padded] coef(|a|) * a, zero padded
   A scale = 0;
@@ -87,17 +87,17 @@ struct BackwardArgs {
   A* partials = nullptr;                 // [chunks][partial_size()]
   int32_t* bad_index = nullptr;          // set to 1 when indices has a value outside [0, E)
 
-  // One chunk's share of the cross-token sums, back to back: grad_proj [r][proj_row_stride()] |
-  // anchor accumulators [r][H][experts_padded] | grad_norm_weight [d] | grad_scale [1]. The
-  // grad_proj rows are padded so that row k + 1 never sits a multiple of 4 KiB after row k (a load
-  // of one row right after a store to the other would wait on the store: 4K aliasing).
+  // One chunk's share of the cross-token sums, back to back: M = sum_t grad_q x_hat^T
+  // [r][proj_row_stride()] (grad_proj and grad_norm_weight come from it) | anchor accumulators
+  // [r][H][experts_padded] | grad_scale [1]. The M rows are padded so that row k + 1 never sits a
+  // multiple of 4 KiB after row k (a load of one row right after a store to the other would wait
+  // on the store: 4K aliasing).
   int64_t proj_row_stride() const { return (shape.d + 15) / 16 * 16 + 16; }
   int64_t proj_partial() const { return int64_t(shape.rank) * proj_row_stride(); }
   int64_t anchor_partial() const {
     return int64_t(shape.rank) * shape.anchors * (params ? params->experts_padded : 0);
   }
-  int64_t norm_partial() const { return params && params->norm_weight ? shape.d : 0; }
-  int64_t scale_offset() const { return proj_partial() + anchor_partial() + norm_partial(); }
+  int64_t scale_offset() const { return proj_partial() + anchor_partial(); }
   // Rounded up to 16 values, so that every chunk's share starts 64-byte aligned (in aligned storage)
   // and with it each grad_proj row the kernels load and store a vector at a time.
   int64_t partial_size() const { return (scale_offset() + 1 + 15) / 16 * 16; }

@@ -750,7 +750,7 @@ int64_t backward_scratch_size(const BackwardArgs<ScalarOf<V>>& a) {
   const int H = a.params ? a.params->anchors : 1;
   const int64_t R = a.shape.rank, W = width_of<V>();
   return kScoredTogether * token_scores_size<ScalarOf<V>>(H, E8) + 2 * int64_t(E8) + R * W + 4 * R +
-         int64_t(kGroup) * R + int64_t(kGroup) * kBackwardBlock + int64_t(kGroup) * (a.shape.d + 16) + 256;
+         2 * int64_t(kGroup) * R + int64_t(kGroup) * kBackwardBlock + int64_t(kGroup) * (a.shape.d + 16) + 256;
 }
 
 // dL/dp of one token: through mean_probs (balancing probabilities) and the selected weights.
@@ -915,36 +915,39 @@ inline void store_grad_x(X* p, V v, bool stream) {
   }
 }
 
-// What the backward projection of one group reads and writes (projection_backward_group).
+// What the backward projection of one group reads and writes (projection_backward_group). The sums
+// over the projection's rows run on the forward's W_g (the norm weight folded in) against grad_q
+// scaled by rstd, which gives rstd * dL/dx_hat directly (rm::rms_norm_input_grad_scaled); grad_proj's
+// partial is M = sum_t grad_q x_hat^T, from which the adapter finishes both grad_proj = M * g and
+// grad_norm_weight = sum_k W * M (finish_projection_grads). Per element and token that leaves 2 * rank
+// FMAs (the sum and M) and 2 operations (x_hat and the input gradient), where the unfolded form took
+// 6: x_hat, x_hat * g for grad_proj, dL/dx~ * g, grad_norm_weight's FMA and the input gradient's 2.
 template <typename V, typename X>
 struct ProjectionBackward {
   using A = ScalarOf<V>;
   const X* const* xs;     // [count] rows of x
-  const A* W;             // proj, [r][w_stride] (without the norm weight)
+  const A* W;             // W_g: proj with the norm weight folded in, [r][w_stride]
   int64_t w_stride;
-  const A* g;             // norm weight [d], or null
   const A* rstd;          // [count]
   const A* grad_q;        // [count][rank]
+  const A* grad_q_rstd;   // [count][rank]: rstd * grad_q
   int rank;
   bool use_norm, need_grad_x;
-  bool need_sum;          // W^T grad_q wanted: for grad_x or grad_norm_weight
   bool stream;            // grad_x by non-temporal stores (where a row is aligned for them)
-  A* grad_proj;           // [rank][proj_stride] chunk partial, or null (parameter grads not wanted)
+  A* grad_proj;           // [rank][proj_stride] chunk partial of M, or null (parameter grads not wanted)
   int64_t proj_stride;
   int64_t d;
-  A* grad_norm_weight;    // [d] chunk partial, or null
-  A* buffer;              // [count][stride]: the running W^T grad_q over row chunks (rank > 8)
-  A* xn;                  // [count][kBackwardBlock]: x~ of the current d-block (for grad_proj)
+  A* buffer;              // [count][stride]: the running W_g^T grad_q_rstd over row chunks (rank > 8)
+  A* xn;                  // [count][kBackwardBlock]: x_hat of the current d-block (for grad_proj)
   int64_t stride;
   X* const* gx;           // [count] rows of grad_x
-  const A* mean_dot;      // [count] mean_i dL/dx_hat_i * x_hat_i (with RMSNorm): rm::rms_mean_dot
+  const A* rstd_mean_dot; // [count] rstd * mean_i dL/dx_hat_i * x_hat_i (with RMSNorm): rm::rms_mean_dot
   const X* const* next_xs;  // [kGroup] rows of the next group (prefetched into L2), or null
   bool fresh;             // the chunk's first group: grad_proj's vector part [0, d / W * W) is written, not added to
 };
 
-// Tokens per backward tile for a row chunk of ROWS: the TT x ROWS grad_q values and 4 lane values
-// per token (x_hat, rstd, the W^T grad_q sum, mean_dot) in registers, plus W, the norm weight and a
-// running sum.
+// Tokens per backward tile for a row chunk of ROWS: the TT x ROWS scaled grad_q values and 4 lane
+// values per token (x_hat, rstd, the W_g^T sum, rstd * mean_dot) in registers, plus W and a spare.
 template <typename V, int ROWS>
 constexpr int backward_tile_tokens() {
   const int fit = (vector_registers<V>() - 3) / (ROWS + 4);
@@ -952,32 +955,30 @@ constexpr int backward_tile_tokens() {
 }
 
 // One tile of TT tokens, rows [r0, r0 + ROWS) of the projection, one d-block [b0, b1): every
-// per-element sum keeps its order (W^T grad_q over rows k in order, grad_proj and grad_norm_weight
-// over tokens in order), each W load serves TT tokens and each x~ value every row. FIRST: the row
-// chunk that starts W^T grad_q; LAST: the one that finishes it (grad_norm_weight and grad_x);
-// middle chunks carry W^T grad_q in the buffer. grad_x is written here, in the pass that reads x:
-// RMSNorm's mean_dot is known before it (rm::rms_mean_dot).
+// per-element sum keeps its order (W_g^T grad_q_rstd over rows k in order), each W load serves TT
+// tokens and each x_hat value every row. FIRST: the row chunk that starts the sum (and stores x_hat
+// for grad_proj_update); LAST: the one that finishes it (grad_x); middle chunks carry the sum in the
+// buffer. grad_x is written here, in the pass that reads x: RMSNorm's mean_dot is known before it
+// (rm::rms_mean_dot).
 template <int TT, int ROWS, bool FIRST, bool LAST, typename V, typename X>
 inline void projection_backward_tile(const ProjectionBackward<V, X>& a, int t0, int r0, int64_t b0, int64_t b1) {
   using A = ScalarOf<V>;
   constexpr int kW = width_of<V>();
   V c[TT][ROWS];
-  V r[TT], md[TT];
+  V r[TT], rmd[TT];
 #pragma GCC unroll 16
   for (int t = 0; t < TT; ++t) {
 #pragma GCC unroll 16
-    for (int k = 0; k < ROWS; ++k) c[t][k] = V(a.grad_q[(t0 + t) * a.rank + r0 + k]);
+    for (int k = 0; k < ROWS; ++k) c[t][k] = V(a.grad_q_rstd[(t0 + t) * a.rank + r0 + k]);
     r[t] = V(a.rstd[t0 + t]);
-    md[t] = V(a.use_norm ? a.mean_dot[t0 + t] : A(0));
+    rmd[t] = V(a.use_norm ? a.rstd_mean_dot[t0 + t] : A(0));
   }
   // Locals: the stores below could alias the struct's fields as far as the compiler knows.
   const A* const W = a.W + int64_t(r0) * a.w_stride;
   const int64_t w_stride = a.w_stride, stride = a.stride;
-  const A* const g = a.g;
-  A* const xn_out = a.grad_proj ? a.xn + int64_t(t0) * kBackwardBlock : nullptr;
-  A* const grad_norm_weight = a.grad_norm_weight;
+  A* const xn_out = FIRST && a.grad_proj ? a.xn + int64_t(t0) * kBackwardBlock : nullptr;
   A* const buffer = a.buffer + int64_t(t0) * stride;
-  const bool use_norm = a.use_norm, need_grad_x = a.need_grad_x, need_sum = a.need_sum;
+  const bool use_norm = a.use_norm, need_grad_x = a.need_grad_x;
   const X* xs[TT];
   X* gx[TT];
   bool stream[TT];
@@ -996,68 +997,50 @@ inline void projection_backward_tile(const ProjectionBackward<V, X>& a, int t0, 
 #pragma GCC unroll 16
       for (int t = 0; t < TT; ++t) __builtin_prefetch(next[t] + i, 0, 2);
     }
-    const V gv = g ? lane_load<V>(g + i) : V(A(1));
     V xhat[TT], sum[TT];
 #pragma GCC unroll 16
     for (int t = 0; t < TT; ++t) {
-      sum[t] = V(A(0));  // set below when need_sum (which the compiler cannot follow)
-      const V xv = LaneIO<V>::load(xs[t] + i);
-      xhat[t] = use_norm ? rm::rms_normalized(xv, r[t]) : xv;
+      sum[t] = V(A(0));  // set below when need_grad_x (which the compiler cannot follow)
+      xhat[t] = V(A(0));
+      if (xn_out || (LAST && use_norm && need_grad_x)) {
+        const V xv = LaneIO<V>::load(xs[t] + i);
+        xhat[t] = use_norm ? rm::rms_normalized(xv, r[t]) : xv;
+      }
     }
-    if (need_sum) {
+    if (xn_out) {  // x_hat for grad_proj_update
 #pragma GCC unroll 16
-      for (int k = 0; k < ROWS; ++k) {
-        V w = lane_load<V>(W + k * w_stride + i);
-        pin_register(w);  // one load for the TT tokens
+      for (int t = 0; t < TT; ++t) lane_store(xn_out + t * kBackwardBlock + (i - b0), xhat[t]);
+    }
+    if (!need_grad_x) continue;
 #pragma GCC unroll 16
-        for (int t = 0; t < TT; ++t) {
-          if (FIRST && k == 0) {
-            sum[t] = c[t][0] * w;
-          } else if (k == 0) {
-            sum[t] = fmadd(c[t][0], w, lane_load<V>(buffer + t * stride + i));
-          } else {
-            sum[t] = fmadd(c[t][k], w, sum[t]);
-          }
+    for (int k = 0; k < ROWS; ++k) {
+      V w = lane_load<V>(W + k * w_stride + i);
+      pin_register(w);  // one load for the TT tokens
+#pragma GCC unroll 16
+      for (int t = 0; t < TT; ++t) {
+        if (FIRST && k == 0) {
+          sum[t] = c[t][0] * w;
+        } else if (k == 0) {
+          sum[t] = fmadd(c[t][0], w, lane_load<V>(buffer + t * stride + i));
+        } else {
+          sum[t] = fmadd(c[t][k], w, sum[t]);
         }
       }
     }
-    if (FIRST && xn_out) {  // x~ for grad_proj_update
-#pragma GCC unroll 16
-      for (int t = 0; t < TT; ++t) lane_store(xn_out + t * kBackwardBlock + (i - b0), g ? xhat[t] * gv : xhat[t]);
-    }
-    if (!need_sum) continue;
     if constexpr (!LAST) {
 #pragma GCC unroll 16
       for (int t = 0; t < TT; ++t) lane_store(buffer + t * stride + i, sum[t]);
-      continue;
     } else {
-      if (!use_norm) {
-        if (need_grad_x) {
 #pragma GCC unroll 16
-          for (int t = 0; t < TT; ++t) store_grad_x(gx[t] + i, sum[t], stream[t]);
-        }
-        continue;
-      }
-      if (g) {
-        if (grad_norm_weight) {
-          V acc = lane_load<V>(grad_norm_weight + i);
-#pragma GCC unroll 16
-          for (int t = 0; t < TT; ++t) acc = fmadd(sum[t], xhat[t], acc);
-          lane_store(grad_norm_weight + i, acc);
-        }
-#pragma GCC unroll 16
-        for (int t = 0; t < TT; ++t) sum[t] = sum[t] * gv;  // now dL/dx_hat
-      }
-      if (need_grad_x) {
-#pragma GCC unroll 16
-        for (int t = 0; t < TT; ++t) store_grad_x(gx[t] + i, rm::rms_norm_input_grad(sum[t], xhat[t], r[t], md[t]), stream[t]);
+      for (int t = 0; t < TT; ++t) {
+        store_grad_x(gx[t] + i, use_norm ? rm::rms_norm_input_grad_scaled(sum[t], xhat[t], rmd[t]) : sum[t], stream[t]);
       }
     }
   }
 }
 
-// grad_proj[k0 + k][i0 + v * W ...] += grad_q[t][k0 + k] * x~_t for the group's tokens in order, in a
-// register tile of ROWS rows x VECS lane vectors: each x~ load serves ROWS rows, each grad_q value
+// M[k0 + k][i0 + v * W ...] += grad_q[t][k0 + k] * x_hat_t for the group's tokens in order, in a
+// register tile of ROWS rows x VECS lane vectors: each x_hat load serves ROWS rows, each grad_q value
 // VECS vectors.
 template <int ROWS, int VECS, typename V>
 inline void grad_proj_tile(ScalarOf<V>* gp, int64_t proj_stride, const ScalarOf<V>* xn, const ScalarOf<V>* grad_q,
@@ -1098,7 +1081,7 @@ inline void grad_proj_rows(ScalarOf<V>* gp, int64_t proj_stride, const ScalarOf<
   for (; i0 < b1; i0 += kW) grad_proj_tile<ROWS, 1, V>(gp, proj_stride, xn, grad_q, rank, count, k0, i0, b0, fresh);
 }
 
-// grad_proj += grad_q x~^T over the d-block [b0, b1) for the group's tokens, in token order. fresh:
+// M += grad_q x_hat^T over the d-block [b0, b1) for the group's tokens, in token order. fresh:
 // the chunk's first group, whose sums start from zero in registers (the same bits as adding to a
 // zeroed partial) so that the partial's vector part needs no zeroing beforehand.
 template <typename V>
@@ -1119,12 +1102,11 @@ inline void projection_backward_tiles(const ProjectionBackward<V, X>& a, int cou
   for (; t0 < count; ++t0) projection_backward_tile<1, ROWS, FIRST, LAST, V, X>(a, t0, r0, b0, b1);
 }
 
-// Backward through q = W x~ and RMSNorm for a group of `count` <= kGroup tokens, d in blocks so
-// that the blocks of W, of grad_proj and of the norm weight stay in L1 while the group's tiles use
-// them, rows in chunks of kMaxRowsInRegisters:
-//   dL/dx~ = W^T grad_q, grad_norm_weight += dL/dx~ * x_hat (token order),
-//   grad_proj += grad_q x~^T (token order), grad_x = dL/dx~ (without RMSNorm) or
-//   rms_norm_input_grad(dL/dx_hat, x_hat, rstd, mean_dot).
+// Backward through q = rstd * (W_g x) for a group of `count` <= kGroup tokens, d in blocks so that
+// the blocks of W_g and of grad_proj's partial stay in L1 while the group's tiles use them, rows in
+// chunks of kMaxRowsInRegisters:
+//   grad_x = W_g^T grad_q (without RMSNorm) or rms_norm_input_grad_scaled(W_g^T (rstd grad_q), x_hat,
+//   rstd mean_dot); M += grad_q x_hat^T (token order).
 template <typename V, typename X>
 inline void projection_backward_group(const ProjectionBackward<V, X>& a, int count) {
   using A = ScalarOf<V>;
@@ -1168,32 +1150,24 @@ inline void projection_backward_group(const ProjectionBackward<V, X>& a, int cou
     if (a.grad_proj) grad_proj_update<V>(a.grad_proj, a.proj_stride, a.xn, a.grad_q, rank, count, b0, b1, a.fresh);
   }
   const A* W = a.W;
-  const A* g = a.g;
   for (int j = 0; j < count; ++j) {
     const X* xt = a.xs[j];
     const A* gq = a.grad_q + j * rank;
+    const A* gqr = a.grad_q_rstd + j * rank;
     const A r = a.rstd[j];
     for (int64_t i = dv; i < d; ++i) {  // tail, same formulas
       const A xi = LaneIO<A>::load(xt + i);
       const A xhat = a.use_norm ? rm::rms_normalized(xi, r) : xi;
-      const A xn_i = g ? xhat * g[i] : xhat;
       if (a.grad_proj) {
         for (int k = 0; k < rank; ++k) {
           A& gp = a.grad_proj[k * a.proj_stride + i];
-          gp = fmadd(gq[k], xn_i, gp);
+          gp = fmadd(gq[k], xhat, gp);
         }
       }
-      A gxn = gq[0] * W[i];
-      for (int k = 1; k < rank; ++k) gxn = fmadd(gq[k], W[k * a.w_stride + i], gxn);
-      if (!a.use_norm) {
-        if (a.need_grad_x) LaneIO<A>::store(a.gx[j] + i, gxn);
-        continue;
-      }
-      if (g) {
-        if (a.grad_norm_weight) a.grad_norm_weight[i] = fmadd(gxn, xhat, a.grad_norm_weight[i]);
-        gxn = gxn * g[i];
-      }
-      if (a.need_grad_x) LaneIO<A>::store(a.gx[j] + i, rm::rms_norm_input_grad(gxn, xhat, r, a.mean_dot[j]));
+      if (!a.need_grad_x) continue;
+      A sum = gqr[0] * W[i];
+      for (int k = 1; k < rank; ++k) sum = fmadd(gqr[k], W[k * a.w_stride + i], sum);
+      LaneIO<A>::store(a.gx[j] + i, a.use_norm ? rm::rms_norm_input_grad_scaled(sum, xhat, a.rstd_mean_dot[j]) : sum);
     }
   }
 }
@@ -1217,7 +1191,8 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
   A* lanes = arena.take(int64_t(R) * width_of<V>());
   A* ds_anchor_hat = arena.take(R);
   A* grad_q = arena.take(int64_t(kGroup) * R);
-  A mean_dot[kGroup];
+  A* grad_q_rstd = arena.take(int64_t(kGroup) * R);
+  A rstd_mean_dot[kGroup];
   A* xn = arena.take(int64_t(kGroup) * kBackwardBlock);
   A* buffer = arena.take(int64_t(kGroup) * stride);
   const X* x = static_cast<const X*>(a.x);
@@ -1229,15 +1204,14 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
     if (part) {
       // The adapter leaves partials uninitialised. The vector part of each grad_proj row is the first
       // group's to write (ProjectionBackward::fresh; 66 of the 76 KB at OLMoE's shape); the rest
-      // (tail columns, padding, anchor, norm weight and scale sums) starts from zero here.
+      // (tail columns, padding, anchor and scale sums) starts from zero here.
       const int64_t dv = d / width_of<V>() * width_of<V>(), row_stride = a.proj_row_stride();
       for (int k = 0; k < R; ++k) std::fill(part + k * row_stride + dv, part + (k + 1) * row_stride, A(0));
       std::fill(part + a.proj_partial(), part + a.partial_size(), A(0));
     }
     A* grad_proj = part;
     A* anchor_acc = part ? part + a.proj_partial() : nullptr;
-    A* grad_norm_weight = part ? anchor_acc + a.anchor_partial() : nullptr;
-    A* grad_scale = part ? grad_norm_weight + a.norm_partial() : nullptr;
+    A* grad_scale = part ? anchor_acc + a.anchor_partial() : nullptr;
     const X* xs[kGroup];
     X* gxs[kGroup];
     for (int64_t t = t_begin; t < t_end; ++t) {
@@ -1285,30 +1259,36 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
                                             ds_anchor_hat, lanes);
       if (a.need_param_grads) *grad_scale += rm::scale_grad(ds_u_sum, qc);
       for (int i = 0; i < R; ++i) gq[i] = rm::query_grad(q[i], ds_anchor_hat[i], ds_u_sum, P->scale, qc);
-      mean_dot[j_group] = a.opt.use_norm ? rm::rms_mean_dot<0>(gq, q, R, d) : A(0);
+      A* gqr = grad_q_rstd + j_group * R;
+      if (a.opt.use_norm) {
+        const A r = a.rstd[t];
+        for (int i = 0; i < R; ++i) gqr[i] = r * gq[i];
+        rstd_mean_dot[j_group] = r * rm::rms_mean_dot<0>(gq, q, R, d);
+      } else {
+        for (int i = 0; i < R; ++i) gqr[i] = gq[i];
+        rstd_mean_dot[j_group] = A(0);
+      }
       xs[j_group] = x + t * d;
       gxs[j_group] = grad_x ? grad_x + t * d : nullptr;
       if (j_group == kGroup - 1 || t + 1 == t_end) {
         const int64_t t0 = t - j_group;
         ProjectionBackward<V, X> pb;
         pb.xs = xs;
-        pb.W = P->proj;
+        pb.W = P->proj_w;
         pb.w_stride = P->proj_stride;
-        pb.g = P->norm_weight;
         pb.rstd = a.rstd + t0;
         pb.grad_q = grad_q;
+        pb.grad_q_rstd = grad_q_rstd;
         pb.rank = R;
         pb.use_norm = a.opt.use_norm;
         pb.need_grad_x = a.need_grad_x;
         pb.grad_proj = a.need_param_grads ? grad_proj : nullptr;
         pb.proj_stride = a.proj_row_stride();
         pb.d = d;
-        pb.grad_norm_weight = a.need_param_grads ? grad_norm_weight : nullptr;
-        pb.need_sum = a.need_grad_x || (pb.g != nullptr && pb.grad_norm_weight != nullptr);
         pb.buffer = buffer;
         pb.stride = stride;
         pb.gx = gxs;
-        pb.mean_dot = mean_dot;
+        pb.rstd_mean_dot = rstd_mean_dot;
         pb.stream = a.stream_grad_x;
         pb.xn = xn;
         pb.fresh = t0 == t_begin;

@@ -38,6 +38,16 @@ L2R_HD V rms_norm_input_grad(V gx_hat, V x_hat, V rstd, V mean_dot) {
   return rstd * (gx_hat - x_hat * mean_dot);
 }
 
+// rms_norm_input_grad with rstd distributed over the difference, for a backend that folds rstd into
+// grad_q (so that W_g^T (rstd * grad_q) = rstd * dL/dx_hat comes out of the projection's transpose
+// directly, the affine weight already in W_g): dL/dx = rstd_gx_hat - rstd_mean_dot * x_hat, where
+// rstd_mean_dot = rstd * mean_dot. x_hat rather than x keeps the product in range (x near its dtype's
+// maximum has a tiny rstd, whose square may underflow).
+template <typename V>
+L2R_HD V rms_norm_input_grad_scaled(V rstd_gx_hat, V x_hat, V rstd_mean_dot) {
+  return fmadd(V(0) - rstd_mean_dot, x_hat, rstd_gx_hat);
+}
+
 // RMSNorm's mean_i(dL/dx_hat_i * x_hat_i) for one token, known before its row is read again:
 // <grad_q, q> / d, as q = (proj * g) x_hat is the forward's q, so the backward needs neither a
 // dL/dx_hat buffer nor a second pass over x. kRank > 0: the rank as a constant (CUDA keeps q and
