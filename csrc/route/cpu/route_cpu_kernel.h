@@ -906,6 +906,16 @@ inline bool streams_row(const X* row, bool stream) {
   return stream && reinterpret_cast<uintptr_t>(row) % (width_of<V>() * sizeof(X)) == 0;
 }
 
+// grad_x is written where it is computed, in the projection backward's loop. On the Intel Xeon VM
+// (2026-12-05, OLMoE fp32, T = 8192, 2 threads) those stores cost ~2.5 ms of an ~11-14 ms forward +
+// backward (a temporary switch that skipped them, interleaved in one process: 11.7 against 14.3
+// ms in a slow spell): about what the backward's read of x and write of grad_x take with the cores
+// doing nothing else (benchmarks/stream_bandwidth.c: non-temporal copy of 64 MiB, 2.5 ms), so the
+// loop's arithmetic hides little of it. Staging a group's rows in scratch (plain stores, in L2) and
+// streaming them out a few lines per step while the next group scores was slower, whether all of
+// a group's 8 rows were staged (11.98 ms) or 2 / 4 / 6 of them (11.17-11.61 ms), against 11.16-11.34
+// ms for these direct stores (13 interleaved rounds, load average 0.6-1.3): the staging copy costs
+// more than the overlap gains.
 template <typename V, typename X>
 inline void store_grad_x(X* p, V v, bool stream) {
   if (stream) {
