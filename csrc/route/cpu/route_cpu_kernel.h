@@ -940,7 +940,7 @@ struct ProjectionBackward {
   int64_t w_stride;
   const A* rstd;          // [count]
   const A* grad_q;        // [count][rank]
-  const A* grad_q_rstd;   // [count][rank]: rstd * grad_q
+  const A* grad_q_rstd;   // [count][rank]: rstd * grad_q (grad_q itself without RMSNorm)
   int rank;
   bool use_norm, need_grad_x;
   bool stream;            // grad_x by non-temporal stores (where a row is aligned for them)
@@ -951,7 +951,7 @@ struct ProjectionBackward {
   A* xn;                  // [count][kBackwardBlock]: x_hat of the current d-block (for grad_proj)
   int64_t stride;
   X* const* gx;           // [count] rows of grad_x
-  const A* rstd_mean_dot; // [count] rstd * mean_i dL/dx_hat_i * x_hat_i (with RMSNorm): rm::rms_mean_dot
+  const A* rstd_mean_dot; // [count] rstd * mean_i dL/dx_hat_i * x_hat_i: rm::rms_mean_dot (read only with RMSNorm)
   const X* const* next_xs;  // [kGroup] rows of the next group (prefetched into L2), or null
   bool fresh;             // the chunk's first group: grad_proj's vector part [0, d / W * W) is written, not added to
 };
@@ -1269,14 +1269,11 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
                                             ds_anchor_hat, lanes);
       if (a.need_param_grads) *grad_scale += rm::scale_grad(ds_u_sum, qc);
       for (int i = 0; i < R; ++i) gq[i] = rm::query_grad(q[i], ds_anchor_hat[i], ds_u_sum, P->scale, qc);
-      A* gqr = grad_q_rstd + j_group * R;
-      if (a.opt.use_norm) {
+      if (a.opt.use_norm) {  // without RMSNorm rstd is 1: the tiles take grad_q itself
         const A r = a.rstd[t];
+        A* gqr = grad_q_rstd + j_group * R;
         for (int i = 0; i < R; ++i) gqr[i] = r * gq[i];
         rstd_mean_dot[j_group] = r * rm::rms_mean_dot<0>(gq, q, R, d);
-      } else {
-        for (int i = 0; i < R; ++i) gqr[i] = gq[i];
-        rstd_mean_dot[j_group] = A(0);
       }
       xs[j_group] = x + t * d;
       gxs[j_group] = grad_x ? grad_x + t * d : nullptr;
@@ -1288,7 +1285,7 @@ void backward_chunks_typed(const BackwardArgs<ScalarOf<V>>& a, int64_t c_begin, 
         pb.w_stride = P->proj_stride;
         pb.rstd = a.rstd + t0;
         pb.grad_q = grad_q;
-        pb.grad_q_rstd = grad_q_rstd;
+        pb.grad_q_rstd = a.opt.use_norm ? grad_q_rstd : grad_q;
         pb.rank = R;
         pb.use_norm = a.opt.use_norm;
         pb.need_grad_x = a.need_grad_x;
